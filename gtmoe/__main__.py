@@ -1,0 +1,101 @@
+"""Command line: `python -m gtmoe {prepare,train,evaluate,routers} ...` (each with --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gtmoe.config import ConfigError
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from gtmoe.config import load_run_config
+    from gtmoe.train import train
+
+    _set_threads(args.threads)
+    cfg = load_run_config(args.config)
+    summary = train(cfg, args.out, stop_after=args.stop_after)
+    logging.getLogger("gtmoe").info("train: %s", json.dumps(summary))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from gtmoe.evaluate import evaluate
+
+    _set_threads(args.threads)
+    result = evaluate(args.run, args.split, batch_size=args.batch_size, device=args.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.out)
+    logging.getLogger("gtmoe").info("evaluate %s %s: ppl %.2f gini %s -> %s", args.run, args.split, result["ppl"],
+                                    result["gini"], args.out)
+
+
+def _cmd_routers(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from gtmoe import routers
+
+    for name in routers.known():
+        options = routers.get(name).Config()
+        print(name, json.dumps(dataclasses.asdict(options)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gtmoe.data import add_prepare_parser
+
+    parser = argparse.ArgumentParser(prog="python -m gtmoe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_prepare_parser(commands)
+
+    train = commands.add_parser("train", help="train one run (resumes from OUT/checkpoint.pt if present)",
+                                description="Train one (variant, seed) run described by a run config YAML.")
+    train.add_argument("--config", type=Path, required=True, help="run config YAML (as the workflow writes it)")
+    train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, summary")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--stop-after", type=int, default=None,
+                       help="checkpoint and exit after this many optimizer steps (for resumption tests)")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on one split",
+                                   description="Perplexity and load metrics of a finished run, as JSON.")
+    evaluate.add_argument("--run", type=Path, required=True, help="run directory written by `train`")
+    evaluate.add_argument("--split", choices=("train", "validation", "test"), required=True, help="split to evaluate")
+    evaluate.add_argument("--out", type=Path, required=True, help="output JSON file")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: eval.batch_size)")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                          help="device (default: the run's train.device; auto = CUDA when available)")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    listing = commands.add_parser("routers", help="list the registered routers and their default options")
+    listing.set_defaults(func=_cmd_routers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

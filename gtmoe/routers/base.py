@@ -1,0 +1,142 @@
+"""The router interface shared by every plug-in.
+
+A router maps the T tokens of a routing group (the flattened micro-batch) to a
+flat list of (token, expert, weight) assignments. The MoE layer sorts them by
+expert and runs each expert on its contiguous slice; it never needs to know
+which router it holds. Stateful routers keep their state in buffers and update
+it once per optimizer step in `update_state()`, from statistics accumulated in
+that step's forward passes (and `observe_token_loss`). Nothing here reads a
+tensor value on the host, so routing never forces a device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gtmoe.config import check
+
+
+@dataclass
+class RouterOptions:
+    """Options every learned router has; a router's own `Config` subclasses this."""
+
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss E * sum_i f_i P_i
+    z_loss_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(g)^2)
+
+    def validate(self, prefix: str = "router") -> None:
+        check(self.aux_loss_coef >= 0, f"{prefix}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+        check(self.z_loss_coef >= 0, f"{prefix}.z_loss_coef", self.z_loss_coef, "must be >= 0")
+
+
+@dataclass
+class Routing:
+    """Assignments of one routing group. `expert == n_experts` marks a dropped assignment."""
+
+    expert: Tensor  # (A,) int64
+    token: Tensor  # (A,) int64, index into the T tokens of the group
+    weight: Tensor  # (A,) combine weight, differentiable w.r.t. the gate
+    loss: Tensor  # scalar: the router's weighted auxiliary losses, added to the LM loss
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # unweighted loss terms, for logging
+    choice: Tensor | None = None  # (T, k) experts chosen per token, for token-choice routers
+
+
+def expert_counts(expert: Tensor, n_experts: int) -> Tensor:
+    """Assignments per expert, shape (n_experts,); dropped assignments (== n_experts) are not counted.
+
+    scatter_add rather than bincount: bincount on CUDA syncs to size its output.
+    """
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=expert.device)
+    counts.scatter_add_(0, expert, torch.ones_like(expert))
+    return counts[:n_experts]
+
+
+def balance_loss(probs: Tensor, choice: Tensor, n_experts: int) -> Tensor:
+    """GShard / Switch load-balancing loss E * sum_i f_i P_i.
+
+    f_i: fraction of the T*k choices that went to expert i (not differentiable);
+    P_i: mean router probability of expert i (carries the gradient).
+    """
+    f = expert_counts(choice.reshape(-1), n_experts).to(probs.dtype) / choice.numel()
+    return n_experts * torch.sum(f * probs.mean(dim=0))
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: keeps router logits small for numerical stability."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Base class: a learned gate g(x) = x W_g (no bias) plus per-step load bookkeeping."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = RouterOptions
+
+    def __init__(self, options: RouterOptions, d_model: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.options = options
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        # Assignments per expert accumulated over the micro-batches of the current optimizer step.
+        self.register_buffer("step_counts", torch.zeros(n_experts), persistent=False)
+        # The previous step's load fractions, kept for the training log.
+        self.register_buffer("last_step_load", torch.zeros(n_experts), persistent=False)
+
+    @classmethod
+    def build_ffn(cls, options: RouterOptions, model_cfg) -> nn.Module:
+        from gtmoe.moe import MoELayer
+
+        router = cls(options, model_cfg.d_model, model_cfg.n_experts, model_cfg.top_k)
+        return MoELayer(router, model_cfg.d_model, model_cfg.d_expert, model_cfg.n_experts)
+
+    def active_experts_per_token(self) -> float:
+        """Mean experts a token is processed by (for the active-parameter count)."""
+        return float(self.top_k)
+
+    def forward(self, x: Tensor) -> Routing:  # x: (T, d_model)
+        raise NotImplementedError  # abstract: every registered router defines its routing
+
+    def aux_losses(self, logits: Tensor, probs: Tensor, choice: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the enabled auxiliary losses, and each unweighted term for logging."""
+        terms: dict[str, Tensor] = {}
+        total = logits.new_zeros(())
+        if self.options.aux_loss_coef > 0:
+            terms["aux_loss"] = balance_loss(probs, choice, self.n_experts)
+            total = total + self.options.aux_loss_coef * terms["aux_loss"]
+        if self.options.z_loss_coef > 0:
+            terms["z_loss"] = z_loss(logits)
+            total = total + self.options.z_loss_coef * terms["z_loss"]
+        return total, terms
+
+    def record(self, expert: Tensor, token: Tensor) -> None:
+        """Accumulate this micro-batch's assignments for the end-of-step update (training only)."""
+        if self.training:
+            self.step_counts += expert_counts(expert, self.n_experts).to(self.step_counts.dtype)
+
+    def observe_token_loss(self, token_loss: Tensor) -> None:
+        """The detached per-token LM loss of the micro-batch just routed (T,). Default: unused."""
+
+    @torch.no_grad()
+    def update_state(self) -> None:
+        """Called once after each optimizer step. Subclasses update their state, then call this."""
+        total = self.step_counts.sum().clamp_min(1.0)
+        self.last_step_load.copy_(self.step_counts / total)
+        self.reset_step_statistics()
+
+    @torch.no_grad()
+    def reset_step_statistics(self) -> None:
+        """Forget the current step's statistics (after an update, or when the step is skipped)."""
+        self.step_counts.zero_()
+
+    def state_for_log(self) -> dict[str, Tensor]:
+        """Per-expert state tensors (E,) to log over training; empty for stateless routers."""
+        return {}
+
+
+def softmax_fp32(logits: Tensor) -> Tensor:
+    return F.softmax(logits.float(), dim=-1)

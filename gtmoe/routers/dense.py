@@ -1,0 +1,30 @@
+"""The dense baseline: one SwiGLU FFN of hidden size k * d_expert (the active size of a top-k MoE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from gtmoe.routers import register
+
+
+@dataclass
+class DenseOptions:
+    """The dense FFN has no routing options."""
+
+    def validate(self, prefix: str = "router") -> None:
+        return None
+
+
+@register("dense")
+class DenseFFNBlock:
+    """Registry entry, not a router: builds the block's plain feed-forward module."""
+
+    Config = DenseOptions
+
+    @classmethod
+    def build_ffn(cls, options: DenseOptions, model_cfg) -> nn.Module:
+        from gtmoe.moe import SwiGLU
+
+        return SwiGLU(model_cfg.d_model, model_cfg.top_k * model_cfg.d_expert)

@@ -1,0 +1,55 @@
+"""Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
+
+C = ceil(capacity_factor * T * k / E), so on average a token gets k experts but
+any token may get 0..E. Balanced by construction. Caveat (stated in the
+report): choosing over the whole batch lets a token's routing depend on later
+tokens, so a causal LM's perplexity under it is not strictly comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gtmoe.config import check
+from gtmoe.routers import register
+from gtmoe.routers.base import Router, RouterOptions, Routing
+
+
+@dataclass
+class ExpertChoiceOptions(RouterOptions):
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    capacity_factor: float = 1.0
+
+    def validate(self, prefix: str = "router") -> None:
+        super().validate(prefix)
+        check(self.capacity_factor > 0, f"{prefix}.capacity_factor", self.capacity_factor, "must be > 0")
+
+
+@register("expert_choice")
+class ExpertChoiceRouter(Router):
+    Config = ExpertChoiceOptions
+
+    def capacity(self, n_tokens: int) -> int:
+        return min(n_tokens, math.ceil(self.options.capacity_factor * n_tokens * self.top_k / self.n_experts))
+
+    def active_experts_per_token(self) -> float:
+        return min(float(self.n_experts), self.options.capacity_factor * self.top_k)
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.gate(x).float()
+        probs = F.softmax(logits, dim=-1)  # (T, E)
+        capacity = self.capacity(x.shape[0])
+        weight, token = probs.topk(capacity, dim=0)  # (C, E): each expert's chosen tokens
+        expert = torch.arange(self.n_experts, device=x.device).repeat_interleave(capacity)
+        token = token.t().reshape(-1)
+        weight = weight.t().reshape(-1)
+        # Off by default: balanced by construction, but a z-loss can still be switched on.
+        loss, metrics = self.aux_losses(logits, probs, expert.view(-1, 1))
+        self.record(expert, token)
+        return Routing(expert=expert, token=token, weight=weight.to(x.dtype), loss=loss, metrics=metrics)

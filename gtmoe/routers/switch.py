@@ -1,0 +1,57 @@
+"""Switch Transformer routing (Fedus et al. 2021): top-1 with an expert capacity.
+
+C = ceil(capacity_factor * T / E). Tokens past an expert's capacity (in token
+order) are dropped: they skip the layer through the residual connection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gtmoe.config import check
+from gtmoe.routers import register
+from gtmoe.routers.base import Router, RouterOptions, Routing
+
+
+@dataclass
+class SwitchOptions(RouterOptions):
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    capacity_factor: float = 1.25
+
+    def validate(self, prefix: str = "router") -> None:
+        super().validate(prefix)
+        check(self.capacity_factor > 0, f"{prefix}.capacity_factor", self.capacity_factor, "must be > 0")
+
+
+@register("switch")
+class SwitchRouter(Router):
+    Config = SwitchOptions
+
+    def active_experts_per_token(self) -> float:
+        return 1.0
+
+    def capacity(self, n_tokens: int) -> int:
+        return math.ceil(self.options.capacity_factor * n_tokens / self.n_experts)
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.gate(x).float()
+        probs = F.softmax(logits, dim=-1)
+        choice = logits.argmax(dim=-1, keepdim=True)  # (T, 1)
+        weight = probs.gather(-1, choice).squeeze(-1)  # the gate value itself, as in Switch
+
+        # Position of each token in its expert's queue, in token order.
+        one_hot = F.one_hot(choice.squeeze(-1), self.n_experts)
+        position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
+        kept = position < self.capacity(x.shape[0])
+        expert = torch.where(kept, choice.squeeze(-1), self.n_experts)
+
+        loss, metrics = self.aux_losses(logits, probs, choice)
+        token = torch.arange(x.shape[0], device=x.device)
+        self.record(expert, token)
+        return Routing(expert=expert, token=token, weight=weight.to(x.dtype), loss=loss, metrics=metrics, choice=choice)
