@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from gtmoe import routers
 from gtmoe.config import ModelConfig, RouterConfig
-from gtmoe.moe import GroupedSwiGLU, MoELayer, SwiGLU
+from gtmoe.moe import MoELayer, SwiGLU
 
 IGNORE_INDEX = -100
 
@@ -111,9 +111,6 @@ class MoETransformer(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, GroupedSwiGLU):
-            for weight in (module.w1, module.w3, module.w2):
-                nn.init.normal_(weight, std=0.02)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -48,6 +48,8 @@ class GroupedSwiGLU(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        for weight in (self.w1, self.w3, self.w2):
+            nn.init.normal_(weight, std=0.02)
 
     def forward(self, x: Tensor, offsets: Tensor) -> Tensor:
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -81,12 +83,13 @@ class MoELayer(nn.Module):
         order = torch.argsort(routing.expert, stable=True)
         expert, token = routing.expert[order], routing.token[order]
         kept = expert < self.n_experts
-        weight = torch.where(kept, routing.weight[order], 0)
         offsets = expert_counts(expert, self.n_experts).cumsum(0)
         offsets[-1] = expert.numel()  # dropped rows join the last group (weight 0)
 
         out = self.experts(flat[token], offsets)
         if getattr(self.router, "wants_expert_output_norm", False):
             self.router.observe_expert_output_norm(expert, out.detach().float().norm(dim=-1))
-        combined = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype) * weight.unsqueeze(-1).to(flat.dtype))
+        # where(), not a multiplication by 0: a parked row must not turn the sum into NaN.
+        weighted = torch.where(kept.unsqueeze(-1), out.to(flat.dtype) * routing.weight[order].unsqueeze(-1), 0)
+        combined = torch.zeros_like(flat).index_add_(0, token, weighted)
         return combined.view(shape)

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny configs and synthetic token shards, so engine tests run in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gtmoe.config import DataConfig, EvalConfig, ModelConfig, RouterConfig, RunConfig, TrainConfig
+from gtmoe.data import write_shards
+
+TINY_VOCAB = 300
+TINY_SEQ = 16
+
+
+def tiny_model(**overrides) -> ModelConfig:
+    values = dict(vocab_size=TINY_VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=TINY_SEQ,
+                  n_experts=4, top_k=2, d_expert=32)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """train/validation/test shard directories of a repetitive synthetic stream (learnable)."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6000), ("validation", 1000), ("test", 1000)):
+        pattern = rng.integers(0, TINY_VOCAB, size=50)
+        stream = np.concatenate([pattern, rng.integers(0, TINY_VOCAB, size=n)]).astype(np.int32)
+        stream[::3] = pattern[np.arange(len(stream[::3])) % 50]  # structure a model can pick up
+        write_shards(stream, root / split, TINY_SEQ, n_words=n // 2)
+    return root
+
+
+def tiny_run(shards, router: str = "topk", seed: int = 0, **train) -> RunConfig:
+    values = dict(seed=seed, batch_size=4, max_steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=4,
+                  log_every=2, router_log_every=2)
+    values.update(train)
+    return RunConfig(variant=router, model=tiny_model(), router=RouterConfig.from_mapping({"name": router}),
+                     train=TrainConfig(**values), data=DataConfig(shards=str(shards)),
+                     eval=EvalConfig(batch_size=8)).validate()

@@ -1,0 +1,154 @@
+"""Training and evaluation on tiny synthetic shards: determinism, exact resume, failure handling."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from gtmoe import train as train_module
+from gtmoe.__main__ import main
+from gtmoe.config import save_run_config
+from gtmoe.evaluate import evaluate
+from gtmoe.train import CHECKPOINT, DataOrder, NonFiniteLossError, train
+
+from conftest import tiny_run
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / CHECKPOINT, weights_only=False)["model"]
+
+
+def test_data_order_depends_on_the_seed_only():
+    a, b, c = DataOrder(50, 8, seed=1), DataOrder(50, 8, seed=1), DataOrder(50, 8, seed=2)
+    assert [a.micro_batch(m).tolist() for m in range(20)] == [b.micro_batch(m).tolist() for m in range(20)]
+    assert a.micro_batch(0).tolist() != c.micro_batch(0).tolist()
+    epoch = sorted(x for m in range(50) for x in a.micro_batch(m).tolist())[:400]  # 400 = 8 epochs of 50
+    assert epoch == sorted(list(range(50)) * 8)
+
+
+@pytest.mark.parametrize("router", ["rdesi", "lossfree", "switch"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_shards, router):
+    cfg = tiny_run(tiny_shards, router, max_steps=10, checkpoint_every=3)
+    train(cfg, tmp_path / "full")
+    assert train(cfg, tmp_path / "resumed", stop_after=5) == {"stopped_at": 5}
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["step"] == 5
+    train(cfg, tmp_path / "resumed")
+    full, resumed = final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    for log in ("train_log.parquet", "router_log.parquet"):
+        a = pd.read_parquet(tmp_path / "full" / log).drop(columns=["tokens_per_s", "elapsed_s"], errors="ignore")
+        b = pd.read_parquet(tmp_path / "resumed" / log).drop(columns=["tokens_per_s", "elapsed_s"], errors="ignore")
+        pd.testing.assert_frame_equal(a, b)
+    eval_full = evaluate(tmp_path / "full", "validation")
+    eval_resumed = evaluate(tmp_path / "resumed", "validation")
+    for key in ("ppl", "nll", "gini", "load_entropy", "maxvio_batch", "token_expert_mi", "router_saturation"):
+        assert eval_full[key] == eval_resumed[key], key
+
+
+def test_same_seed_same_run_different_seed_different_run(tmp_path, tiny_shards):
+    train(tiny_run(tiny_shards, "topk", seed=0, max_steps=4), tmp_path / "a")
+    train(tiny_run(tiny_shards, "topk", seed=0, max_steps=4), tmp_path / "b")
+    train(tiny_run(tiny_shards, "topk", seed=1, max_steps=4), tmp_path / "c")
+    a, b, c = (final_weights(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["tok_emb.weight"], c["tok_emb.weight"])
+
+
+def test_training_lowers_the_loss_and_logs_router_state(tmp_path, tiny_shards):
+    summary = train(tiny_run(tiny_shards, "rdesi", max_steps=30, lr=1e-2), tmp_path)
+    log = pd.read_parquet(tmp_path / "train_log.parquet")
+    assert log["loss"].iloc[-1] < log["loss"].iloc[0]
+    assert list(log.columns[:2]) == ["step", "loss"] and log["step"].tolist() == list(range(2, 31, 2))
+    routers = pd.read_parquet(tmp_path / "router_log.parquet")
+    assert set(routers["layer"]) == {0, 1} and set(routers["expert"]) == {0, 1, 2, 3}
+    per_step = routers.groupby(["step", "layer"])["load"].sum()
+    assert per_step.to_numpy() == pytest.approx(1.0)
+    assert routers[["reputation", "load_hat", "bonus"]].notna().all().all()
+    assert summary["n_active_params"] < summary["n_params"]
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice", "lossfree", "rdesi", "dense"])
+def test_evaluation_reports_every_metric(tmp_path, tiny_shards, router):
+    train(tiny_run(tiny_shards, router, max_steps=4), tmp_path)
+    result = evaluate(tmp_path, "test")
+    for key in ("variant", "seed", "split", "ppl", "word_ppl", "nll", "tokens", "gini", "load_entropy", "cv",
+                "maxvio_global", "maxvio_batch", "dead_experts", "drop_rate", "token_expert_mi", "n_params",
+                "n_active_params", "tokens_per_s", "per_layer"):
+        assert key in result, key
+    assert result["tokens"] == 1000 + 50 - 1  # every token after the first is a target exactly once
+    json.dumps(result, allow_nan=False)
+    if router == "dense":
+        assert result["gini"] is None and result["per_layer"] == []
+        return
+    assert len(result["per_layer"]) == 2
+    for layer in result["per_layer"]:
+        assert sum(layer["load"]) > 0
+    if router in ("topk", "lossfree", "rdesi"):
+        assert result["drop_rate"] == 0.0
+        assert all(sum(layer["load"]) == 2 * result["tokens"] for layer in result["per_layer"])
+    if router == "expert_choice":
+        assert result["router_saturation"] is None
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_shards, monkeypatch):
+    cfg = tiny_run(tiny_shards, "topk", max_steps=12, checkpoint_every=4, log_every=2)
+    real_forward = train_module.MoETransformer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        out = real_forward(self, idx, targets)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 6th micro-batch = step 5 (0-based)
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module.MoETransformer, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5"):
+        train(cfg, tmp_path)
+    kept = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert kept["step"] == 4 and all(torch.isfinite(v.float()).all() for v in kept["model"].values())
+
+
+def test_skip_policy_drops_the_bad_step_and_finishes(tmp_path, tiny_shards, monkeypatch):
+    cfg = tiny_run(tiny_shards, "rdesi", max_steps=6, nonfinite="skip", max_skipped_steps=1)
+    real_forward = train_module.MoETransformer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        out = real_forward(self, idx, targets)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("inf")
+        return out
+
+    monkeypatch.setattr(train_module.MoETransformer, "forward", poisoned)
+    summary = train(cfg, tmp_path)
+    assert summary["skipped_steps"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in final_weights(tmp_path).values())
+
+
+def test_cli_train_and_evaluate(tmp_path, tiny_shards):
+    cfg = tiny_run(tiny_shards, "rdesi", max_steps=4)
+    save_run_config(cfg, tmp_path / "run.yaml")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--split", "validation",
+                 "--out", str(tmp_path / "run" / "eval.json")]) == 0
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["variant"] == "rdesi" and result["split"] == "validation"
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("model: {top_k: 5, n_experts: 4}\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "x")]) == 2
+    assert "'model.top_k' = 5" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, tiny_shards):
+    train(tiny_run(tiny_shards, "topk", max_steps=4), tmp_path)
+    with pytest.raises(RuntimeError, match="different run config"):
+        train(tiny_run(tiny_shards, "topk", max_steps=4, lr=1e-2), tmp_path)
