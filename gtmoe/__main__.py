@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from gtmoe.config import ConfigError
+from gtmoe.data import DataError
 
 
 def _set_threads(threads: int | None) -> None:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -35,7 +35,6 @@ class LayerStats:
         self.batch_maxvio: list[float] = []
         self.tokens = 0
         self.tokens_without_expert = 0
-        self.choices: list[np.ndarray] = []
 
     def add(self, routing, token_ids: torch.Tensor, valid: torch.Tensor) -> None:
         n_experts = self.n_experts
@@ -53,8 +52,6 @@ class LayerStats:
             0, routing.token, kept.long())
         self.tokens += int(valid.sum())
         self.tokens_without_expert += int(((per_token == 0) & valid).sum())
-        if routing.choice is not None:
-            self.choices.append(routing.choice[valid].cpu().numpy())
 
     def summary(self, layer: int) -> dict:
         load = metrics.load_metrics(self.counts)
@@ -97,7 +94,8 @@ def evaluate(run_dir: str | Path, split: str, *, batch_size: int | None = None, 
     data = TokenBlocks(Path(cfg.data.shards) / split)
     batch_size = batch_size or cfg.eval.batch_size
     stats = [LayerStats(cfg.model.n_experts, cfg.model.vocab_size) for _ in model.moe_layers]
-    early_choices: list[list[np.ndarray]] = [[] for _ in model.moe_layers]
+    # Per layer, (early, final) top-k choices of the same tokens, for router saturation.
+    choices: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in model.moe_layers]
     nll_sum, n_tokens, forward_s = 0.0, 0, 0.0
 
     for start in range(0, len(data), batch_size):
@@ -118,13 +116,13 @@ def evaluate(run_dir: str | Path, split: str, *, batch_size: int | None = None, 
         if early is not None and (not cfg.eval.saturation_blocks or start < cfg.eval.saturation_blocks):
             with autocast_context(dev):
                 early(x)
-            for choices, layer in zip(early_choices, early.moe_layers):
-                if layer.last_routing.choice is not None:
-                    choices.append(layer.last_routing.choice[valid].cpu().numpy())
+            for (early_layer, final_layer), a, b in zip(choices, early.moe_layers, model.moe_layers):
+                if a.last_routing.choice is not None:
+                    early_layer.append(a.last_routing.choice[valid].cpu().numpy())
+                    final_layer.append(b.last_routing.choice[valid].cpu().numpy())
 
     per_layer = [s.summary(i) for i, s in enumerate(stats)]
-    saturation = [metrics.router_saturation(np.concatenate(e), np.concatenate(s.choices))
-                  for e, s in zip(early_choices, stats) if e and s.choices]
+    saturation = [metrics.router_saturation(np.concatenate(e), np.concatenate(f)) for e, f in choices if e]
     n_params, n_active = model.parameter_counts()
     result = {
         "variant": cfg.variant, "seed": cfg.train.seed, "split": split, "router": cfg.router.name, "status": "ok",

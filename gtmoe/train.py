@@ -1,11 +1,13 @@
 """Training: AdamW, warmup + cosine, clipping, accumulation, atomic checkpoints, exact resume.
 
-A run directory holds `config.yaml` (the resolved run config), `checkpoint.pt`
-(the latest; the final one when training is complete), `train_log.parquet`,
-`router_log.parquet` (MoE variants) and `train_summary.json`. Rerunning into
-the same directory resumes from `checkpoint.pt`; on CPU the resumed run ends
-bitwise-identical to an uninterrupted one (same data order, RNG states,
-optimizer, scheduler and router buffers).
+A run directory holds `config.yaml` (the resolved run config), the rolling
+`checkpoint_last.pt` while training, `checkpoint.pt` once it is complete,
+`train_log.parquet`, `router_log.parquet` (empty for dense) and
+`train_summary.json`. Rerunning into the same directory resumes from
+`checkpoint_last.pt`; on CPU the resumed run ends bitwise-identical to an
+uninterrupted one (same data order, RNG states, optimizer, scheduler and
+router buffers). The rolling checkpoint is deliberately not a workflow output:
+Snakemake deletes the outputs of a killed job, and this file must survive it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from gtmoe.model import MoETransformer
 
 log = logging.getLogger("gtmoe.train")
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # the finished run
+RESUME_CHECKPOINT = "checkpoint_last.pt"  # rolling, while training
+ROUTER_LOG_COLUMNS = ("step", "layer", "expert", "load", "reputation", "load_hat", "bonus", "bias")
 SATURATION_CHECKPOINT = "checkpoint_saturation.pt"
 
 
@@ -132,7 +136,7 @@ class TrainLog:
                 host = {name: tensor.float().cpu().numpy() for name, tensor in fields.items()}
                 for expert in range(len(host["load"])):
                     row = {"step": step, "layer": layer, "expert": expert}
-                    for name in ("load", "reputation", "load_hat", "bonus", "bias"):
+                    for name in ROUTER_LOG_COLUMNS[3:]:
                         row[name] = float(host[name][expert]) if name in host else float("nan")
                     self.router_rows.append(row)
         self.pending.clear()
@@ -183,11 +187,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
     forward = torch.compile(model) if tcfg.compile else model
 
     trainlog, start_step, skipped, elapsed_before = TrainLog(), 0, 0, 0.0
-    checkpoint_path = out_dir / CHECKPOINT
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, device)
+    final_path, checkpoint_path = out_dir / CHECKPOINT, out_dir / RESUME_CHECKPOINT
+    resume_from = final_path if final_path.exists() else checkpoint_path
+    if resume_from.exists():
+        state = load_checkpoint(resume_from, device)
         if state["config"] != cfg.to_dict():
-            raise RuntimeError(f"{checkpoint_path} was written by a different run config; delete {out_dir} "
+            raise RuntimeError(f"{resume_from} was written by a different run config; delete {out_dir} "
                                "(or use another --out) to start this run afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -297,8 +302,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
             return {"stopped_at": step}
     progress.close()
     check_finite()
-    if start_step < tcfg.max_steps or not checkpoint_path.exists():
+    if start_step < tcfg.max_steps or not final_path.exists():
         save(step, checkpoint_path, complete=True)
+        os.replace(checkpoint_path, final_path)
     return write_outputs(out_dir, cfg, model, trainlog, device, skipped)
 
 
@@ -306,8 +312,9 @@ def write_outputs(out_dir: Path, cfg: RunConfig, model: MoETransformer, trainlog
                   device: torch.device, skipped: int) -> dict:
     trainlog.flush()
     pd.DataFrame(trainlog.rows).to_parquet(out_dir / "train_log.parquet", index=False)
-    if model.moe_layers:
-        pd.DataFrame(trainlog.router_rows).to_parquet(out_dir / "router_log.parquet", index=False)
+    # Written for every variant (empty for dense) so the workflow can declare it.
+    pd.DataFrame(trainlog.router_rows, columns=list(ROUTER_LOG_COLUMNS)).to_parquet(
+        out_dir / "router_log.parquet", index=False)
     n_params, n_active = model.parameter_counts()
     last = trainlog.rows[-1] if trainlog.rows else {}
     summary = {

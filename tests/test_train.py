@@ -12,7 +12,7 @@ from gtmoe import train as train_module
 from gtmoe.__main__ import main
 from gtmoe.config import save_run_config
 from gtmoe.evaluate import evaluate
-from gtmoe.train import CHECKPOINT, DataOrder, NonFiniteLossError, train
+from gtmoe.train import CHECKPOINT, RESUME_CHECKPOINT, DataOrder, NonFiniteLossError, train
 
 from conftest import tiny_run
 
@@ -34,7 +34,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_shar
     cfg = tiny_run(tiny_shards, router, max_steps=10, checkpoint_every=3)
     train(cfg, tmp_path / "full")
     assert train(cfg, tmp_path / "resumed", stop_after=5) == {"stopped_at": 5}
-    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["step"] == 5
+    assert torch.load(tmp_path / "resumed" / RESUME_CHECKPOINT, weights_only=False)["step"] == 5
+    assert not (tmp_path / "resumed" / CHECKPOINT).exists()  # only a finished run has the final checkpoint
     train(cfg, tmp_path / "resumed")
     full, resumed = final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
@@ -95,6 +96,14 @@ def test_evaluation_reports_every_metric(tmp_path, tiny_shards, router):
         assert result["router_saturation"] is None
 
 
+def test_router_saturation_on_a_prefix_of_the_split(tmp_path, tiny_shards):
+    cfg = tiny_run(tiny_shards, "topk", max_steps=4)
+    cfg.eval.saturation_blocks = 8  # fewer than the split's blocks: early and final must see the same ones
+    train(cfg, tmp_path)
+    result = evaluate(tmp_path, "validation", batch_size=4)
+    assert 0.0 <= result["router_saturation"] <= 1.0
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_shards, monkeypatch):
     cfg = tiny_run(tiny_shards, "topk", max_steps=12, checkpoint_every=4, log_every=2)
     real_forward = train_module.MoETransformer.forward
@@ -110,7 +119,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     monkeypatch.setattr(train_module.MoETransformer, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5"):
         train(cfg, tmp_path)
-    kept = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert not (tmp_path / CHECKPOINT).exists()
+    kept = torch.load(tmp_path / RESUME_CHECKPOINT, weights_only=False)
     assert kept["step"] == 4 and all(torch.isfinite(v.float()).all() for v in kept["model"].values())
 
 

@@ -1,0 +1,117 @@
+"""The study: `config.yaml` (after JSON-schema validation) resolved into one RunConfig per (variant, seed).
+
+The Snakefile calls `Study.from_config(config)` at parse time, so every
+semantic error (unknown router, k > E, duplicate variant, reference not in the
+variants, sequence longer than the model's positions, ...) stops the workflow
+before any job runs, naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gtmoe.config import ConfigError, RunConfig, check, from_dict
+
+VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+# Workflow rule names a variant's target rule must not shadow.
+RESERVED_NAMES = {"all", "corpus", "tokenizer", "shards", "run_config", "train", "evaluate", "aggregate",
+                  "statistics", "figures", "ablations", "runs"}
+
+
+@dataclass
+class Study:
+    raw: dict[str, Any]
+    variants: dict[str, dict[str, Any]]  # name -> router mapping (name + options)
+    seeds: list[int]
+    reference: str
+    ablation_base: str | None
+    ablations: list[str]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], shards_dir: str = "results/data/shards") -> "Study":
+        variants: dict[str, dict[str, Any]] = {}
+        entries = config.get("variants")
+        check(isinstance(entries, list) and len(entries) > 0, "variants", entries, "must be a non-empty list")
+        for i, entry in enumerate(entries):
+            key = f"variants[{i}]"
+            check(isinstance(entry, dict), key, entry, "must be a mapping with 'name' and 'router'")
+            entry = dict(entry)
+            name = entry.pop("name", None)
+            check(isinstance(name, str) and bool(VARIANT_NAME.match(name)), f"{key}.name", name,
+                  "must start with a letter and contain only letters, digits and '_'")
+            check(name not in RESERVED_NAMES, f"{key}.name", name,
+                  f"is a workflow rule name; reserved: {', '.join(sorted(RESERVED_NAMES))}")
+            check(name not in variants, f"{key}.name", name, "duplicate variant name")
+            router = entry.pop("router", None)
+            check(isinstance(router, str), f"{key}.router", router, "must be a router name")
+            variants[name] = {"name": router, **entry}
+
+        seeds = config.get("seeds")
+        check(isinstance(seeds, list) and len(seeds) > 0, "seeds", seeds, "must be a non-empty list of integers")
+        for seed in seeds:
+            check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seeds", seeds,
+                  "every seed must be an integer >= 0")
+        check(len(set(seeds)) == len(seeds), "seeds", seeds, "seeds must be unique")
+
+        reference = config.get("reference", "topk")
+        check(reference in variants, "reference", reference,
+              f"must be one of the variants: {', '.join(variants)}")
+        ablation = config.get("ablation") or {}
+        base = ablation.get("base")
+        members = list(ablation.get("variants", []))
+        if base is not None:
+            check(base in variants, "ablation.base", base, f"must be one of the variants: {', '.join(variants)}")
+        for name in members:
+            check(name in variants, "ablation.variants", name, f"must be one of the variants: {', '.join(variants)}")
+
+        study = cls(config, variants, list(seeds), reference, base, members)
+        data = config.get("data", {})
+        seq_len = data.get("seq_len")
+        for name in variants:  # validate every run config before any job starts
+            cfg = study.run_config(name, seeds[0], shards_dir)
+            check(seq_len <= cfg.model.max_seq_len, "data.seq_len", seq_len,
+                  f"must be <= model.max_seq_len = {cfg.model.max_seq_len}")
+            check(data.get("vocab_size") <= cfg.model.vocab_size, "data.vocab_size", data.get("vocab_size"),
+                  f"must be <= model.vocab_size = {cfg.model.vocab_size} (the embedding table)")
+        return study
+
+    @property
+    def variant_names(self) -> list[str]:
+        return list(self.variants)
+
+    def run_config(self, variant: str, seed: int, shards_dir: str) -> RunConfig:
+        raw = self.raw
+        resolved = {
+            "variant": variant,
+            "model": copy.deepcopy(raw.get("model", {})),
+            "router": copy.deepcopy(self.variants[variant]),
+            "train": {**copy.deepcopy(raw.get("train", {})), "seed": seed},
+            "data": {"shards": str(shards_dir)},
+            "eval": copy.deepcopy(raw.get("eval", {})),
+        }
+        try:
+            return from_dict(RunConfig, resolved, "").validate()
+        except ConfigError as exc:
+            # Name the variant: its router options came from variants[...], the rest from the shared sections.
+            raise ConfigError(f"variant '{variant}': {exc}") from None
+
+
+def corpus_problem(data: dict[str, Any], workdir: str | Path = ".") -> str | None:
+    """Why the configured corpus cannot be read, or None. Checked at parse time for source 'local'."""
+    from gtmoe.data import LOCAL_FILES
+
+    source, local_dir = data.get("source", "auto"), data.get("local_dir")
+    if source != "local":
+        return None
+    if not local_dir:
+        return "config key 'data.local_dir' = None: data.source is 'local' but no directory is given"
+    path = Path(workdir) / local_dir
+    missing = [name for name in LOCAL_FILES.values() if not (path / name).is_file()]
+    if missing:
+        return (f"config key 'data.local_dir' = {local_dir!r}: missing {', '.join(missing)} in {path.resolve()}; "
+                "set data.source: hub to download WikiText-2 from the Hugging Face hub instead")
+    return None

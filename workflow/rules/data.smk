@@ -1,0 +1,73 @@
+# Corpus -> tokenizer -> Arrow shards: shared by every run, built once.
+
+
+rule corpus:
+    output:
+        splits=expand(f"{DATA}/corpus/{{split}}.txt", split=SPLITS),
+        meta=f"{DATA}/corpus/corpus.json",
+    log:
+        f"{LOGS}/corpus.log",
+    benchmark:
+        f"{BENCHMARKS}/corpus.tsv"
+    params:
+        source=config["data"]["source"],
+        local_dir=(
+            f"--local-dir {config['data']['local_dir']}" if config["data"].get("local_dir") else ""
+        ),
+        out_dir=subpath(output.meta, parent=True),
+    threads: 1
+    resources:
+        mem_mb=job("prepare", "mem_mb", 4000),
+        runtime=job("prepare", "runtime", 20),
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m gtmoe prepare corpus --source {params.source} {params.local_dir} "
+        "--out {params.out_dir} > {log} 2>&1"
+
+
+rule tokenizer:
+    input:
+        f"{DATA}/corpus/train.txt",
+    output:
+        f"{DATA}/tokenizer.json",
+    log:
+        f"{LOGS}/tokenizer.log",
+    benchmark:
+        f"{BENCHMARKS}/tokenizer.tsv"
+    params:
+        corpus=subpath(input[0], parent=True),
+        vocab_size=config["data"]["vocab_size"],
+    threads: 1
+    resources:
+        mem_mb=job("prepare", "mem_mb", 4000),
+        runtime=job("prepare", "runtime", 20),
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m gtmoe prepare tokenizer --corpus {params.corpus} --vocab-size {params.vocab_size} "
+        "--out {output} > {log} 2>&1"
+
+
+rule shards:
+    input:
+        text=f"{DATA}/corpus/{{split}}.txt",
+        tokenizer=rules.tokenizer.output[0],
+    output:
+        directory(f"{SHARDS}/{{split}}"),
+    log:
+        f"{LOGS}/shards/{{split}}.log",
+    benchmark:
+        f"{BENCHMARKS}/shards/{{split}}.tsv"
+    params:
+        corpus=subpath(input.text, parent=True),
+        seq_len=config["data"]["seq_len"],
+    threads: 1
+    resources:
+        mem_mb=job("prepare", "mem_mb", 4000),
+        runtime=job("prepare", "runtime", 20),
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m gtmoe prepare shards --corpus {params.corpus} --tokenizer {input.tokenizer} "
+        "--split {wildcards.split} --seq-len {params.seq_len} --out {output} > {log} 2>&1"
