@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gtmoe import routers
 from gtmoe.config import ConfigError, RunConfig, check, from_dict
 
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -48,6 +49,8 @@ class Study:
             check(name not in variants, f"{key}.name", name, "duplicate variant name")
             router = entry.pop("router", None)
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
+            options = from_dict(routers.get(router, key=f"{key}.router").Config, entry, key)
+            options.validate(key)
             variants[name] = {"name": router, **entry}
 
         seeds = config.get("seeds")

@@ -1,0 +1,305 @@
+"""Read run directories into a tidy table of numbers and a table of run statuses.
+
+A run directory is ``.../{variant}/seed{seed}/`` and holds ``eval_validation.json``,
+``eval_test.json``, ``train_log.parquet`` and, for routed variants, ``router_log.parquet``.
+
+The tidy table has one row per number: ``variant, seed, split, metric, layer, value,
+source, run_status``. ``layer`` is ``"all"`` for model-level values and the layer index
+(as a string) for per-layer ones; per-expert token counts of a layer are metrics
+``load_e{i}``. ``source`` is the file plus a fragment (a JSON pointer for eval files,
+the column and step for the training log), so every number can be traced back.
+
+Every readable value of every run is kept, whatever the run's status; the statistics
+select ``run_status == "ok"`` explicitly, and the status table says why a run is out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from analysis import RUN_FAILED, RUN_MISSING, RUN_OK
+
+EVAL_SPLITS = ("validation", "test")
+TRAIN_LOG = "train_log.parquet"
+ROUTER_LOG = "router_log.parquet"
+TIDY_COLUMNS = ["variant", "seed", "split", "metric", "layer", "value", "source", "run_status"]
+STATUS_COLUMNS = ["variant", "seed", "status", "detail", "router", "run_dir"]
+ROUTER_LOG_COLUMNS = ["step", "layer", "expert", "load", "reputation", "load_hat", "bonus", "bias"]
+MODEL_LEVEL = "all"
+DENSE_ROUTER = "dense"
+
+# Eval-JSON keys that identify a run rather than measure it (everything else numeric is kept).
+_EVAL_ID_KEYS = frozenset({"variant", "seed", "split", "router", "status", "per_layer"})
+_PER_LAYER_ID_KEYS = frozenset({"layer", "load"})
+_SEED_DIR = re.compile(r"^seed(\d+)$")
+
+
+def eval_file(split: str) -> str:
+    """File name of the evaluation summary of one split."""
+    return f"eval_{split}.json"
+
+
+def parse_run_dir(run_dir: str | Path) -> tuple[str, int]:
+    """Return ``(variant, seed)`` from a path ending in ``{variant}/seed{seed}``."""
+    path = Path(run_dir)
+    match = _SEED_DIR.match(path.name)
+    if match is None or not path.parent.name:
+        raise ValueError(f"run directory {str(run_dir)!r} does not end in '{{variant}}/seed{{seed}}'")
+    return path.parent.name, int(match.group(1))
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass but never a measurement here.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_float(value: object) -> float:
+    """JSON null (metric undefined, e.g. load metrics of ``dense``) becomes NaN, kept as a row."""
+    return float(value) if _is_number(value) else math.nan
+
+
+def eval_records(evaluation: dict, source: str) -> list[dict]:
+    """Tidy records (without variant/seed/run_status) of one parsed ``eval_{split}.json``.
+
+    Model-level numbers get ``layer="all"``; each ``per_layer`` entry contributes its
+    scalar metrics and one ``load_e{i}`` record per expert (token counts).
+    """
+    split = evaluation["split"]
+    records = []
+    for key, value in evaluation.items():
+        if key in _EVAL_ID_KEYS or not (value is None or _is_number(value)):
+            continue
+        records.append(dict(split=split, metric=key, layer=MODEL_LEVEL, value=_as_float(value),
+                            source=f"{source}#/{key}"))
+    for index, entry in enumerate(evaluation.get("per_layer") or []):
+        layer = str(entry["layer"])
+        pointer = f"{source}#/per_layer/{index}"
+        for key, value in entry.items():
+            if key in _PER_LAYER_ID_KEYS or not (value is None or _is_number(value)):
+                continue
+            records.append(dict(split=split, metric=key, layer=layer, value=_as_float(value),
+                                source=f"{pointer}/{key}"))
+        for expert, count in enumerate(entry.get("load") or []):
+            records.append(dict(split=split, metric=f"load_e{expert}", layer=layer,
+                                value=_as_float(count), source=f"{pointer}/load/{expert}"))
+    return records
+
+
+def train_log_records(log: pd.DataFrame, source: str) -> list[dict]:
+    """Tidy records (split ``"train"``) summarising one training log.
+
+    ``final_*`` values are read at the last logged step; throughput is the mean over
+    logged steps and wall time the largest ``elapsed_s``.
+    """
+    last = log.loc[log["step"].idxmax()]
+    step = int(last["step"])
+    records = [dict(metric="final_step", value=float(step), source=f"{source}#max(step)")]
+    for column in ("loss", "aux_loss", "z_loss", "grad_norm", "lr"):
+        if column in log.columns:
+            records.append(dict(metric=f"final_{column}", value=float(last[column]),
+                                source=f"{source}#{column}@step={step}"))
+    if "tokens_per_s" in log.columns:
+        records.append(dict(metric="mean_tokens_per_s", value=float(log["tokens_per_s"].mean()),
+                            source=f"{source}#mean(tokens_per_s)"))
+    if "elapsed_s" in log.columns:
+        records.append(dict(metric="train_wall_s", value=float(log["elapsed_s"].max()),
+                            source=f"{source}#max(elapsed_s)"))
+    return [dict(split="train", layer=MODEL_LEVEL, **record) for record in records]
+
+
+@dataclass
+class RunReading:
+    """What could be read from one run directory, and what went wrong."""
+
+    variant: str
+    seed: int
+    run_dir: str
+    records: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    router: str | None = None
+
+    @property
+    def status(self) -> str:
+        # A run with a broken file is "failed" even if another file is also absent.
+        if self.failures:
+            return RUN_FAILED
+        return RUN_MISSING if self.missing else RUN_OK
+
+    @property
+    def detail(self) -> str:
+        parts = [f"missing {name}" for name in self.missing] + self.failures
+        return "; ".join(parts)
+
+
+def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, split: str) -> list[str]:
+    """Reasons why a parsed eval JSON cannot be trusted (empty list when it can)."""
+    problems = []
+    if evaluation.get("status") != RUN_OK:
+        problems.append(f"{name}: status={evaluation.get('status')!r}")
+    ppl = evaluation.get("ppl")
+    if not _is_number(ppl) or not math.isfinite(ppl):
+        problems.append(f"{name}: non-finite ppl ({ppl!r})")
+    found = (evaluation.get("variant"), evaluation.get("seed"), evaluation.get("split"))
+    if found != (variant, seed, split):
+        problems.append(f"{name}: written for (variant, seed, split)={found!r}")
+    return problems
+
+
+def read_run(run_dir: str | Path, variant: str, seed: int) -> RunReading:
+    """Read every file of one run; never raises for absent or corrupt files."""
+    path = Path(run_dir)
+    reading = RunReading(variant=variant, seed=seed, run_dir=str(run_dir))
+    if not path.is_dir():
+        reading.missing.append("run directory")
+        return reading
+
+    for split in EVAL_SPLITS:
+        name = eval_file(split)
+        file = path / name
+        if not file.is_file():
+            reading.missing.append(name)
+            continue
+        try:
+            evaluation = json.loads(file.read_text())
+            reading.records += eval_records(evaluation, str(file))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            reading.failures.append(f"{name}: unreadable ({type(error).__name__}: {error})")
+            continue
+        reading.failures += _check_evaluation(evaluation, name, variant, seed, split)
+        reading.router = reading.router or evaluation.get("router")
+
+    file = path / TRAIN_LOG
+    if not file.is_file():
+        reading.missing.append(TRAIN_LOG)
+    else:
+        try:
+            log = pd.read_parquet(file)
+            if log.empty or "step" not in log.columns or "loss" not in log.columns:
+                reading.failures.append(f"{TRAIN_LOG}: no rows or no step/loss column")
+            else:
+                reading.records += train_log_records(log, str(file))
+        except Exception as error:  # pyarrow raises several unrelated types for corrupt files
+            reading.failures.append(f"{TRAIN_LOG}: unreadable ({type(error).__name__}: {error})")
+
+    # The dense baseline has no router, hence no router log; the eval JSON says which
+    # router ran, the variant name is the fallback when both eval files are absent.
+    is_dense = (reading.router or variant) == DENSE_ROUTER
+    file = path / ROUTER_LOG
+    if not is_dense:
+        if not file.is_file():
+            reading.missing.append(ROUTER_LOG)
+        else:
+            try:
+                pq.read_schema(file)  # cheap validity check; figures read the content
+            except Exception as error:
+                reading.failures.append(f"{ROUTER_LOG}: unreadable ({type(error).__name__}: {error})")
+
+    for record in reading.records:
+        record.update(variant=variant, seed=seed)
+    return reading
+
+
+def expected_runs(run_dirs: Sequence[str | Path], variants: Sequence[str] | None,
+                  seeds: Sequence[int] | None) -> list[tuple[str, int, str | None]]:
+    """Pair every expected ``(variant, seed)`` with its run directory (None when not given).
+
+    Without ``variants``/``seeds`` the grid is taken from the run directories. A run
+    directory outside the grid, or two for the same run, is a configuration error.
+    """
+    by_run: dict[tuple[str, int], str] = {}
+    for run_dir in run_dirs:
+        key = parse_run_dir(run_dir)
+        if key in by_run:
+            raise ValueError(f"two run directories for {key}: {by_run[key]!r} and {str(run_dir)!r}")
+        by_run[key] = str(run_dir)
+    variants = list(variants) if variants else list(dict.fromkeys(v for v, _ in by_run))
+    seeds = list(seeds) if seeds else sorted({s for _, s in by_run})
+    unexpected = sorted(set(by_run) - {(v, s) for v in variants for s in seeds})
+    if unexpected:
+        raise ValueError(f"run directories outside the variants x seeds grid: {unexpected}")
+    return [(v, s, by_run.get((v, s))) for v in variants for s in seeds]
+
+
+def collect_runs(run_dirs: Sequence[str | Path], variants: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return ``(tidy, status)`` for the expected runs.
+
+    ``tidy.variant`` is an ordered categorical over all expected variants, so a variant
+    without any usable run still appears (with n = 0) in the summaries.
+    """
+    runs = expected_runs(run_dirs, variants, seeds)
+    variant_order = list(dict.fromkeys(v for v, _, _ in runs))
+    records, statuses = [], []
+    for variant, seed, run_dir in runs:
+        if run_dir is None:
+            statuses.append(dict(variant=variant, seed=seed, status=RUN_MISSING,
+                                 detail="no run directory given", router=None, run_dir=None))
+            continue
+        reading = read_run(run_dir, variant, seed)
+        for record in reading.records:
+            record["run_status"] = reading.status
+        records += reading.records
+        statuses.append(dict(variant=variant, seed=seed, status=reading.status,
+                             detail=reading.detail, router=reading.router, run_dir=reading.run_dir))
+
+    tidy = pd.DataFrame.from_records(records, columns=TIDY_COLUMNS)
+    tidy = tidy.astype({"seed": "int64", "value": "float64", "split": "str", "metric": "str",
+                        "layer": "str", "source": "str", "run_status": "str"})
+    tidy["variant"] = pd.Categorical(tidy["variant"], categories=variant_order, ordered=True)
+    status = pd.DataFrame.from_records(statuses, columns=STATUS_COLUMNS)
+    return tidy, status
+
+
+def usable(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Rows of successful, complete runs: the only ones that enter statistics."""
+    return tidy[tidy["run_status"] == RUN_OK]
+
+
+def variant_order(frame: pd.DataFrame) -> list[str]:
+    """Variants in study order: the categorical order when set, else first appearance."""
+    column = frame["variant"]
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return [str(v) for v in column.cat.categories]
+    return [str(v) for v in pd.unique(column)]
+
+
+def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None,
+                     variants: Sequence[str] | None = None) -> pd.DataFrame:
+    """Concatenate the router logs of the given runs, with ``variant`` and ``seed`` columns.
+
+    Runs without a router log (``dense``, or missing) contribute nothing; ``keep``
+    restricts the result to the listed ``(variant, seed)`` runs (e.g. the ok ones);
+    ``variants`` makes ``variant`` an ordered categorical in study order (figure colours
+    and legends then match the other figures).
+    """
+    frames = []
+    for run_dir in run_dirs:
+        variant, seed = parse_run_dir(run_dir)
+        file = Path(run_dir) / ROUTER_LOG
+        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
+            continue
+        log = pd.read_parquet(file)
+        # Columns a router has no state for may be absent from a log; NaN says "no such state".
+        log = log.reindex(columns=ROUTER_LOG_COLUMNS)
+        frames.append(log.assign(variant=variant, seed=seed))
+    columns = ["variant", "seed", *ROUTER_LOG_COLUMNS]
+    if frames:
+        logs = pd.concat(frames, ignore_index=True)[columns]
+    else:
+        logs = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns}).astype(
+            {"variant": "str", "seed": "int64"})
+    if variants is not None:
+        unknown = set(logs["variant"]) - set(variants)
+        if unknown:
+            raise ValueError(f"router logs of variants outside {list(variants)}: {sorted(unknown)}")
+        logs["variant"] = pd.Categorical(logs["variant"], categories=list(variants), ordered=True)
+    return logs

@@ -1,0 +1,375 @@
+"""Report figures (seaborn, PNG). Each public function takes a DataFrame and an output
+path, writes one PNG and returns its path.
+
+Inputs are the tidy table of ``collect`` (already restricted to usable runs), the
+concatenated router logs of ``collect.load_router_logs``, or a comparison table of
+``stats.paired_comparisons``. A figure with nothing to show (no routed variant, no RD-ESI
+run) is still written, with a message, so that workflow outputs always exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are written by batch jobs
+
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from analysis.collect import MODEL_LEVEL, variant_order  # noqa: E402
+from analysis.stats import (  # noqa: E402
+    CONFIDENCE,
+    metric_label,
+    router_balance_curves,
+    summarize,
+    t_confidence_interval,
+)
+
+DPI = 150
+RDESI_STATE = ("reputation", "load_hat", "bonus")
+RDESI_STATE_LABELS = {"reputation": "reputation R", "load_hat": "load L̂ = L − 1",
+                      "bonus": "exploration bonus"}
+
+sns.set_theme(context="notebook", style="whitegrid")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def variant_palette(variants: Sequence[str]) -> dict[str, tuple]:
+    """A fixed colour per variant, so one variant has one colour across all figures."""
+    colours = sns.color_palette("colorblind" if len(variants) <= 10 else "husl", len(variants))
+    return dict(zip(variants, colours))
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _message_figure(path: str | Path, title: str, message: str) -> Path:
+    """A small figure that states why there is nothing to plot."""
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, color="0.35")
+    return _save(fig, path)
+
+
+def _t_band(values: pd.Series) -> tuple[float, float]:
+    """Seaborn ``errorbar`` callable: Student t CI across seeds (NaN for one seed, no band)."""
+    x = values.to_numpy(dtype=float)
+    return t_confidence_interval(x[np.isfinite(x)])
+
+
+def _model_level(tidy: pd.DataFrame, split: str, metrics: Sequence[str]) -> pd.DataFrame:
+    rows = tidy[(tidy["layer"] == MODEL_LEVEL) & (tidy["split"] == split) & tidy["metric"].isin(metrics)]
+    rows = rows[np.isfinite(rows["value"])]
+    return rows.assign(variant=rows["variant"].astype(str))
+
+
+# --------------------------------------------------------------------------- per-variant points
+
+def _metric_panels(tidy: pd.DataFrame, path: str | Path, metrics: Sequence[str], split: str,
+                   title: str) -> Path:
+    """One panel per metric: seeds as dots, mean with its 95% t CI as an error bar."""
+    variants = variant_order(tidy)
+    palette = variant_palette(variants)
+    values = _model_level(tidy, split, metrics)
+    summary = summarize(tidy, metrics, [split])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 4.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        stats_m = summary[(summary["metric"] == metric) & (summary["n"] > 0)]
+        present = list(stats_m["variant"])
+        ax.set_title(metric_label(metric))
+        if not present:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            continue
+        points = values[values["metric"] == metric]
+        sns.stripplot(data=points, x="variant", y="value", hue="variant", order=present,
+                      hue_order=present, palette=palette, alpha=0.55, size=5, jitter=0.15,
+                      legend=False, ax=ax, zorder=1)
+        for position, row in enumerate(stats_m.itertuples()):
+            has_ci = not math.isnan(row.ci_low)
+            yerr = [[row.mean - row.ci_low], [row.ci_high - row.mean]] if has_ci else None
+            ax.errorbar(position + 0.28, row.mean, yerr=yerr, fmt="D", color=palette[row.variant],
+                        markeredgecolor="black", markersize=6, capsize=4, lw=1.6, zorder=3)
+        ax.set_xticks(range(len(present)),
+                      [f"{v} (n={n})" for v, n in zip(present, stats_m["n"])],
+                      rotation=35, ha="right", fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel(metric_label(metric))
+    fig.suptitle(f"{title} ({split}; dots: seeds, diamond: mean with "
+                 f"{int(CONFIDENCE * 100)}% t CI)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_perplexity(tidy: pd.DataFrame, path: str | Path, split: str = "test") -> Path:
+    """Token- and word-level perplexity per variant with 95% t CIs across seeds."""
+    return _metric_panels(tidy, path, ["ppl", "word_ppl"], split, "Perplexity per variant")
+
+
+def plot_load_balance(tidy: pd.DataFrame, path: str | Path, split: str = "test") -> Path:
+    """Gini, MaxVio (global and batch) per variant with 95% t CIs across seeds."""
+    return _metric_panels(tidy, path, ["gini", "maxvio_global", "maxvio_batch"], split,
+                          "Load imbalance per variant")
+
+
+# --------------------------------------------------------------------------- load heatmap
+
+def relative_expert_load(tidy: pd.DataFrame, split: str = "test", by_rank: bool = True) -> pd.DataFrame:
+    """Mean over seeds of the relative load ``E · f_i`` per (variant, layer, expert); 1 = balanced.
+
+    Counts are normalised within each run and layer first, so seeds weigh equally.
+    Expert indices are arbitrary labels (expert 3 of seed 0 has nothing to do with
+    expert 3 of seed 1), so by default experts are ranked by load within each run and
+    layer before averaging (column ``rank``, 1 = busiest); ``by_rank=False`` keeps the
+    raw index (column ``expert``), meaningful for a single seed.
+    """
+    slot = "rank" if by_rank else "expert"
+    loads = tidy[(tidy["split"] == split) & (tidy["layer"] != MODEL_LEVEL)
+                 & tidy["metric"].str.fullmatch(r"load_e\d+")]
+    if loads.empty:
+        return pd.DataFrame(columns=["variant", "layer", slot, "relative_load", "n_seeds"])
+    loads = loads.assign(variant=loads["variant"].astype(str), layer=loads["layer"].astype(int),
+                         expert=loads["metric"].str.removeprefix("load_e").astype(int))
+    run_layer = loads.groupby(["variant", "seed", "layer"])["value"]
+    loads = loads.assign(relative_load=loads["value"] / run_layer.transform("sum")
+                         * run_layer.transform("size"))
+    if by_rank:
+        loads["rank"] = (loads.groupby(["variant", "seed", "layer"])["relative_load"]
+                         .rank(ascending=False, method="first").astype(int))
+    grouped = loads.groupby(["variant", "layer", slot])
+    return grouped.agg(relative_load=("relative_load", "mean"), n_seeds=("seed", "nunique")).reset_index()
+
+
+def plot_load_heatmap(tidy: pd.DataFrame, path: str | Path, split: str = "test",
+                      by_rank: bool = True) -> Path:
+    """Layer × expert heatmap of relative load ``E · f_i`` (mean over seeds), one facet per
+    variant; experts ranked by load within each run and layer unless ``by_rank=False``."""
+    load = relative_expert_load(tidy, split, by_rank)
+    if load.empty:
+        return _message_figure(path, "Expert load per layer", "no routed variant with per-layer loads")
+    slot = "rank" if by_rank else "expert"
+    variants = [v for v in variant_order(tidy) if v in set(load["variant"])]
+    n_experts = int(load[slot].nunique())
+    columns = min(3 if n_experts <= 16 else 2, len(variants))
+    rows = math.ceil(len(variants) / columns)
+    panel_width = min(7.0, max(3.6, 0.3 * n_experts + 1.8))
+    panel_height = min(5.0, 0.4 * load["layer"].nunique() + 1.8)
+    # Layout engine set after drawing: sns.heatmap draws the whole figure once per panel
+    # (to check label overlap), and a constrained layout would be solved at every draw.
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(panel_width * columns + 1.2, panel_height * rows + 0.6))
+    # Diverging around 1 (balanced): blue = under-used, red = over-used experts.
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(load["relative_load"].max())))
+    mesh = None
+    for ax, variant in zip(axes.flat, variants):
+        part = load[load["variant"] == variant]
+        matrix = part.pivot(index="layer", columns=slot, values="relative_load")
+        sns.heatmap(matrix, ax=ax, cmap="RdBu_r", norm=norm, cbar=False, linecolor="white",
+                    linewidths=0.3 if n_experts <= 16 else 0, annot=n_experts <= 8, fmt=".2f",
+                    annot_kws={"fontsize": 7},
+                    xticklabels=max(1, n_experts // 16), yticklabels=max(1, len(matrix) // 16))
+        mesh = ax.collections[0]
+        seeds = int(part["n_seeds"].max())
+        ax.set_title(f"{variant} ({seeds} seed{'s' if seeds != 1 else ''})", fontsize=10)
+        ax.set_xlabel("expert rank by load (1 = busiest)" if by_rank else "expert", fontsize=9)
+        ax.set_ylabel("layer", fontsize=9)
+    for ax in list(axes.flat)[len(variants):]:
+        ax.set_axis_off()
+    fig.set_layout_engine("constrained")
+    fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.8, label="relative load E·f (1 = balanced)")
+    fig.suptitle(f"Expert load per layer ({split} split, mean over seeds)", fontsize=11)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- training curves
+
+def plot_training_balance(router_log: pd.DataFrame, path: str | Path) -> Path:
+    """Per-step Gini and MaxVio of the training batch (mean over layers), mean over seeds
+    with a 95% t band across seeds (no band where a variant has one seed)."""
+    curves = router_balance_curves(router_log)
+    if curves.empty:
+        return _message_figure(path, "Load balance during training", "no router logs (no routed variant)")
+    study = variant_order(router_log)
+    palette = variant_palette(study)
+    curves = curves.assign(variant=curves["variant"].astype(str))
+    variants = [v for v in study if v in set(curves["variant"])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for ax, metric in zip(axes, ["gini", "maxvio_batch"]):
+        sns.lineplot(data=curves, x="step", y=metric, hue="variant", hue_order=variants,
+                     palette=palette, errorbar=_t_band, estimator="mean", ax=ax, lw=1.5)
+        ax.set_ylabel(f"{metric_label(metric)} (training batch)")
+        ax.set_title(metric_label(metric))
+        if ax is not axes[-1]:
+            ax.get_legend().remove()
+    axes[-1].legend(title="variant", fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(f"Load balance during training (mean over layers; band: {int(CONFIDENCE * 100)}% "
+                 "t CI across seeds)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Pareto view
+
+def plot_pareto(tidy: pd.DataFrame, path: str | Path, split: str = "test",
+                imbalance: str = "gini") -> Path:
+    """Perplexity against load imbalance: runs as dots, variant means with 95% t CIs,
+    the Pareto front of the means (lower is better on both axes), unrouted variants
+    (dense) as horizontal reference lines."""
+    values = _model_level(tidy, split, ["ppl", imbalance])
+    runs = values.pivot_table(index=["variant", "seed"], columns="metric", values="value").reset_index()
+    variants = variant_order(tidy)
+    palette = variant_palette(variants)
+    if runs.empty or "ppl" not in runs:
+        return _message_figure(path, "Perplexity vs imbalance", "no perplexity values")
+    if imbalance not in runs:
+        runs[imbalance] = np.nan
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    routed = runs[np.isfinite(runs[imbalance])]
+    summary = summarize(tidy, ["ppl", imbalance], [split]).set_index(["variant", "metric"])
+    means = []
+    for variant in variants:
+        part = routed[routed["variant"] == variant]
+        if part.empty:
+            continue
+        colour = palette[variant]
+        ax.scatter(part[imbalance], part["ppl"], color=colour, alpha=0.45, s=22)
+        x, y = summary.loc[(variant, imbalance)], summary.loc[(variant, "ppl")]
+        xerr = None if math.isnan(x.ci_low) else [[x["mean"] - x.ci_low], [x.ci_high - x["mean"]]]
+        yerr = None if math.isnan(y.ci_low) else [[y["mean"] - y.ci_low], [y.ci_high - y["mean"]]]
+        ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, fmt="o", ms=9, color=colour,
+                    markeredgecolor="black", capsize=3, label=f"{variant} (n={int(y.n)})", zorder=3)
+        means.append((x["mean"], y["mean"]))
+    for variant in variants:
+        unrouted = runs[(runs["variant"] == variant) & ~np.isfinite(runs[imbalance])]
+        if not unrouted.empty and variant not in set(routed["variant"]):
+            ax.axhline(unrouted["ppl"].mean(), color=palette[variant], ls="--", lw=1.2,
+                       label=f"{variant} (no router; n={len(unrouted)})")
+    if means:
+        front = _pareto_front(np.array(means))
+        ax.step(front[:, 0], front[:, 1], where="post", color="0.4", lw=1, ls=":",
+                label="Pareto front of means", zorder=2)
+    ax.set_xlabel(f"{metric_label(imbalance)} ({split}; lower = more balanced)")
+    ax.set_ylabel(f"perplexity ({split})")
+    ax.set_title("Perplexity vs load imbalance (dots: seeds; markers: mean ± 95% t CI)", fontsize=11)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    return _save(fig, path)
+
+
+def _pareto_front(points: np.ndarray) -> np.ndarray:
+    """Points not dominated when minimising both coordinates, sorted by the first."""
+    ordered = points[np.lexsort((points[:, 1], points[:, 0]))]
+    front, best = [], math.inf
+    for x, y in ordered:
+        if y < best:
+            front.append((x, y))
+            best = y
+    return np.array(front)
+
+
+# --------------------------------------------------------------------------- RD-ESI internals
+
+def plot_rdesi_internals(router_log: pd.DataFrame, path: str | Path, seed: int | None = None,
+                         layer: int | None = None) -> Path:
+    """Reputation, load estimate and exploration bonus per expert over training steps.
+
+    Expert indices are arbitrary labels that differ between seeds and layers, so
+    trajectories are shown for one run and one layer (default: lowest seed, first MoE
+    layer) per RD-ESI variant rather than averaged.
+    """
+    state = router_log[router_log[list(RDESI_STATE)].notna().any(axis=1)]
+    if state.empty:
+        return _message_figure(path, "RD-ESI internals", "no RD-ESI run (no reputation/load/bonus state)")
+    present = set(state["variant"].astype(str))
+    variants = [v for v in variant_order(router_log) if v in present]
+    fig, axes = plt.subplots(len(variants), 3, figsize=(14, 3.2 * len(variants)), squeeze=False)
+    for row_axes, variant in zip(axes, variants):
+        part = state[state["variant"].astype(str) == variant]
+        run_seed = seed if seed is not None and seed in set(part["seed"]) else int(part["seed"].min())
+        part = part[part["seed"] == run_seed]
+        run_layer = layer if layer is not None and layer in set(part["layer"]) else int(part["layer"].min())
+        part = part[part["layer"] == run_layer]
+        n_experts = part["expert"].nunique()
+        for ax, quantity in zip(row_axes, RDESI_STATE):
+            if part[quantity].notna().sum() == 0:
+                ax.text(0.5, 0.5, "not tracked", ha="center", va="center", transform=ax.transAxes)
+            else:
+                many = n_experts > 16  # thin translucent lines: the spread is the message
+                sns.lineplot(data=part, x="step", y=quantity, hue="expert", palette="viridis",
+                             ax=ax, lw=0.7 if many else 1.1, alpha=0.6 if many else 1.0,
+                             legend=not many and quantity == "bonus")
+            ax.set_title(f"{variant} — {RDESI_STATE_LABELS[quantity]}\n"
+                         f"(seed {run_seed}, layer {run_layer})", fontsize=10)
+            ax.set_ylabel(RDESI_STATE_LABELS[quantity])
+        legend = row_axes[-1].get_legend()
+        if legend is not None:
+            sns.move_legend(row_axes[-1], "upper left", bbox_to_anchor=(1.02, 1), title="expert",
+                            fontsize=7, ncol=1 + n_experts // 9)
+    fig.suptitle("RD-ESI router state per expert over training", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- forest plots
+
+def _forest(comparisons: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Mean paired difference (b − a) with its 95% t CI, one panel per metric."""
+    if comparisons.empty:
+        return _message_figure(path, title, "no comparison (variants absent)")
+    metrics = list(dict.fromkeys(comparisons["metric"]))
+    labels = list(dict.fromkeys(comparisons["variant_b"] + " − " + comparisons["variant_a"]))
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False, sharey=True, layout="constrained",
+                             figsize=(3.8 * columns + 2.2, (0.45 * len(labels) + 1.3) * rows + 0.5))
+    positions = {label: i for i, label in enumerate(labels)}
+    for ax, metric in zip(axes.flat, metrics):
+        part = comparisons[comparisons["metric"] == metric]
+        ax.axvline(0, color="0.3", lw=1)
+        for r in part.itertuples():
+            y = positions[f"{r.variant_b} − {r.variant_a}"]
+            if math.isnan(r.mean_diff):
+                ax.text(0, y, "n/a", ha="center", va="center", color="0.5", fontsize=8)
+                continue
+            has_ci = not math.isnan(r.ci_low)
+            xerr = [[r.mean_diff - r.ci_low], [r.ci_high - r.mean_diff]] if has_ci else None
+            ax.errorbar(r.mean_diff, y, xerr=xerr, fmt="o", color="C0" if has_ci else "0.5",
+                        capsize=3, ms=6)
+            p = r.p_ttest_holm
+            ax.annotate(f"n={r.n}" + ("" if math.isnan(p) else f", p={p:.2g}"), (r.mean_diff, y),
+                        xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7, color="0.3")
+        ax.set_title(metric_label(metric), fontsize=10)
+        ax.set_xlabel("Δ = b − a", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.margins(x=0.25)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_axis_off()
+    axes[0][0].set_yticks(range(len(labels)), labels)
+    axes[0][0].set_ylim(len(labels) - 0.5, -0.8)
+    fig.suptitle(f"{title} (mean paired difference, {int(CONFIDENCE * 100)}% t CI; "
+                 "p: Holm-adjusted paired t-test)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_ablation_forest(comparisons: pd.DataFrame, path: str | Path) -> Path:
+    """Forest plot of ablation deltas (ablation − rdesi): positive PPL/imbalance = the term helped."""
+    return _forest(comparisons, path, "RD-ESI ablations")
+
+
+def plot_reference_forest(comparisons: pd.DataFrame, path: str | Path) -> Path:
+    """Forest plot of every variant against the reference router (variant − reference)."""
+    return _forest(comparisons, path, "Variants vs reference")

@@ -1,0 +1,242 @@
+"""CSV and self-contained HTML tables.
+
+CSV files keep full precision and leave undefined values empty (NaN) for machines. The
+HTML pages are what the Snakemake report shows (it only links CSVs): inline CSS, a
+caption, "n/a" for undefined values and numbers rounded to four significant digits.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import RUN_FAILED, RUN_MISSING, RUN_OK
+from analysis.stats import CONFIDENCE, HIGHER_IS_BETTER, LOWER_IS_BETTER, metric_label
+
+NA = "n/a"
+ALPHA = 0.05
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
+       color: #1d2330; background: #fff; }
+h1 { font-size: 1.35em; margin: 0 0 6px 0; }
+h2 { font-size: 1.1em; margin: 22px 0 6px 0; }
+p.caption { max-width: 70em; line-height: 1.45; color: #39404d; margin: 4px 0 14px 0; }
+div.scroll { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; font-size: 13px; margin-bottom: 8px; }
+caption { caption-side: bottom; text-align: left; color: #5a6270; font-size: 12px; padding-top: 6px; }
+th, td { padding: 4px 8px; border-bottom: 1px solid #e3e6eb; vertical-align: top; }
+th { background: #f3f5f8; text-align: left; border-bottom: 2px solid #c9ced6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td small, td .sub { color: #6b7380; font-size: 11px; }
+tr:hover td { background: #fafbfd; }
+.na { color: #9aa1ab; }
+.better { background: #e6f4ea; }
+.worse { background: #fbe9e7; }
+tr.significant td { font-weight: 600; }
+.status-ok { color: #1e7b34; font-weight: 600; }
+.status-missing { color: #a15c00; font-weight: 600; }
+.status-failed { color: #b3261e; font-weight: 600; }
+"""
+
+
+# --------------------------------------------------------------------------- formatting
+
+def format_number(value: float, digits: int = 4) -> str:
+    """Four significant digits, thousands separators for large values, ``n/a`` for NaN."""
+    if value is None or math.isnan(value := float(value)):
+        return NA
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    magnitude = abs(value)
+    if magnitude >= 10 ** digits:
+        return f"{value:,.0f}"
+    if magnitude != 0 and magnitude < 1e-3:
+        return f"{value:.2e}"
+    text = f"{value:#.{digits}g}"  # '#' keeps trailing zeros so columns align
+    return text.rstrip(".") if "e" not in text else text
+
+
+def format_p(p: float) -> str:
+    """p-values with three decimals, ``<0.001`` below that, ``n/a`` when not computed."""
+    if p is None or math.isnan(p := float(p)):
+        return NA
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_interval(low: float, high: float) -> str:
+    """``[low, high]`` or ``n/a`` when the interval is undefined."""
+    if math.isnan(low) or math.isnan(high):
+        return NA
+    return f"[{format_number(low)}, {format_number(high)}]"
+
+
+# --------------------------------------------------------------------------- HTML
+
+class Markup(str):
+    """A string that is already safe HTML (built here from escaped parts)."""
+
+
+def _cell(text: str, classes: str = "") -> str:
+    """A table cell; ``text`` is escaped unless it is pre-built markup (a ``Markup`` str)."""
+    content = text if isinstance(text, Markup) else html.escape(str(text))
+    if text == NA:
+        classes = f"{classes} na".strip()
+    return f'<td class="{classes}">{content}</td>' if classes else f"<td>{content}</td>"
+
+
+def html_table(rows: Sequence[dict], columns: Sequence[str], note: str = "") -> str:
+    """Render rows of ``{column: text}`` (plus optional ``_class`` per cell / ``_row_class``).
+
+    Cell classes are given as ``{"_class": {column: "num better"}}``.
+    """
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        classes = row.get("_class", {})
+        cells = "".join(_cell(row.get(c, NA), classes.get(c, "")) for c in columns)
+        row_class = row.get("_row_class", "")
+        body.append(f'<tr class="{row_class}">{cells}</tr>' if row_class else f"<tr>{cells}</tr>")
+    caption = f"<caption>{html.escape(note)}</caption>" if note else ""
+    return (f'<div class="scroll"><table>{caption}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def html_page(title: str, caption: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A standalone HTML document: title, caption paragraph, then ``(heading, table_html)``."""
+    parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="caption">{html.escape(caption)}</p>']
+    for heading, table in sections:
+        if heading:
+            parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(table)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+            f"<body>{''.join(parts)}</body></html>\n")
+
+
+def _write(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
+    csv_path, html_path = Path(csv_path), Path(html_path)
+    for path in (csv_path, html_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(csv_path, index=False)
+    html_path.write_text(page, encoding="utf-8")
+    return csv_path, html_path
+
+
+# --------------------------------------------------------------------------- summary
+
+def summary_rows(summary: pd.DataFrame, split: str) -> tuple[list[dict], list[str]]:
+    """One row per variant, one column per metric: mean, then CI and n in small print."""
+    part = summary[summary["split"] == split]
+    metrics = list(dict.fromkeys(part["metric"]))
+    columns = ["variant", *(metric_label(m) for m in metrics)]
+    rows = []
+    for variant, group in part.groupby("variant", sort=False):
+        row = {"variant": variant, "_class": {}}
+        for record in group.itertuples():
+            label = metric_label(record.metric)
+            if record.n == 0:
+                row[label] = NA
+                continue
+            interval = format_interval(record.ci_low, record.ci_high)
+            row[label] = Markup(f"{html.escape(format_number(record.mean))}<br>"
+                                f'<span class="sub">{html.escape(interval)} · n={record.n}</span>')
+            row["_class"][label] = "num"
+        rows.append(row)
+    return rows, columns
+
+
+def write_summary(summary: pd.DataFrame, csv_path: str | Path, html_path: str | Path,
+                  caption: str = "") -> tuple[Path, Path]:
+    """Summary per variant (output of ``stats.summarize``): long CSV, one HTML table per split."""
+    level = int(round(CONFIDENCE * 100))
+    caption = caption or (f"Mean over seeds with the {level}% Student t confidence interval "
+                          "and the number of seeds n. n/a: undefined (fewer than two seeds for "
+                          "an interval; a metric the variant does not have, e.g. load metrics "
+                          "of the dense baseline).")
+    sections = []
+    for split in dict.fromkeys(summary["split"]):
+        rows, columns = summary_rows(summary, split)
+        sections.append((f"Split: {split}", html_table(rows, columns)))
+    return _write(summary, html_page("Summary per variant", caption, sections), csv_path, html_path)
+
+
+# --------------------------------------------------------------------------- comparisons
+
+def _delta_class(metric: str, low: float, high: float) -> str:
+    """Shade a difference whose CI excludes 0 by whether b is better or worse than a."""
+    if math.isnan(low) or math.isnan(high) or low <= 0 <= high:
+        return "num"
+    increased = low > 0
+    if metric in LOWER_IS_BETTER:
+        return "num worse" if increased else "num better"
+    if metric in HIGHER_IS_BETTER:
+        return "num better" if increased else "num worse"
+    return "num"
+
+
+def comparison_rows(comparisons: pd.DataFrame) -> tuple[list[dict], list[str]]:
+    """Rows for the HTML view of ``stats.paired_comparisons`` output."""
+    columns = ["comparison (b − a)", "metric", "n", "mean a", "mean b", "Δ = b − a",
+               "95% CI of Δ", "p t-test", "p t (Holm)", "p Wilcoxon", "p Wilcoxon (Holm)",
+               "Hedges' g", "note"]
+    rows = []
+    for r in comparisons.itertuples():
+        significant = not math.isnan(r.p_ttest_holm) and r.p_ttest_holm < ALPHA
+        delta_class = _delta_class(r.metric, r.ci_low, r.ci_high)
+        rows.append({
+            "comparison (b − a)": f"{r.variant_b} − {r.variant_a}",
+            "metric": metric_label(r.metric), "n": str(r.n),
+            "mean a": format_number(r.mean_a), "mean b": format_number(r.mean_b),
+            "Δ = b − a": format_number(r.mean_diff),
+            "95% CI of Δ": format_interval(r.ci_low, r.ci_high),
+            "p t-test": format_p(r.p_ttest), "p t (Holm)": format_p(r.p_ttest_holm),
+            "p Wilcoxon": format_p(r.p_wilcoxon), "p Wilcoxon (Holm)": format_p(r.p_wilcoxon_holm),
+            "Hedges' g": format_number(r.hedges_g, digits=3), "note": r.note or "",
+            "_row_class": "significant" if significant else "",
+            "_class": {c: "num" for c in ("n", "mean a", "mean b", "p t-test", "p t (Holm)",
+                                           "p Wilcoxon", "p Wilcoxon (Holm)", "Hedges' g")}
+                      | {"Δ = b − a": delta_class, "95% CI of Δ": delta_class},
+        })
+    return rows, columns
+
+
+def write_comparisons(comparisons: pd.DataFrame, csv_path: str | Path, html_path: str | Path,
+                      title: str, caption: str = "") -> tuple[Path, Path]:
+    """Paired comparisons (output of ``stats.paired_comparisons``) as CSV and HTML."""
+    caption = caption or (
+        "Seed-paired differences Δ = b − a on the seeds both variants completed (n). "
+        "CI: 95% Student t interval of the mean difference; p: paired t-test and Wilcoxon "
+        "signed-rank test (only for n ≥ 5), each Holm-adjusted over all rows of this table; "
+        "Hedges' g: standardised mean difference of the paired differences. Bold rows: "
+        f"Holm-adjusted t-test p < {ALPHA}. Green / red: the CI excludes 0 and b is better / "
+        "worse than a. n/a: not computable, the note says why.")
+    rows, columns = comparison_rows(comparisons)
+    note = f"Split: {', '.join(dict.fromkeys(comparisons['split']))}" if len(comparisons) else ""
+    page = html_page(title, caption, [("", html_table(rows, columns, note))])
+    return _write(comparisons, page, csv_path, html_path)
+
+
+# --------------------------------------------------------------------------- run status
+
+def write_status(status: pd.DataFrame, csv_path: str | Path, html_path: str | Path,
+                 caption: str = "") -> tuple[Path, Path]:
+    """The runs table (output of ``collect.collect_runs``) as CSV and HTML."""
+    counts = status["status"].value_counts()
+    caption = caption or (
+        f"Every expected (variant, seed) run: {counts.get(RUN_OK, 0)} ok, "
+        f"{counts.get(RUN_MISSING, 0)} missing, {counts.get(RUN_FAILED, 0)} failed. "
+        "Only ok runs enter the statistics; the detail column says what is missing or why "
+        "a run failed (evaluation status not ok, non-finite perplexity, unreadable file).")
+    columns = ["variant", "seed", "status", "router", "detail", "run_dir"]
+    rows = [{"variant": r.variant, "seed": str(r.seed), "status": r.status,
+             "router": r.router if isinstance(r.router, str) else NA,
+             "detail": r.detail or "", "run_dir": r.run_dir if isinstance(r.run_dir, str) else NA,
+             "_class": {"status": f"status-{r.status}", "seed": "num"}}
+            for r in status.itertuples()]
+    page = html_page("Run status", caption, [("", html_table(rows, columns))])
+    return _write(status, page, csv_path, html_path)

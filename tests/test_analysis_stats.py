@@ -1,0 +1,291 @@
+"""Statistics and collection of the analysis stage, against scipy and hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest_analysis import make_router_log, write_run
+from scipy import stats as sps
+
+from analysis import RUN_FAILED, RUN_MISSING, RUN_OK, collect, stats
+
+# t quantile t(0.975, 4) from printed tables, so the CI test does not just re-run scipy.
+T_975_DF4 = 2.7764451051977987
+
+
+def tidy_from(values: dict[str, dict[int, float]], metric: str = "ppl", split: str = "test") -> pd.DataFrame:
+    """A minimal tidy table: ``{variant: {seed: value}}``."""
+    rows = [dict(variant=v, seed=s, split=split, metric=metric, layer="all", value=x, source="x",
+                 run_status=RUN_OK) for v, by_seed in values.items() for s, x in by_seed.items()]
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- descriptives
+
+def test_t_interval_matches_hand_formula():
+    low, high = stats.t_confidence_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = T_975_DF4 * math.sqrt(2.5) / math.sqrt(5)  # s² = 2.5 with ddof = 1
+    assert low == pytest.approx(3 - half, rel=1e-12)
+    assert high == pytest.approx(3 + half, rel=1e-12)
+
+
+def test_t_interval_of_constant_values_is_the_point():
+    assert stats.t_confidence_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+
+
+@pytest.mark.parametrize("values", [[], [7.0], [7.0, math.nan, math.inf]])
+def test_describe_below_two_values_is_nan_not_zero(values):
+    result = stats.describe(values)
+    finite = [v for v in values if math.isfinite(v)]
+    assert result["n"] == len(finite)
+    assert math.isnan(result["std"]) and math.isnan(result["ci_low"]) and math.isnan(result["ci_high"])
+    assert (math.isnan(result["mean"]) if not finite else result["mean"] == finite[0])
+
+
+def test_summarize_counts_seeds_keeps_undefined_metrics_and_order():
+    tidy = pd.concat([tidy_from({"topk": {0: 10.0, 1: 12.0, 2: 14.0}, "lossfree": {0: 11.0}}),
+                      tidy_from({"dense": {0: math.nan, 1: math.nan}, "topk": {0: 0.2, 1: 0.3}}, "gini")])
+    tidy["variant"] = pd.Categorical(tidy["variant"], ["dense", "topk", "lossfree"], ordered=True)
+    summary = stats.summarize(tidy, ["ppl", "gini"], ["test"]).set_index(["variant", "metric"])
+    assert list(summary.index.get_level_values(0).unique()) == ["dense", "topk", "lossfree"]
+    topk = summary.loc[("topk", "ppl")]
+    assert (topk.n, topk["mean"], topk["std"]) == (3, 12.0, 2.0)
+    assert topk.ci_low == pytest.approx(12 - sps.t.ppf(0.975, 2) * 2 / math.sqrt(3))
+    single = summary.loc[("lossfree", "ppl")]
+    assert single.n == 1 and single["mean"] == 11.0
+    assert math.isnan(single["std"]) and math.isnan(single.ci_low) and math.isnan(single.ci_high)
+    dense = summary.loc[("dense", "gini")]
+    assert dense.n == 0 and math.isnan(dense["mean"])
+    assert summary.loc[("dense", "ppl")].n == 0  # no ppl rows at all: still listed
+
+
+# --------------------------------------------------------------------------- Holm, Hedges
+
+def test_holm_on_known_example():
+    # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 → running max 0.06
+    adjusted = stats.holm_adjust([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_ignores_nan_and_caps_at_one():
+    np.testing.assert_allclose(stats.holm_adjust([0.01, math.nan, 0.04]), [0.02, math.nan, 0.04])
+    np.testing.assert_allclose(stats.holm_adjust([0.5, 0.6]), [1.0, 1.0])
+    assert stats.holm_adjust([]).size == 0
+
+
+def test_hedges_g_by_hand():
+    d = [1.0, 2.0, 3.0, 4.0, 6.0]
+    # mean 3.2, sd² = 14.8 / 4 = 3.7, J = 1 − 3 / (4·4 − 1) = 0.8
+    g, reason = stats.hedges_g(d)
+    assert reason == ""
+    assert g == pytest.approx(0.8 * 3.2 / math.sqrt(3.7), rel=1e-12)
+
+
+@pytest.mark.parametrize("d, fragment", [([], "n=0"), ([1.0], "n=1"), ([1.0, 2.0], "n=2"),
+                                         ([2.0, 2.0, 2.0], "zero variance")])
+def test_hedges_g_undefined_cases_give_nan_and_reason(d, fragment):
+    g, reason = stats.hedges_g(d)
+    assert math.isnan(g) and fragment in reason
+
+
+# --------------------------------------------------------------------------- paired tests
+
+def test_paired_test_matches_scipy_and_sign_is_b_minus_a():
+    rng = np.random.default_rng(0)
+    a = pd.Series(100 + rng.normal(size=6), index=range(6))
+    b = a + 1.5 + rng.normal(scale=0.5, size=6)
+    result = stats.paired_test(a, b)
+    d = (b - a).to_numpy()
+    assert result["n"] == 6 and result["mean_diff"] == pytest.approx(d.mean()) and result["mean_diff"] > 0
+    ci = sps.ttest_1samp(d, 0).confidence_interval(0.95)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert result["p_ttest"] == pytest.approx(sps.ttest_rel(b, a).pvalue)
+    assert result["p_wilcoxon"] == pytest.approx(sps.wilcoxon(d).pvalue)
+    assert result["hedges_g"] == pytest.approx(d.mean() / d.std(ddof=1) * (1 - 3 / 19))
+    assert result["note"] == ""
+
+
+def test_wilcoxon_with_ties_and_zero_differences():
+    d = np.array([0.0, 1.0, 1.0, -2.0, 3.0, 0.0, 2.0])
+    a = pd.Series(np.arange(7, dtype=float))
+    result = stats.paired_test(a, a + d)
+    # zeros dropped; |d| ranks 1.5, 1.5, 3.5, 3.5, 5 → W− = 3.5 (the −2), W+ = 11.5
+    reference = sps.wilcoxon(d, zero_method="wilcox")
+    assert reference.statistic == 3.5
+    assert result["p_wilcoxon"] == pytest.approx(reference.pvalue)
+    assert "dropped 2 zero" in result["note"]
+    assert result["p_ttest"] == pytest.approx(sps.ttest_rel(a + d, a).pvalue)
+
+
+def test_all_zero_differences_are_explicit_not_a_crash():
+    a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0])
+    result = stats.paired_test(a, a.copy())
+    assert result["n"] == 5 and result["mean_diff"] == 0.0
+    for key in ("p_ttest", "p_wilcoxon", "hedges_g"):
+        assert math.isnan(result[key])
+    assert "all differences are zero" in result["note"]
+
+
+def test_constant_nonzero_differences_give_no_t_test():
+    a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0])
+    result = stats.paired_test(a, a + 2)
+    assert math.isnan(result["p_ttest"]) and math.isnan(result["hedges_g"])
+    assert result["p_wilcoxon"] == pytest.approx(0.0625)  # exact two-sided minimum at n = 5
+    assert "constant" in result["note"]
+
+
+def test_fewer_than_five_pairs_have_no_wilcoxon():
+    a = pd.Series([1.0, 2.0, 3.0, 4.0])
+    result = stats.paired_test(a, a + pd.Series([0.1, 0.3, 0.2, 0.5]))
+    assert math.isnan(result["p_wilcoxon"]) and "n<5" in result["note"]
+    assert math.isfinite(result["p_ttest"]) and math.isfinite(result["hedges_g"])
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_fewer_than_two_pairs_give_nan_with_reason(n):
+    a = pd.Series([1.0] * n, dtype=float)
+    result = stats.paired_test(a, a + 1)
+    assert result["n"] == n
+    for key in ("ci_low", "ci_high", "p_ttest", "p_wilcoxon", "hedges_g"):
+        assert math.isnan(result[key])
+    assert result["note"]
+
+
+def test_paired_comparisons_join_on_common_seeds_and_adjust_per_table():
+    tidy = pd.concat([
+        tidy_from({"topk": {s: 100.0 + s for s in range(5)},
+                   "rdesi": {s: 98.0 + s + 0.3 * (s % 2) for s in range(1, 6)},
+                   "switch": {s: 101.0 + s * 1.1 for s in range(5)}}),
+        tidy_from({"topk": {s: 0.2 for s in range(5)}, "rdesi": {s: 0.2 for s in range(1, 6)},
+                   "switch": {s: 0.3 + 0.01 * s for s in range(5)}}, "gini"),
+    ])
+    table = stats.paired_comparisons(tidy, stats.reference_pairs(["topk", "rdesi", "switch"], "topk"),
+                                     ["ppl", "gini"], "test")
+    assert list(table.columns) == stats.COMPARISON_COLUMNS
+    row = table[(table.variant_b == "rdesi") & (table.metric == "ppl")].iloc[0]
+    assert row.n == 4 and row.seeds == "1,2,3,4"
+    zero = table[(table.variant_b == "rdesi") & (table.metric == "gini")].iloc[0]
+    assert "all differences are zero" in zero.note and math.isnan(zero.p_ttest_holm)
+    np.testing.assert_allclose(table.p_ttest_holm, stats.holm_adjust(table.p_ttest))
+    np.testing.assert_allclose(table.p_wilcoxon_holm, stats.holm_adjust(table.p_wilcoxon))
+
+
+def test_pairs():
+    variants = ["dense", "topk", "rdesi", "rdesi_no_load", "rdesi_no_bonus"]
+    assert stats.reference_pairs(variants, "topk")[0] == ("topk", "dense")
+    assert ("topk", "topk") not in stats.reference_pairs(variants, "topk")
+    assert stats.ablation_pairs(variants) == [("rdesi", "rdesi_no_load"), ("rdesi", "rdesi_no_bonus")]
+    assert stats.ablation_pairs(["topk", "rdesi_no_load"]) == []
+    with pytest.raises(ValueError, match="reference"):
+        stats.reference_pairs(variants, "switch")
+
+
+# --------------------------------------------------------------------------- load metrics
+
+def test_gini_and_maxvio():
+    assert stats.gini(np.array([5, 5, 5, 5])) == 0
+    assert stats.gini(np.array([0, 0, 0, 8])) == pytest.approx(3 / 4)  # (E − 1)/E
+    c = np.random.default_rng(1).integers(0, 100, size=(3, 7))
+    pairwise = np.abs(c[:, :, None] - c[:, None, :]).sum(axis=(1, 2)) / (2 * 7 * c.sum(axis=1))
+    np.testing.assert_allclose(stats.gini(c), pairwise)
+    assert stats.maxvio(np.array([1, 1, 2])) == pytest.approx(0.5)
+
+
+def test_router_balance_curves_mean_over_layers():
+    log = make_router_log("topk", 0, n_layers=2, n_experts=4, steps=(0, 10)).assign(variant="topk", seed=0)
+    curves = stats.router_balance_curves(log)
+    assert len(curves) == 2
+    first = log[log.step == 0].sort_values(["layer", "expert"])["load"].to_numpy().reshape(2, 4)
+    assert curves.loc[curves.step == 0, "gini"].item() == pytest.approx(stats.gini(first).mean())
+    assert curves.loc[curves.step == 0, "maxvio_batch"].item() == pytest.approx(stats.maxvio(first).mean())
+    assert stats.router_balance_curves(log.iloc[0:0]).empty
+
+
+# --------------------------------------------------------------------------- collect
+
+@pytest.fixture()
+def study(tmp_path: Path) -> dict:
+    root = tmp_path / "runs"
+    dirs = [write_run(root, v, s) for v in ("dense", "topk", "rdesi") for s in (0, 1)]
+    diverged = write_run(root, "rdesi", 2, status="diverged")
+    no_eval = write_run(root, "topk", 2, splits=("validation",))
+    corrupt = write_run(root, "dense", 2)
+    (corrupt / "eval_test.json").write_text("{not json")
+    absent = root / "topk" / "seed3"  # given but never written
+    return dict(root=root, dirs=[*dirs, diverged, no_eval, corrupt, absent])
+
+
+def test_collect_status_reports_missing_and_failed_runs(study):
+    tidy, status = collect.collect_runs(study["dirs"], ["dense", "topk", "rdesi"], [0, 1, 2, 3])
+    assert list(status.columns) == collect.STATUS_COLUMNS and len(status) == 12
+    by_run = status.set_index(["variant", "seed"])
+    assert (by_run.loc[("topk", 0), "status"], by_run.loc[("topk", 0), "detail"]) == (RUN_OK, "")
+    assert by_run.loc[("dense", 0), "status"] == RUN_OK  # no router log needed
+    assert by_run.loc[("rdesi", 2), "status"] == RUN_FAILED
+    assert "status='diverged'" in by_run.loc[("rdesi", 2), "detail"]
+    assert by_run.loc[("topk", 2), "status"] == RUN_MISSING
+    assert by_run.loc[("topk", 2), "detail"] == "missing eval_test.json"
+    assert by_run.loc[("dense", 2), "status"] == RUN_FAILED
+    assert "eval_test.json: unreadable" in by_run.loc[("dense", 2), "detail"]
+    assert by_run.loc[("topk", 3), "detail"] == "missing run directory"
+    assert by_run.loc[("rdesi", 3), "detail"] == "no run directory given"
+    # values of non-ok runs are kept (traceable) but flagged, and excluded by usable()
+    assert set(tidy.loc[tidy.seed == 2, "run_status"]) == {RUN_FAILED, RUN_MISSING}
+    assert set(collect.usable(tidy)["seed"]) == {0, 1}
+
+
+def test_collect_tidy_layout_and_sources(study):
+    tidy, _ = collect.collect_runs(study["dirs"][:6])
+    assert list(tidy.columns) == collect.TIDY_COLUMNS
+    assert collect.variant_order(tidy) == ["dense", "topk", "rdesi"]
+    run = tidy[(tidy.variant == "topk") & (tidy.seed == 0)]
+    assert set(run.split) == {"validation", "test", "train"}
+    evaluation = json.loads((study["root"] / "topk/seed0/eval_test.json").read_text())
+    test = run[run.split == "test"].set_index(["metric", "layer"])
+    assert test.loc[("ppl", "all"), "value"] == evaluation["ppl"]
+    assert test.loc[("gini", "1"), "value"] == evaluation["per_layer"][1]["gini"]
+    assert test.loc[("load_e3", "0"), "value"] == evaluation["per_layer"][0]["load"][3]
+    assert test.loc[("load_e3", "0"), "source"].endswith("seed0/eval_test.json#/per_layer/0/load/3")
+    # every eval number is reachable through its JSON pointer
+    for source, value in test[["source", "value"]].itertuples(index=False):
+        file, pointer = source.split("#")
+        node = json.loads(Path(file).read_text())
+        for part in pointer.strip("/").split("/"):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert (math.isnan(value) and node is None) or node == value
+    # null load metrics of dense stay as NaN rows instead of vanishing
+    dense = tidy[(tidy.variant == "dense") & (tidy.metric == "gini")]
+    assert len(dense) == 4 and dense.value.isna().all()
+    assert not ((tidy.variant == "dense") & (tidy.layer != "all")).any()
+    train = run[run.split == "train"].set_index("metric")
+    log = pd.read_parquet(study["root"] / "topk/seed0/train_log.parquet")
+    assert train.loc["final_loss", "value"] == log.loc[log.step.idxmax(), "loss"]
+    assert train.loc["final_loss", "source"].endswith("train_log.parquet#loss@step=200")
+
+
+def test_collect_rejects_configuration_errors(study):
+    with pytest.raises(ValueError, match="outside"):
+        collect.collect_runs(study["dirs"], ["topk"], [0])
+    with pytest.raises(ValueError, match="seed"):
+        collect.collect_runs([study["root"] / "topk"])
+    with pytest.raises(ValueError, match="two run directories"):
+        collect.collect_runs([study["dirs"][0], str(study["dirs"][0]) + "/"])
+
+
+def test_missing_router_log_of_routed_variant_is_reported(tmp_path):
+    run = write_run(tmp_path, "topk", 0, router_log=False)
+    _, status = collect.collect_runs([run])
+    assert status.loc[0, "status"] == RUN_MISSING and status.loc[0, "detail"] == "missing router_log.parquet"
+
+
+def test_load_router_logs(study):
+    logs = collect.load_router_logs(study["dirs"][:6], keep={("rdesi", 0), ("dense", 0)},
+                                    variants=["dense", "topk", "rdesi"])
+    assert set(zip(logs.variant.astype(str), logs.seed)) == {("rdesi", 0)}
+    assert list(logs.variant.cat.categories) == ["dense", "topk", "rdesi"]
+    assert collect.load_router_logs([]).empty

@@ -1,0 +1,196 @@
+"""The Snakemake workflow: lint, DAG shape, parse-time config errors, and the smoke study end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+SMOKE = "workflow/presets/smoke.yaml"
+FIGURES = ("perplexity", "pareto", "reference_forest", "load_balance", "load_heatmap", "training_balance",
+           "rdesi_internals", "ablation_forest")
+RUN_FILES = ("checkpoint.pt", "config.yaml", "train_log.parquet", "router_log.parquet", "train_summary.json",
+             "eval_validation.json", "eval_test.json")
+SUMMARY_FILES = ("runs.parquet", "run_status.csv", "run_status.html", "summary.csv", "summary.html",
+                 "comparisons.csv", "comparisons.html", "ablations.csv", "ablations.html")
+
+
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, as {rule: count} (without the total)."""
+    table = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not match:
+            break
+        counts[match[1]] = int(match[2])
+    counts.pop("total", None)
+    return counts
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The checkout's files (tracked and untracked, not ignored) with the corpus path made absolute."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    config = yaml.safe_load((dest / "config.yaml").read_text())
+    config["data"]["local_dir"] = str(WIKITEXT)
+    (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
+def write_override(tmp_path: Path, override: dict) -> str:
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return str(path)
+
+
+def test_lint_is_clean():
+    done = snakemake("--lint")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Congratulations, your workflow is in a good condition!" in done.stdout + done.stderr
+
+
+def test_dry_run_trains_and_evaluates_every_variant_and_seed():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    runs = len(config["variants"]) * len(config["seeds"])
+    done = snakemake("--dry-run", "--forceall")
+    assert done.returncode == 0, done.stderr
+    counts = job_counts(done.stdout)
+    assert counts["train"] == runs and counts["run_config"] == runs
+    assert counts["evaluate"] == 2 * runs  # validation and test
+    for shared in ("corpus", "tokenizer", "aggregate", "statistics", "figures", "all"):
+        assert counts[shared] == 1, shared
+    assert counts["shards"] == 3
+
+
+def test_adding_a_variant_or_a_seed_is_a_config_edit(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    override = {"seeds": [0, 1, 2, 3],
+                "variants": config["variants"] + [{"name": "rdesi_strong", "router": "rdesi", "beta": 1.0}]}
+    done = snakemake("--dry-run", "--forceall", "--configfile", write_override(tmp_path, override))
+    assert done.returncode == 0, done.stderr
+    assert job_counts(done.stdout)["train"] == 4 * (len(config["variants"]) + 1)
+    assert "rdesi_strong" in snakemake("--list-rules", "--configfile", write_override(tmp_path, override)).stdout
+
+
+BAD_INPUTS = [
+    ({"variants": [{"name": "a", "router": "topq"}]}, "'variants[0].router' = 'topq': unknown router"),
+    ({"model": {"top_k": 9}}, "'model.top_k' = 9: must be <= model.n_experts = 8"),
+    ({"train": {"lr": 0.0}}, "'train.lr' = 0.0: must be > 0"),
+    ({"train": {"lr": -1.0}}, "'train.lr' = -1.0: must be > 0"),
+    ({"seeds": []}, "seeds"),
+    ({"variants": [{"name": "topk", "router": "topk"}, {"name": "topk", "router": "switch"}]},
+     "'variants[1].name' = 'topk': duplicate variant name"),
+    ({"train": {"max_stepz": 10}}, "'train.max_stepz' = 10: unknown key"),
+    ({"colour": "blue"}, "colour"),
+    ({"train": {"max_steps": "many"}}, "'train.max_steps' = 'many': must be of type int"),
+    ({"data": {"vocab_size": 100}}, "vocab_size"),
+    ({"model": {"vocab_size": 100}}, "'model.vocab_size' = 100: must be >= 258"),
+    ({"data": {"seq_len": 128}}, "'data.seq_len' = 128: must be <= model.max_seq_len = 64"),
+    ({"reference": "nonexistent"}, "'reference' = 'nonexistent': must be one of the variants"),
+    ({"data": {"source": "local", "local_dir": "/nonexistent/wikitext"}}, "'data.local_dir' = '/nonexistent/wikitext'"),
+    ({"variants": [{"name": "sw", "router": "switch", "capacity_factor": 0}]},
+     "'variants[0].capacity_factor' = 0.0: must be > 0"),
+    ({"variants": [{"name": "r", "router": "rdesi", "betta": 1}]}, "'variants[0].betta' = 1: unknown key"),
+]
+
+
+def merged_config(override: dict) -> dict:
+    """config.yaml with `override` merged as Snakemake merges a --configfile (mappings recursively)."""
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(config, override)
+    return config
+
+
+def check_like_the_snakefile(config: dict) -> None:
+    """The two checks workflow/rules/common.smk runs at parse time: the JSON schema, then gtmoe.study."""
+    from snakemake.utils import validate
+
+    from gtmoe.study import Study, corpus_problem
+
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    Study.from_config(config)
+    if problem := corpus_problem(config["data"], REPO):
+        raise ValueError(problem)
+
+
+def test_the_default_config_is_valid():
+    check_like_the_snakefile(merged_config({}))
+    for preset in ("smoke", "gpu"):
+        check_like_the_snakefile(merged_config(yaml.safe_load((REPO / f"workflow/presets/{preset}.yaml").read_text())))
+
+
+@pytest.mark.parametrize("override, message", BAD_INPUTS)
+def test_bad_config_is_rejected_naming_the_key(override, message):
+    with pytest.raises(Exception) as caught:
+        check_like_the_snakefile(merged_config(override))
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("override, message", [BAD_INPUTS[0], BAD_INPUTS[5], BAD_INPUTS[7], BAD_INPUTS[13]])
+def test_bad_config_stops_snakemake_before_any_job(tmp_path, override, message):
+    done = snakemake("--dry-run", "--configfile", write_override(tmp_path, override))
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr
+    assert "Job stats" not in done.stdout  # nothing was scheduled
+
+
+@pytest.mark.integration
+def test_smoke_study_end_to_end(tmp_path):
+    study = copy_checkout(tmp_path / "study")
+    done = snakemake("--cores", "2", "--configfile", SMOKE, cwd=study, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    smoke = yaml.safe_load((study / SMOKE).read_text())
+    variants = [v["name"] for v in smoke["variants"]]
+
+    for variant in variants:
+        for seed in smoke["seeds"]:
+            run = study / "results" / "runs" / variant / f"seed{seed}"
+            for name in RUN_FILES:
+                assert (run / name).stat().st_size > 0, run / name
+            result = json.loads((run / "eval_test.json").read_text())
+            assert (result["variant"], result["seed"], result["split"]) == (variant, seed, "test")
+            assert (study / "results" / "logs" / "train" / variant / f"seed{seed}.log").exists()
+            assert (study / "results" / "benchmarks" / "train" / variant / f"seed{seed}.tsv").exists()
+    for name in SUMMARY_FILES:
+        assert (study / "results" / "summary" / name).stat().st_size > 0, name
+    report = (study / "results" / "report.html").read_text()
+    for figure in FIGURES:
+        assert (study / "results" / "figures" / f"{figure}.png").stat().st_size > 0
+        # The report embeds each figure's PNG bytes (base64), not a link to the file.
+        entry = re.search(rf'"results/figures/{figure}\.png": \{{[^}}]*?"data": "data:image/png[^"]*?base64,iVBORw0KGgo',
+                          report)
+        assert entry, f"{figure}.png is not embedded in report.html"
+
+    again = snakemake("--cores", "2", "--configfile", SMOKE, cwd=study)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    # Rerun one (variant, seed): only its train and evaluations, then the aggregates, run.
+    shutil.rmtree(study / "results" / "runs" / variants[0] / "seed1")
+    plan = snakemake("--dry-run", variants[0], "--configfile", SMOKE, cwd=study)
+    assert job_counts(plan.stdout) == {"train": 1, "evaluate": 2, "aggregate": 1, "statistics": 1, "figures": 1,
+                                       variants[0]: 1}
+    # The file-target form: force one run's training; its dependants follow, nothing else.
+    forced = snakemake("--dry-run", "--forcerun", f"results/runs/{variants[1]}/seed0/checkpoint.pt",
+                       "--configfile", SMOKE, cwd=study)
+    assert job_counts(forced.stdout) == {"train": 2, "evaluate": 4, "aggregate": 1, "statistics": 1, "figures": 1,
+                                         "all": 1}
