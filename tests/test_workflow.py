@@ -154,43 +154,92 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path, override, message):
     assert "Job stats" not in done.stdout  # nothing was scheduled
 
 
-@pytest.mark.integration
-def test_smoke_study_end_to_end(tmp_path):
-    study = copy_checkout(tmp_path / "study")
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """The smoke preset run once, end to end, in a copy of the checkout."""
+    study = copy_checkout(tmp_path_factory.mktemp("smoke") / "study")
     done = snakemake("--cores", "2", "--configfile", SMOKE, cwd=study, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    smoke = yaml.safe_load((study / SMOKE).read_text())
-    variants = [v["name"] for v in smoke["variants"]]
+    return study
 
-    for variant in variants:
+
+@pytest.mark.integration
+def test_smoke_study_writes_every_declared_output(smoke_study):
+    smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
+    for variant in (v["name"] for v in smoke["variants"]):
         for seed in smoke["seeds"]:
-            run = study / "results" / "runs" / variant / f"seed{seed}"
+            run = smoke_study / "results" / "runs" / variant / f"seed{seed}"
             for name in RUN_FILES:
                 assert (run / name).stat().st_size > 0, run / name
             result = json.loads((run / "eval_test.json").read_text())
             assert (result["variant"], result["seed"], result["split"]) == (variant, seed, "test")
-            assert (study / "results" / "logs" / "train" / variant / f"seed{seed}.log").exists()
-            assert (study / "results" / "benchmarks" / "train" / variant / f"seed{seed}.tsv").exists()
+            assert (smoke_study / "results" / "logs" / "train" / variant / f"seed{seed}.log").exists()
+            assert (smoke_study / "results" / "benchmarks" / "train" / variant / f"seed{seed}.tsv").exists()
     for name in SUMMARY_FILES:
-        assert (study / "results" / "summary" / name).stat().st_size > 0, name
-    report = (study / "results" / "report.html").read_text()
-    for figure in FIGURES:
-        assert (study / "results" / "figures" / f"{figure}.png").stat().st_size > 0
-        # The report embeds each figure's PNG bytes (base64), not a link to the file.
-        entry = re.search(rf'"results/figures/{figure}\.png": \{{[^}}]*?"data": "data:image/png[^"]*?base64,iVBORw0KGgo',
-                          report)
-        assert entry, f"{figure}.png is not embedded in report.html"
+        assert (smoke_study / "results" / "summary" / name).stat().st_size > 0, name
+    status = (smoke_study / "results" / "summary" / "run_status.csv").read_text()
+    assert status.count(",ok") == len(smoke["variants"]) * len(smoke["seeds"])
 
-    again = snakemake("--cores", "2", "--configfile", SMOKE, cwd=study)
+
+def report_results(html: str) -> dict:
+    """The `results` object the Snakemake report app embeds: path -> entry (with a base64 data URI)."""
+    start = re.search(r'var results =\s*(?=\{")', html).end()  # not the bundled libraries' `results`
+    return json.JSONDecoder().raw_decode(html, start)[0]
+
+
+@pytest.mark.integration
+def test_report_embeds_every_figure(smoke_study):
+    results = report_results((smoke_study / "results" / "report.html").read_text())
+    for figure in FIGURES:
+        path = f"results/figures/{figure}.png"
+        assert (smoke_study / path).stat().st_size > 0
+        # The report carries each figure's PNG bytes (base64), not a link to the file.
+        uri = results[path]["data_uri"]
+        assert uri.startswith("data:image/png") and ";base64,iVBORw0KGgo" in uri, figure
+    for table in ("summary", "comparisons", "ablations", "run_status"):
+        assert f"results/summary/{table}.html" in results, table
+
+
+@pytest.mark.integration
+def test_report_shows_a_figure_in_a_browser(smoke_study, tmp_path):
+    from browser import find_chromium, screenshot
+    from PIL import Image
+
+    if find_chromium() is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+    # Open the report as a reader would, then navigate its app to the load heatmap.
+    html = (smoke_study / "results" / "report.html").read_text()
+    driver = ("<script>window.addEventListener('load', () => setTimeout(() => {"
+              "app.showCategory('Load balance'); app.setView({content: 'img', contentPath: "
+              "results['results/figures/load_heatmap.png'].data_uri}); }, 300));</script>")
+    end = html.rfind("</body>")
+    (tmp_path / "report.html").write_text(html[:end] + driver + html[end:])
+    shot = screenshot(tmp_path / "report.html", tmp_path / "report.png", width=1400, height=1000, wait_ms=8000)
+    image = Image.open(shot).convert("HSV")
+    pane = image.crop((300, 100, 1400, 900))  # right of the navigation bar
+    saturated = sum(1 for _, saturation, _ in pane.getdata() if saturation > 80)
+    # An empty content pane has no saturated pixels at all; the heatmap colours several percent.
+    assert saturated > 0.02 * pane.width * pane.height, "no coloured heatmap visible in the report"
+
+
+@pytest.mark.integration
+def test_second_run_has_nothing_to_do(smoke_study):
+    again = snakemake("--cores", "2", "--configfile", SMOKE, cwd=smoke_study)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
-    # Rerun one (variant, seed): only its train and evaluations, then the aggregates, run.
-    shutil.rmtree(study / "results" / "runs" / variants[0] / "seed1")
-    plan = snakemake("--dry-run", variants[0], "--configfile", SMOKE, cwd=study)
-    assert job_counts(plan.stdout) == {"train": 1, "evaluate": 2, "aggregate": 1, "statistics": 1, "figures": 1,
-                                       variants[0]: 1}
-    # The file-target form: force one run's training; its dependants follow, nothing else.
-    forced = snakemake("--dry-run", "--forcerun", f"results/runs/{variants[1]}/seed0/checkpoint.pt",
-                       "--configfile", SMOKE, cwd=study)
-    assert job_counts(forced.stdout) == {"train": 2, "evaluate": 4, "aggregate": 1, "statistics": 1, "figures": 1,
-                                         "all": 1}
+
+@pytest.mark.integration
+def test_rerunning_one_target_runs_nothing_else(smoke_study):
+    smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
+    first, second = (v["name"] for v in smoke["variants"])
+    aggregates = {"aggregate": 1, "statistics": 1, "figures": 1}
+    # The file-target form: force one run's training; its evaluations and the aggregates follow.
+    forced = snakemake("--dry-run", "--forcerun", f"results/runs/{second}/seed0/checkpoint.pt",
+                       "--configfile", SMOKE, cwd=smoke_study)
+    assert job_counts(forced.stdout) == {"train": 1, "evaluate": 2, **aggregates, "all": 1}
+    # A variant target after its runs were removed: those runs, the aggregates, nothing else.
+    for seed in smoke["seeds"]:
+        shutil.rmtree(smoke_study / "results" / "runs" / first / f"seed{seed}")
+    plan = snakemake("--dry-run", first, "--configfile", SMOKE, cwd=smoke_study)
+    runs = len(smoke["seeds"])
+    assert job_counts(plan.stdout) == {"train": runs, "evaluate": 2 * runs, **aggregates, first: 1}
