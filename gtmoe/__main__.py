@@ -1,4 +1,10 @@
-"""Command line: `python -m gtmoe {prepare,train,evaluate,routers} ...` (each with --help)."""
+"""Command line: `python -m gtmoe {prepare,train,evaluate,routers} ...` (each with --help).
+
+Exit status: 0 on success; 2 with one `error: ...` line for a problem the user
+can fix (configuration, data, run directory or checkpoint; the line names the
+key or file and how to recover); 1 with one `error: ...` line when training
+stops on a non-finite loss.
+"""
 
 from __future__ import annotations
 
@@ -32,13 +38,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from gtmoe.evaluate import evaluate
+    from gtmoe.train import RunError, unwritable
 
     _set_threads(args.threads)
+    if args.out.is_dir():
+        raise RunError(f"--out {args.out} is a directory; pass the JSON file to write, e.g. {args.out / 'eval.json'}")
+    try:  # before evaluating: a bad --out should not cost an evaluation
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(args.out, exc, "the evaluation output") from None
     result = evaluate(args.run, args.split, batch_size=args.batch_size, device=args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    try:
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, args.out)
+    except OSError as exc:
+        raise unwritable(args.out, exc, "the evaluation output") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     logging.getLogger("gtmoe").info("evaluate %s %s: ppl %.2f gini %s -> %s", args.run, args.split, result["ppl"],
                                     result["gini"], args.out)
 
@@ -56,12 +73,13 @@ def _cmd_routers(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from gtmoe.data import add_prepare_parser
 
-    parser = argparse.ArgumentParser(prog="python -m gtmoe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gtmoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     add_prepare_parser(commands)
 
-    train = commands.add_parser("train", help="train one run (resumes from OUT/checkpoint.pt if present)",
+    train = commands.add_parser("train", help="train one run (resumes from OUT/checkpoint_last.pt if present)",
                                 description="Train one (variant, seed) run described by a run config YAML.")
     train.add_argument("--config", type=Path, required=True, help="run config YAML (as the workflow writes it)")
     train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, summary")
@@ -90,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from gtmoe.train import NonFiniteLossError, RunError
+
     try:
         args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,7 +51,6 @@ TOKENS_COLUMN, N_VALID_COLUMN = "tokens", "n_valid"
 
 # An article title is " = Title = "; section headings are " = = Sub = = " and deeper.
 _TITLE = re.compile(r" = [^=].* = ")
-_HASH_CHUNK = 1 << 20
 
 
 class DataError(RuntimeError):
@@ -62,11 +61,8 @@ class DataError(RuntimeError):
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextmanager
@@ -436,12 +432,19 @@ class TokenBlocks:
         manifest_path = self.shard_dir / MANIFEST
         if not manifest_path.is_file():
             raise DataError(f"{manifest_path} not found: {self.shard_dir} is incomplete; {self._rebuild_hint()}")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.seq_len: int = self.manifest["seq_len"]
-        self.n_tokens: int = self.manifest["n_tokens"]
-        self.n_words: int = self.manifest["n_words"]
-        self.n_blocks: int = self.manifest["n_blocks"]
-        self.n_full_blocks: int = self.manifest["n_full_blocks"]
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+            self.seq_len: int = self.manifest["seq_len"]
+            self.n_tokens: int = self.manifest["n_tokens"]
+            self.n_words: int = self.manifest["n_words"]
+            self.n_blocks: int = self.manifest["n_blocks"]
+            self.n_full_blocks: int = self.manifest["n_full_blocks"]
+            if not all({"name", "bytes", "sha256"} <= set(shard) for shard in self.manifest["shards"]):
+                raise KeyError("every entry of 'shards' needs 'name', 'bytes' and 'sha256'")
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise DataError(
+                f"{manifest_path} is unreadable ({exc.__class__.__name__}: {exc}); {self._rebuild_hint()}"
+            ) from exc
 
         # One (tokens, n_valid) pair of numpy views per record batch, backed by the memory maps.
         self._tokens: list[np.ndarray] = []

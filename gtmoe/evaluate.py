@@ -18,8 +18,8 @@ from gtmoe import metrics
 from gtmoe.config import load_run_config
 from gtmoe.data import TokenBlocks
 from gtmoe.model import IGNORE_INDEX, MoETransformer
-from gtmoe.train import (CHECKPOINT, SATURATION_CHECKPOINT, autocast_context, build_model, load_checkpoint,
-                         peak_memory_mb, resolve_device)
+from gtmoe.train import (CHECKPOINT, SATURATION_CHECKPOINT, RunError, autocast_context, build_model,
+                         load_checkpoint, peak_memory_mb, resolve_device)
 
 LOAD_METRICS = ("gini", "load_entropy", "cv", "maxvio_global", "maxvio_batch", "dead_experts", "drop_rate",
                 "token_expert_mi")
@@ -79,11 +79,14 @@ def _load_model(cfg, path: Path, device: torch.device) -> MoETransformer:
 def evaluate(run_dir: str | Path, split: str, *, batch_size: int | None = None, device: str | None = None) -> dict:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir / "config.yaml")
-    dev = resolve_device(device or cfg.train.device)
+    if device:
+        dev = resolve_device(device, "--device")
+    else:
+        dev = resolve_device(cfg.train.device, f"{run_dir / 'config.yaml'} key 'train.device'")
     checkpoint = load_checkpoint(run_dir / CHECKPOINT, dev)
     if not checkpoint.get("complete"):
-        raise RuntimeError(f"{run_dir / CHECKPOINT} is from step {checkpoint['step']} of {cfg.train.max_steps}: "
-                           "training is not finished; rerun `python -m gtmoe train` on this run first")
+        raise RunError(f"{run_dir / CHECKPOINT} is from step {checkpoint['step']} of {cfg.train.max_steps}: "
+                       f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first")
     model = build_model(cfg).to(dev)
     model.load_state_dict(checkpoint["model"])
     model.eval()

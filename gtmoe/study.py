@@ -104,17 +104,38 @@ class Study:
 
 
 def corpus_problem(data: dict[str, Any], workdir: str | Path = ".") -> str | None:
-    """Why the configured corpus cannot be read, or None. Checked at parse time for source 'local'."""
+    """Why the configured corpus cannot be read, or None; cheap enough to run at parse time.
+
+    Checked whenever the local files will be used: source 'local', or 'auto' with all
+    three files in data.local_dir. Without them, 'auto' falls back to the Hugging Face
+    hub, which only the corpus job can try (its error names the directory and the hub).
+    A split file that is empty or holds only blank lines is rejected here, naming it;
+    the corpus job also checks every file's published sha256.
+    """
     from gtmoe.data import LOCAL_FILES
 
     source, local_dir = data.get("source", "auto"), data.get("local_dir")
-    if source != "local":
+    if source == "hub" or (source == "auto" and not local_dir):
         return None
     if not local_dir:
         return "config key 'data.local_dir' = None: data.source is 'local' but no directory is given"
     path = Path(workdir) / local_dir
     missing = [name for name in LOCAL_FILES.values() if not (path / name).is_file()]
+    if missing and source == "auto":
+        return None
     if missing:
         return (f"config key 'data.local_dir' = {local_dir!r}: missing {', '.join(missing)} in {path.resolve()}; "
                 "set data.source: hub to download WikiText-2 from the Hugging Face hub instead")
+    for split, name in LOCAL_FILES.items():
+        file = path / name
+        if _only_blank_lines(file):
+            return (f"config key 'data.local_dir' = {local_dir!r}: the {split} split {file.resolve()} is empty "
+                    f"({file.stat().st_size} bytes, no non-blank line); restore the original WikiText-2 file "
+                    "(sha256 in ../shared/data/SOURCES.md), or set data.source: hub to download it")
     return None
+
+
+def _only_blank_lines(path: Path) -> bool:
+    """True if `path` has no line with a non-whitespace character (reads up to the first such line)."""
+    with open(path, "rb") as handle:
+        return not any(line.strip() for line in handle)

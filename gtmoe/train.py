@@ -7,12 +7,20 @@ A run directory holds `config.yaml` (the resolved run config), the rolling
 `checkpoint_last.pt`; on CPU the resumed run ends bitwise-identical to an
 uninterrupted one (same data order, RNG states, optimizer, scheduler and
 router buffers). The rolling checkpoint is deliberately not a workflow output:
-Snakemake deletes the outputs of a killed job, and this file must survive it.
+Snakemake deletes the outputs of a killed job, and this file must survive it;
+it is removed only once every output of the finished run is written.
+
+Every checkpoint is written atomically (temporary sibling, fsync, rename) and
+has a manifest beside it, `<checkpoint>.manifest.json` (size and sha256), which
+`load_checkpoint` verifies, so a truncated or corrupted file is reported by name
+with the way to recover instead of being loaded. Files are written only inside
+the run directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +36,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from gtmoe.config import RunConfig, save_run_config
+from gtmoe.config import ConfigError, RunConfig, save_run_config
 from gtmoe.data import TokenBlocks
 from gtmoe.model import MoETransformer
 
@@ -36,19 +44,26 @@ log = logging.getLogger("gtmoe.train")
 
 CHECKPOINT = "checkpoint.pt"  # the finished run
 RESUME_CHECKPOINT = "checkpoint_last.pt"  # rolling, while training
-ROUTER_LOG_COLUMNS = ("step", "layer", "expert", "load", "reputation", "load_hat", "bonus", "bias")
 SATURATION_CHECKPOINT = "checkpoint_saturation.pt"
+MANIFEST_SUFFIX = ".manifest.json"  # checkpoint.pt -> checkpoint.pt.manifest.json
+ROUTER_LOG_COLUMNS = ("step", "layer", "expert", "load", "reputation", "load_hat", "bonus", "bias")
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint problem the user can fix; the message names the file and the fix."""
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left untouched."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "config key 'train.device'") -> torch.device:
+    """The torch device for "auto" / "cpu" / "cuda"; `setting` names where `name` came from, for the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config key 'train.device' = 'cuda': no CUDA device is available")
+        raise ConfigError(f"{setting} = 'cuda': no CUDA device is available here; use 'auto' (CUDA when "
+                          "available, else CPU) or 'cpu'")
     return torch.device(name)
 
 
@@ -109,14 +124,198 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def manifest_path(checkpoint: Path) -> Path:
+    """The manifest of a checkpoint: `checkpoint.pt` -> `checkpoint.pt.manifest.json`."""
+    return checkpoint.with_name(checkpoint.name + MANIFEST_SUFFIX)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+class _HashingWriter:
+    """Write-only wrapper of a binary file that hashes what passes through.
+
+    `torch.save` writes its zip archive strictly sequentially, so the digest is
+    the file's sha256 without reading the file back.
+    """
+
+    def __init__(self, handle):
+        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unwritable(path: Path, exc: OSError, what: str) -> RunError:
+    """The RunError for an OSError writing `path`: names it (or the ancestor that is a file) and what to do."""
+    reason = exc.strerror or str(exc)
+    ancestor = next((p for p in (path, *path.parents) if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        reason = f"{ancestor} is a file, not a directory"
+    elif exc.filename and Path(exc.filename) != path:
+        reason = f"{reason}: {exc.filename}"
+    return RunError(f"cannot write {what} {path} ({reason}); pass another --out, or free space or fix the "
+                    "permissions there and rerun")
+
+
+def prepare_run_dir(out_dir: Path) -> None:
+    """Create the run directory, or raise a RunError naming it (a file in the way, read-only, ...)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(out_dir, exc, "the run directory") from None
+    # Temporary files of a process killed mid-write: never valid, possibly checkpoint-sized.
+    for stale in out_dir.glob(".checkpoint*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _write_manifest(checkpoint: Path, entry: dict, replaces: dict | None) -> None:
+    manifest = {"file": checkpoint.name, **entry, "replaces": replaces}
+    path = manifest_path(checkpoint)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_manifest(checkpoint: Path) -> dict | None:
+    """The checkpoint's manifest, None if it has none; a RunError if it is unreadable."""
+    path = manifest_path(checkpoint)
+    try:
+        manifest = json.loads(path.read_text())
+        for entry in (manifest, manifest.get("replaces") or {"bytes": 0, "sha256": ""}):
+            if not (isinstance(entry["bytes"], int) and isinstance(entry["sha256"], str)):
+                raise ValueError("'bytes' must be an integer and 'sha256' a string")
+        return manifest
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RunError(f"checkpoint manifest {path} is unreadable ({exc.__class__.__name__}: {exc}), so "
+                       f"{checkpoint} cannot be verified; {_recovery(checkpoint)}") from exc
+
+
+def _recovery(checkpoint: Path) -> str:
+    """How to get past a bad checkpoint: what to delete, and what reruns."""
+    run_dir, manifest = checkpoint.parent, manifest_path(checkpoint)
+    if checkpoint.name == RESUME_CHECKPOINT:
+        return (f"delete it (`rm {checkpoint} {manifest}`) and rerun snakemake or `python -m gtmoe train "
+                f"--out {run_dir}`: the run restarts from step 0")
+    return (f"retrain the run: delete {run_dir} and rerun snakemake (or `python -m gtmoe train --out {run_dir}`; "
+            f"`snakemake --forcerun {run_dir / CHECKPOINT}` also does it)")
+
+
+def save_checkpoint(obj, path: Path) -> dict:
+    """Write `obj` to `path` atomically, with its manifest. Returns the manifest entry (bytes, sha256).
+
+    Order: the checkpoint to a temporary sibling (hashed on the way) and fsync;
+    then the manifest, atomically, naming the new content and the one it
+    replaces; then the rename over `path`. A process killed at any point leaves
+    `path` holding the old or the new checkpoint, and the manifest matches
+    either. A failed write (disk full, ...) leaves the old checkpoint in place.
+    """
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as handle:
+            writer = _HashingWriter(handle)
+            torch.save(obj, writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        entry = {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
+        try:
+            previous = _read_manifest(path) if path.exists() else None
+        except RunError:  # an unreadable manifest describes nothing worth keeping
+            previous = None
+        replaces = {"bytes": previous["bytes"], "sha256": previous["sha256"]} if previous else None
+        _write_manifest(path, entry, replaces)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        kept = "the previous checkpoint is kept; " if path.exists() else ""
+        raise RunError(f"cannot write checkpoint {path} ({exc.strerror or exc}); {kept}free space or fix the "
+                       "permissions there and rerun to resume") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return entry
+
+
+def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> None:
+    """Check `path` against its manifest (size, then sha256); a RunError naming the file and the fix if not.
+
+    A checkpoint without a manifest (written by an older gtmoe) is accepted with
+    a warning. A checkpoint that matches the content its manifest says it
+    *replaces* is the old one, left by a kill between the manifest's and the
+    checkpoint's renames: valid, and with `repair_manifest` the manifest is
+    rewritten to describe it (training does this before it writes again).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {path} does not exist; train the run first (snakemake, or "
+                       f"`python -m gtmoe train --out {path.parent}`)")
+    manifest = _read_manifest(path)
+    if manifest is None:
+        log.warning("checkpoint %s has no manifest %s (written by an older gtmoe?); loading it unverified",
+                    path, manifest_path(path).name)
+        return
+    candidates = [manifest] + ([manifest["replaces"]] if manifest.get("replaces") else [])
+    size = path.stat().st_size
+    if not any(entry["bytes"] == size for entry in candidates):
+        raise RunError(f"checkpoint {path} has {size} bytes but its manifest {manifest_path(path).name} says "
+                       f"{manifest['bytes']} (truncated or partly written); {_recovery(path)}")
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    match = next((entry for entry in candidates if entry["bytes"] == size and entry["sha256"] == digest), None)
+    if match is None:
+        raise RunError(f"checkpoint {path} does not match the sha256 in its manifest {manifest_path(path).name} "
+                       f"(corrupted); {_recovery(path)}")
+    if match is not manifest and repair_manifest:
+        _write_manifest(path, {"bytes": match["bytes"], "sha256": match["sha256"]}, None)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", *, repair_manifest: bool = False) -> dict:
+    """Verify a checkpoint against its manifest, then load it. Errors name the file and how to recover."""
+    path = Path(path)
+    verify_checkpoint(path, repair_manifest=repair_manifest)
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # unverified (no manifest) and unreadable: say which and how to recover
+        raise RunError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}: {exc}); "
+                       f"{_recovery(path)}") from exc
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path`."""
+    tmp = _temporary(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -169,10 +368,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
     total (checkpointing first), to test resumption without killing a process.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out_dir)
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
-    save_run_config(cfg, out_dir / "config.yaml")
+    try:
+        _write_atomic(out_dir / "config.yaml", lambda tmp: save_run_config(cfg, tmp))
+    except OSError as exc:
+        raise unwritable(out_dir, exc, "the run directory") from None
 
     data = TokenBlocks(Path(cfg.data.shards) / "train")
     if data.seq_len > cfg.model.max_seq_len:
@@ -190,10 +392,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
     final_path, checkpoint_path = out_dir / CHECKPOINT, out_dir / RESUME_CHECKPOINT
     resume_from = final_path if final_path.exists() else checkpoint_path
     if resume_from.exists():
-        state = load_checkpoint(resume_from, device)
+        state = load_checkpoint(resume_from, device, repair_manifest=True)
         if state["config"] != cfg.to_dict():
-            raise RuntimeError(f"{resume_from} was written by a different run config; delete {out_dir} "
-                               "(or use another --out) to start this run afresh")
+            raise RunError(f"{resume_from} was written by a different run config; delete {out_dir} "
+                           "(or use another --out) to start this run afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -211,20 +413,29 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
 
+    last_saved = {"step": start_step if resume_from.exists() else None}
+
+    def diverged(what: str) -> NonFiniteLossError:
+        kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved['step']}) was kept"
+                if last_saved["step"] is not None and checkpoint_path.exists() else "no checkpoint was written yet")
+        return NonFiniteLossError(
+            f"{what} in {out_dir}; {kept}. On CPU a rerun repeats the same steps: to get past it, delete {out_dir} "
+            "and retrain with a lower train.lr, or with train.nonfinite: skip to drop such steps")
+
     def check_finite() -> None:
         bad = int(first_bad_step)  # one host sync, at log and checkpoint boundaries only
         if bad >= 0:
-            raise NonFiniteLossError(f"non-finite loss at step {bad} in {out_dir}; the last good checkpoint "
-                                     f"({checkpoint_path.name}, if any) was kept")
+            raise diverged(f"non-finite loss at step {bad}")
 
     def save(step: int, path: Path, complete: bool = False) -> None:
         trainlog.flush()
-        atomic_save({
+        save_checkpoint({
             "config": cfg.to_dict(), "step": step, "complete": complete, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
             "skipped_steps": skipped, "log": trainlog.rows, "router_log": trainlog.router_rows,
             "elapsed_s": elapsed(),
         }, path)
+        last_saved["step"] = step
 
     model.train()
     progress = tqdm(total=tcfg.max_steps, initial=start_step, desc=f"{cfg.variant} seed {tcfg.seed}",
@@ -253,8 +464,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
             skipped += 1
             log.warning("step %d: non-finite loss, update skipped (%d skipped so far)", step, skipped)
             if skipped > tcfg.max_skipped_steps:
-                raise NonFiniteLossError(f"non-finite loss at step {step}: more than train.max_skipped_steps = "
-                                         f"{tcfg.max_skipped_steps} steps skipped in {out_dir}")
+                raise diverged(f"non-finite loss at step {step}: more than train.max_skipped_steps = "
+                               f"{tcfg.max_skipped_steps} steps skipped")
             optimizer.zero_grad(set_to_none=True)
             for layer in model.moe_layers:
                 layer.router.reset_step_statistics()
@@ -291,7 +502,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
                 for layer in model.moe_layers]))
         if step == saturation_step:
             check_finite()
-            atomic_save({"step": step, "model": model.state_dict()}, out_dir / SATURATION_CHECKPOINT)
+            save_checkpoint({"step": step, "model": model.state_dict()}, out_dir / SATURATION_CHECKPOINT)
         if step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
             check_finite()
             save(step, checkpoint_path)
@@ -303,18 +514,21 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
     progress.close()
     check_finite()
     if start_step < tcfg.max_steps or not final_path.exists():
-        save(step, checkpoint_path, complete=True)
-        os.replace(checkpoint_path, final_path)
-    return write_outputs(out_dir, cfg, model, trainlog, device, skipped)
+        save(step, final_path, complete=True)
+    summary = write_outputs(out_dir, cfg, model, trainlog, device, skipped)
+    # Only now: a kill while the outputs were written (Snakemake then deletes them all,
+    # checkpoint.pt included) still resumes from here rather than from step 0.
+    for path in (checkpoint_path, manifest_path(checkpoint_path)):
+        path.unlink(missing_ok=True)
+    return summary
 
 
 def write_outputs(out_dir: Path, cfg: RunConfig, model: MoETransformer, trainlog: TrainLog,
                   device: torch.device, skipped: int) -> dict:
     trainlog.flush()
-    pd.DataFrame(trainlog.rows).to_parquet(out_dir / "train_log.parquet", index=False)
+    train_log = pd.DataFrame(trainlog.rows)
     # Written for every variant (empty for dense) so the workflow can declare it.
-    pd.DataFrame(trainlog.router_rows, columns=list(ROUTER_LOG_COLUMNS)).to_parquet(
-        out_dir / "router_log.parquet", index=False)
+    router_log = pd.DataFrame(trainlog.router_rows, columns=list(ROUTER_LOG_COLUMNS))
     n_params, n_active = model.parameter_counts()
     last = trainlog.rows[-1] if trainlog.rows else {}
     summary = {
@@ -324,13 +538,10 @@ def write_outputs(out_dir: Path, cfg: RunConfig, model: MoETransformer, trainlog
         "skipped_steps": skipped, "n_params": n_params, "n_active_params": n_active,
         "peak_mem_mb": peak_memory_mb(device), "device": str(device),
     }
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:  # a truncated or corrupted file: say which and how to recover
-        raise RuntimeError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}: {exc}); delete it to "
-                           "retrain the run from scratch") from exc
+        _write_atomic(out_dir / "train_log.parquet", lambda tmp: train_log.to_parquet(tmp, index=False))
+        _write_atomic(out_dir / "router_log.parquet", lambda tmp: router_log.to_parquet(tmp, index=False))
+        _write_atomic(out_dir / "train_summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    except OSError as exc:
+        raise unwritable(out_dir, exc, "the outputs of the run in") from None
+    return summary
