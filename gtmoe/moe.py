@@ -26,18 +26,57 @@ def _has_grouped_mm() -> bool:
     return hasattr(F, "grouped_mm")
 
 
+@torch.library.custom_op("gtmoe::grouped_mm", mutates_args=())
+def _grouped_mm_opaque(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """F.grouped_mm as an op that tracing treats as a black box with its own shape rule.
+
+    torch's meta kernel for `_grouped_mm` copies the CUDA kernel's checks and
+    rejects anything but bf16, although the CPU kernel computes fp32 too; so
+    FakeTensorMode and torch.compile could not trace an fp32 CPU model through
+    F.grouped_mm directly.
+    """
+    return F.grouped_mm(a, b, offs=offsets)
+
+
+@_grouped_mm_opaque.register_fake
+def _(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    if b.dim() == 3:  # (M, K) x (G, K, N) -> (M, N): each row times its group's matrix
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])  # (K, M) x (M, N) -> (G, K, N)
+
+
+def _grouped_mm_setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    a, b, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # grouped GEMM wants 16-byte aligned strides; an expanded grad has stride 0
+    grad_a = _grouped_mm_opaque(grad, b.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_opaque(a.t(), grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_grouped_mm_opaque.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+
+
 def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """Rows x[offsets[e-1]:offsets[e]] times weight[e], for every expert e; offsets[-1] must be len(x).
 
     torch's grouped GEMM where it exists (one kernel, offsets stay on the
-    device, so no host sync); otherwise a loop over the experts' contiguous
+    device, so no host sync): bf16 goes to F.grouped_mm itself, which
+    torch.compile can lower; other CPU dtypes through the opaque op above.
+    Elsewhere (fp32 on CUDA, old torch) a loop over the experts' contiguous
     slices, which reads the offsets on the host.
     """
-    if _has_grouped_mm() and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
-        return F.grouped_mm(x, weight.to(x.dtype), offs=offsets.to(torch.int32))
+    weight, offsets = weight.to(x.dtype), offsets.to(torch.int32)
+    if _has_grouped_mm() and x.dtype == torch.bfloat16:
+        return F.grouped_mm(x, weight, offs=offsets)
+    if _has_grouped_mm() and x.device.type == "cpu":
+        return _grouped_mm_opaque(x, weight, offsets)
     ends = offsets.tolist()
     starts = [0] + ends[:-1]
-    return torch.cat([x[s:e] @ weight[i].to(x.dtype) for i, (s, e) in enumerate(zip(starts, ends))])
+    return torch.cat([x[s:e] @ weight[i] for i, (s, e) in enumerate(zip(starts, ends))])
 
 
 class GroupedSwiGLU(nn.Module):
@@ -58,13 +97,44 @@ class GroupedSwiGLU(nn.Module):
         return grouped_matmul(hidden, self.w2, offsets)
 
 
+class _GatherRows(torch.autograd.Function):
+    """x.repeat_interleave(k, dim=0)[perm], for a permutation `perm` (with inverse `inverse`) of those rows.
+
+    Plain indexing would scatter-add the gradient back (index_add_: several
+    times slower than a gather on CPU, atomic and run-to-run non-deterministic
+    on CUDA). As `perm` is a permutation, the gradient is a gather by its
+    inverse, then a sum over each row's k copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, perm // k if k > 1 else perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        if ctx.k > 1:
+            grad = grad.view(-1, ctx.k, grad.shape[-1]).sum(dim=1)
+        return grad, None, None, None
+
+
 class MoELayer(nn.Module):
     """y = sum over the token's assignments of weight * expert(x).
 
     Assignments are sorted by expert so each expert runs on one contiguous
-    slice. Dropped assignments (expert == E) ride in the last group with weight
-    0: every row then belongs to a group (a grouped GEMM leaves rows outside
-    all groups uninitialised, gradients included) and contributes exactly 0.
+    slice. Dropped assignments (expert == E) sort last and ride in the last
+    group with weight 0: every row then belongs to a group (a grouped GEMM
+    leaves rows outside all groups uninitialised, gradients included), so a
+    parked row is computed from its token's own activations and contributes
+    exactly 0 * finite = 0.
+
+    Token-choice routings (k assignments per token, token-major) move rows by
+    pure permutations, so neither direction needs a scatter-add; routings with
+    a variable number of experts per token (expert choice) gather the tokens
+    and scatter-add the outputs back.
     """
 
     def __init__(self, router: Router, d_model: int, d_expert: int, n_experts: int):
@@ -81,15 +151,25 @@ class MoELayer(nn.Module):
         self.last_routing = routing
 
         order = torch.argsort(routing.expert, stable=True)
-        expert, token = routing.expert[order], routing.token[order]
-        kept = expert < self.n_experts
+        expert = routing.expert[order]
         offsets = expert_counts(expert, self.n_experts).cumsum(0)
-        offsets[-1] = expert.numel()  # dropped rows join the last group (weight 0)
+        offsets[-1] = expert.numel()  # dropped rows join the last group
+        weight = torch.where(routing.expert < self.n_experts, routing.weight, 0).to(flat.dtype)
 
-        out = self.experts(flat[token], offsets)
+        if routing.choice is not None:
+            k = routing.choice.shape[1]
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            out = self.experts(_GatherRows.apply(flat, order, inverse, k), offsets)
+            self._observe_output_norm(expert, out)
+            out = _GatherRows.apply(out, inverse, order, 1).to(flat.dtype).view(-1, k, shape[-1])
+            combined = (out * weight.view(-1, k, 1)).sum(dim=1)
+        else:
+            token = routing.token[order]
+            out = self.experts(flat.index_select(0, token), offsets)
+            self._observe_output_norm(expert, out)
+            combined = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype) * weight[order].unsqueeze(-1))
+        return combined.view(shape)
+
+    def _observe_output_norm(self, expert: Tensor, out: Tensor) -> None:
         if getattr(self.router, "wants_expert_output_norm", False):
             self.router.observe_expert_output_norm(expert, out.detach().float().norm(dim=-1))
-        # where(), not a multiplication by 0: a parked row must not turn the sum into NaN.
-        weighted = torch.where(kept.unsqueeze(-1), out.to(flat.dtype) * routing.weight[order].unsqueeze(-1), 0)
-        combined = torch.zeros_like(flat).index_add_(0, token, weighted)
-        return combined.view(shape)

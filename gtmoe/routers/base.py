@@ -42,7 +42,9 @@ class Routing:
     weight: Tensor  # (A,) combine weight, differentiable w.r.t. the gate
     loss: Tensor  # scalar: the router's weighted auxiliary losses, added to the LM loss
     metrics: dict[str, Tensor] = field(default_factory=dict)  # unweighted loss terms, for logging
-    choice: Tensor | None = None  # (T, k) experts chosen per token, for token-choice routers
+    # (T, k) experts chosen per token, for token-choice routers. Their assignments are then token-major
+    # (assignment a is slot a % k of token a // k), which lets the MoE layer permute rows instead of scattering.
+    choice: Tensor | None = None
 
 
 def expert_counts(expert: Tensor, n_experts: int) -> Tensor:

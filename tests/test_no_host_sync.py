@@ -1,0 +1,72 @@
+"""Routing, dispatch and router state updates never read a tensor value on the host.
+
+On a GPU such a read (`.item()`, `.tolist()`, `bool(t)`, `nonzero`, a boolean
+mask, `bincount` sizing its output) stalls the step until the device catches
+up. Under FakeTensorMode tensors carry shapes but no data, so every such read
+raises instead; that catches, on CPU, what `python -m gtmoe.bench --sync-debug`
+catches on CUDA (bar syncs that only CUDA kernels make). The tests first show
+the harness does fail on a host read, then run every router through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+from gtmoe import moe, routers
+from gtmoe.config import RouterConfig
+from gtmoe.model import MoETransformer
+
+from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
+
+HOST_READ = (DataDependentOutputException, DynamicOutputShapeException)
+VARIANTS = [{"name": name} for name in routers.known()] + [{"name": "rdesi", "performance": "activation_norm"}]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    # Modules cannot be cast with .to() once their parameters are fake, so they are built in `dtype`.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def train_step_without_data(router: dict, dtype: torch.dtype = torch.float32) -> None:
+    """Forward, backward, then the routers' per-step bookkeeping (as gtmoe/train.py), on fake tensors."""
+    with FakeTensorMode():
+        with default_dtype(dtype):
+            model = MoETransformer(tiny_model(), RouterConfig.from_mapping(router)).train()
+        idx = torch.randint(0, TINY_VOCAB, (2, TINY_SEQ))
+        out = model(idx, idx)
+        model.observe_token_loss(out.token_loss)
+        (out.loss + out.router_loss).backward()
+        model.update_router_states()
+
+
+def test_the_harness_catches_a_host_read():
+    class ReadsOnHost(torch.nn.Module):
+        def forward(self, x):
+            return x * x.sum().item()
+
+    with pytest.raises(HOST_READ), FakeTensorMode():
+        ReadsOnHost()(torch.ones(3))
+
+
+def test_the_harness_catches_the_expert_loop_fallback(monkeypatch):
+    # Without grouped GEMM, grouped_matmul reads the expert offsets on the host by design.
+    monkeypatch.setattr(moe, "_has_grouped_mm", lambda: False)
+    with pytest.raises(HOST_READ):
+        train_step_without_data({"name": "topk"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("router", VARIANTS, ids=lambda r: "-".join(map(str, r.values())))
+def test_train_step_reads_nothing_on_the_host(router, dtype):
+    # fp32 and bf16 take grouped_matmul's two grouped-GEMM branches (opaque op, F.grouped_mm).
+    train_step_without_data(router, dtype)
