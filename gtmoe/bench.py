@@ -6,7 +6,9 @@ Everything runs in one process, and every number is a median over `--repeats`
 timed calls after `--warmup` untimed ones. Candidates that are compared are
 timed interleaved (one call of each per round), so a slow drift in machine load
 (the other jobs of a laptop, clock boosting) hits all of them alike and their
-ratios stay fair.
+ratios stay fair. Sustained contention is another matter: multi-threaded CPU
+kernels stall at their barriers when other processes hold the cores, the more
+kernels the worse, so the report prints the load average to judge a run by.
 
 (a) MoE layer (top-k router) forward + backward against a dense SwiGLU of
     hidden k * d_expert on the same tokens: equal active FLOPs, since each
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -291,7 +294,9 @@ def check_no_host_sync(steps: dict[str, TrainStep], device: torch.device, n_step
 def format_report(result: dict) -> str:
     cfg, layer, train = result["config"], result["moe_layer"], result["train_step"]
     lines = [
-        f"device {result['device_name']}, torch {result['torch']}, {result['threads']} threads",
+        (f"device {result['device_name']}, torch {result['torch']}, {result['threads']} threads, "
+         f"load average {result['load_average'][0]:.2f} -> {result['load_average'][1]:.2f} "
+         f"on {os.cpu_count()} CPUs"),
         (f"(a) MoE layer forward+backward, {cfg['tokens']} tokens, d_model {cfg['d_model']}: "
          f"topk E={cfg['experts']} k={cfg['top_k']} d_expert={layer['d_expert']} {layer['moe_s'] * 1e3:.2f} ms, "
          f"dense SwiGLU hidden {layer['dense_hidden']} {layer['dense_s'] * 1e3:.2f} ms, "
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     result = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -332,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         "moe_layer": bench_layer(args, device),
         "train_step": bench_train_steps(args, device),
     }
+    result["load_average"] = [load_before, os.getloadavg()[0]]  # 1-minute, before and after
     print(format_report(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

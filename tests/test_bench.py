@@ -26,7 +26,7 @@ def run_cli(tmp_path, *extra: str) -> tuple[dict, str]:
 
 def test_cli_times_every_router_and_writes_json(tmp_path):
     result, stdout = run_cli(tmp_path)
-    assert {"device", "device_name", "torch", "threads", "config", "moe_layer", "train_step"} <= result.keys()
+    assert {"device", "device_name", "torch", "threads", "load_average", "config", "moe_layer", "train_step"} <= result.keys()
     assert result["moe_layer"].keys() == {"moe_s", "dense_s", "ratio", "d_expert", "dense_hidden"}
     assert result["moe_layer"]["dense_hidden"] == 2 * result["moe_layer"]["d_expert"] == 2 * 64  # k * (4 d / k)
     variants = result["train_step"]["variants"]
