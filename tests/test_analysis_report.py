@@ -33,6 +33,17 @@ def render(name: str) -> str:
     return body
 
 
+def test_the_per_run_caption_names_its_run():
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(wildcards=SimpleNamespace(variant="rdesi_no_load", seed="2", split="test"))
+    text = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
+        (REPORT / "run_evaluation.rst").read_text()).render(snakemake=run)
+    warnings = io.StringIO()
+    body = publish_parts(text, writer="html", settings_overrides={"warning_stream": warnings, "report_level": 1})["body"]
+    assert warnings.getvalue() == "" and "rdesi_no_load" in body and "seed 2" in body and "test" in body
+
+
 @pytest.mark.parametrize("name", CAPTIONS)
 def test_every_output_has_a_clean_caption(name):
     assert len(render(name)) > 200

@@ -198,6 +198,12 @@ def test_report_embeds_every_figure(smoke_study):
         assert uri.startswith("data:image/png") and ";base64,iVBORw0KGgo" in uri, figure
     for table in ("summary", "comparisons", "ablations", "run_status"):
         assert f"results/summary/{table}.html" in results, table
+    # Every run's evaluation, labelled by variant, seed and split.
+    smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
+    for variant in (v["name"] for v in smoke["variants"]):
+        for seed in smoke["seeds"]:
+            entry = results[f"results/runs/{variant}/seed{seed}/eval_test.json"]
+            assert entry["labels"] == {"variant": variant, "seed": str(seed), "split": "test"}, entry["labels"]
 
 
 @pytest.mark.integration

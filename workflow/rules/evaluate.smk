@@ -7,7 +7,8 @@ rule evaluate:
         config=f"{RUN}/config.yaml",
         shards=f"{SHARDS}/{{split}}",
     output:
-        f"{RUN}/eval_{{split}}.json",
+        captioned(f"{RUN}/eval_{{split}}.json", "run_evaluation", "Summary", "per-run evaluations",
+                  variant="{variant}", seed="{seed}", split="{split}"),
     log:
         f"{LOGS}/evaluate/{{variant}}/seed{{seed}}_{{split}}.log",
     benchmark:
