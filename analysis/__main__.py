@@ -3,14 +3,20 @@
     python -m analysis aggregate --run-dirs DIR... --variants V... --seeds S... \\
         --out-table results/summary/runs.parquet --out-status results/summary/run_status.csv
     python -m analysis stats --table results/summary/runs.parquet --reference topk \\
-        --split test --out-dir results/summary
+        --split test --primary ppl gini maxvio_global --alpha 0.05 --power 0.8 \\
+        --baselines results/baselines/ngram.json --out-dir results/summary
     python -m analysis figures --table results/summary/runs.parquet --run-dirs DIR... \\
-        --out-dir results/figures
+        --baselines results/baselines/ngram.json --out-dir results/figures
+    python -m analysis findings --summary-dir results/summary --baselines results/baselines/ngram.json \
+        --run-dirs DIR... --reference topk --out results/summary/findings.html
+    python -m analysis compute --benchmarks TSV... --benchmark-root results/benchmarks \
+        --runs-root results/runs --out-csv results/summary/compute.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import RUN_OK, collect, figures, stats, tables
+from analysis import RUN_OK, collect, compute, figures, findings, stats, tables
 
 # Fixed output names (the workflow declares them as rule outputs).
 STATUS_HTML_SUFFIX = ".html"
@@ -32,17 +38,20 @@ class FigureInputs:
     reference: pd.DataFrame   # paired comparisons against the reference variant
     ablations: pd.DataFrame   # paired comparisons of rdesi against its ablations
     split: str
+    baselines: pd.DataFrame   # n-gram reference models (collect.read_baselines), maybe empty
+    train_log: pd.DataFrame | None = None  # training logs of the usable runs (flip rates)
 
 
 FIGURES = {
-    "perplexity.png": lambda d, path: figures.plot_perplexity(d.tidy, path, d.split),
+    "perplexity.png": lambda d, path: figures.plot_perplexity(d.tidy, path, d.split, d.baselines),
     "load_balance.png": lambda d, path: figures.plot_load_balance(d.tidy, path, d.split),
     "load_heatmap.png": lambda d, path: figures.plot_load_heatmap(d.tidy, path, d.split),
     "training_balance.png": lambda d, path: figures.plot_training_balance(d.router_log, path),
-    "pareto.png": lambda d, path: figures.plot_pareto(d.tidy, path, d.split),
+    "pareto.png": lambda d, path: figures.plot_pareto(d.tidy, path, d.split, baselines=d.baselines),
     "rdesi_internals.png": lambda d, path: figures.plot_rdesi_internals(d.router_log, path),
     "ablation_forest.png": lambda d, path: figures.plot_ablation_forest(d.ablations, path),
     "reference_forest.png": lambda d, path: figures.plot_reference_forest(d.reference, path),
+    "flip_rates.png": lambda d, path: figures.plot_flip_rates(d.train_log, path),
 }
 FIGURE_FILES = tuple(FIGURES)
 
@@ -71,20 +80,30 @@ def run_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(tidy: pd.DataFrame, pairs: list, args: argparse.Namespace) -> pd.DataFrame:
+    """Paired comparisons on the comparison metrics plus any primary endpoint not among them."""
+    metrics = list(dict.fromkeys([*args.metrics, *args.primary]))
+    return stats.paired_comparisons(tidy, pairs, metrics, args.split, primary=args.primary,
+                                    alpha=args.alpha, power=args.power)
+
+
 def run_stats(args: argparse.Namespace) -> int:
     tidy = collect.usable(pd.read_parquet(args.table))
     out = Path(args.out_dir)
     eval_splits = [args.split] + [s for s in collect.EVAL_SPLITS if s != args.split]
     summary = pd.concat([stats.summarize(tidy, args.summary_metrics, eval_splits),
-                         stats.summarize(tidy, stats.TRAIN_METRICS, ["train"])], ignore_index=True)
+                         stats.summarize(tidy, stats.TRAIN_METRICS, ["train"]),
+                         # Test split only: the evaluation may score a fixed subset of validation
+                         # blocks (eval.max_blocks), while the baselines score whole splits.
+                         stats.baseline_summary(collect.read_baselines(args.baselines), [args.split])],
+                        ignore_index=True)
     tables.write_summary(summary, out / "summary.csv", out / "summary.html")
     reference, ablation = _pairs(tidy, args)
-    comparisons = stats.paired_comparisons(tidy, reference, args.metrics, args.split)
-    tables.write_comparisons(comparisons, out / "comparisons.csv", out / "comparisons.html",
-                             f"Paired comparisons against {args.reference}")
-    ablations = stats.paired_comparisons(tidy, ablation, args.metrics, args.split)
-    tables.write_comparisons(ablations, out / "ablations.csv", out / "ablations.html",
-                             f"RD-ESI ablations: each ablation against {args.ablation_base}")
+    tables.write_comparisons(_compare(tidy, reference, args), out / "comparisons.csv", out / "comparisons.html",
+                             f"Paired comparisons against {args.reference}", alpha=args.alpha, power=args.power)
+    tables.write_comparisons(_compare(tidy, ablation, args), out / "ablations.csv", out / "ablations.html",
+                             f"RD-ESI ablations: each ablation against {args.ablation_base}",
+                             alpha=args.alpha, power=args.power)
     _log(f"tables -> {out}")
     return 0
 
@@ -97,12 +116,36 @@ def run_figures(args: argparse.Namespace) -> int:
     reference, ablation = _pairs(tidy, args)
     inputs = FigureInputs(
         tidy=tidy, router_log=router_log, split=args.split,
-        reference=stats.paired_comparisons(tidy, reference, args.metrics, args.split),
-        ablations=stats.paired_comparisons(tidy, ablation, args.metrics, args.split))
+        reference=_compare(tidy, reference, args), ablations=_compare(tidy, ablation, args),
+        baselines=collect.read_baselines(args.baselines),
+        train_log=collect.load_train_logs(args.run_dirs, keep=ok_runs, variants=collect.variant_order(tidy)))
     out = Path(args.out_dir)
     for name, draw in FIGURES.items():
         draw(inputs, out / name)
     _log(f"{len(FIGURES)} figures -> {out}")
+    return 0
+
+
+def run_findings(args: argparse.Namespace) -> int:
+    tables_dir = Path(args.summary_dir)
+    inputs = findings.load_inputs(
+        comparisons=tables_dir / "comparisons.csv", ablations=tables_dir / "ablations.csv",
+        summary=tables_dir / "summary.csv", status=tables_dir / "run_status.csv", baselines=args.baselines,
+        run_dirs=args.run_dirs, reference=args.reference, split=args.split, alpha=args.alpha,
+        power=args.power, still_learning_slope=args.still_learning_slope)
+    _log(f"findings -> {findings.write_findings(inputs, args.out)}")
+    return 0
+
+
+def run_compute(args: argparse.Namespace) -> int:
+    root = args.benchmark_root or os.path.commonpath([os.path.dirname(os.path.abspath(path))
+                                                       for path in args.benchmarks])
+    jobs = compute.jobs_table([os.path.abspath(path) for path in args.benchmarks], os.path.abspath(root),
+                              args.runs_root)
+    table = compute.breakdown(jobs)
+    html_out = args.out_html or Path(args.out_csv).with_suffix(STATUS_HTML_SUFFIX)
+    compute.write_compute(table, args.out_csv, html_out)
+    _log(f"{len(jobs)} jobs, {table['seconds'].iloc[-1]:.0f} job-seconds -> {args.out_csv}")
     return 0
 
 
@@ -118,6 +161,24 @@ def _add_pair_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablations", nargs="*", default=list(stats.ABLATIONS), metavar="VARIANT",
                         help="ablation variants; those absent from the table are skipped "
                              "(default: %(default)s)")
+    parser.add_argument("--primary", nargs="*", default=list(stats.PRIMARY_METRICS), metavar="METRIC",
+                        help="primary (confirmatory) endpoints; other metrics are marked exploratory, and "
+                             "primary ones absent from --metrics are compared too (default: %(default)s)")
+    parser.add_argument("--alpha", type=_probability, default=stats.ALPHA,
+                        help="level of the tests, in (0, 1) (default: %(default)s)")
+    parser.add_argument("--power", type=_probability, default=stats.POWER,
+                        help="power at which the minimum detectable difference is quoted, in (alpha, 1) "
+                             "(default: %(default)s)")
+    parser.add_argument("--baselines", default=None, metavar="JSON",
+                        help="n-gram reference models from `python -m gtmoe baselines`, shown as reference "
+                             "rows and lines (default: none)")
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,11 +221,44 @@ def build_parser() -> argparse.ArgumentParser:
     figures_cmd.add_argument("--out-dir", required=True, help="directory for the figures")
     _add_pair_options(figures_cmd)
     figures_cmd.set_defaults(handler=run_figures)
+
+    findings_cmd = commands.add_parser(
+        "findings", help="the findings in words (HTML)",
+        description="Write the study's findings in words from the tables of `stats` and `aggregate` in "
+                    "--summary-dir (comparisons, ablations, summary, run_status .csv), the n-gram "
+                    "baselines and the training logs.")
+    findings_cmd.add_argument("--summary-dir", required=True, help="directory of the statistics tables")
+    findings_cmd.add_argument("--run-dirs", nargs="*", default=[], metavar="DIR",
+                              help="run directories, for the training logs (final loss slope)")
+    findings_cmd.add_argument("--still-learning-slope", type=float, default=1.0, metavar="NATS",
+                              help="flag a variant as still learning when its training loss falls faster "
+                                   "than this many nats per 1000 steps at the end (default: %(default)s)")
+    findings_cmd.add_argument("--out", required=True, help="HTML file to write")
+    _add_pair_options(findings_cmd)
+    findings_cmd.set_defaults(handler=run_findings)
+
+    compute_cmd = commands.add_parser(
+        "compute", help="job-seconds per stage from the benchmark files",
+        description="Sum Snakemake's benchmark files per stage and split training and evaluation jobs "
+                    "into in-process compute and start-up + per-job overhead (CSV + HTML).")
+    compute_cmd.add_argument("--benchmarks", nargs="+", required=True, metavar="TSV",
+                             help="benchmark files of the jobs to count")
+    compute_cmd.add_argument("--benchmark-root",
+                             help="directory the benchmark paths are relative to; their first component "
+                                  "names the rule (default: the files' common directory)")
+    compute_cmd.add_argument("--runs-root", required=True,
+                             help="root of the run directories {variant}/seed{seed}, for the in-process times")
+    compute_cmd.add_argument("--out-csv", required=True, help="breakdown table to write (.csv)")
+    compute_cmd.add_argument("--out-html", help="HTML view (default: --out-csv with .html)")
+    compute_cmd.set_defaults(handler=run_compute)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "power") and args.power <= args.alpha:
+        parser.error(f"--power {args.power} must exceed --alpha {args.alpha} (power is alpha at no difference)")
     try:
         return args.handler(args)
     except ValueError as error:  # configuration errors (unknown reference, stray run dir)

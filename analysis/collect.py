@@ -272,6 +272,36 @@ def variant_order(frame: pd.DataFrame) -> list[str]:
     return [str(v) for v in pd.unique(column)]
 
 
+def load_train_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None,
+                    variants: Sequence[str] | None = None) -> pd.DataFrame:
+    """Concatenate the training logs of the given runs, with ``variant`` and ``seed`` columns.
+
+    Columns are the union over runs (a flip-rate column of one router is NaN for the
+    others); ``keep`` and ``variants`` work as in ``load_router_logs``. A resumed run can
+    log a step twice: the last entry of each step is kept.
+    """
+    frames = []
+    for run_dir in run_dirs:
+        variant, seed = parse_run_dir(run_dir)
+        file = Path(run_dir) / TRAIN_LOG
+        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
+            continue
+        log = pd.read_parquet(file).drop_duplicates("step", keep="last")
+        frames.append(log.assign(variant=variant, seed=seed))
+    if frames:
+        logs = pd.concat(frames, ignore_index=True)
+        logs = logs[["variant", "seed", *(c for c in logs.columns if c not in ("variant", "seed"))]]
+    else:
+        logs = pd.DataFrame({"variant": pd.Series(dtype="str"), "seed": pd.Series(dtype="int64"),
+                             "step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64")})
+    if variants is not None:
+        unknown = set(logs["variant"]) - set(variants)
+        if unknown:
+            raise ValueError(f"training logs of variants outside {list(variants)}: {sorted(unknown)}")
+        logs["variant"] = pd.Categorical(logs["variant"], categories=list(variants), ordered=True)
+    return logs
+
+
 def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None,
                      variants: Sequence[str] | None = None) -> pd.DataFrame:
     """Concatenate the router logs of the given runs, with ``variant`` and ``seed`` columns.
@@ -303,3 +333,28 @@ def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] 
             raise ValueError(f"router logs of variants outside {list(variants)}: {sorted(unknown)}")
         logs["variant"] = pd.Categorical(logs["variant"], categories=list(variants), ordered=True)
     return logs
+
+
+BASELINE_COLUMNS = ["model", "split", "metric", "value", "source"]
+
+
+def read_baselines(path: str | Path | None) -> pd.DataFrame:
+    """The n-gram reference models of ``python -m gtmoe baselines`` as a long table.
+
+    One row per (model, split, metric) number of ``{"models": {model: {split: {metric: value}}}}``
+    (``ppl``, ``word_ppl``, ``nll``, ``tokens``, ``words``), with its JSON pointer as ``source``.
+    No path gives an empty table: the baselines are optional for the analysis commands.
+    """
+    if path is None:
+        return pd.DataFrame(columns=BASELINE_COLUMNS)
+    path = Path(path)
+    try:
+        models = json.loads(path.read_text())["models"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not an n-gram baseline file ({exc.__class__.__name__}: {exc}); "
+                         "rebuild it with `python -m gtmoe baselines`") from exc
+    rows = [dict(model=model, split=split, metric=metric, value=float(value),
+                 source=f"{path}#/models/{model}/{split}/{metric}")
+            for model, result in models.items() for split in EVAL_SPLITS if split in result
+            for metric, value in result[split].items() if _is_number(value)]
+    return pd.DataFrame(rows, columns=BASELINE_COLUMNS)

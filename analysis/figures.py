@@ -37,6 +37,7 @@ DPI = 150
 RDESI_STATE = ("reputation", "load_hat", "bonus")
 RDESI_STATE_LABELS = {"reputation": "reputation R", "load_hat": "load L̂ = L − 1",
                       "bonus": "exploration bonus"}
+BASELINE_STYLES = {"unigram": (0, (6, 2)), "bigram": "-."}  # line styles of the n-gram reference lines
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -72,6 +73,35 @@ def _t_band(values: pd.Series) -> tuple[float, float]:
     return t_confidence_interval(x[np.isfinite(x)])
 
 
+def _baseline_lines(ax: plt.Axes, baselines: pd.DataFrame | None, metric: str, split: str) -> None:
+    """Horizontal, labelled reference lines for the n-gram models (``collect.read_baselines``).
+
+    A baseline far outside the plotted values (the unigram, several times the perplexity of a
+    trained model) would squash the variants into a strip: it is named in a note at the top
+    instead of drawn. "Far" is more than one data range beyond the axis limits.
+    """
+    if baselines is None or baselines.empty:
+        return
+    rows = baselines[(baselines["metric"] == metric) & (baselines["split"] == split)]
+    has_data = ax.has_data()
+    low, high = ax.get_ylim()
+    span = high - low
+    off_scale = []
+    for row in rows.itertuples():
+        value = f"{row.value:,.0f}" if abs(row.value) >= 1000 else f"{row.value:.4g}"
+        if has_data and not low - span <= row.value <= high + span:
+            off_scale.append(f"{row.model} baseline {value} ({'above' if row.value > high else 'below'})")
+            continue
+        ax.axhline(row.value, color="0.2", alpha=0.8, lw=1.2, ls=BASELINE_STYLES.get(row.model, "--"),
+                   zorder=0, label=f"{row.model} baseline ({value})")
+        ax.annotate(f"{row.model} baseline {value}", (1.0, row.value), xycoords=("axes fraction", "data"),
+                    xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=7,
+                    color="0.2")
+    if off_scale:
+        ax.text(0.01, 0.99, "off scale: " + "; ".join(off_scale), transform=ax.transAxes, ha="left", va="top",
+                fontsize=7, color="0.3")
+
+
 def _model_level(tidy: pd.DataFrame, split: str, metrics: Sequence[str]) -> pd.DataFrame:
     rows = tidy[(tidy["layer"] == MODEL_LEVEL) & (tidy["split"] == split) & tidy["metric"].isin(metrics)]
     rows = rows[np.isfinite(rows["value"])]
@@ -81,8 +111,9 @@ def _model_level(tidy: pd.DataFrame, split: str, metrics: Sequence[str]) -> pd.D
 # --------------------------------------------------------------------------- per-variant points
 
 def _metric_panels(tidy: pd.DataFrame, path: str | Path, metrics: Sequence[str], split: str,
-                   title: str) -> Path:
-    """One panel per metric: seeds as dots, mean with its 95% t CI as an error bar."""
+                   title: str, baselines: pd.DataFrame | None = None) -> Path:
+    """One panel per metric: seeds as dots, mean with its 95% t CI as an error bar, and the
+    n-gram reference models of ``baselines`` (if any) as labelled horizontal lines."""
     variants = variant_order(tidy)
     palette = variant_palette(variants)
     values = _model_level(tidy, split, metrics)
@@ -110,15 +141,20 @@ def _metric_panels(tidy: pd.DataFrame, path: str | Path, metrics: Sequence[str],
                       rotation=35, ha="right", fontsize=9)
         ax.set_xlabel("")
         ax.set_ylabel(metric_label(metric))
+        _baseline_lines(ax, baselines, metric, split)
+    has_lines = baselines is not None and not baselines.empty
     fig.suptitle(f"{title} ({split}; dots: seeds, diamond: mean with "
-                 f"{int(CONFIDENCE * 100)}% t CI)", fontsize=11)
+                 f"{int(CONFIDENCE * 100)}% t CI" + ("; lines: n-gram reference baselines" if has_lines else "")
+                 + ")", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_perplexity(tidy: pd.DataFrame, path: str | Path, split: str = "test") -> Path:
-    """Token- and word-level perplexity per variant with 95% t CIs across seeds."""
-    return _metric_panels(tidy, path, ["ppl", "word_ppl"], split, "Perplexity per variant")
+def plot_perplexity(tidy: pd.DataFrame, path: str | Path, split: str = "test",
+                    baselines: pd.DataFrame | None = None) -> Path:
+    """Token- and word-level perplexity per variant with 95% t CIs across seeds; the n-gram
+    reference models (``collect.read_baselines``) as labelled horizontal lines."""
+    return _metric_panels(tidy, path, ["ppl", "word_ppl"], split, "Perplexity per variant", baselines)
 
 
 def plot_load_balance(tidy: pd.DataFrame, path: str | Path, split: str = "test") -> Path:
@@ -226,10 +262,10 @@ def plot_training_balance(router_log: pd.DataFrame, path: str | Path) -> Path:
 # --------------------------------------------------------------------------- Pareto view
 
 def plot_pareto(tidy: pd.DataFrame, path: str | Path, split: str = "test",
-                imbalance: str = "gini") -> Path:
+                imbalance: str = "gini", baselines: pd.DataFrame | None = None) -> Path:
     """Perplexity against load imbalance: runs as dots, variant means with 95% t CIs,
     the Pareto front of the means (lower is better on both axes), unrouted variants
-    (dense) as horizontal reference lines."""
+    (dense) and the n-gram reference models (``baselines``) as horizontal reference lines."""
     values = _model_level(tidy, split, ["ppl", imbalance])
     runs = values.pivot_table(index=["variant", "seed"], columns="metric", values="value").reset_index()
     variants = variant_order(tidy)
@@ -263,6 +299,7 @@ def plot_pareto(tidy: pd.DataFrame, path: str | Path, split: str = "test",
         front = _pareto_front(np.array(means))
         ax.step(front[:, 0], front[:, 1], where="post", color="0.4", lw=1, ls=":",
                 label="Pareto front of means", zorder=2)
+    _baseline_lines(ax, baselines, "ppl", split)
     ax.set_xlabel(f"{metric_label(imbalance)} ({split}; lower = more balanced)")
     ax.set_ylabel(f"perplexity ({split})")
     ax.set_title("Perplexity vs load imbalance (dots: seeds; markers: mean ± 95% t CI)", fontsize=11)
@@ -320,6 +357,53 @@ def plot_rdesi_internals(router_log: pd.DataFrame, path: str | Path, seed: int |
             sns.move_legend(row_axes[-1], "upper left", bbox_to_anchor=(1.02, 1), title="expert",
                             fontsize=7, ncol=1 + n_experts // 9)
     fig.suptitle("RD-ESI router state per expert over training", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+FLIP_RATE_TERMS = {"flip_rate_reputation": "reputation β·R", "flip_rate_load": "load penalty γ·L̂",
+                   "flip_rate_bonus": "exploration bonus", "flip_rate_bias": "loss-free bias b"}
+
+
+def flip_rate_curves(train_log: pd.DataFrame | None) -> pd.DataFrame:
+    """Long table ``variant, seed, step, term, flip_rate`` of the finite flip-rate values in
+    the training logs (columns ``flip_rate_*``; a router without a term has NaN or no column)."""
+    columns = ["variant", "seed", "step", "term", "flip_rate"]
+    present = [c for c in FLIP_RATE_TERMS if train_log is not None and c in train_log.columns]
+    if not present:
+        return pd.DataFrame(columns=columns)
+    long = train_log.melt(id_vars=["variant", "seed", "step"], value_vars=present, var_name="term",
+                          value_name="flip_rate")
+    long = long[np.isfinite(long["flip_rate"].astype(float))]
+    return long.assign(variant=long["variant"].astype(str))[columns]
+
+
+def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
+    """Flip rate of each selection term over training: the fraction of tokens whose top-k
+    expert set changes when that term is removed from the score (mean over MoE layers),
+    mean over seeds with a 95% t band across seeds, one panel per term, one line per variant."""
+    curves = flip_rate_curves(train_log)
+    if curves.empty:
+        return _message_figure(path, "Flip rate of the selection terms",
+                               "no router with selection terms in this study\n"
+                               "(flip rates are logged by rdesi and lossfree variants)")
+    study = variant_order(train_log)
+    palette = variant_palette(study)
+    terms = [t for t in FLIP_RATE_TERMS if t in set(curves["term"])]
+    variants = [v for v in study if v in set(curves["variant"])]
+    curves = curves.assign(flip_rate=100 * curves["flip_rate"].astype(float))
+    fig, axes = plt.subplots(1, len(terms), figsize=(4.6 * len(terms) + 1.8, 4.2), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        part = curves[curves["term"] == term]
+        shown = [v for v in variants if v in set(part["variant"])]
+        sns.lineplot(data=part, x="step", y="flip_rate", hue="variant", hue_order=shown, palette=palette,
+                     errorbar=_t_band, estimator="mean", ax=ax, lw=1.5)
+        ax.set_title(f"without the {FLIP_RATE_TERMS[term]}", fontsize=10)
+        ax.set_ylabel("tokens whose top-k set flips (%)")
+        ax.set_ylim(0, min(100, ax.get_ylim()[1]))  # a rate: the t band of few seeds can overshoot 0–100%
+        sns.move_legend(ax, "best", title="variant", fontsize=8)
+    fig.suptitle(f"Flip rate per selection term during training (mean over MoE layers; band: "
+                 f"{int(CONFIDENCE * 100)}% t CI across seeds)", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -9,8 +9,15 @@ Conventions
   ``rdesi`` and ``b`` the other variant. For perplexity and imbalance metrics a positive
   difference therefore means ``b`` is worse than ``a``; for an ablation it means that
   removing the term hurt, i.e. the term helped.
-* Holm's step-down adjustment is applied within one table, separately for each test,
-  over the rows where that test produced a p-value.
+* Holm's step-down adjustment runs per family: one family per (metric, split) of a table,
+  i.e. the variant comparisons of one endpoint, separately for each test, over the rows
+  where that test produced a p-value. A table's families are its own (the ablation table
+  is not pooled with the reference comparisons).
+* Endpoints are declared before the data: metrics in the primary set (config.yaml
+  ``statistics.primary``) are confirmatory, every other metric is exploratory.
+* Every comparison carries its minimum detectable difference (MDD): the smallest |mean
+  difference| a two-sided paired t-test at level ``alpha`` detects with probability
+  ``power``, given n and the observed sd of the differences (noncentral t).
 """
 
 from __future__ import annotations
@@ -20,12 +27,18 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, stats
 
 from analysis.collect import MODEL_LEVEL, variant_order
 
 CONFIDENCE = 0.95
-MIN_WILCOXON_N = 5  # at n = 4 the smallest exact two-sided p is 0.125: the test could never reject
+ALPHA = 0.05  # level of every test (config.yaml statistics.alpha)
+POWER = 0.8   # power at which the minimum detectable difference is quoted (statistics.power)
+PRIMARY_METRICS = ("ppl", "gini", "maxvio_global")  # confirmatory endpoints (statistics.primary)
+PRIMARY, EXPLORATORY = "primary", "exploratory"
+# Wilcoxon's exact two-sided p is at least 2 / 2^n (all n signs agree). At n = 5 that is 0.0625,
+# so below 6 pairs the test cannot reject at alpha = 0.05 whatever the data: not reported.
+MIN_WILCOXON_N = 6
 SUMMARY_METRICS = ("ppl", "word_ppl", "gini", "load_entropy", "cv", "maxvio_global",
                    "maxvio_batch", "dead_experts", "drop_rate", "token_expert_mi",
                    "router_saturation", "tokens_per_s")
@@ -48,10 +61,13 @@ LOWER_IS_BETTER = frozenset({"ppl", "word_ppl", "nll", "gini", "cv", "maxvio_glo
                              "maxvio_batch", "dead_experts", "drop_rate", "final_loss",
                              "train_wall_s"})
 HIGHER_IS_BETTER = frozenset({"load_entropy", "tokens_per_s", "mean_tokens_per_s"})
-SUMMARY_COLUMNS = ["variant", "split", "metric", "n", "mean", "std", "ci_low", "ci_high"]
+SUMMARY_COLUMNS = ["variant", "split", "metric", "n", "mean", "std", "ci_low", "ci_high", "kind"]
+VARIANT, REFERENCE_BASELINE = "variant", "reference baseline"  # values of the summary's ``kind``
+BASELINE_METRICS = ("ppl", "word_ppl")
 COMPARISON_COLUMNS = ["variant_a", "variant_b", "split", "metric", "n", "seeds", "mean_a",
                       "mean_b", "mean_diff", "ci_low", "ci_high", "p_ttest", "p_ttest_holm",
-                      "p_wilcoxon", "p_wilcoxon_holm", "hedges_g", "note"]
+                      "p_wilcoxon", "p_wilcoxon_holm", "hedges_g", "note", "family", "endpoint",
+                      "mdd"]
 
 
 # --------------------------------------------------------------------------- descriptives
@@ -99,8 +115,22 @@ def summarize(tidy: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS,
     groups = {key: g["value"].to_numpy() for key, g in
               selected.groupby([selected["variant"].astype(str), "split", "metric"], observed=True)}
     rows = [dict(variant=variant, split=split, metric=metric,
-                 **describe(groups.get((variant, split, metric), [])))
+                 **describe(groups.get((variant, split, metric), [])), kind=VARIANT)
             for variant in variant_order(tidy) for split in splits for metric in metrics]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def baseline_summary(baselines: pd.DataFrame, splits: Iterable[str] = ("test",),
+                     metrics: Iterable[str] = BASELINE_METRICS) -> pd.DataFrame:
+    """Summary rows (``kind`` = "reference baseline") of the n-gram models of ``collect.read_baselines``.
+
+    A baseline is one deterministic model, not a sample over seeds: n = 1 and no std or CI.
+    """
+    metrics = list(metrics)
+    rows = [dict(variant=row.model, split=row.split, metric=row.metric, **describe([row.value]),
+                 kind=REFERENCE_BASELINE)
+            for split in splits for row in baselines[baselines["split"] == split].itertuples()
+            if row.metric in metrics]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -122,6 +152,43 @@ def holm_adjust(pvalues: Sequence[float]) -> np.ndarray:
     return adjusted
 
 
+def wilcoxon_min_n(alpha: float = ALPHA) -> int:
+    """Fewest pairs at which the exact two-sided Wilcoxon signed-rank test can reach ``p ≤ alpha``:
+    its smallest p is ``2 / 2^n``."""
+    return max(1, math.ceil(math.log2(2 / alpha)))
+
+
+def paired_t_power(effect: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test with n pairs at standardised effect ``mean(d) / sd(d)``.
+
+    Under the alternative ``t = mean(d) / (sd(d) / √n)`` follows a noncentral t with n − 1 degrees
+    of freedom and noncentrality ``effect · √n``; the test rejects when ``|t| > t(1 − alpha/2, n − 1)``.
+    """
+    df, noncentrality = n - 1, effect * math.sqrt(n)
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    # P(t < −c) written as the upper tail at −noncentrality (the same by symmetry): scipy's
+    # nct.cdf returns NaN deep in the lower tail at df = 1 (n = 2), where the term is ~0.
+    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.sf(critical, df, -noncentrality))
+
+
+def minimum_detectable_difference(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest |mean difference| a two-sided paired t-test at ``alpha`` detects with ``power``.
+
+    Solves ``paired_t_power(δ / sd, n, alpha) = power`` for δ ≥ 0 (the power rises monotonically
+    with δ, from alpha at δ = 0). NaN for n < 2 or a non-positive / non-finite sd, where the
+    t-test is undefined.
+    """
+    if not 0 < alpha < power < 1:
+        raise ValueError(f"need 0 < alpha < power < 1, got alpha={alpha}, power={power}")
+    if n < 2 or not math.isfinite(sd) or sd <= 0:
+        return math.nan
+    upper = 1.0
+    while paired_t_power(upper, n, alpha) < power:  # bracket the root; at n = 2 it lies near 10
+        upper *= 2
+    effect = optimize.brentq(lambda e: paired_t_power(e, n, alpha) - power, 0.0, upper, xtol=1e-10)
+    return float(effect * sd)
+
+
 def hedges_g(differences: Sequence[float]) -> tuple[float, str]:
     """Hedges' g of paired differences, ``d_z · J`` with ``d_z = mean/sd`` and
     ``J = 1 − 3 / (4(n − 1) − 1)``; returns ``(g, reason)`` with NaN and a reason when undefined.
@@ -140,11 +207,14 @@ def hedges_g(differences: Sequence[float]) -> tuple[float, str]:
     return float(d.mean() / sd * correction), ""
 
 
-def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE) -> dict:
+def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE, alpha: float = ALPHA,
+                power: float = POWER) -> dict:
     """Compare two per-seed series (index = seed) on their common seeds with finite values.
 
     Returns n, seeds, means, mean difference ``b − a`` with its t CI, paired t-test p,
-    Wilcoxon signed-rank p (n ≥ 5), Hedges' g and a ``note`` explaining every NaN.
+    Wilcoxon signed-rank p (only where it can reach ``alpha``: n ≥ 6 at 0.05), Hedges' g,
+    the minimum detectable difference ``mdd`` at ``alpha`` and ``power``, and a ``note``
+    explaining every NaN.
     """
     joined = pd.concat({"a": a, "b": b}, axis=1, join="inner").dropna()
     joined = joined[np.isfinite(joined).all(axis=1)].sort_index()
@@ -155,8 +225,11 @@ def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE) -> d
                   mean_a=float(joined["a"].mean()) if n else math.nan,
                   mean_b=float(joined["b"].mean()) if n else math.nan,
                   mean_diff=float(diff.mean()) if n else math.nan,
-                  p_ttest=math.nan, p_wilcoxon=math.nan, hedges_g=math.nan)
+                  p_ttest=math.nan, p_wilcoxon=math.nan, hedges_g=math.nan,
+                  mdd=minimum_detectable_difference(float(diff.std(ddof=1)) if n >= 2 else math.nan, n,
+                                                    alpha, power))
     result["ci_low"], result["ci_high"] = t_confidence_interval(diff, confidence)
+    min_wilcoxon = wilcoxon_min_n(alpha)
 
     if n == 0:
         notes.append("no seed with finite values in both variants")
@@ -174,13 +247,16 @@ def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE) -> d
             result["hedges_g"], reason = hedges_g(diff)
             if reason:
                 notes.append(reason)
-        if n < MIN_WILCOXON_N:
-            notes.append(f"n<{MIN_WILCOXON_N}: no Wilcoxon")
+        # zero_method="wilcox" (Wilcoxon's original) drops zero differences before ranking (tied
+        # magnitudes share average ranks), so the non-zero ones decide whether it can reject.
+        zeros = int(np.sum(diff == 0))
+        if n < min_wilcoxon:
+            notes.append(f"n<{min_wilcoxon}: no Wilcoxon (cannot reach p ≤ {alpha:g})")
+        elif n - zeros < min_wilcoxon:
+            notes.append(f"{n - zeros} non-zero differences (<{min_wilcoxon}): no Wilcoxon "
+                         f"(cannot reach p ≤ {alpha:g})")
         else:
-            # zero_method="wilcox" (Wilcoxon's original): zero differences are dropped
-            # before ranking; tied magnitudes share average ranks.
             result["p_wilcoxon"] = float(stats.wilcoxon(diff, zero_method="wilcox").pvalue)
-            zeros = int(np.sum(diff == 0))
             if zeros:
                 notes.append(f"Wilcoxon dropped {zeros} zero difference(s)")
     result["note"] = "; ".join(notes)
@@ -199,22 +275,36 @@ def per_seed(tidy: pd.DataFrame, variant: str, metric: str, split: str,
 
 def paired_comparisons(tidy: pd.DataFrame, pairs: Sequence[tuple[str, str]],
                        metrics: Iterable[str] = COMPARISON_METRICS, split: str = "test",
-                       confidence: float = CONFIDENCE) -> pd.DataFrame:
+                       confidence: float = CONFIDENCE, primary: Iterable[str] = PRIMARY_METRICS,
+                       alpha: float = ALPHA, power: float = POWER) -> pd.DataFrame:
     """Seed-paired comparison of every ``(a, b)`` pair on every metric (difference = b − a).
 
-    Holm's adjustment runs over all rows of the returned table, once for the t-test
-    p-values and once for the Wilcoxon p-values.
+    Holm's adjustment runs within each family ``"{metric}/{split}"`` (the comparisons of one
+    endpoint), once for the t-test p-values and once for the Wilcoxon p-values. ``endpoint``
+    is "primary" for metrics in ``primary``, else "exploratory"; ``mdd`` is the minimum
+    detectable difference at ``alpha`` and ``power``.
     """
+    primary = set(primary)
     rows = []
     for a, b in pairs:
         for metric in metrics:
             test = paired_test(per_seed(tidy, a, metric, split), per_seed(tidy, b, metric, split),
-                               confidence)
-            rows.append(dict(variant_a=a, variant_b=b, split=split, metric=metric, **test))
+                               confidence, alpha, power)
+            rows.append(dict(variant_a=a, variant_b=b, split=split, metric=metric, **test,
+                             family=f"{metric}/{split}",
+                             endpoint=PRIMARY if metric in primary else EXPLORATORY))
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
-    table["p_ttest_holm"] = holm_adjust(table["p_ttest"])
-    table["p_wilcoxon_holm"] = holm_adjust(table["p_wilcoxon"])
+    for test in ("ttest", "wilcoxon"):
+        table[f"p_{test}_holm"] = holm_by_family(table[f"p_{test}"], table["family"])
     return table
+
+
+def holm_by_family(pvalues: pd.Series, family: pd.Series) -> np.ndarray:
+    """Holm-adjusted p-values, each family adjusted on its own."""
+    adjusted = pd.Series(np.nan, index=pvalues.index, dtype=float)
+    for _, members in pvalues.groupby(family, sort=False):
+        adjusted[members.index] = holm_adjust(members.to_numpy(dtype=float))
+    return adjusted.to_numpy()
 
 
 def reference_pairs(variants: Sequence[str], reference: str) -> list[tuple[str, str]]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import RUN_FAILED, RUN_MISSING, RUN_OK
-from analysis.stats import CONFIDENCE, HIGHER_IS_BETTER, LOWER_IS_BETTER, metric_label
+from analysis.stats import (ALPHA, CONFIDENCE, EXPLORATORY, HIGHER_IS_BETTER, LOWER_IS_BETTER, POWER,
+                            REFERENCE_BASELINE, metric_label)
 
 NA = "n/a"
-ALPHA = 0.05
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
@@ -38,6 +38,9 @@ tr:hover td { background: #fafbfd; }
 .better { background: #e6f4ea; }
 .worse { background: #fbe9e7; }
 tr.significant td { font-weight: 600; }
+tr.exploratory td { color: #6b7380; }
+tr.exploratory td.endpoint { font-style: italic; }
+tr.reference td { background: #f6f3ea; font-style: italic; border-top: 1px dashed #c9ced6; }
 .status-ok { color: #1e7b34; font-weight: 600; }
 .status-missing { color: #a15c00; font-weight: 600; }
 .status-failed { color: #b3261e; font-weight: 600; }
@@ -130,23 +133,33 @@ def _write(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path: str 
 # --------------------------------------------------------------------------- summary
 
 def summary_rows(summary: pd.DataFrame, split: str) -> tuple[list[dict], list[str]]:
-    """One row per variant, one column per metric: mean, then CI and n in small print."""
+    """One row per variant, one column per metric: mean, then CI and n in small print.
+
+    Reference baselines (``kind`` = "reference baseline": the n-gram models) come last, labelled
+    and shaded; they are single deterministic models, so they show the value alone and n/a for
+    the metrics they do not have.
+    """
     part = summary[summary["split"] == split]
-    metrics = list(dict.fromkeys(part["metric"]))
+    metrics = list(dict.fromkeys(part.loc[part["kind"] != REFERENCE_BASELINE, "metric"]))
+    metrics += [m for m in dict.fromkeys(part["metric"]) if m not in metrics]
     columns = ["variant", *(metric_label(m) for m in metrics)]
     rows = []
-    for variant, group in part.groupby("variant", sort=False):
-        row = {"variant": variant, "_class": {}}
+    for (kind, variant), group in part.groupby(["kind", "variant"], sort=False):
+        reference = kind == REFERENCE_BASELINE
+        row = {"variant": f"{variant} (reference baseline)" if reference else variant, "_class": {},
+               "_row_class": "reference" if reference else ""}
         for record in group.itertuples():
             label = metric_label(record.metric)
             if record.n == 0:
                 row[label] = NA
                 continue
-            interval = format_interval(record.ci_low, record.ci_high)
+            detail = ("n-gram model, no seeds" if reference
+                      else f"{format_interval(record.ci_low, record.ci_high)} · n={record.n}")
             row[label] = Markup(f"{html.escape(format_number(record.mean))}<br>"
-                                f'<span class="sub">{html.escape(interval)} · n={record.n}</span>')
+                                f'<span class="sub">{html.escape(detail)}</span>')
             row["_class"][label] = "num"
         rows.append(row)
+    rows.sort(key=lambda row: row["_row_class"] == "reference")  # stable: variants first, study order
     return rows, columns
 
 
@@ -157,7 +170,9 @@ def write_summary(summary: pd.DataFrame, csv_path: str | Path, html_path: str | 
     caption = caption or (f"Mean over seeds with the {level}% Student t confidence interval "
                           "and the number of seeds n. n/a: undefined (fewer than two seeds for "
                           "an interval; a metric the variant does not have, e.g. load metrics "
-                          "of the dense baseline).")
+                          "of the dense baseline). Shaded rows at the bottom: reference baselines "
+                          "(unigram and interpolated bigram counted on the train split), not "
+                          "variants of the study; they have perplexities only.")
     sections = []
     for split in dict.fromkeys(summary["split"]):
         rows, columns = summary_rows(summary, split)
@@ -179,43 +194,62 @@ def _delta_class(metric: str, low: float, high: float) -> str:
     return "num"
 
 
-def comparison_rows(comparisons: pd.DataFrame) -> tuple[list[dict], list[str]]:
+def format_mdd(mdd: float, mean_a: float) -> str | Markup:
+    """The minimum detectable difference, with its share of the reference mean in small print."""
+    text = format_number(mdd)
+    if text == NA or not math.isfinite(mean_a) or mean_a == 0:
+        return text
+    return Markup(f'{html.escape(text)}<br><span class="sub">{abs(mdd / mean_a):.0%} of a</span>')
+
+
+def comparison_rows(comparisons: pd.DataFrame, alpha: float = ALPHA,
+                    power: float = POWER) -> tuple[list[dict], list[str]]:
     """Rows for the HTML view of ``stats.paired_comparisons`` output."""
-    columns = ["comparison (b − a)", "metric", "n", "mean a", "mean b", "Δ = b − a",
-               "95% CI of Δ", "p t-test", "p t (Holm)", "p Wilcoxon", "p Wilcoxon (Holm)",
+    mdd_column = f"MDD ({power:.0%} power)"
+    columns = ["comparison (b − a)", "metric", "endpoint", "n", "mean a", "mean b", "Δ = b − a",
+               "95% CI of Δ", mdd_column, "p t-test", "p t (Holm)", "p Wilcoxon", "p Wilcoxon (Holm)",
                "Hedges' g", "note"]
     rows = []
     for r in comparisons.itertuples():
-        significant = not math.isnan(r.p_ttest_holm) and r.p_ttest_holm < ALPHA
+        significant = not math.isnan(r.p_ttest_holm) and r.p_ttest_holm < alpha
         delta_class = _delta_class(r.metric, r.ci_low, r.ci_high)
+        row_classes = (["significant"] if significant else []) + (["exploratory"] if r.endpoint == EXPLORATORY else [])
         rows.append({
             "comparison (b − a)": f"{r.variant_b} − {r.variant_a}",
-            "metric": metric_label(r.metric), "n": str(r.n),
+            "metric": metric_label(r.metric), "endpoint": r.endpoint, "n": str(r.n),
             "mean a": format_number(r.mean_a), "mean b": format_number(r.mean_b),
             "Δ = b − a": format_number(r.mean_diff),
-            "95% CI of Δ": format_interval(r.ci_low, r.ci_high),
+            "95% CI of Δ": format_interval(r.ci_low, r.ci_high), mdd_column: format_mdd(r.mdd, r.mean_a),
             "p t-test": format_p(r.p_ttest), "p t (Holm)": format_p(r.p_ttest_holm),
             "p Wilcoxon": format_p(r.p_wilcoxon), "p Wilcoxon (Holm)": format_p(r.p_wilcoxon_holm),
             "Hedges' g": format_number(r.hedges_g, digits=3), "note": r.note or "",
-            "_row_class": "significant" if significant else "",
-            "_class": {c: "num" for c in ("n", "mean a", "mean b", "p t-test", "p t (Holm)",
+            "_row_class": " ".join(row_classes),
+            "_class": {c: "num" for c in ("n", "mean a", "mean b", mdd_column, "p t-test", "p t (Holm)",
                                            "p Wilcoxon", "p Wilcoxon (Holm)", "Hedges' g")}
-                      | {"Δ = b − a": delta_class, "95% CI of Δ": delta_class},
+                      | {"Δ = b − a": delta_class, "95% CI of Δ": delta_class, "endpoint": "endpoint"},
         })
     return rows, columns
 
 
 def write_comparisons(comparisons: pd.DataFrame, csv_path: str | Path, html_path: str | Path,
-                      title: str, caption: str = "") -> tuple[Path, Path]:
+                      title: str, caption: str = "", alpha: float = ALPHA,
+                      power: float = POWER) -> tuple[Path, Path]:
     """Paired comparisons (output of ``stats.paired_comparisons``) as CSV and HTML."""
+    primary = ", ".join(metric_label(m) for m in dict.fromkeys(
+        comparisons.loc[comparisons["endpoint"] != EXPLORATORY, "metric"])) or "none"
     caption = caption or (
         "Seed-paired differences Δ = b − a on the seeds both variants completed (n). "
         "CI: 95% Student t interval of the mean difference; p: paired t-test and Wilcoxon "
-        "signed-rank test (only for n ≥ 5), each Holm-adjusted over all rows of this table; "
-        "Hedges' g: standardised mean difference of the paired differences. Bold rows: "
-        f"Holm-adjusted t-test p < {ALPHA}. Green / red: the CI excludes 0 and b is better / "
-        "worse than a. n/a: not computable, the note says why.")
-    rows, columns = comparison_rows(comparisons)
+        f"signed-rank test (only where it can reach p ≤ {alpha:g}: n ≥ 6 at 0.05), each "
+        "Holm-adjusted within its family, the comparisons of one metric on one split; "
+        f"Hedges' g: standardised mean difference of the paired differences. Primary endpoints: "
+        f"{primary}; the other metrics are exploratory (grey rows): read them as "
+        "hypothesis-generating. MDD: the smallest |Δ| a two-sided paired t-test at "
+        f"α = {alpha:g} would detect with {power:.0%} power, from n and the observed sd of the "
+        f"differences; a non-significant Δ smaller than the MDD is no evidence of equality. Bold "
+        f"rows: Holm-adjusted t-test p < {alpha:g}. Green / red: the CI excludes 0 and b is "
+        "better / worse than a. n/a: not computable, the note says why.")
+    rows, columns = comparison_rows(comparisons, alpha, power)
     note = f"Split: {', '.join(dict.fromkeys(comparisons['split']))}" if len(comparisons) else ""
     page = html_page(title, caption, [("", html_table(rows, columns, note))])
     return _write(comparisons, page, csv_path, html_path)

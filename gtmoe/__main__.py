@@ -1,4 +1,4 @@
-"""Command line: `python -m gtmoe {prepare,train,evaluate,routers} ...` (each with --help).
+"""Command line: `python -m gtmoe {prepare,train,evaluate,baselines,routers} ...` (each with --help).
 
 Exit status: 0 on success; 2 with one `error: ...` line for a problem the user
 can fix (configuration, data, run directory or checkpoint; the line names the
@@ -27,37 +27,49 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from gtmoe.config import load_run_config
+    from gtmoe.config import load_run_config, parse_run_config
     from gtmoe.train import train
 
     _set_threads(args.threads)
-    cfg = load_run_config(args.config)
+    cfg = load_run_config(args.config) if args.config else parse_run_config(args.config_json, "--config-json")
     summary = train(cfg, args.out, stop_after=args.stop_after)
     logging.getLogger("gtmoe").info("train: %s", json.dumps(summary))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from gtmoe.evaluate import evaluate
+    from gtmoe.evaluate import evaluate_splits
     from gtmoe.train import RunError, unwritable
 
     _set_threads(args.threads)
-    if args.out.is_dir():
-        raise RunError(f"--out {args.out} is a directory; pass the JSON file to write, e.g. {args.out / 'eval.json'}")
-    try:  # before evaluating: a bad --out should not cost an evaluation
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise unwritable(args.out, exc, "the evaluation output") from None
-    result = evaluate(args.run, args.split, batch_size=args.batch_size, device=args.device)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.out)
-    except OSError as exc:
-        raise unwritable(args.out, exc, "the evaluation output") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    logging.getLogger("gtmoe").info("evaluate %s %s: ppl %.2f gini %s -> %s", args.run, args.split, result["ppl"],
-                                    result["gini"], args.out)
+    if len(args.out) != len(args.split):
+        raise RunError(f"--split names {len(args.split)} split(s) but --out {len(args.out)} file(s); "
+                       "give one output JSON per split, in the same order")
+    for out in args.out:  # before evaluating: a bad --out should not cost an evaluation
+        if out.is_dir():
+            raise RunError(f"--out {out} is a directory; pass the JSON file to write, e.g. {out / 'eval.json'}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise unwritable(out, exc, "the evaluation output") from None
+    results = evaluate_splits(args.run, args.split, device=args.device)
+    for split, out in zip(args.split, args.out):
+        result = results[split]
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(result, indent=2))
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise unwritable(out, exc, "the evaluation output") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        logging.getLogger("gtmoe").info("evaluate %s %s: ppl %.2f gini %s -> %s", args.run, split, result["ppl"],
+                                        result["gini"], out)
+
+
+def _cmd_baselines(args: argparse.Namespace) -> None:
+    from gtmoe.baselines import write_ngram_baselines
+
+    write_ngram_baselines(args.shards, args.out)
 
 
 def _cmd_routers(args: argparse.Namespace) -> None:
@@ -81,23 +93,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one run (resumes from OUT/checkpoint_last.pt if present)",
                                 description="Train one (variant, seed) run described by a run config YAML.")
-    train.add_argument("--config", type=Path, required=True, help="run config YAML (as the workflow writes it)")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="run config YAML (as `config.yaml` of a run directory)")
+    source.add_argument("--config-json", help="the run config as one JSON object (how the workflow passes it)")
     train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, summary")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     train.add_argument("--stop-after", type=int, default=None,
                        help="checkpoint and exit after this many optimizer steps (for resumption tests)")
     train.set_defaults(func=_cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on one split",
-                                   description="Perplexity and load metrics of a finished run, as JSON.")
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on one or more splits",
+                                   description="Perplexity and load metrics of a finished run, one JSON per split, "
+                                               "from a single load of the model.")
     evaluate.add_argument("--run", type=Path, required=True, help="run directory written by `train`")
-    evaluate.add_argument("--split", choices=("train", "validation", "test"), required=True, help="split to evaluate")
-    evaluate.add_argument("--out", type=Path, required=True, help="output JSON file")
-    evaluate.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: eval.batch_size)")
+    evaluate.add_argument("--split", choices=("train", "validation", "test"), nargs="+", required=True,
+                          help="split(s) to evaluate")
+    evaluate.add_argument("--out", type=Path, nargs="+", required=True,
+                          help="output JSON file(s), one per --split, in the same order")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                           help="device (default: the run's train.device; auto = CUDA when available)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    baselines = commands.add_parser(
+        "baselines", help="unigram and interpolated bigram reference models on the token shards",
+        description="Count an add-k unigram and an interpolated bigram model on SHARDS/train, tune k and the "
+                    "interpolation weight on SHARDS/validation, and write their validation and test token and "
+                    "word perplexity as JSON (see gtmoe/baselines.py).")
+    baselines.add_argument("--shards", type=Path, required=True,
+                           help="shard root holding train/, validation/ and test/ (e.g. results/data/shards)")
+    baselines.add_argument("--out", type=Path, required=True, help="output JSON file (e.g. results/baselines/ngram.json)")
+    baselines.set_defaults(func=_cmd_baselines)
 
     listing = commands.add_parser("routers", help="list the registered routers and their default options")
     listing.set_defaults(func=_cmd_routers)

@@ -199,7 +199,7 @@ class TrainStep:
         self.tcfg = TrainConfig(seed=args.seed, batch_size=args.tokens // args.seq_len)
         if model is None:
             torch.manual_seed(args.seed)  # every variant starts from the same initialisation where shapes agree
-            model = MoETransformer(model_config(args), RouterConfig.from_mapping({"name": name})).to(device)
+            model = MoETransformer(model_config(args), RouterConfig.from_mapping({"name": name}).for_horizon(self.tcfg.max_steps)).to(device)
         self.model = model.train()
         # dynamic=False: compiled like the one model of a training process. Variants share the forward's code
         # object, and automatic dynamic would otherwise turn their differing router options into graph inputs.

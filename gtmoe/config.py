@@ -8,6 +8,7 @@ only that file. Every error names the dotted key and the offending value.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,13 @@ class RouterConfig:
         options.validate(prefix)
         return options
 
+    def for_horizon(self, max_steps: int) -> "RouterConfig":
+        """Resolve options that depend on the run's length (e.g. the loss-free bias rate) to numbers, so the
+        run config records what the run used; returns self."""
+        self.options.update(self.resolve().at_horizon(max_steps))
+        self.resolve()
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self.resolve())}
 
@@ -142,13 +150,19 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 32
+    # Blocks evaluated per split (0 = all): evenly spaced over the split, the same for every run.
+    # Routing groups are always the training micro-batch (train.batch_size blocks).
+    max_blocks: dict[str, int] = field(default_factory=lambda: {"validation": 0, "test": 0})
     # Router saturation needs a second forward pass (the intermediate checkpoint); it is
-    # estimated on the split's first `saturation_blocks` blocks (0 = the whole split).
+    # estimated on the first `saturation_blocks` evaluated blocks (0 = all of them).
     saturation_blocks: int = 512
 
     def validate(self, prefix: str = "eval") -> None:
-        check(self.batch_size > 0, f"{prefix}.batch_size", self.batch_size, "must be > 0")
+        for split, blocks in self.max_blocks.items():
+            check(split in ("train", "validation", "test"), f"{prefix}.max_blocks", split,
+                  "keys must be splits: train, validation, test")
+            check(isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 0,
+                  f"{prefix}.max_blocks.{split}", blocks, "must be an integer >= 0 (0 = the whole split)")
         check(self.saturation_blocks >= 0, f"{prefix}.saturation_blocks", self.saturation_blocks, "must be >= 0")
 
 
@@ -164,8 +178,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         check(bool(self.variant) and isinstance(self.variant, str), "variant", self.variant, "must be a non-empty name")
         self.model.validate()
-        self.router.resolve()
         self.train.validate()
+        self.router.for_horizon(self.train.max_steps)
         self.data.validate()
         self.eval.validate()
         return self
@@ -227,6 +241,15 @@ def load_run_config(path: str | Path) -> RunConfig:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"run config {path} does not exist") from None
+    return from_dict(RunConfig, raw, "").validate()
+
+
+def parse_run_config(text: str, origin: str) -> RunConfig:
+    """Validate a run config given as JSON text (`origin` names where it came from, for the error)."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{origin} is not valid JSON ({exc})") from None
     return from_dict(RunConfig, raw, "").validate()
 
 

@@ -1,10 +1,10 @@
-"""WikiText-2 data pipeline: corpus -> byte-level BPE tokenizer -> Arrow IPC token shards -> batches.
+"""WikiText data pipeline: corpus -> byte-level BPE tokenizer -> Arrow IPC token shards -> batches.
 
 Three stages, each a ``python -m gtmoe prepare ...`` subcommand whose outputs are written atomically
 (temp name, then ``os.replace``), so an interrupted run never leaves a file that looks complete:
 
-- ``corpus``: the three splits, from the verified local copy or the Hugging Face hub, as
-  ``{split}.txt`` plus ``corpus.json`` (counts and checksums).
+- ``corpus``: the three splits of WikiText-2 or WikiText-103 (:data:`CORPORA`), from the verified
+  local copy or the Hugging Face hub, as ``{split}.txt`` plus ``corpus.json`` (counts and checksums).
 - ``tokenizer``: a byte-level BPE trained on the train split only, saved as ``tokenizer.json``.
 - ``shards``: one split encoded into a contiguous token stream, cut into fixed-length blocks in
   Arrow IPC files plus ``manifest.json``; :class:`TokenBlocks` reads them memory-mapped.
@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,61 @@ LOCAL_SHA256 = {
     "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
 }
 
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """One WikiText release (the tokenized "-v1" files): where it comes from and what it must contain.
+
+    ``checksums`` maps split -> (hashlib algorithm, published hex digest) of the original local file;
+    ``lines`` and ``words`` (:func:`count_words`) are the published sizes, which hold for both sources.
+    """
+
+    name: str
+    hub_config: str
+    local_files: dict[str, str]
+    checksums: dict[str, tuple[str, str]]
+    checksums_from: str
+    lines: dict[str, int]
+    words: dict[str, int]
+
+
+CORPORA = {
+    "wikitext-2": CorpusSpec(
+        name="wikitext-2",
+        hub_config=HUB_CONFIG,
+        local_files=LOCAL_FILES,
+        checksums={split: ("sha256", digest) for split, digest in LOCAL_SHA256.items()},
+        checksums_from="../shared/data/SOURCES.md",
+        lines={"train": 36_718, "validation": 3_760, "test": 4_358},
+        words={"train": 2_088_628, "validation": 217_646, "test": 245_569},
+    ),
+    # No per-file sha256 of WikiText-103 is published anywhere we could find (the `datasets`
+    # dataset_infos.json has only the zip's: 242ba0f2...539590). GluonNLP publishes per-file SHA-1
+    # (dmlc/gluon-nlp src/gluonnlp/data/corpora/wikitext.py); its WikiText-2 SHA-1s match the files
+    # whose sha256 SOURCES.md lists, so we verify those. corpus.json records the sha256 we compute.
+    # Counts: Merity et al. 2016, Table 1 (words); lines = the hub's num_examples.
+    "wikitext-103": CorpusSpec(
+        name="wikitext-103",
+        hub_config="wikitext-103-v1",
+        local_files=LOCAL_FILES,
+        checksums={
+            "train": ("sha1", "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211"),
+            "validation": ("sha1", "c326ac59dc587676d58c422eb8a03e119582f92b"),
+            "test": ("sha1", "8a5befc548865cec54ed4273cf87dbbad60d1e47"),
+        },
+        checksums_from="GluonNLP (dmlc/gluon-nlp, src/gluonnlp/data/corpora/wikitext.py)",
+        lines={"train": 1_801_350, "validation": 3_760, "test": 4_358},
+        words={"train": 103_227_021, "validation": 217_646, "test": 245_569},
+    ),
+}
+DEFAULT_CORPUS = "wikitext-2"
+
 UNK, EOT = "<unk>", "<|endoftext|>"
 SPECIAL_TOKENS = (UNK, EOT)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte must stay encodable
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+_WRITE_LINES = 65536  # lines per slice when writing a split's text
+_ENCODE_LINES = 16384  # lines per tokenizer batch when encoding a split
 
 CORPUS_META = "corpus.json"
 MANIFEST = "manifest.json"
@@ -112,90 +164,122 @@ def _check_split(split: str) -> None:
 # --------------------------------------------------------------------------- corpus
 
 
-def _load_local(local_dir: Path, verify: bool) -> tuple[dict[str, list[str]], dict[str, str]]:
-    corpus, origins = {}, {}
+def corpus_spec(name: str) -> CorpusSpec:
+    """The :class:`CorpusSpec` called ``name`` (a key of :data:`CORPORA`)."""
+    try:
+        return CORPORA[name]
+    except KeyError:
+        raise DataError(f"unknown corpus {name!r}; expected one of {', '.join(CORPORA)}") from None
+
+
+def _load_local(local_dir: Path, verify: bool, spec: CorpusSpec) -> tuple[dict, dict, dict]:
+    corpus, origins, provenance = {}, {}, {}
     for split in SPLITS:
-        path = local_dir / LOCAL_FILES[split]
+        path = local_dir / spec.local_files[split]
         if not path.is_file():
             raise DataError(
-                f"{path} not found: {local_dir} must hold the WikiText-2 files "
-                f"{', '.join(LOCAL_FILES.values())} (see ../shared/data/SOURCES.md)"
+                f"{path} not found: {local_dir} must hold the {spec.name} files "
+                f"{', '.join(spec.local_files.values())} (see README, Data)"
             )
         data = path.read_bytes()
-        if verify and (actual := hashlib.sha256(data).hexdigest()) != LOCAL_SHA256[split]:
+        algorithm, published = spec.checksums[split]
+        if verify and (actual := hashlib.new(algorithm, data).hexdigest()) != published:
             raise DataError(
-                f"{path}: sha256 {actual} does not match the published {LOCAL_SHA256[split]} "
-                "(../shared/data/SOURCES.md); restore the original file, or pass --no-verify "
+                f"{path}: {algorithm} {actual} does not match the published {published} of {spec.name} "
+                f"({spec.checksums_from}); restore the original file, or pass --no-verify "
                 "(verify=False) to use a modified copy on purpose"
             )
+        # The original file's sha256, recorded in corpus.json (the written {split}.txt differs from it:
+        # blank lines " " become ""); for WikiText-103 it is the only sha256 there is.
+        provenance[split] = {"local_sha256": hashlib.sha256(data).hexdigest()}
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DataError(f"{path} is not UTF-8 text ({exc}); restore the original file") from exc
+        del data  # WikiText-103's train split is ~540 MB: hold the bytes and the text only briefly
         corpus[split] = [_as_hub_row(line) for line in _split_lines(text)]
         origins[split] = f"local:{path.resolve()}"
-    return corpus, origins
+    return corpus, origins, provenance
 
 
-def _load_hub() -> tuple[dict[str, list[str]], dict[str, str]]:
+def _load_hub(spec: CorpusSpec) -> tuple[dict, dict, dict]:
     import datasets  # slow to import and only needed on this path
 
     try:
-        dataset = datasets.load_dataset(HUB_ID, HUB_CONFIG)
+        dataset = datasets.load_dataset(HUB_ID, spec.hub_config)
     except Exception as exc:  # offline, DNS, auth, cache and not-found all surface as different types
-        raise DataError(f"could not load the hub dataset {HUB_ID} ({HUB_CONFIG}): {exc}") from exc
+        raise DataError(f"could not load the hub dataset {HUB_ID} ({spec.hub_config}): {exc}") from exc
     corpus, origins = {}, {}
     for split in SPLITS:
         try:
             rows = dataset[split]["text"]
         except KeyError as exc:
-            raise DataError(f"the hub dataset {HUB_ID} ({HUB_CONFIG}) has no {split!r} split") from exc
+            raise DataError(f"the hub dataset {HUB_ID} ({spec.hub_config}) has no {split!r} split") from exc
         corpus[split] = [_as_hub_row(row) for row in rows]
-        origins[split] = f"hub:{HUB_ID}/{HUB_CONFIG}:{split}"
-    return corpus, origins
+        origins[split] = f"hub:{HUB_ID}/{spec.hub_config}:{split}"
+    return corpus, origins, {split: {} for split in SPLITS}
 
 
 def _load_corpus_with_origins(
-    local_dir: str | Path | None, source: str, verify: bool
-) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Like :func:`load_corpus`, also returning where each split came from."""
+    local_dir: str | Path | None, source: str, verify: bool, corpus_name: str = DEFAULT_CORPUS
+) -> tuple[dict[str, list[str]], dict[str, str], dict[str, dict]]:
+    """Like :func:`load_corpus`, also returning where each split came from and the local file's sha256."""
     if source not in ("auto", "local", "hub"):
         raise ValueError(f"source must be 'auto', 'local' or 'hub', not {source!r}")
+    spec = corpus_spec(corpus_name)
     local = Path(local_dir) if local_dir is not None else None
-    has_local = local is not None and all((local / name).is_file() for name in LOCAL_FILES.values())
+    has_local = local is not None and all((local / name).is_file() for name in spec.local_files.values())
 
     if source == "local":
         if local is None:
-            raise DataError("source='local' needs a local directory (--local-dir) holding the WikiText-2 files")
-        corpus, origins = _load_local(local, verify)
+            raise DataError(f"source='local' needs a local directory (--local-dir) holding the {spec.name} files")
+        corpus, origins, provenance = _load_local(local, verify, spec)
     elif source == "auto" and has_local:
-        corpus, origins = _load_local(local, verify)
+        corpus, origins, provenance = _load_local(local, verify, spec)
     else:
         try:
-            corpus, origins = _load_hub()
+            corpus, origins, provenance = _load_hub(spec)
         except DataError as exc:
             if source == "hub":
                 raise
             tried = f"the local directory {local}" if local is not None else "no local directory (none given)"
             raise DataError(
-                f"no WikiText-2 source available: tried {tried} (needs {', '.join(LOCAL_FILES.values())}) "
-                f"and the hub dataset {HUB_ID} ({HUB_CONFIG}), which failed: {exc.__cause__ or exc}. "
-                "Point --local-dir at ../shared/data/wikitext-2 or make the hub reachable."
+                f"no {spec.name} source available: tried {tried} (needs {', '.join(spec.local_files.values())}) "
+                f"and the hub dataset {HUB_ID} ({spec.hub_config}), which failed: {exc.__cause__ or exc}. "
+                f"Point --local-dir at ../shared/data/{spec.name} or make the hub reachable."
             ) from exc
 
     for split in SPLITS:
         if not any(line.strip() for line in corpus[split]):
             raise DataError(f"split {split!r} from {origins[split]} is empty (no non-blank lines)")
-    return corpus, origins
+    return corpus, origins, provenance
 
 
-def load_corpus(local_dir: str | Path | None, source: str = "auto", *, verify: bool = True) -> dict[str, list[str]]:
-    """Load WikiText-2 as ``split -> lines``, each line without its newline (the rows the hub serves).
+def load_corpus(
+    local_dir: str | Path | None, source: str = "auto", *, verify: bool = True, corpus: str = DEFAULT_CORPUS
+) -> dict[str, list[str]]:
+    """Load a WikiText release (``corpus``, a key of :data:`CORPORA`) as ``split -> lines``.
 
-    ``source``: "auto" (local files when ``local_dir`` has all three, else the hub), "local" or "hub".
-    Local files are checked against the published sha256 unless ``verify=False``.
+    Each line comes without its newline (the rows the hub serves). ``source``: "auto" (local files
+    when ``local_dir`` has all three, else the hub), "local" or "hub". Local files are checked
+    against the published checksums unless ``verify=False``.
     """
-    return _load_corpus_with_origins(local_dir, source, verify)[0]
+    return _load_corpus_with_origins(local_dir, source, verify, corpus)[0]
+
+
+def check_published_counts(corpus: dict[str, Sequence[str]], spec: CorpusSpec, origins: dict[str, str]) -> None:
+    """Raise :class:`DataError` unless every split has the published line and word counts of ``spec``.
+
+    The local checksums already pin the files; this also covers the hub, which has none.
+    """
+    for split in SPLITS:
+        lines, words = len(corpus[split]), count_words(corpus[split])
+        if (lines, words) != (spec.lines[split], spec.words[split]):
+            raise DataError(
+                f"split {split!r} from {origins[split]} has {lines:,} lines / {words:,} words, but the published "
+                f"{spec.name} {split} split has {spec.lines[split]:,} / {spec.words[split]:,}; the source is "
+                "incomplete or a different release (pass --no-verify to use it anyway)"
+            )
 
 
 def count_words(lines: Sequence[str]) -> int:
@@ -203,11 +287,18 @@ def count_words(lines: Sequence[str]) -> int:
     return sum(len(line.split()) for line in lines) + len(lines)
 
 
-def write_corpus(corpus: dict[str, list[str]], out_dir: str | Path, *, sources: dict[str, str] | None = None) -> dict:
+def write_corpus(
+    corpus: dict[str, list[str]],
+    out_dir: str | Path,
+    *,
+    sources: dict[str, str] | None = None,
+    extra: dict[str, dict] | None = None,
+) -> dict:
     """Write ``{out_dir}/{split}.txt`` (one newline-terminated line per row) and ``corpus.json``.
 
-    ``corpus.json`` holds, per split, lines, words, bytes, sha256 of the written file and its source;
-    it is written last, so its presence marks a complete corpus. Returns its content.
+    ``corpus.json`` holds, per split, lines, words, bytes, sha256 of the written file, its source and
+    the fields of ``extra[split]``; it is written last, so its presence marks a complete corpus.
+    Returns its content.
     """
     out = Path(out_dir)
     (out / CORPUS_META).unlink(missing_ok=True)
@@ -218,14 +309,22 @@ def write_corpus(corpus: dict[str, list[str]], out_dir: str | Path, *, sources: 
             raise DataError(f"split {split!r} is missing or empty; nothing to write to {out / f'{split}.txt'}")
         if any("\n" in line for line in lines):
             raise ValueError(f"split {split!r}: lines must not contain newlines")
-        data = "".join(line + "\n" for line in lines).encode("utf-8")
-        _write_atomic(out / f"{split}.txt", data)
+        digest, n_bytes = hashlib.sha256(), 0
+        with _atomic_path(out / f"{split}.txt") as tmp:
+            with open(tmp, "wb") as f:
+                # In slices, so WikiText-103's ~540 MB train split is never one more string in memory.
+                for lo in range(0, len(lines), _WRITE_LINES):
+                    data = "".join(line + "\n" for line in lines[lo : lo + _WRITE_LINES]).encode("utf-8")
+                    f.write(data)
+                    digest.update(data)
+                    n_bytes += len(data)
         summary[split] = {
             "lines": len(lines),
             "words": count_words(lines),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": n_bytes,
+            "sha256": digest.hexdigest(),
             "source": (sources or {}).get(split, "unspecified"),
+            **(extra or {}).get(split, {}),
         }
     _write_json(out / CORPUS_META, summary)
     return summary
@@ -249,7 +348,9 @@ def read_corpus_split(corpus_dir: str | Path, split: str) -> list[str]:
         raise DataError(f"{path} not found; {rebuild}") from exc
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise DataError(f"{path} does not match its sha256 in {meta_path} (modified or partly written); {rebuild}")
-    return _split_lines(data.decode("utf-8"))
+    text = data.decode("utf-8")
+    del data  # never the bytes, the text and the lines of a large split at once
+    return _split_lines(text)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -324,19 +425,25 @@ def encode_split(tokenizer: Tokenizer, lines: Sequence[str]) -> np.ndarray:
     """Encode a split into one contiguous int32 token stream.
 
     Every line is encoded with its newline, and ``<|endoftext|>`` precedes each article title
-    except the first, so the model sees document boundaries.
+    except the first, so the model sees document boundaries. Lines are encoded in batches of
+    ``_ENCODE_LINES``, so memory beyond the result stays small (WikiText-103's train split is
+    ~120M tokens: a 0.5 GB int32 array, but ~4 GB as a Python list, more as Encoding objects).
     """
     eot_id = tokenizer.token_to_id(EOT)
     if eot_id is None:
         raise DataError(f"the tokenizer has no {EOT} token; rebuild it with `python -m gtmoe prepare tokenizer`")
-    encodings = tokenizer.encode_batch([line + "\n" for line in lines], add_special_tokens=False)
     starts = _article_starts(lines)
-    ids: list[int] = []
-    for i, encoding in enumerate(encodings):
-        if i in starts:
-            ids.append(eot_id)
-        ids.extend(encoding.ids)
-    return np.asarray(ids, dtype=np.int32)
+    pieces: list[np.ndarray] = []
+    for lo in range(0, len(lines), _ENCODE_LINES):
+        batch = [line + "\n" for line in lines[lo : lo + _ENCODE_LINES]]
+        ids: list[int] = []
+        # encode_batch_fast: the same ids as encode_batch, without computing character offsets.
+        for i, encoding in enumerate(tokenizer.encode_batch_fast(batch, add_special_tokens=False), start=lo):
+            if i in starts:
+                ids.append(eot_id)
+            ids.extend(encoding.ids)
+        pieces.append(np.asarray(ids, dtype=np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
 # --------------------------------------------------------------------------- shards
@@ -380,16 +487,18 @@ def write_shards(
 
     width = seq_len + 1
     n_blocks = -(-(n_tokens - 1) // seq_len)
-    padded = np.zeros(n_blocks * seq_len + 1, dtype=np.int32)
-    padded[:n_tokens] = tokens
-    blocks = np.lib.stride_tricks.sliding_window_view(padded, width)[::seq_len]  # a view, no copy
     n_valid = np.minimum(n_tokens - np.arange(n_blocks, dtype=np.int64) * seq_len, width).astype(np.int32)
 
     schema = _shard_schema(seq_len)
     shards = []
     for index, lo in enumerate(range(0, n_blocks, rows_per_shard)):
         hi = min(lo + rows_per_shard, n_blocks)
-        flat = pa.array(np.ascontiguousarray(blocks[lo:hi]).reshape(-1))
+        # This shard's tokens, zero-padded only where the stream ends (no padded copy of the whole split).
+        span = np.zeros((hi - lo) * seq_len + 1, dtype=np.int32)
+        piece = tokens[lo * seq_len : hi * seq_len + 1]
+        span[: len(piece)] = piece
+        blocks = np.lib.stride_tricks.sliding_window_view(span, width)[::seq_len]  # a view, no copy
+        flat = pa.array(np.ascontiguousarray(blocks).reshape(-1))
         batch = pa.record_batch(
             [pa.FixedSizeListArray.from_arrays(flat, width), pa.array(n_valid[lo:hi])], schema=schema
         )
@@ -520,8 +629,14 @@ class TokenBlocks:
 
 def _cmd_corpus(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    corpus, origins = _load_corpus_with_origins(args.local_dir, args.source, verify=not args.no_verify)
-    summary = write_corpus(corpus, args.out, sources=origins)
+    spec = corpus_spec(args.corpus)
+    corpus, origins, provenance = _load_corpus_with_origins(
+        args.local_dir, args.source, verify=not args.no_verify, corpus_name=spec.name
+    )
+    if not args.no_verify:
+        check_published_counts(corpus, spec, origins)
+    extra = {split: {"corpus": spec.name, **provenance[split]} for split in SPLITS}
+    summary = write_corpus(corpus, args.out, sources=origins, extra=extra)
     counts = ", ".join(f"{split} {s['lines']:,} lines / {s['words']:,} words" for split, s in summary.items())
     log.info("corpus: %s from %s -> %s in %.1fs", counts, origins["train"], args.out, time.perf_counter() - start)
 
@@ -563,7 +678,7 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
     prepare = subparsers.add_parser(
         "prepare",
         help="build the data artefacts: corpus, tokenizer, token shards",
-        description="Build the WikiText-2 data artefacts, one stage at a time.",
+        description="Build the WikiText data artefacts (WikiText-2 or WikiText-103), one stage at a time.",
     )
     stages = prepare.add_subparsers(dest="stage", required=True, metavar="{corpus,tokenizer,shards}")
 
@@ -571,8 +686,12 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
         "corpus", help="load and verify the three splits", description="Write {split}.txt and corpus.json."
     )
     corpus.add_argument(
+        "--corpus", choices=tuple(CORPORA), default=DEFAULT_CORPUS,
+        help=f"which WikiText release: its hub config and published checksums and counts (default {DEFAULT_CORPUS})",
+    )
+    corpus.add_argument(
         "--source", choices=("auto", "local", "hub"), default="auto",
-        help="where to read WikiText-2: 'local' files, the Hugging Face 'hub', or 'auto' "
+        help="where to read the corpus: 'local' files, the Hugging Face 'hub', or 'auto' "
              "(local when --local-dir holds all three files, else the hub; default)",
     )
     corpus.add_argument(
@@ -582,7 +701,7 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
     corpus.add_argument("--out", type=Path, required=True, help="output directory for {split}.txt and corpus.json")
     corpus.add_argument(
         "--no-verify", action="store_true",
-        help="skip the sha256 check of the local files against ../shared/data/SOURCES.md",
+        help="skip the checks against the published checksums (local files) and line / word counts (both sources)",
     )
     corpus.set_defaults(func=_cmd_corpus)
 

@@ -1,18 +1,28 @@
-"""Evaluation of a trained run on a split: perplexity and every load metric of SPEC §5.
+"""Evaluation of a trained run: perplexity and every load metric of SPEC §5, per split.
 
-Routing statistics are gathered per MoE layer over the whole split (padding
-positions excluded), turned into metrics by the pure functions of
-`gtmoe.metrics`, then averaged over layers; per-layer values are kept.
+One model load evaluates every requested split. Tokens are routed in groups
+of the training micro-batch's size (train.batch_size blocks), so capacity,
+expert choice's look-ahead and MaxVio_batch mean what they meant in training;
+padding never takes capacity. A split is evaluated whole, or on
+`eval.max_blocks` evenly spaced blocks, identical for every run (the JSON
+records how many, and their sha256); a subset's word count is then its share
+of the split's words in proportion to its tokens. Routing statistics are
+gathered per MoE layer on the device, turned into metrics by the pure
+functions of `gtmoe.metrics`, then averaged over layers; per-layer values are
+kept.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from gtmoe import metrics
 from gtmoe.config import load_run_config
@@ -21,52 +31,95 @@ from gtmoe.model import IGNORE_INDEX, MoETransformer
 from gtmoe.train import (CHECKPOINT, SATURATION_CHECKPOINT, RunError, autocast_context, build_model,
                          load_checkpoint, peak_memory_mb, resolve_device)
 
+FLIP_RATE_PREFIX = "flip_rate_"
+EVAL_ORDER_SEED = 0  # fixed: every run evaluates the same blocks in the same groups
 LOAD_METRICS = ("gini", "load_entropy", "cv", "maxvio_global", "maxvio_batch", "dead_experts", "drop_rate",
                 "token_expert_mi")
 
 
 class LayerStats:
-    """Routing counts of one MoE layer accumulated over evaluation batches (on the host)."""
+    """Routing statistics of one MoE layer, accumulated over evaluation groups on the device.
 
-    def __init__(self, n_experts: int, vocab_size: int):
+    Everything stays a device tensor until `summary()`, so a batch costs no host
+    sync and no per-batch allocation of the (vocab x experts) count matrix.
+    """
+
+    def __init__(self, n_experts: int, vocab_size: int, device: torch.device):
         self.n_experts = n_experts
-        self.counts = np.zeros(n_experts, dtype=np.int64)
-        self.joint = np.zeros((vocab_size, n_experts), dtype=np.int64)  # token id x expert
-        self.batch_maxvio: list[float] = []
-        self.tokens = 0
-        self.tokens_without_expert = 0
+        zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
+        self.counts = zeros(n_experts + 1)  # last slot: dropped assignments and padding
+        self.joint = zeros(vocab_size * (n_experts + 1))  # flattened (token id, expert) counts
+        self.tokens = zeros(())
+        self.tokens_without_expert = zeros(())
+        self.batch_maxvio_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.batches = zeros(())
+        self.flipped: dict[str, Tensor] = {}  # selection term -> tokens whose top-k set it changed
 
-    def add(self, routing, token_ids: torch.Tensor, valid: torch.Tensor) -> None:
+    def add(self, routing, token_ids: Tensor, valid: Tensor) -> None:
         n_experts = self.n_experts
         kept = (routing.expert < n_experts) & valid[routing.token]
-        expert = torch.where(kept, routing.expert, n_experts)  # invalid -> overflow column
-        counts = torch.zeros(n_experts + 1, dtype=torch.long, device=expert.device).scatter_add_(
-            0, expert, torch.ones_like(expert))[:n_experts].cpu().numpy()
-        self.counts += counts
-        if counts.sum() > 0:
-            self.batch_maxvio.append(metrics.max_violation(counts))
-        joint = torch.zeros((self.joint.shape[0], n_experts + 1), dtype=torch.long, device=expert.device)
-        joint.index_put_((token_ids[routing.token], expert), torch.ones_like(expert), accumulate=True)
-        self.joint += joint[:, :n_experts].cpu().numpy()
-        per_token = torch.zeros(valid.numel(), dtype=torch.long, device=expert.device).scatter_add_(
-            0, routing.token, kept.long())
-        self.tokens += int(valid.sum())
-        self.tokens_without_expert += int(((per_token == 0) & valid).sum())
+        expert = torch.where(kept, routing.expert, n_experts)  # dropped or padding -> the overflow slot
+        counts = torch.zeros_like(self.counts).index_add_(0, expert, torch.ones_like(expert))[:n_experts]
+        self.counts[:n_experts] += counts
+        mean = counts.double().mean()
+        self.batch_maxvio_sum += torch.where(mean > 0, counts.max() / mean - 1, 0.0)
+        self.batches += (mean > 0).long()
+        self.joint.index_add_(0, token_ids[routing.token] * (n_experts + 1) + expert, torch.ones_like(expert))
+        per_token = torch.zeros_like(valid, dtype=torch.long).index_add_(0, routing.token, kept.long())
+        n_valid = valid.sum()
+        self.tokens += n_valid
+        self.tokens_without_expert += ((per_token == 0) & valid).sum()
+        for key, rate in routing.metrics.items():
+            if key.startswith(FLIP_RATE_PREFIX):  # a rate over the group's valid tokens: back to a count
+                self.flipped[key] = self.flipped.get(key, 0) + rate.double() * n_valid
 
     def summary(self, layer: int) -> dict:
-        load = metrics.load_metrics(self.counts)
+        counts = self.counts[: self.n_experts].cpu().numpy()
+        joint = self.joint.view(-1, self.n_experts + 1)[:, : self.n_experts].cpu().numpy()
+        load = metrics.load_metrics(counts)
+        tokens, batches = int(self.tokens), int(self.batches)
         return {
             "layer": layer,
-            "load": self.counts.tolist(),
+            "load": counts.tolist(),
             "gini": load["gini"],
             "load_entropy": load["load_entropy"],
             "cv": load["cv"],
             "maxvio_global": load["maxvio"],
-            "maxvio_batch": float(np.mean(self.batch_maxvio)) if self.batch_maxvio else float("nan"),
+            "maxvio_batch": float(self.batch_maxvio_sum) / batches if batches else float("nan"),
             "dead_experts": load["dead_experts"],
-            "drop_rate": self.tokens_without_expert / max(self.tokens, 1),
-            "token_expert_mi": metrics.token_expert_mutual_information(self.joint),
+            "drop_rate": int(self.tokens_without_expert) / max(tokens, 1),
+            "token_expert_mi": metrics.token_expert_mutual_information(joint),
+            **{key: float(flipped) / max(tokens, 1) for key, flipped in self.flipped.items()},
         }
+
+
+class SaturationStats:
+    """OLMoE router saturation of one layer: sum over valid tokens of |TopK_early ∩ TopK_final| / k."""
+
+    def __init__(self, device: torch.device):
+        self.overlap = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, early: Tensor, final: Tensor, valid: Tensor) -> None:
+        overlap = (early.unsqueeze(-1) == final.unsqueeze(-2)).any(dim=-1).sum(dim=-1) / early.shape[-1]
+        self.overlap += (overlap * valid).sum()
+        self.tokens += valid.sum()
+
+    def value(self) -> float | None:
+        tokens = int(self.tokens)
+        return float(self.overlap) / tokens if tokens else None
+
+
+def evaluation_blocks(n_blocks: int, max_blocks: int) -> np.ndarray:
+    """The blocks every run evaluates, in evaluation order; the same for every variant and seed.
+
+    `max_blocks` evenly spaced blocks (0: all of them), then shuffled with a fixed seed, so that a
+    routing group is a random sample of the split, as a training micro-batch is of the train split.
+    """
+    chosen = np.arange(n_blocks)
+    if 0 < max_blocks < n_blocks:
+        chosen = np.unique(np.linspace(0, n_blocks - 1, max_blocks).round().astype(np.int64))
+    return np.random.default_rng(EVAL_ORDER_SEED).permutation(chosen)
 
 
 def _load_model(cfg, path: Path, device: torch.device) -> MoETransformer:
@@ -76,7 +129,18 @@ def _load_model(cfg, path: Path, device: torch.device) -> MoETransformer:
 
 
 @torch.no_grad()
-def evaluate(run_dir: str | Path, split: str, *, batch_size: int | None = None, device: str | None = None) -> dict:
+def evaluate(run_dir: str | Path, split: str, *, device: str | None = None) -> dict:
+    """Every metric of one split (see `evaluate_splits`)."""
+    return evaluate_splits(run_dir, [split], device=device)[split]
+
+
+@torch.no_grad()
+def evaluate_splits(run_dir: str | Path, splits: list[str], *, device: str | None = None) -> dict[str, dict]:
+    """Perplexity and load metrics of a finished run on each split, from a single load of the model.
+
+    Routing groups are the training micro-batch (train.batch_size blocks of seq_len tokens), so
+    capacities, expert choice's look-ahead and MaxVio_batch mean what they meant in training.
+    """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir / "config.yaml")
     if device:
@@ -93,55 +157,64 @@ def evaluate(run_dir: str | Path, split: str, *, batch_size: int | None = None, 
     early = None
     if (run_dir / SATURATION_CHECKPOINT).exists() and model.moe_layers:
         early = _load_model(cfg, run_dir / SATURATION_CHECKPOINT, dev)
+    return {split: _evaluate_split(cfg, model, early, split, dev, checkpoint["step"]) for split in splits}
 
+
+def _evaluate_split(cfg, model: MoETransformer, early: MoETransformer | None, split: str, dev: torch.device,
+                    train_step: int) -> dict:
     data = TokenBlocks(Path(cfg.data.shards) / split)
-    batch_size = batch_size or cfg.eval.batch_size
-    stats = [LayerStats(cfg.model.n_experts, cfg.model.vocab_size) for _ in model.moe_layers]
-    # Per layer, (early, final) top-k choices of the same tokens, for router saturation.
-    choices: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in model.moe_layers]
-    nll_sum, n_tokens, forward_s = 0.0, 0, 0.0
+    group = cfg.train.batch_size
+    blocks = evaluation_blocks(len(data), cfg.eval.max_blocks.get(split, 0))
+    saturation_blocks = cfg.eval.saturation_blocks or len(blocks)
+    stats = [LayerStats(cfg.model.n_experts, cfg.model.vocab_size, dev) for _ in model.moe_layers]
+    saturation = [SaturationStats(dev) for _ in model.moe_layers]
+    nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    n_tokens = torch.zeros((), dtype=torch.long, device=dev)
 
-    for start in range(0, len(data), batch_size):
-        x, y = data.batch(np.arange(start, min(start + batch_size, len(data))))
+    t0 = time.perf_counter()
+    for start in range(0, len(blocks), group):
+        x, y = data.batch(blocks[start:start + group])
         x, y = x.to(dev), y.to(dev)
         valid = (y != IGNORE_INDEX).reshape(-1)
-        t0 = time.perf_counter()
         with autocast_context(dev):
             out = model(x, y)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        forward_s += time.perf_counter() - t0
-        nll_sum += float(out.token_loss.double().sum())
-        n_tokens += int(valid.sum())
+        nll_sum += out.token_loss.double().sum()
+        n_tokens += valid.sum()
         flat_ids = x.reshape(-1)
         for layer_stats, layer in zip(stats, model.moe_layers):
             layer_stats.add(layer.last_routing, flat_ids, valid)
-        if early is not None and (not cfg.eval.saturation_blocks or start < cfg.eval.saturation_blocks):
+        if early is not None and start < saturation_blocks:
             with autocast_context(dev):
-                early(x)
-            for (early_layer, final_layer), a, b in zip(choices, early.moe_layers, model.moe_layers):
+                early(x, y)
+            for layer_saturation, a, b in zip(saturation, early.moe_layers, model.moe_layers):
                 if a.last_routing.choice is not None:
-                    early_layer.append(a.last_routing.choice[valid].cpu().numpy())
-                    final_layer.append(b.last_routing.choice[valid].cpu().numpy())
+                    layer_saturation.add(a.last_routing.choice, b.last_routing.choice, valid)
+    per_layer = [s.summary(i) for i, s in enumerate(stats)]  # the host reads the totals once, here
+    wall_s = time.perf_counter() - t0
 
-    per_layer = [s.summary(i) for i, s in enumerate(stats)]
-    saturation = [metrics.router_saturation(np.concatenate(e), np.concatenate(f)) for e, f in choices if e]
+    nll_sum, n_tokens = float(nll_sum), int(n_tokens)
+    words = data.n_words * n_tokens / max(data.n_tokens - 1, 1) if len(blocks) < len(data) else data.n_words
+    saturation_values = [v for v in (s.value() for s in saturation) if v is not None]
     n_params, n_active = model.parameter_counts()
     result = {
         "variant": cfg.variant, "seed": cfg.train.seed, "split": split, "router": cfg.router.name, "status": "ok",
-        "ppl": metrics.perplexity(nll_sum, n_tokens), "word_ppl": metrics.perplexity(nll_sum, data.n_words),
-        "nll": nll_sum / max(n_tokens, 1), "tokens": n_tokens, "words": data.n_words,
+        "ppl": metrics.perplexity(nll_sum, n_tokens), "word_ppl": metrics.perplexity(nll_sum, words),
+        "nll": nll_sum / max(n_tokens, 1), "tokens": n_tokens, "words": words,
     }
-    for name in LOAD_METRICS:
-        values = [layer[name] for layer in per_layer]
-        result[name] = float(np.mean(values)) if values else None
+    layer_metrics = [name for name in per_layer[0] if name not in ("layer", "load")] if per_layer else LOAD_METRICS
+    for name in layer_metrics:
+        result[name] = float(np.mean([layer[name] for layer in per_layer])) if per_layer else None
     result.update({
-        "router_saturation": float(np.mean(saturation)) if saturation else None,
+        "router_saturation": float(np.mean(saturation_values)) if saturation_values else None,
         "n_params": n_params, "n_active_params": n_active,
-        "tokens_per_s": n_tokens / forward_s if forward_s > 0 else None, "wall_s": forward_s,
+        "tokens_per_s": n_tokens / wall_s if wall_s > 0 else None, "wall_s": wall_s,
         "peak_mem_mb": peak_memory_mb(dev), "device": str(dev),
         "n_experts": cfg.model.n_experts if model.moe_layers else 0, "top_k": cfg.model.top_k,
-        "train_step": checkpoint["step"], "per_layer": per_layer,
+        "train_step": train_step,
+        # How the split was evaluated: routing-group size, and which blocks (identical for every run).
+        "group_tokens": group * data.seq_len, "eval_blocks": int(len(blocks)), "split_blocks": len(data),
+        "eval_blocks_sha256": hashlib.sha256(np.sort(blocks).tobytes()).hexdigest(),
+        "per_layer": per_layer,
     })
     return _finite_or_none(result)
 

@@ -66,9 +66,9 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x)))
-        return x + self.drop(self.ffn(self.ffn_norm(x)))
+        return x + self.drop(self.ffn(self.ffn_norm(x), valid))
 
 
 @dataclass
@@ -77,7 +77,7 @@ class LMOutput:
     loss: Tensor | None  # mean token cross-entropy over non-ignored targets
     token_loss: Tensor | None  # (B*S,) per-token cross-entropy (0 at ignored targets)
     router_loss: Tensor  # sum over MoE layers of the routers' weighted auxiliary losses
-    router_metrics: dict[str, Tensor]  # unweighted auxiliary terms, mean over MoE layers
+    router_metrics: dict[str, Tensor]  # unweighted auxiliary terms and flip rates, mean over MoE layers
 
 
 class MoETransformer(nn.Module):
@@ -121,8 +121,10 @@ class MoETransformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
         x = self.drop(x)
+        # Positions without a target are the padding of a split's last block: no routing capacity for them.
+        valid = None if targets is None else targets != IGNORE_INDEX
         for block in self.blocks:
-            x = block(x)
+            x = block(x, valid)
         logits = self.lm_head(self.norm(x))
 
         loss = token_loss = None

@@ -18,7 +18,8 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d_model, d_hidden, bias=False)
         self.w2 = nn.Linear(d_hidden, d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """`valid` is accepted for the FFN interface the MoE layer shares, and unused: no routing here."""
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -144,10 +145,11 @@ class MoELayer(nn.Module):
         self.n_experts = n_experts
         self.last_routing: Routing | None = None  # read by the model (losses) and the evaluator (loads)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """x (..., d_model); `valid` (x.shape[:-1]) marks real tokens, so padding never takes capacity."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        routing = self.router(flat)
+        routing = self.router(flat, None if valid is None else valid.reshape(-1))
         self.last_routing = routing
 
         order = torch.argsort(routing.expert, stable=True)

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gtmoe import routers
 from gtmoe.config import ConfigError, RunConfig, check, from_dict
 
+STILL_LEARNING_SLOPE = 1.0  # default of config.yaml findings.still_learning_slope
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Workflow rule names a variant's target rule must not shadow.
-RESERVED_NAMES = {"all", "corpus", "tokenizer", "shards", "run_config", "train", "evaluate", "aggregate",
-                  "statistics", "figures", "ablations", "runs"}
+RESERVED_NAMES = {"all", "corpus", "tokenizer", "shards", "ngram_baselines", "train", "evaluate", "aggregate",
+                  "statistics", "figures", "ablations", "runs", "ngram_baselines", "findings", "compute"}
+# config.yaml `statistics` defaults: the declared primary endpoints, test level and power of the MDD.
+STATISTICS_DEFAULTS = {"primary": ["ppl", "gini", "maxvio_global"], "alpha": 0.05, "power": 0.8}
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Study:
     reference: str
     ablation_base: str | None
     ablations: list[str]
+    statistics: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(STATISTICS_DEFAULTS))
 
     @classmethod
     def from_config(cls, config: dict[str, Any], shards_dir: str = "results/data/shards") -> "Study":
@@ -71,8 +75,17 @@ class Study:
         for name in members:
             check(name in variants, "ablation.variants", name, f"must be one of the variants: {', '.join(variants)}")
 
-        study = cls(config, variants, list(seeds), reference, base, members)
+        findings = config.get("findings") or {}
+        slope = findings.get("still_learning_slope", STILL_LEARNING_SLOPE)
+        check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope > 0,
+              "findings.still_learning_slope", slope, "must be a number > 0 (nats per 1000 steps)")
+
+        study = cls(config, variants, list(seeds), reference, base, members, statistics_settings(config))
         data = config.get("data", {})
+        from gtmoe.data import CORPORA, DEFAULT_CORPUS
+
+        corpus = data.get("corpus", DEFAULT_CORPUS)
+        check(corpus in CORPORA, "data.corpus", corpus, f"must be one of {', '.join(CORPORA)}")
         seq_len = data.get("seq_len")
         for name in variants:  # validate every run config before any job starts
             cfg = study.run_config(name, seeds[0], shards_dir)
@@ -85,6 +98,11 @@ class Study:
     @property
     def variant_names(self) -> list[str]:
         return list(self.variants)
+
+    @property
+    def still_learning_slope(self) -> float:
+        """Final training-loss slope (nats per 1000 steps) above which the findings flag "still learning"."""
+        return float((self.raw.get("findings") or {}).get("still_learning_slope", STILL_LEARNING_SLOPE))
 
     def run_config(self, variant: str, seed: int, shards_dir: str) -> RunConfig:
         raw = self.raw
@@ -103,6 +121,32 @@ class Study:
             raise ConfigError(f"variant '{variant}': {exc}") from None
 
 
+def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The `statistics` section with defaults filled in, checked: primary endpoints must be metrics
+    the evaluation writes, and 0 < alpha < power < 1."""
+    from gtmoe.evaluate import LOAD_METRICS  # lazily: only the metric names are needed
+
+    given = config.get("statistics") or {}
+    check(isinstance(given, dict), "statistics", given, "must be a mapping with primary, alpha, power")
+    for key in given:
+        check(key in STATISTICS_DEFAULTS, f"statistics.{key}", given[key],
+              f"unknown key; expected {', '.join(STATISTICS_DEFAULTS)}")
+    settings = {**copy.deepcopy(STATISTICS_DEFAULTS), **given}
+    known = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
+    primary = settings["primary"]
+    check(isinstance(primary, list), "statistics.primary", primary, "must be a list of metric names")
+    for metric in primary:
+        check(metric in known, "statistics.primary", metric, f"unknown metric; known: {', '.join(known)}")
+    check(len(set(primary)) == len(primary), "statistics.primary", primary, "metrics must be unique")
+    for key in ("alpha", "power"):
+        value = settings[key]
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1,
+              f"statistics.{key}", value, "must be a number strictly between 0 and 1")
+    check(settings["power"] > settings["alpha"], "statistics.power", settings["power"],
+          f"must exceed statistics.alpha = {settings['alpha']} (the power of a test at no difference)")
+    return settings
+
+
 def corpus_problem(data: dict[str, Any], workdir: str | Path = ".") -> str | None:
     """Why the configured corpus cannot be read, or None; cheap enough to run at parse time.
 
@@ -112,26 +156,29 @@ def corpus_problem(data: dict[str, Any], workdir: str | Path = ".") -> str | Non
     A split file that is empty or holds only blank lines is rejected here, naming it;
     the corpus job also checks every file's published sha256.
     """
-    from gtmoe.data import LOCAL_FILES
+    from gtmoe.data import CORPORA, DEFAULT_CORPUS
 
     source, local_dir = data.get("source", "auto"), data.get("local_dir")
+    spec = CORPORA.get(data.get("corpus", DEFAULT_CORPUS))
+    if spec is None:
+        return f"config key 'data.corpus' = {data.get('corpus')!r}: must be one of {', '.join(CORPORA)}"
     if source == "hub" or (source == "auto" and not local_dir):
         return None
     if not local_dir:
         return "config key 'data.local_dir' = None: data.source is 'local' but no directory is given"
     path = Path(workdir) / local_dir
-    missing = [name for name in LOCAL_FILES.values() if not (path / name).is_file()]
+    missing = [name for name in spec.local_files.values() if not (path / name).is_file()]
     if missing and source == "auto":
         return None
     if missing:
         return (f"config key 'data.local_dir' = {local_dir!r}: missing {', '.join(missing)} in {path.resolve()}; "
-                "set data.source: hub to download WikiText-2 from the Hugging Face hub instead")
-    for split, name in LOCAL_FILES.items():
+                f"set data.source: hub to download {spec.name} from the Hugging Face hub instead")
+    for split, name in spec.local_files.items():
         file = path / name
         if _only_blank_lines(file):
             return (f"config key 'data.local_dir' = {local_dir!r}: the {split} split {file.resolve()} is empty "
-                    f"({file.stat().st_size} bytes, no non-blank line); restore the original WikiText-2 file "
-                    "(sha256 in ../shared/data/SOURCES.md), or set data.source: hub to download it")
+                    f"({file.stat().st_size} bytes, no non-blank line); restore the original {spec.name} file "
+                    f"(checksums: {spec.checksums_from}), or set data.source: hub to download it")
     return None
 
 

@@ -479,10 +479,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
         progress.update(1)
 
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            # Router metrics: the auxiliary loss terms, and flip rates of routers with selection terms.
+            router_means = {key: value / tcfg.grad_accum for key, value in aux_sums.items()}
             trainlog.pending.append((step, {
                 "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "aux_loss": aux_sums.get("aux_loss", torch.tensor(float("nan"))) / tcfg.grad_accum,
-                "z_loss": aux_sums.get("z_loss", torch.tensor(float("nan"))) / tcfg.grad_accum,
+                "aux_loss": float("nan"), "z_loss": float("nan"), **router_means,
             }))
             now = time.perf_counter()
             trainlog.flush()

@@ -38,4 +38,4 @@ def tiny_run(shards, router: str = "topk", seed: int = 0, **train) -> RunConfig:
     values.update(train)
     return RunConfig(variant=router, model=tiny_model(), router=RouterConfig.from_mapping({"name": router}),
                      train=TrainConfig(**values), data=DataConfig(shards=str(shards)),
-                     eval=EvalConfig(batch_size=8)).validate()
+                     eval=EvalConfig()).validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,6 +35,22 @@ def study(tmp_path_factory) -> dict:
     return dict(root=root, dirs=dirs, tidy=collect.usable(tidy), status=status, router_log=router_log)
 
 
+NGRAM = {"unigram": {"params": {"k": 1.0},
+                     "validation": {"ppl": 739.0, "word_ppl": 10_866.0, "nll": 6.6, "tokens": 100, "words": 70},
+                     "test": {"ppl": 711.6, "word_ppl": 10_259.0, "nll": 6.57, "tokens": 120, "words": 80}},
+          "bigram": {"params": {"lambda": 0.89, "k": 1.0},
+                     "validation": {"ppl": 95.1, "word_ppl": 607.5, "nll": 4.56, "tokens": 100, "words": 70},
+                     "test": {"ppl": 104.0, "word_ppl": 554.1, "nll": 4.49, "tokens": 120, "words": 80}}}
+
+
+@pytest.fixture(scope="module")
+def ngram_json(tmp_path_factory) -> Path:
+    """An n-gram baseline file: the bigram within the synthetic PPL range (100-110), the unigram far above."""
+    path = tmp_path_factory.mktemp("baselines") / "ngram.json"
+    path.write_text(json.dumps({"models": NGRAM, "vocab_size": 4096, "shards": "results/data/shards"}))
+    return path
+
+
 def comparisons(tidy: pd.DataFrame, pairs) -> pd.DataFrame:
     return stats.paired_comparisons(tidy, pairs, stats.COMPARISON_METRICS, "test")
 
@@ -57,6 +74,29 @@ DRAWERS = {
 def test_every_figure_writes_a_png(study, tmp_path, name):
     path = DRAWERS[name](study, tmp_path / f"{name}.png")
     assert path == tmp_path / f"{name}.png" and is_png(path)
+
+
+def test_perplexity_and_pareto_draw_the_ngram_baselines(study, ngram_json, tmp_path, monkeypatch):
+    baselines = collect.read_baselines(ngram_json)
+    drawn = []
+    original = figures._baseline_lines
+
+    def spy(ax, frame, metric, split):
+        original(ax, frame, metric, split)
+        lines = [(line.get_label(), line.get_ydata()[0]) for line in ax.get_lines() if "baseline" in line.get_label()]
+        notes = [text.get_text() for text in ax.texts if text.get_text().startswith("off scale")]
+        drawn.append((metric, lines, notes))
+
+    monkeypatch.setattr(figures, "_baseline_lines", spy)
+    assert is_png(figures.plot_perplexity(study["tidy"], tmp_path / "ppl.png", baselines=baselines))
+    assert is_png(figures.plot_pareto(study["tidy"], tmp_path / "pareto.png", baselines=baselines))
+    token_ppl, word_ppl, pareto = drawn
+    # The bigram (test PPL 104) lies among the variants (100-110): a labelled horizontal line. The
+    # unigram (712) would squash them into a strip: named as off scale instead.
+    for metric, lines, notes in (token_ppl, pareto):
+        assert metric == "ppl" and lines == [("bigram baseline (104)", 104.0)]
+        assert notes == ["off scale: unigram baseline 711.6 (above)"]
+    assert word_ppl[0] == "word_ppl" and {label.split()[0] for label, _ in word_ppl[1]} <= {"unigram", "bigram"}
 
 
 def test_figures_without_routed_or_rdesi_runs_do_not_crash(study, tmp_path):
@@ -121,7 +161,7 @@ def test_cli_help(command, capsys):
         assert option in text
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, ngram_json):
     runs = tmp_path / "results" / "runs"
     variants = ["dense", "topk", "rdesi", "rdesi_no_bonus"]
     dirs = [write_run(runs, v, s) for v in variants for s in (0, 1)]
@@ -141,19 +181,42 @@ def test_cli_end_to_end(tmp_path):
     assert "topk/seed2: failed" in result.stderr
 
     result = run_cli("stats", "--table", str(table), "--reference", "topk", "--split", "test",
-                     "--out-dir", str(summary))
+                     "--primary", "ppl", "cv", "--metrics", "ppl", "gini", "--alpha", "0.05", "--power", "0.9",
+                     "--baselines", str(ngram_json), "--out-dir", str(summary))
     assert result.returncode == 0, result.stderr
     for name in TABLE_FILES:
         assert (summary / f"{name}.csv").is_file() and (summary / f"{name}.html").is_file()
     ablations = pd.read_csv(summary / "ablations.csv")
     assert set(ablations.variant_b) == {"rdesi_no_bonus"} and (ablations.n == 2).all()
     compared = pd.read_csv(summary / "comparisons.csv")
+    assert list(compared.columns) == stats.COMPARISON_COLUMNS
     assert (compared.loc[compared.variant_b == "rdesi", "n"] == 2).all()  # seed 2 failed for topk
-    assert compared.p_wilcoxon.isna().all() and (compared.note.fillna("") != "").all()  # n < 5
-    assert "n/a" in (summary / "comparisons.html").read_text()
+    assert compared.p_wilcoxon.isna().all() and (compared.note.fillna("") != "").all()  # n < 6
+    # cv is a primary endpoint not in --metrics: compared too; gini is exploratory here.
+    endpoints = dict(zip(compared.metric, compared.endpoint))
+    assert endpoints == {"ppl": "primary", "gini": "exploratory", "cv": "primary"}
+    assert set(compared.family) == {"ppl/test", "gini/test", "cv/test"}
+    rdesi_ppl = compared[(compared.variant_b == "rdesi") & (compared.metric == "ppl")].iloc[0]
+    diffs = (pd.read_parquet(table).query("split == 'test' and metric == 'ppl' and layer == 'all' "
+                                          "and run_status == 'ok' and variant in ['topk', 'rdesi']")
+             .pivot(index="seed", columns="variant", values="value").dropna())
+    sd = (diffs["rdesi"] - diffs["topk"]).std(ddof=1)
+    assert rdesi_ppl.mdd == pytest.approx(stats.minimum_detectable_difference(sd, 2, 0.05, 0.9))
+    page = (summary / "comparisons.html").read_text()
+    assert "n/a" in page and "MDD (90% power)" in page and 'class="exploratory"' in page
+    assert "Holm-adjusted within its family" in page
+    summary_csv = pd.read_csv(summary / "summary.csv")
+    reference_rows = summary_csv[summary_csv.kind == "reference baseline"]
+    assert set(reference_rows.variant) == {"unigram", "bigram"} and set(reference_rows.metric) == {"ppl", "word_ppl"}
+    assert reference_rows.query("variant == 'bigram' and split == 'test' and metric == 'ppl'")["mean"].item() == 104.0
+    page = (summary / "summary.html").read_text()
+    assert "bigram (reference baseline)" in page and 'class="reference"' in page
+
+    bad = run_cli("stats", "--table", str(table), "--alpha", "0.5", "--power", "0.4", "--out-dir", str(tmp_path))
+    assert bad.returncode == 2 and "--power 0.4 must exceed --alpha 0.5" in bad.stderr
 
     result = run_cli("figures", "--table", str(table), "--run-dirs", *map(str, dirs),
-                     "--out-dir", str(figures_dir))
+                     "--baselines", str(ngram_json), "--out-dir", str(figures_dir))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in figures_dir.iterdir()) == sorted(FIGURE_FILES)
     assert all(is_png(figures_dir / name) for name in FIGURE_FILES)

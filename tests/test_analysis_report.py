@@ -19,7 +19,8 @@ from browser import find_chromium, screenshot  # noqa: E402
 from analysis.__main__ import FIGURE_FILES, TABLE_FILES  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "workflow" / "report"
-CAPTIONS = ["workflow", "run_status", *TABLE_FILES, *(Path(name).stem for name in FIGURE_FILES)]
+CAPTIONS = ["workflow", "run_status", "findings", "compute", *TABLE_FILES,
+            *(Path(name).stem for name in FIGURE_FILES)]
 
 
 def render(name: str) -> str:

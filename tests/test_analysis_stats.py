@@ -111,15 +111,18 @@ def test_paired_test_matches_scipy_and_sign_is_b_minus_a():
 
 
 def test_wilcoxon_with_ties_and_zero_differences():
-    d = np.array([0.0, 1.0, 1.0, -2.0, 3.0, 0.0, 2.0])
-    a = pd.Series(np.arange(7, dtype=float))
+    d = np.array([0.0, 1.0, 1.0, -2.0, 3.0, 0.0, 2.0, 4.0])
+    a = pd.Series(np.arange(8, dtype=float))
     result = stats.paired_test(a, a + d)
-    # zeros dropped; |d| ranks 1.5, 1.5, 3.5, 3.5, 5 → W− = 3.5 (the −2), W+ = 11.5
+    # zeros dropped; |d| ranks 1.5, 1.5, 3.5, 3.5, 5, 6 → W− = 3.5 (the −2), W+ = 17.5
     reference = sps.wilcoxon(d, zero_method="wilcox")
     assert reference.statistic == 3.5
     assert result["p_wilcoxon"] == pytest.approx(reference.pvalue)
     assert "dropped 2 zero" in result["note"]
     assert result["p_ttest"] == pytest.approx(sps.ttest_rel(a + d, a).pvalue)
+    # Seven pairs but only five non-zero differences: Wilcoxon could not reject, so it is left out.
+    fewer = stats.paired_test(a[:7], a[:7] + d[:7])
+    assert math.isnan(fewer["p_wilcoxon"]) and "5 non-zero differences" in fewer["note"]
 
 
 def test_all_zero_differences_are_explicit_not_a_crash():
@@ -132,18 +135,37 @@ def test_all_zero_differences_are_explicit_not_a_crash():
 
 
 def test_constant_nonzero_differences_give_no_t_test():
-    a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0])
+    a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     result = stats.paired_test(a, a + 2)
-    assert math.isnan(result["p_ttest"]) and math.isnan(result["hedges_g"])
-    assert result["p_wilcoxon"] == pytest.approx(0.0625)  # exact two-sided minimum at n = 5
+    assert math.isnan(result["p_ttest"]) and math.isnan(result["hedges_g"]) and math.isnan(result["mdd"])
+    assert result["p_wilcoxon"] == pytest.approx(2 / 2**6)  # exact two-sided minimum at n = 6
     assert "constant" in result["note"]
 
 
-def test_fewer_than_five_pairs_have_no_wilcoxon():
+def test_fewer_than_six_pairs_have_no_wilcoxon():
     a = pd.Series([1.0, 2.0, 3.0, 4.0])
     result = stats.paired_test(a, a + pd.Series([0.1, 0.3, 0.2, 0.5]))
-    assert math.isnan(result["p_wilcoxon"]) and "n<5" in result["note"]
+    assert math.isnan(result["p_wilcoxon"]) and "n<6" in result["note"]
     assert math.isfinite(result["p_ttest"]) and math.isfinite(result["hedges_g"])
+
+
+def test_wilcoxon_is_reported_only_where_it_can_reject():
+    """n = 5: all five differences positive, the most extreme data there is, still gives the exact
+    two-sided p = 2/32 = 0.0625 > 0.05, so the test is left out; at n = 6 it is reported and rejects."""
+    assert stats.MIN_WILCOXON_N == 6 == stats.wilcoxon_min_n(0.05)
+    assert sps.wilcoxon([1.0, 2.0, 3.0, 4.0, 5.0]).pvalue == pytest.approx(0.0625)
+    five = pd.Series(np.arange(5.0))
+    result = stats.paired_test(five, five + [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert math.isnan(result["p_wilcoxon"]) and "n<6: no Wilcoxon" in result["note"]
+    six = pd.Series(np.arange(6.0))
+    d = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.5])
+    result = stats.paired_test(six, six + d)
+    assert result["p_wilcoxon"] == pytest.approx(sps.wilcoxon(d).pvalue) == pytest.approx(2 / 64)
+    assert result["p_wilcoxon"] < 0.05 and "Wilcoxon" not in result["note"]
+    # A stricter level needs more pairs: 2 / 2^n <= 0.01 first at n = 8.
+    assert stats.wilcoxon_min_n(0.01) == 8
+    seven = stats.paired_test(pd.Series(np.arange(7.0)), pd.Series(np.arange(7.0) + np.arange(1, 8)), alpha=0.01)
+    assert math.isnan(seven["p_wilcoxon"]) and "n<8" in seven["note"]
 
 
 @pytest.mark.parametrize("n", [0, 1])
@@ -156,7 +178,7 @@ def test_fewer_than_two_pairs_give_nan_with_reason(n):
     assert result["note"]
 
 
-def test_paired_comparisons_join_on_common_seeds_and_adjust_per_table():
+def test_paired_comparisons_join_on_common_seeds_and_adjust_per_family():
     tidy = pd.concat([
         tidy_from({"topk": {s: 100.0 + s for s in range(5)},
                    "rdesi": {s: 98.0 + s + 0.3 * (s % 2) for s in range(1, 6)},
@@ -171,8 +193,10 @@ def test_paired_comparisons_join_on_common_seeds_and_adjust_per_table():
     assert row.n == 4 and row.seeds == "1,2,3,4"
     zero = table[(table.variant_b == "rdesi") & (table.metric == "gini")].iloc[0]
     assert "all differences are zero" in zero.note and math.isnan(zero.p_ttest_holm)
-    np.testing.assert_allclose(table.p_ttest_holm, stats.holm_adjust(table.p_ttest))
-    np.testing.assert_allclose(table.p_wilcoxon_holm, stats.holm_adjust(table.p_wilcoxon))
+    assert set(table.family) == {"ppl/test", "gini/test"}
+    for _, family in table.groupby("family"):
+        np.testing.assert_allclose(family.p_ttest_holm, stats.holm_adjust(family.p_ttest))
+        np.testing.assert_allclose(family.p_wilcoxon_holm, stats.holm_adjust(family.p_wilcoxon))
 
 
 def test_pairs():
@@ -289,3 +313,142 @@ def test_load_router_logs(study):
     assert set(zip(logs.variant.astype(str), logs.seed)) == {("rdesi", 0)}
     assert list(logs.variant.cat.categories) == ["dense", "topk", "rdesi"]
     assert collect.load_router_logs([]).empty
+
+
+# --------------------------------------------------------------------------- Holm families, endpoints
+
+def holm_by_rejection(pvalues: list[float]) -> list[float]:
+    """Holm by brute force: the smallest level at which the step-down procedure rejects each hypothesis.
+
+    The procedure at level alpha rejects the j-th smallest p (0-based) while ``p_(j) ≤ alpha / (m − j)``
+    and stops at the first failure. Candidate levels are every ``(m − j) · p`` and 1.
+    """
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+
+    def rejected(alpha: float) -> set[int]:
+        out = set()
+        for j, i in enumerate(order):
+            if pvalues[i] * (m - j) > alpha * (1 + 1e-12):
+                break
+            out.add(i)
+        return out
+
+    levels = sorted({min(1.0, (m - j) * p) for p in pvalues for j in range(m)} | {1.0})
+    return [min(level for level in levels if i in rejected(level)) for i in range(m)]
+
+
+def test_holm_runs_per_metric_family_not_over_the_table():
+    rng = np.random.default_rng(7)
+    variants = ["topk", "switch", "lossfree", "rdesi", "dense"]
+    seeds = range(4)
+    frames = []
+    for metric, scale in (("ppl", 1.0), ("gini", 0.02), ("load_entropy", 0.01)):
+        base = rng.normal(size=len(seeds))
+        frames.append(tidy_from({v: {s: base[s] + shift * scale + rng.normal(scale=0.3 * scale)
+                                     for s in seeds}
+                                 for v, shift in zip(variants, (0.0, 0.3, 1.0, 2.0, -0.6))}, metric))
+    table = stats.paired_comparisons(pd.concat(frames), stats.reference_pairs(variants, "topk"),
+                                     ["ppl", "gini", "load_entropy"], "test")
+    assert list(table.family.unique()) == ["ppl/test", "gini/test", "load_entropy/test"]
+    for family, rows in table.groupby("family"):
+        assert len(rows) == 4  # the four comparisons against topk: one family per metric and split
+        assert rows.p_ttest_holm.tolist() == pytest.approx(holm_by_rejection(rows.p_ttest.tolist()))
+    # Adjusting over all 12 rows instead would be stricter: the families are what changed.
+    assert (table.p_ttest_holm <= stats.holm_adjust(table.p_ttest) + 1e-15).all()
+    assert (table.p_ttest_holm < stats.holm_adjust(table.p_ttest)).any()
+
+
+def test_holm_matches_brute_force_on_random_families():
+    rng = np.random.default_rng(3)
+    for m in (1, 2, 5, 9):
+        p = rng.uniform(0, 0.2, size=m).tolist()
+        assert stats.holm_adjust(p).tolist() == pytest.approx(holm_by_rejection(p))
+
+
+def test_endpoints_are_primary_or_exploratory_as_declared():
+    tidy = pd.concat([tidy_from({"topk": {s: 10.0 + s for s in range(3)},
+                                 "rdesi": {s: 9.0 + s * 1.1 for s in range(3)}}, metric)
+                      for metric in ("ppl", "gini", "cv")])
+    pairs = [("topk", "rdesi")]
+    default = stats.paired_comparisons(tidy, pairs, ["ppl", "gini", "cv"], "test")
+    assert dict(zip(default.metric, default.endpoint)) == {"ppl": "primary", "gini": "primary",
+                                                           "cv": "exploratory"}
+    custom = stats.paired_comparisons(tidy, pairs, ["ppl", "gini", "cv"], "test", primary=["cv"])
+    assert dict(zip(custom.metric, custom.endpoint)) == {"ppl": "exploratory", "gini": "exploratory",
+                                                         "cv": "primary"}
+    assert list(custom.family) == ["ppl/test", "gini/test", "cv/test"]
+
+
+# --------------------------------------------------------------------------- minimum detectable difference
+
+def test_mdd_matches_the_published_sample_size_table():
+    """G*Power (Faul et al. 2007), paired t-test, d_z = 0.5, two-sided alpha 0.05, power 0.8:
+    total sample size 34, actual power 0.8078. So 34 pairs detect d_z = 0.5 and 33 do not."""
+    assert stats.paired_t_power(0.5, 34) == pytest.approx(0.8078, abs=5e-5)
+    assert stats.minimum_detectable_difference(1.0, 34) < 0.5 < stats.minimum_detectable_difference(1.0, 33)
+    # Large n: the normal approximation (z_0.975 + z_0.8) / sqrt(n), with the quantiles from printed tables.
+    assert stats.minimum_detectable_difference(1.0, 40_000) == pytest.approx((1.959964 + 0.841621) / 200, rel=1e-3)
+
+
+@pytest.mark.parametrize("n, sd", [(2, 1.5), (3, 2.0), (5, 0.7), (10, 3.0)])
+def test_mdd_has_the_stated_power_by_simulation(n, sd):
+    """Draw many paired samples whose true mean difference is the MDD: the t-test at alpha = 0.05
+    must reject in 80% of them (Monte Carlo, 40,000 replicates: standard error 0.002)."""
+    mdd = stats.minimum_detectable_difference(sd, n)
+    rng = np.random.default_rng(n)
+    d = rng.normal(mdd, sd, size=(40_000, n))
+    # The t statistic by hand (only the critical value comes from scipy), not through the noncentral t.
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+    rejected = np.abs(t) > sps.t.ppf(0.975, n - 1)
+    assert rejected.mean() == pytest.approx(0.8, abs=0.01)
+    # Half the MDD is detected far less often; the MDD scales with sd.
+    assert stats.paired_t_power(0.5 * mdd / sd, n) < 0.5
+    assert stats.minimum_detectable_difference(2 * sd, n) == pytest.approx(2 * mdd)
+
+
+def test_mdd_is_nan_where_the_t_test_is_undefined_and_checks_its_levels():
+    assert math.isnan(stats.minimum_detectable_difference(1.0, 1))
+    assert math.isnan(stats.minimum_detectable_difference(0.0, 5))
+    assert math.isnan(stats.minimum_detectable_difference(math.nan, 5))
+    with pytest.raises(ValueError, match="alpha < power"):
+        stats.minimum_detectable_difference(1.0, 5, alpha=0.5, power=0.4)
+    # A stricter level or a higher power needs a larger difference.
+    assert stats.minimum_detectable_difference(1.0, 5, alpha=0.01) > stats.minimum_detectable_difference(1.0, 5)
+    assert stats.minimum_detectable_difference(1.0, 5, power=0.9) > stats.minimum_detectable_difference(1.0, 5)
+
+
+def test_every_comparison_row_carries_its_mdd():
+    a = pd.Series([100.0, 104.0, 98.0])
+    d = np.array([2.0, -1.0, 4.0])
+    result = stats.paired_test(a, a + d, alpha=0.05, power=0.8)
+    assert result["mdd"] == pytest.approx(stats.minimum_detectable_difference(d.std(ddof=1), 3))
+    # Three seeds detect only about 3.3 sd of the differences (the issue's "9-30% of PPL").
+    assert result["mdd"] / d.std(ddof=1) == pytest.approx(3.264, abs=1e-3)
+    assert math.isnan(stats.paired_test(a[:1], a[:1] + 1)["mdd"])
+
+
+# --------------------------------------------------------------------------- n-gram reference rows
+
+def test_baseline_rows_in_the_summary(tmp_path):
+    models = {"unigram": {"params": {"k": 1.0}, "validation": {"ppl": 700.0, "word_ppl": 9000.0, "nll": 6.5,
+                                                              "tokens": 10, "words": 7},
+                          "test": {"ppl": 710.0, "word_ppl": 9100.0, "nll": 6.6, "tokens": 12, "words": 8}},
+              "bigram": {"params": {"lambda": 0.9, "k": 1.0},
+                         "validation": {"ppl": 95.0, "word_ppl": 600.0, "nll": 4.55, "tokens": 10, "words": 7},
+                         "test": {"ppl": 89.0, "word_ppl": 550.0, "nll": 4.49, "tokens": 12, "words": 8}}}
+    path = tmp_path / "ngram.json"
+    path.write_text(json.dumps({"models": models, "vocab_size": 4096, "shards": "x"}))
+    baselines = collect.read_baselines(path)
+    assert list(baselines.columns) == collect.BASELINE_COLUMNS
+    bigram = baselines.set_index(["model", "split", "metric"]).loc[("bigram", "test", "ppl")]
+    assert bigram.value == 89.0 and bigram.source == f"{path}#/models/bigram/test/ppl"
+    rows = stats.baseline_summary(baselines, ["test"])
+    assert list(rows.columns) == stats.SUMMARY_COLUMNS
+    assert set(rows.kind) == {stats.REFERENCE_BASELINE} and set(rows.metric) == {"ppl", "word_ppl"}
+    assert rows.set_index(["variant", "metric"]).loc[("unigram", "word_ppl"), "mean"] == 9100.0
+    assert (rows.n == 1).all() and rows.ci_low.isna().all()
+    assert collect.read_baselines(None).empty
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="python -m gtmoe baselines"):
+        collect.read_baselines(tmp_path / "bad.json")

@@ -34,7 +34,7 @@ def two_steps(model: MoETransformer, forward, batches: list[torch.Tensor]):
 def assert_compiled_matches_eager(name: str, backend: str, **tolerance) -> None:
     torch._dynamo.reset()  # every router compiles afresh, not from another test's cached graphs
     torch.manual_seed(0)
-    eager = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name})).train()
+    eager = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name}).for_horizon(100)).train()
     twin = copy.deepcopy(eager)
     batches = [torch.randint(0, TINY_VOCAB, (2, TINY_SEQ)) for _ in range(2)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -335,3 +336,173 @@ def test_cli_every_option_has_help():
     for stage in stages.choices.values():
         options = [a for a in stage._actions if a.option_strings and a.dest != "help"]
         assert options and all(a.help for a in options), stage.prog
+
+
+# --------------------------------------------------------------------------- corpus variants (WikiText-103)
+
+WT103 = data.CORPORA["wikitext-103"]
+
+
+def published_like(directory: Path) -> dict:
+    """Checksums and counts of stand-in files, computed independently of gtmoe (hashlib, str.split)."""
+    checksums, lines, words = {}, {}, {}
+    for split, name in LOCAL_FILES.items():
+        raw = (directory / name).read_bytes()
+        text = raw.decode()
+        checksums[split] = ("sha1", hashlib.sha1(raw).hexdigest())
+        lines[split] = text.count("\n")
+        words[split] = len(text.split()) + text.count("\n")  # words + one end-of-line per line
+    return {"checksums": checksums, "lines": lines, "words": words}
+
+
+def run_main(*argv: str) -> int:
+    from gtmoe.__main__ import main
+
+    return main(list(argv))
+
+
+def test_corpus_specs_name_their_hub_config_and_published_counts():
+    assert set(data.CORPORA) == {"wikitext-2", "wikitext-103"}
+    assert data.CORPORA["wikitext-2"].hub_config == "wikitext-2-v1"
+    assert WT103.hub_config == "wikitext-103-v1"
+    assert WT103.local_files == {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+    # Merity et al. 2016, Table 1; the line counts are the hub's num_examples.
+    assert WT103.words == {"train": 103_227_021, "validation": 217_646, "test": 245_569}
+    assert WT103.lines == {"train": 1_801_350, "validation": 3_760, "test": 4_358}
+    assert all(algorithm == "sha1" and len(digest) == 40 for algorithm, digest in WT103.checksums.values())
+    # The WikiText-2 spec keeps SOURCES.md's sha256 (the files of the existing study).
+    assert {split: digest for split, (_, digest) in data.CORPORA["wikitext-2"].checksums.items()} == data.LOCAL_SHA256
+
+
+@needs_real
+def test_wikitext2_cli_checks_counts_and_records_the_original_sha256(tmp_path):
+    assert run_main("prepare", "corpus", "--local-dir", str(REAL_DIR), "--out", str(tmp_path)) == 0
+    meta = json.loads((tmp_path / "corpus.json").read_text())
+    for split, name in LOCAL_FILES.items():
+        assert meta[split]["corpus"] == "wikitext-2"
+        assert meta[split]["local_sha256"] == data.LOCAL_SHA256[split] == hashlib.sha256((REAL_DIR / name).read_bytes()).hexdigest()
+        assert (meta[split]["lines"], meta[split]["words"]) == (data.CORPORA["wikitext-2"].lines[split],
+                                                                data.CORPORA["wikitext-2"].words[split])
+
+
+def test_wikitext103_local_copy_is_verified_through_the_cli(tmp_path, monkeypatch):
+    """The path a WikiText-103 config takes, on a stand-in whose published values are patched in."""
+    local = write_wikitext(tmp_path / "wikitext-103", {split: ARTICLE_LINES * (3 + i) for i, split in enumerate(SPLITS)})
+    monkeypatch.setitem(data.CORPORA, "wikitext-103", dataclasses.replace(WT103, **published_like(local)))
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a complete local copy must not touch the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    out = tmp_path / "corpus"
+    assert run_main("prepare", "corpus", "--corpus", "wikitext-103", "--local-dir", str(local), "--out", str(out)) == 0
+    meta = json.loads((out / "corpus.json").read_text())
+    expected = published_like(local)
+    for split, name in LOCAL_FILES.items():
+        raw = (local / name).read_bytes()
+        assert meta[split]["corpus"] == "wikitext-103"
+        assert meta[split]["source"] == f"local:{(local / name).resolve()}"
+        assert meta[split]["local_sha256"] == hashlib.sha256(raw).hexdigest()
+        assert (meta[split]["lines"], meta[split]["words"]) == (expected["lines"][split], expected["words"][split])
+        # Blank lines " " are written as "" (the hub's rows), non-blank lines verbatim.
+        assert read_corpus_split(out, split) == [line if line.strip() else "" for line in raw.decode().split("\n")[:-1]]
+
+
+def test_wikitext103_without_a_local_copy_asks_the_hub_for_wikitext_103_v1(tmp_path, monkeypatch, capsys):
+    rows = {split: [line + "\n" if line.strip() else "" for line in ARTICLE_LINES * 2] for split in SPLITS}
+    counts = {"lines": {s: len(r) for s, r in rows.items()},
+              "words": {s: sum(len(row.split()) for row in r) + len(r) for s, r in rows.items()}}
+    monkeypatch.setitem(data.CORPORA, "wikitext-103", dataclasses.replace(WT103, **counts))
+    calls = []
+
+    def fake_hub(*args, **kwargs):
+        calls.append(args)
+        return {split: {"text": split_rows} for split, split_rows in rows.items()}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    out = tmp_path / "corpus"
+    missing = tmp_path / "no-wikitext-103-here"
+    assert run_main("prepare", "corpus", "--corpus", "wikitext-103", "--local-dir", str(missing), "--out", str(out)) == 0
+    assert calls == [(HUB_ID, "wikitext-103-v1")]
+    meta = json.loads((out / "corpus.json").read_text())
+    assert meta["train"]["source"] == f"hub:{HUB_ID}/wikitext-103-v1:train"
+    assert "local_sha256" not in meta["train"] and meta["train"]["corpus"] == "wikitext-103"
+
+    # The published counts are checked on the hub's rows too: one missing row is named.
+    rows["validation"] = rows["validation"][:-1]
+    assert run_main("prepare", "corpus", "--corpus", "wikitext-103", "--source", "hub", "--out", str(out)) == 2
+    error = capsys.readouterr().err
+    assert "'validation'" in error and "wikitext-103-v1" in error and f"{len(ARTICLE_LINES) * 2:,}" in error
+
+
+def test_wikitext103_checksum_mismatch_names_the_algorithm_and_where_it_was_published(tmp_path):
+    local = write_wikitext(tmp_path, {split: ARTICLE_LINES for split in SPLITS})
+    with pytest.raises(DataError, match=r"wiki.train.tokens: sha1 [0-9a-f]{40} .*b7497e2d.*wikitext-103.*gluon"):
+        load_corpus(local, source="local", corpus="wikitext-103")
+    # The WikiText-2 files are not WikiText-103 ones.
+    if all((REAL_DIR / name).is_file() for name in LOCAL_FILES.values()):
+        with pytest.raises(DataError, match="wiki.train.tokens: sha1"):
+            load_corpus(REAL_DIR, source="local", corpus="wikitext-103")
+
+
+def test_no_verify_skips_checksums_and_counts(tmp_path, monkeypatch):
+    local = write_wikitext(tmp_path / "wt", {split: ARTICLE_LINES for split in SPLITS})
+    assert run_main("prepare", "corpus", "--corpus", "wikitext-103", "--local-dir", str(local),
+                    "--out", str(tmp_path / "c"), "--no-verify") == 0
+    assert json.loads((tmp_path / "c" / "corpus.json").read_text())["test"]["corpus"] == "wikitext-103"
+
+
+def test_unknown_corpus_is_named_by_loader_study_and_parse_time_check(tmp_path):
+    from gtmoe.config import ConfigError
+    from gtmoe.study import Study, corpus_problem
+
+    with pytest.raises(DataError, match="unknown corpus 'wikitext-4'.*wikitext-2, wikitext-103"):
+        load_corpus(tmp_path, corpus="wikitext-4")
+    assert "'data.corpus' = 'wikitext-4'" in corpus_problem({"corpus": "wikitext-4", "source": "hub"})
+    config = {"data": {"corpus": "wikitext-4", "source": "hub", "vocab_size": 512, "seq_len": 32},
+              "model": {"vocab_size": 512, "max_seq_len": 32}, "seeds": [0],
+              "variants": [{"name": "topk", "router": "topk"}]}
+    with pytest.raises(ConfigError, match="data.corpus.*wikitext-4"):
+        Study.from_config(config)
+
+
+def test_wikitext103_local_dir_missing_files_is_named_for_source_local(tmp_path):
+    from gtmoe.study import corpus_problem
+
+    data_cfg = {"corpus": "wikitext-103", "source": "local", "local_dir": str(tmp_path)}
+    assert "set data.source: hub to download wikitext-103" in corpus_problem(data_cfg)
+    assert corpus_problem({**data_cfg, "source": "auto"}) is None  # the corpus job falls back to the hub
+
+
+# --------------------------------------------------------------------------- streaming encode
+
+
+def test_encode_split_in_batches_equals_encoding_line_by_line(tokenizer, monkeypatch):
+    lines = ARTICLE_LINES * 7
+    monkeypatch.setattr(data, "_ENCODE_LINES", 5)  # batch edges fall inside articles and on titles
+    eot_id = tokenizer.token_to_id(EOT)
+    expected: list[int] = []
+    seen_title = False
+    for line in lines:  # brute force: one line at a time, end-of-text before every title but the first
+        if line in (" = Alpha Beta = ", " = Gamma = "):
+            expected.extend([eot_id] if seen_title else [])
+            seen_title = True
+        expected.extend(tokenizer.encode(line + "\n", add_special_tokens=False).ids)
+    np.testing.assert_array_equal(encode_split(tokenizer, lines), np.asarray(expected, dtype=np.int32))
+
+
+def test_encode_split_memory_grows_with_the_int32_result_not_a_python_list(tokenizer, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(data, "_ENCODE_LINES", 256)
+    lines = ARTICLE_LINES * 4000  # 64k lines, ~700k tokens
+    tracemalloc.start()
+    try:
+        tokens = encode_split(tokenizer, lines)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # int32 pieces + their concatenation: 2 x 4 bytes per token plus one small batch (measured ~9.7).
+    # One Python list of every id costs 8 bytes per token in pointers plus 28 per int object above
+    # 256 (the earlier implementation peaked at ~78 bytes per token here).
+    assert peak < 16 * len(tokens), (peak, len(tokens))

@@ -159,9 +159,10 @@ def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
 
     # The same run, never interrupted, with the commands the workflow runs; alongside the recovery.
     reference = study / "reference"
+    run_config = shutil.copy(run_dir / "config.yaml", study / "reference_config.yaml")  # what the job was given
     python = shlex.join([sys.executable, "-m", "gtmoe"])
     uninterrupted = subprocess.Popen(
-        ["bash", "-c", f"{python} train --config results/configs/topk/seed0.yaml --out {shlex.quote(str(reference))} "
+        ["bash", "-c", f"{python} train --config {shlex.quote(str(run_config))} --out {shlex.quote(str(reference))} "
                        f"--threads 1 && {python} evaluate --run {shlex.quote(str(reference))} --split test "
                        f"--out {shlex.quote(str(reference / 'eval_test.json'))} --threads 1"],
         cwd=study, env={**os.environ, "PYTHONPATH": str(study)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -554,7 +555,7 @@ def test_no_two_jobs_of_the_default_study_write_the_same_path():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     runs = len(config["variants"]) * len(config["seeds"])
     assert counts["corpus"] == counts["tokenizer"] == 1 and counts["shards"] == 3
-    assert counts["train"] == runs and counts["evaluate"] == 2 * runs
+    assert counts["train"] == runs and counts["evaluate"] == runs  # one evaluation job per run, both splits
 
     declared = Counter(path for job in jobs for kind in ("output", "log", "benchmark") for path in job[kind])
     assert declared and max(declared.values()) == 1, [p for p, n in declared.items() if n > 1]
@@ -562,7 +563,7 @@ def test_no_two_jobs_of_the_default_study_write_the_same_path():
     writers: dict[str, str] = {}
     run_dirs = []
     for job in jobs:
-        if job["shell"] is None:  # script rules (run_config) write their declared output only
+        if job["shell"] is None:  # script rules, if any, write their declared outputs only
             continue
         own = set(job["output"] + job["log"])
         for path in written_paths(job["shell"]):
@@ -571,7 +572,7 @@ def test_no_two_jobs_of_the_default_study_write_the_same_path():
             # A file it declares, or the directory holding (only) its declared outputs.
             assert path in own or {str(Path(p).parent) for p in job["output"]} == {path}, (job["rule"], path)
         if job["rule"] == "evaluate":
-            assert written_paths(job["shell"])[0] == job["output"][0]  # its JSON, nothing else
+            assert written_paths(job["shell"])[0] == job["output"][0]  # its JSONs, nothing else
         if job["rule"] == "train":
             run_dir = Path(job["output"][0]).parent
             run_dirs.append(str(run_dir))

@@ -41,7 +41,7 @@ def train_step_without_data(router: dict, dtype: torch.dtype = torch.float32) ->
     """Forward, backward, then the routers' per-step bookkeeping (as gtmoe/train.py), on fake tensors."""
     with FakeTensorMode():
         with default_dtype(dtype):
-            model = MoETransformer(tiny_model(), RouterConfig.from_mapping(router)).train()
+            model = MoETransformer(tiny_model(), RouterConfig.from_mapping(router).for_horizon(100)).train()
         idx = torch.randint(0, TINY_VOCAB, (2, TINY_SEQ))
         out = model(idx, idx)
         model.observe_token_loss(out.token_loss)

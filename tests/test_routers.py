@@ -21,7 +21,7 @@ MOE_ROUTERS = ["topk", "switch", "expert_choice", "lossfree", "rdesi"]
 
 def make_router(name: str, **options):
     entry = routers.get(name)
-    cfg = RouterConfig.from_mapping({"name": name, **options})
+    cfg = RouterConfig.from_mapping({"name": name, **options}).for_horizon(100)
     return entry(cfg.resolve(), D_MODEL, N_EXPERTS, TOP_K)
 
 
@@ -224,7 +224,7 @@ def test_moe_layer_matches_a_per_token_reference(name):
 @pytest.mark.parametrize("name", MOE_ROUTERS + ["dense"])
 def test_gradients_reach_router_and_experts(name):
     torch.manual_seed(7)
-    model = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name}))
+    model = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name}).for_horizon(100))
     idx = torch.randint(0, 300, (2, 16))
     out = model(idx, idx)
     (out.loss + out.router_loss).backward()
@@ -244,12 +244,12 @@ def test_dense_has_the_active_parameters_of_a_topk_moe():
 
 @pytest.mark.parametrize("name", ["lossfree", "rdesi"])
 def test_router_buffers_are_saved_and_restored(name):
-    model = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name}))
+    model = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name}).for_horizon(100))
     router = model.moe_layers[0].router
     for buffer in router.state_dict().values():
         buffer.add_(torch.rand_like(buffer.float()).to(buffer.dtype))
     state = model.state_dict()
-    restored = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name}))
+    restored = MoETransformer(tiny_model(), RouterConfig.from_mapping({"name": name}).for_horizon(100))
     restored.load_state_dict(state)
     for key, value in router.state_dict().items():
         assert torch.equal(restored.moe_layers[0].router.state_dict()[key], value), key

@@ -100,7 +100,7 @@ def test_router_saturation_on_a_prefix_of_the_split(tmp_path, tiny_shards):
     cfg = tiny_run(tiny_shards, "topk", max_steps=4)
     cfg.eval.saturation_blocks = 8  # fewer than the split's blocks: early and final must see the same ones
     train(cfg, tmp_path)
-    result = evaluate(tmp_path, "validation", batch_size=4)
+    result = evaluate(tmp_path, "validation")
     assert 0.0 <= result["router_saturation"] <= 1.0
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -16,11 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 SMOKE = "workflow/presets/smoke.yaml"
 FIGURES = ("perplexity", "pareto", "reference_forest", "load_balance", "load_heatmap", "training_balance",
-           "rdesi_internals", "ablation_forest")
+           "rdesi_internals", "ablation_forest", "flip_rates")
 RUN_FILES = ("checkpoint.pt", "config.yaml", "train_log.parquet", "router_log.parquet", "train_summary.json",
              "eval_validation.json", "eval_test.json")
 SUMMARY_FILES = ("runs.parquet", "run_status.csv", "run_status.html", "summary.csv", "summary.html",
-                 "comparisons.csv", "comparisons.html", "ablations.csv", "ablations.html")
+                 "comparisons.csv", "comparisons.html", "ablations.csv", "ablations.html", "findings.html",
+                 "compute.csv", "compute.html")
 
 
 def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -73,9 +75,10 @@ def test_dry_run_trains_and_evaluates_every_variant_and_seed():
     done = snakemake("--dry-run", "--forceall")
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout)
-    assert counts["train"] == runs and counts["run_config"] == runs
-    assert counts["evaluate"] == 2 * runs  # validation and test
-    for shared in ("corpus", "tokenizer", "aggregate", "statistics", "figures", "all"):
+    assert counts["train"] == runs and "run_config" not in counts  # no job just to write a config
+    assert counts["evaluate"] == runs  # one job per run evaluates validation and test
+    for shared in ("corpus", "tokenizer", "ngram_baselines", "aggregate", "statistics", "figures", "findings",
+                   "compute", "all"):
         assert counts[shared] == 1, shared
     assert counts["shards"] == 3
 
@@ -109,7 +112,24 @@ BAD_INPUTS = [
     ({"variants": [{"name": "sw", "router": "switch", "capacity_factor": 0}]},
      "'variants[0].capacity_factor' = 0.0: must be > 0"),
     ({"variants": [{"name": "r", "router": "rdesi", "betta": 1}]}, "'variants[0].betta' = 1: unknown key"),
+    ({"statistics": {"primary": ["ppl", "perplexity"]}}, "'statistics.primary' = 'perplexity': unknown metric"),
+    ({"statistics": {"alpha": 0.5, "power": 0.4}}, "'statistics.power' = 0.4: must exceed statistics.alpha = 0.5"),
+    ({"statistics": {"alpha": 1.5}}, "alpha"),
+    ({"findings": {"still_learning_slope": 0}}, "still_learning_slope"),
+    ({"findings": {"still_learning_slope": -1.0}}, "'findings.still_learning_slope' = -1.0: must be a number > 0"),
 ]
+
+
+def test_statistics_settings_reach_the_analysis_commands(tmp_path):
+    override = {"statistics": {"primary": ["ppl", "cv"], "alpha": 0.01, "power": 0.9}}
+    done = snakemake("--dry-run", "--forceall", "--printshellcmds", "--configfile", write_override(tmp_path, override))
+    assert done.returncode == 0, done.stderr
+    commands = [line for line in done.stdout.splitlines() if "python -m analysis stats" in line
+                or "python -m analysis figures" in line]
+    assert len(commands) == 2
+    for command in commands:
+        assert "--primary ppl cv --alpha 0.01 --power 0.9" in command
+        assert "--baselines results/baselines/ngram.json" in command
 
 
 def merged_config(override: dict) -> dict:
@@ -206,6 +226,42 @@ def test_report_embeds_every_figure(smoke_study):
             assert entry["labels"] == {"variant": variant, "seed": str(seed), "split": "test"}, entry["labels"]
 
 
+def report_variable(html: str, name: str):
+    """A JSON value the Snakemake report app embeds as ``var name = ...``."""
+    start = re.search(rf"var {name} =\s*", html).end()
+    return json.JSONDecoder().raw_decode(html, start)[0]
+
+
+@pytest.mark.integration
+def test_findings_come_first_in_the_report(smoke_study):
+    html = (smoke_study / "results" / "report.html").read_text()
+    entry = report_results(html)["results/summary/findings.html"]
+    assert entry["data_uri"].startswith("data:text/html")
+    # The app lists categories sorted with JavaScript's localeCompare (menu.js): sort them the same way.
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: cannot sort like the report's JavaScript")
+    categories = list(report_variable(html, "categories"))
+    script = "console.log(JSON.stringify(JSON.parse(process.argv[1]).sort((a, b) => a.localeCompare(b))))"
+    ordered = json.loads(subprocess.run([node, "-e", script, json.dumps(categories)], capture_output=True,
+                                        text=True, check=True).stdout)
+    assert ordered[0] == "★ Findings", ordered
+    # The landing page (workflow description) opens the findings in one click.
+    assert "results['results/summary/findings.html'].data_uri" in report_variable(html, "workflow_desc")
+
+
+@pytest.mark.integration
+def test_compute_breakdown_adds_up_the_benchmark_files(smoke_study):
+    table = pd.read_csv(smoke_study / "results" / "summary" / "compute.csv")
+    benchmarks = smoke_study / "results" / "benchmarks"
+    counted = [path for path in benchmarks.rglob("*.tsv") if path.name != "compute.tsv"]
+    total = sum(float(pd.read_csv(path, sep="\t")["s"].sum()) for path in counted)
+    assert table.iloc[-1]["stage"] == "total" and table.iloc[-1]["jobs"] == len(counted)
+    assert table.iloc[-1]["seconds"] == pytest.approx(total)
+    stages = set(table.loc[table["part"] == "all", "stage"])
+    assert {"data prep", "training", "evaluation", "analysis", "total"} <= stages
+
+
 @pytest.mark.integration
 def test_report_shows_a_figure_in_a_browser(smoke_study, tmp_path):
     from browser import find_chromium, screenshot
@@ -238,14 +294,14 @@ def test_second_run_has_nothing_to_do(smoke_study):
 def test_rerunning_one_target_runs_nothing_else(smoke_study):
     smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
     first, second = (v["name"] for v in smoke["variants"])
-    aggregates = {"aggregate": 1, "statistics": 1, "figures": 1}
+    aggregates = {"aggregate": 1, "statistics": 1, "figures": 1, "findings": 1, "compute": 1}
     # The file-target form: force one run's training; its evaluations and the aggregates follow.
     forced = snakemake("--dry-run", "--forcerun", f"results/runs/{second}/seed0/checkpoint.pt",
                        "--configfile", SMOKE, cwd=smoke_study)
-    assert job_counts(forced.stdout) == {"train": 1, "evaluate": 2, **aggregates, "all": 1}
+    assert job_counts(forced.stdout) == {"train": 1, "evaluate": 1, **aggregates, "all": 1}
     # A variant target after its runs were removed: those runs, the aggregates, nothing else.
     for seed in smoke["seeds"]:
         shutil.rmtree(smoke_study / "results" / "runs" / first / f"seed{seed}")
     plan = snakemake("--dry-run", first, "--configfile", SMOKE, cwd=smoke_study)
     runs = len(smoke["seeds"])
-    assert job_counts(plan.stdout) == {"train": runs, "evaluate": 2 * runs, **aggregates, first: 1}
+    assert job_counts(plan.stdout) == {"train": runs, "evaluate": runs, **aggregates, first: 1}

@@ -32,6 +32,15 @@ class RouterOptions:
         check(self.aux_loss_coef >= 0, f"{prefix}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, f"{prefix}.z_loss_coef", self.z_loss_coef, "must be >= 0")
 
+    def at_horizon(self, max_steps: int) -> dict:
+        """Options that depend on the run's length, resolved for `max_steps` optimizer steps.
+
+        Returns the option values to record in the run config (none by default). A
+        router whose dynamics are set per step (a bias update rate, say) derives them
+        here, so the resolved config states the number the run used.
+        """
+        return {}
+
 
 @dataclass
 class Routing:
@@ -41,7 +50,7 @@ class Routing:
     token: Tensor  # (A,) int64, index into the T tokens of the group
     weight: Tensor  # (A,) combine weight, differentiable w.r.t. the gate
     loss: Tensor  # scalar: the router's weighted auxiliary losses, added to the LM loss
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # unweighted loss terms, for logging
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # unweighted loss terms and flip rates, for logging
     # (T, k) experts chosen per token, for token-choice routers. Their assignments are then token-major
     # (assignment a is slot a % k of token a // k), which lets the MoE layer permute rows instead of scattering.
     choice: Tensor | None = None
@@ -100,7 +109,8 @@ class Router(nn.Module):
         """Mean experts a token is processed by (for the active-parameter count)."""
         return float(self.top_k)
 
-    def forward(self, x: Tensor) -> Routing:  # x: (T, d_model)
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Routing:
+        """Route x (T, d_model). `valid` (T,) bool marks real tokens: padding must never take capacity."""
         raise NotImplementedError  # abstract: every registered router defines its routing
 
     def aux_losses(self, logits: Tensor, probs: Tensor, choice: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

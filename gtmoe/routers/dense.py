@@ -16,6 +16,9 @@ class DenseOptions:
     def validate(self, prefix: str = "router") -> None:
         return None
 
+    def at_horizon(self, max_steps: int) -> dict:
+        return {}
+
 
 @register("dense")
 class DenseFFNBlock:

@@ -41,14 +41,18 @@ class ExpertChoiceRouter(Router):
     def active_experts_per_token(self) -> float:
         return min(float(self.n_experts), self.options.capacity_factor * self.top_k)
 
-    def forward(self, x: Tensor) -> Routing:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Routing:
         logits = self.gate(x).float()
         probs = F.softmax(logits, dim=-1)  # (T, E)
         capacity = self.capacity(x.shape[0])
-        weight, token = probs.topk(capacity, dim=0)  # (C, E): each expert's chosen tokens
+        # Padding ranks below every real token (probabilities are >= 0), and is dropped if still chosen.
+        priority = probs if valid is None else torch.where(valid.unsqueeze(-1), probs, -1.0)
+        _, token = priority.topk(capacity, dim=0)  # (C, E): each expert's chosen tokens
+        weight = probs.gather(0, token).t().reshape(-1)
         expert = torch.arange(self.n_experts, device=x.device).repeat_interleave(capacity)
         token = token.t().reshape(-1)
-        weight = weight.t().reshape(-1)
+        if valid is not None:
+            expert = torch.where(valid[token], expert, self.n_experts)
         # Off by default: balanced by construction, but a z-loss can still be switched on.
         loss, metrics = self.aux_losses(logits, probs, expert.view(-1, 1))
         self.record(expert, token)

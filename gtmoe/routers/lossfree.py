@@ -6,6 +6,7 @@ b_i += u * sign(mean_j c_j - c_i), where c are the step's assignment counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,26 @@ from gtmoe.routers.base import RouterOptions
 class LossFreeOptions(RouterOptions):
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
-    bias_update_rate: float = 1e-3  # u
+    # u. Unset, it is scaled to the run: u = bias_travel / max_steps. A sign update moves
+    # the bias by at most u per step, so a fixed u = 1e-3 (the paper's, over ~10^4 steps)
+    # can move it only 0.15 logits in a 150-step run: too little to counter the gate.
+    bias_update_rate: float | None = None
+    # Logits the bias could travel over the whole run: 10 lets it cross a typical gate
+    # logit gap (about 1) in a tenth of training, and oscillates by only u = 10 / max_steps.
+    bias_travel: float = 10.0
 
     def validate(self, prefix: str = "router") -> None:
         super().validate(prefix)
-        check(self.bias_update_rate > 0, f"{prefix}.bias_update_rate", self.bias_update_rate, "must be > 0")
+        if self.bias_update_rate is not None:
+            check(math.isfinite(self.bias_update_rate) and self.bias_update_rate > 0, f"{prefix}.bias_update_rate",
+                  self.bias_update_rate, "must be > 0 (or unset: bias_travel / train.max_steps)")
+        check(math.isfinite(self.bias_travel) and self.bias_travel > 0, f"{prefix}.bias_travel", self.bias_travel,
+              "must be > 0")
+
+    def at_horizon(self, max_steps: int) -> dict:
+        if self.bias_update_rate is not None:
+            return {}
+        return {"bias_update_rate": self.bias_travel / max_steps}
 
 
 @register("lossfree")
@@ -33,11 +49,14 @@ class LossFreeRouter(TopKRouter):
     Config = LossFreeOptions
 
     def __init__(self, options: LossFreeOptions, d_model: int, n_experts: int, top_k: int):
+        if options.bias_update_rate is None:
+            raise ValueError("lossfree: bias_update_rate is unset; resolve it for the run's length with "
+                             "options.at_horizon(max_steps) (RunConfig.validate does) or give it explicitly")
         super().__init__(options, d_model, n_experts, top_k)
         self.register_buffer("bias", torch.zeros(n_experts))
 
-    def selection_bias(self) -> Tensor:
-        return self.bias
+    def selection_terms(self) -> dict[str, Tensor]:
+        return {"bias": self.bias}
 
     @torch.no_grad()
     def update_state(self) -> None:

@@ -69,9 +69,9 @@ class RDESIRouter(TopKRouter):
     def bonus(self) -> Tensor:
         return self.options.c * torch.sqrt(torch.log(self.steps + 1.0) / (self.usage + 1.0))
 
-    def selection_bias(self) -> Tensor:
+    def selection_terms(self) -> dict[str, Tensor]:
         o = self.options
-        return o.beta * self.reputation - o.gamma * self.load_penalty() + self.bonus()
+        return {"reputation": o.beta * self.reputation, "load": -o.gamma * self.load_penalty(), "bonus": self.bonus()}
 
     def record(self, expert: Tensor, token: Tensor) -> None:
         super().record(expert, token)

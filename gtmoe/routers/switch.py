@@ -39,16 +39,18 @@ class SwitchRouter(Router):
     def capacity(self, n_tokens: int) -> int:
         return math.ceil(self.options.capacity_factor * n_tokens / self.n_experts)
 
-    def forward(self, x: Tensor) -> Routing:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Routing:
         logits = self.gate(x).float()
         probs = F.softmax(logits, dim=-1)
         choice = logits.argmax(dim=-1, keepdim=True)  # (T, 1)
         weight = probs.gather(-1, choice).squeeze(-1)  # the gate value itself, as in Switch
 
-        # Position of each token in its expert's queue, in token order.
+        # Position of each token in its expert's queue, in token order; padding joins no queue.
         one_hot = F.one_hot(choice.squeeze(-1), self.n_experts)
+        if valid is not None:
+            one_hot = one_hot * valid.unsqueeze(-1)
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
-        kept = position < self.capacity(x.shape[0])
+        kept = (position >= 0) & (position < self.capacity(x.shape[0]))
         expert = torch.where(kept, choice.squeeze(-1), self.n_experts)
 
         loss, metrics = self.aux_losses(logits, probs, choice)

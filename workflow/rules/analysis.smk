@@ -1,11 +1,17 @@
 # Runs -> tidy table -> statistics (scipy.stats) -> figures (seaborn), each output in report.html.
+import shlex
 
 ABLATION_ARGS = (
     f"--ablation-base {STUDY.ablation_base} --ablations {' '.join(STUDY.ablations)}"
     if STUDY.ablation_base
     else "--ablations"
 )
-PAIR_ARGS = f"--reference {STUDY.reference} --split test {ABLATION_ARGS}"
+# Declared endpoints, test level and power (config.yaml `statistics`), quoted for the shell.
+STATISTICS_ARGS = (
+    f"--primary {' '.join(shlex.quote(m) for m in STUDY.statistics['primary'])} "
+    f"--alpha {shlex.quote(str(STUDY.statistics['alpha']))} --power {shlex.quote(str(STUDY.statistics['power']))}"
+)
+PAIR_ARGS = f"--reference {STUDY.reference} --split test {ABLATION_ARGS} {STATISTICS_ARGS}"
 
 
 rule aggregate:
@@ -40,7 +46,8 @@ rule aggregate:
 
 rule statistics:
     input:
-        rules.aggregate.output.table,
+        table=rules.aggregate.output.table,
+        baselines=NGRAM,
     output:
         summary=f"{SUMMARY}/summary.csv",
         summary_html=captioned(f"{SUMMARY}/summary.html", "summary", "Summary", table="per variant"),
@@ -64,7 +71,8 @@ rule statistics:
     conda:
         CONDA_ENV
     shell:
-        "python -m analysis stats --table {input} --out-dir {params.out_dir} {params.pairs} > {log} 2>&1"
+        "python -m analysis stats --table {input.table} --baselines {input.baselines} --out-dir {params.out_dir} "
+        "{params.pairs} > {log} 2>&1"
 
 
 rule figures:
@@ -72,6 +80,7 @@ rule figures:
         table=rules.aggregate.output.table,
         router_logs=run_files("router_log.parquet"),
         train_logs=run_files("train_log.parquet"),
+        baselines=NGRAM,
     output:
         perplexity=captioned(f"{FIGURES}/perplexity.png", "perplexity", "Perplexity", figure="per variant"),
         pareto=captioned(f"{FIGURES}/pareto.png", "pareto", "Perplexity", figure="perplexity vs Gini"),
@@ -87,6 +96,8 @@ rule figures:
                                   figure="reputation, load, bonus"),
         ablation_forest=captioned(f"{FIGURES}/ablation_forest.png", "ablation_forest", "Ablations",
                                   figure="forest plot"),
+        flip_rates=captioned(f"{FIGURES}/flip_rates.png", "flip_rates", "RD-ESI internals",
+                             figure="flip rate per term"),
     log:
         f"{LOGS}/figures.log",
     benchmark:
@@ -104,7 +115,69 @@ rule figures:
         CONDA_ENV
     shell:
         "python -m analysis figures --table {input.table} --run-dirs {params.run_dirs} "
-        "--out-dir {params.out_dir} {params.pairs} > {log} 2>&1"
+        "--baselines {input.baselines} --out-dir {params.out_dir} {params.pairs} > {log} 2>&1"
 
 
-ANALYSIS_OUTPUTS = [*rules.statistics.output, *rules.figures.output, *rules.aggregate.output]
+# The report's category menu is sorted alphabetically (localeCompare): the star puts the findings first.
+FINDINGS_CATEGORY = "★ Findings"
+
+
+rule findings:
+    input:
+        comparisons=rules.statistics.output.comparisons,
+        ablations=rules.statistics.output.ablations,
+        summary=rules.statistics.output.summary,
+        status=rules.aggregate.output.status,
+        baselines=NGRAM,
+        train_logs=run_files("train_log.parquet"),
+    output:
+        captioned(f"{SUMMARY}/findings.html", "findings", FINDINGS_CATEGORY, table="findings in words"),
+    log:
+        f"{LOGS}/findings.log",
+    benchmark:
+        f"{BENCHMARKS}/findings.tsv"
+    params:
+        run_dirs=" ".join(run_dirs()),
+        pairs=PAIR_ARGS,
+        summary_dir=subpath(input.summary, parent=True),
+        still_learning_slope=STUDY.still_learning_slope,
+    threads: 1
+    resources:
+        mem_mb=job("analysis", "mem_mb", 2000),
+        runtime=job("analysis", "runtime", 10),
+    localrule: True
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m analysis findings --summary-dir {params.summary_dir} --baselines {input.baselines} "
+        "--run-dirs {params.run_dirs} --still-learning-slope {params.still_learning_slope} --out {output} "
+        "{params.pairs} > {log} 2>&1"
+
+
+rule compute:
+    input:
+        # Benchmark files are outputs of their jobs, so they are valid inputs here.
+        benchmarks=study_benchmarks(),
+        train_summaries=run_files("train_summary.json"),
+        evals=eval_files(),
+    output:
+        csv=f"{SUMMARY}/compute.csv",
+        html=captioned(f"{SUMMARY}/compute.html", "compute", "Summary", table="compute breakdown"),
+    log:
+        f"{LOGS}/compute.log",
+    params:
+        runs_root=Path(RUN).parents[1],  # results/runs
+    threads: 1
+    resources:
+        mem_mb=job("analysis", "mem_mb", 2000),
+        runtime=job("analysis", "runtime", 10),
+    localrule: True
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m analysis compute --benchmarks {input.benchmarks} --runs-root {params.runs_root}"
+        " --out-csv {output.csv} --out-html {output.html} > {log} 2>&1"
+
+
+ANALYSIS_OUTPUTS = [*rules.statistics.output, *rules.figures.output, *rules.aggregate.output,
+                    *rules.findings.output, *rules.compute.output]

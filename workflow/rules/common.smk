@@ -1,4 +1,5 @@
 # Config validation (schema, then gtmoe's typed checks) and the paths every stage shares.
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,6 @@ validate(config, "../schemas/config.schema.yaml")
 DATA = "results/data"
 SHARDS = f"{DATA}/shards"
 RUN = "results/runs/{variant}/seed{seed}"
-RUN_CONFIG = "results/configs/{variant}/seed{seed}.yaml"
 SUMMARY = "results/summary"
 FIGURES = "results/figures"
 LOGS = "results/logs"
@@ -59,6 +59,19 @@ def run_files(name, variants=VARIANTS):
 
 def eval_files(variants=VARIANTS):
     return [f"{d}/eval_{split}.json" for d in run_dirs(variants) for split in EVAL_SPLITS]
+
+
+def study_benchmarks():
+    """The benchmark file of every job that runs before the `compute` rule (called after all rules are
+    defined; `compute`'s own benchmark and the report are not counted)."""
+    grid = dict(variant=VARIANTS, seed=SEEDS, split=EVAL_SPLITS)  # each rule takes the wildcards it has
+    files = [str(rules.corpus.benchmark), str(rules.tokenizer.benchmark),
+             *expand(str(rules.shards.benchmark), split=SPLITS)]
+    for name in ("ngram_baselines", "run_config", "train", "evaluate", "aggregate", "statistics", "figures",
+                 "findings"):
+        if rules.has(name):
+            files += expand(str(getattr(rules, name).benchmark), **grid)
+    return list(dict.fromkeys(files))
 
 
 def job(stage, key, default=None):

@@ -10,6 +10,7 @@ rule corpus:
     benchmark:
         f"{BENCHMARKS}/corpus.tsv"
     params:
+        corpus=config["data"].get("corpus", "wikitext-2"),
         source=config["data"]["source"],
         local_dir=(
             f"--local-dir {config['data']['local_dir']}" if config["data"].get("local_dir") else ""
@@ -22,7 +23,7 @@ rule corpus:
     conda:
         CONDA_ENV
     shell:
-        "python -m gtmoe prepare corpus --source {params.source} {params.local_dir} "
+        "python -m gtmoe prepare corpus --corpus {params.corpus} --source {params.source} {params.local_dir} "
         "--out {params.out_dir} > {log} 2>&1"
 
 

@@ -1,20 +1,32 @@
-# Every metric of SPEC §5 for one run on one split (CUDA when the job has a GPU).
+# Every metric of SPEC §5 for one run, on the validation and test splits from one model load
+# (CUDA when the job has a GPU).
 
 
 rule evaluate:
     input:
         checkpoint=f"{RUN}/checkpoint.pt",
         config=f"{RUN}/config.yaml",
-        shards=f"{SHARDS}/{{split}}",
+        shards=expand(f"{SHARDS}/{{split}}", split=EVAL_SPLITS),
     output:
-        captioned(f"{RUN}/eval_{{split}}.json", "run_evaluation", "Summary", "per-run evaluations",
-                  variant="{variant}", seed="{seed}", split="{split}"),
+        **{
+            split: captioned(
+                f"{RUN}/eval_{split}.json",
+                "run_evaluation",
+                "Summary",
+                "per-run evaluations",
+                variant="{variant}",
+                seed="{seed}",
+                split=split,
+            )
+            for split in EVAL_SPLITS
+        },
     log:
-        f"{LOGS}/evaluate/{{variant}}/seed{{seed}}_{{split}}.log",
+        f"{LOGS}/evaluate/{{variant}}/seed{{seed}}.log",
     benchmark:
-        f"{BENCHMARKS}/evaluate/{{variant}}/seed{{seed}}_{{split}}.tsv"
+        f"{BENCHMARKS}/evaluate/{{variant}}/seed{{seed}}.tsv"
     params:
         run_dir=subpath(input.config, parent=True),
+        splits=EVAL_SPLITS,
     threads: job("evaluate", "threads", 1)
     resources:
         mem_mb=job("evaluate", "mem_mb", 4000),
@@ -23,5 +35,5 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "python -m gtmoe evaluate --run {params.run_dir} --split {wildcards.split} --out {output} "
-        "--threads {threads} > {log} 2>&1"
+        "python -m gtmoe evaluate --run {params.run_dir:q} --split {params.splits:q} --out {output:q} "
+        "--threads {threads} > {log:q} 2>&1"

@@ -1,26 +1,10 @@
-# One training run per (variant, seed). The run config is resolved from config.yaml, so editing a
-# variant's settings reruns exactly that variant's runs (Snakemake's params trigger).
-
-
-rule run_config:
-    output:
-        RUN_CONFIG,
-    log:
-        f"{LOGS}/run_config/{{variant}}/seed{{seed}}.log",
-    benchmark:
-        f"{BENCHMARKS}/run_config/{{variant}}/seed{{seed}}.tsv"
-    params:
-        resolved=lambda wc: STUDY.run_config(wc.variant, int(wc.seed), SHARDS).to_dict(),
-    localrule: True
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/write_run_config.py"
+# One training run per (variant, seed). The resolved run config is a parameter of the job (no job of
+# its own writes it), so editing a variant's settings reruns exactly that variant's runs (Snakemake's
+# params trigger); the job records it as config.yaml in the run directory.
 
 
 rule train:
     input:
-        config=RUN_CONFIG,
         shards=f"{SHARDS}/train",
     output:
         checkpoint=f"{RUN}/checkpoint.pt",
@@ -34,6 +18,7 @@ rule train:
         f"{BENCHMARKS}/train/{{variant}}/seed{{seed}}.tsv"
     params:
         run_dir=subpath(output.summary, parent=True),
+        run_config=lambda wc: json.dumps(STUDY.run_config(wc.variant, int(wc.seed), SHARDS).to_dict()),
     threads: job("train", "threads", 1)
     resources:
         mem_mb=job("train", "mem_mb", 4000),
@@ -43,4 +28,5 @@ rule train:
         CONDA_ENV
     shell:
         # Appends: a resumed run's log keeps the interrupted attempt above it.
-        "python -m gtmoe train --config {input.config} --out {params.run_dir} --threads {threads} >> {log} 2>&1"
+        "python -m gtmoe train --config-json {params.run_config:q} --out {params.run_dir:q} --threads {threads} "
+        ">> {log:q} 2>&1"

@@ -1,0 +1,26 @@
+# Reference n-gram models (unigram, interpolated bigram) on the study's token shards: counted on
+# train, interpolation weight tuned on validation. The tables and figures show them as reference rows
+# and lines, so a reader sees at once whether the trained models beat a bigram.
+
+NGRAM = "results/baselines/ngram.json"
+
+
+rule ngram_baselines:
+    input:
+        expand(f"{SHARDS}/{{split}}", split=SPLITS),
+    output:
+        NGRAM,
+    log:
+        f"{LOGS}/ngram_baselines.log",
+    benchmark:
+        f"{BENCHMARKS}/ngram_baselines.tsv"
+    params:
+        shards=subpath(input[0], parent=True),
+    threads: 1
+    resources:
+        mem_mb=job("prepare", "mem_mb", 4000),
+        runtime=job("prepare", "runtime", 20),
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m gtmoe baselines --shards {params.shards} --out {output} > {log} 2>&1"
