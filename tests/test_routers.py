@@ -119,7 +119,7 @@ def test_rdesi_state_update_follows_the_spec():
     assert torch.allclose(router.load_ema, o["lam"] * 1.0 + (1 - o["lam"]) * N_EXPERTS * f)
     assert torch.allclose(router.usage, N_EXPERTS * f)
     assert router.steps.item() == 1
-    assert torch.allclose(router.bonus(), 0.1 * torch.sqrt(math.log(2.0) / (N_EXPERTS * f + 1)))
+    assert torch.allclose(router.bonus(), router.options.c * torch.sqrt(math.log(2.0) / (N_EXPERTS * f + 1)))
     assert router.step_counts.sum() == 0 and router.perf_count.sum() == 0  # accumulators reset
 
 
