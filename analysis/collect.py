@@ -272,6 +272,15 @@ def variant_order(frame: pd.DataFrame) -> list[str]:
     return [str(v) for v in pd.unique(column)]
 
 
+def _read_run_logs(run_dirs: Iterable[str | Path], name: str, keep: set[tuple[str, int]] | None):
+    """(variant, seed, log) for each run directory holding the parquet log `name`, restricted to `keep`."""
+    for run_dir in run_dirs:
+        variant, seed = parse_run_dir(run_dir)
+        file = Path(run_dir) / name
+        if (keep is None or (variant, seed) in keep) and file.is_file():
+            yield variant, seed, pd.read_parquet(file)
+
+
 def load_train_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None,
                     variants: Sequence[str] | None = None) -> pd.DataFrame:
     """Concatenate the training logs of the given runs, with ``variant`` and ``seed`` columns.
@@ -280,14 +289,8 @@ def load_train_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] |
     others); ``keep`` and ``variants`` work as in ``load_router_logs``. A resumed run can
     log a step twice: the last entry of each step is kept.
     """
-    frames = []
-    for run_dir in run_dirs:
-        variant, seed = parse_run_dir(run_dir)
-        file = Path(run_dir) / TRAIN_LOG
-        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
-            continue
-        log = pd.read_parquet(file).drop_duplicates("step", keep="last")
-        frames.append(log.assign(variant=variant, seed=seed))
+    frames = [log.drop_duplicates("step", keep="last").assign(variant=variant, seed=seed)
+              for variant, seed, log in _read_run_logs(run_dirs, TRAIN_LOG, keep)]
     if frames:
         logs = pd.concat(frames, ignore_index=True)
         logs = logs[["variant", "seed", *(c for c in logs.columns if c not in ("variant", "seed"))]]
@@ -311,16 +314,9 @@ def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] 
     ``variants`` makes ``variant`` an ordered categorical in study order (figure colours
     and legends then match the other figures).
     """
-    frames = []
-    for run_dir in run_dirs:
-        variant, seed = parse_run_dir(run_dir)
-        file = Path(run_dir) / ROUTER_LOG
-        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
-            continue
-        log = pd.read_parquet(file)
-        # Columns a router has no state for may be absent from a log; NaN says "no such state".
-        log = log.reindex(columns=ROUTER_LOG_COLUMNS)
-        frames.append(log.assign(variant=variant, seed=seed))
+    # Columns a router has no state for may be absent from a log; NaN says "no such state".
+    frames = [log.reindex(columns=ROUTER_LOG_COLUMNS).assign(variant=variant, seed=seed)
+              for variant, seed, log in _read_run_logs(run_dirs, ROUTER_LOG, keep)]
     columns = ["variant", "seed", *ROUTER_LOG_COLUMNS]
     if frames:
         logs = pd.concat(frames, ignore_index=True)[columns]
