@@ -10,8 +10,26 @@ figures  -- seaborn figures (PNG) for the report.
 The command line interface (``python -m analysis --help``) is in ``__main__``.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 RUN_OK = "ok"
 RUN_MISSING = "missing"
 RUN_FAILED = "failed"
 
-__all__ = ["RUN_OK", "RUN_MISSING", "RUN_FAILED"]
+__all__ = ["RUN_OK", "RUN_MISSING", "RUN_FAILED", "OutputError", "writing"]
+
+
+class OutputError(RuntimeError):
+    """An output file could not be written (full disk, permissions); the message names it and the fix."""
+
+
+@contextmanager
+def writing(path) -> Iterator[None]:
+    """Turn an OSError while the block writes `path` into an OutputError naming `path` and the recovery."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or exc.__class__.__name__
+        raise OutputError(f"cannot write {path} ({reason}); free space or fix the permissions there and rerun "
+                          "(snakemake reruns this job)") from None

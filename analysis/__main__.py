@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import RUN_OK, collect, compute, figures, findings, stats, tables
+from analysis import RUN_OK, OutputError, collect, compute, figures, findings, stats, tables, writing
 
 # Fixed output names (the workflow declares them as rule outputs).
 STATUS_HTML_SUFFIX = ".html"
@@ -70,8 +70,9 @@ def _pairs(tidy: pd.DataFrame, args: argparse.Namespace) -> tuple[list, list]:
 def run_aggregate(args: argparse.Namespace) -> int:
     tidy, status = collect.collect_runs(args.run_dirs, args.variants, args.seeds)
     out_table = Path(args.out_table)
-    out_table.parent.mkdir(parents=True, exist_ok=True)
-    tidy.to_parquet(out_table, index=False)
+    with writing(out_table):
+        out_table.parent.mkdir(parents=True, exist_ok=True)
+        tidy.to_parquet(out_table, index=False)
     status_html = args.out_status_html or Path(args.out_status).with_suffix(STATUS_HTML_SUFFIX)
     tables.write_status(status, args.out_status, status_html)
     for row in status[status["status"] != RUN_OK].itertuples():
@@ -261,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--power {args.power} must exceed --alpha {args.alpha} (power is alpha at no difference)")
     try:
         return args.handler(args)
-    except ValueError as error:  # configuration errors (unknown reference, stray run dir)
-        print(f"python -m analysis {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OutputError) as error:  # configuration errors (unknown reference, stray run dir), writes
+        print(f"error: python -m analysis {args.command}: {error}", file=sys.stderr)
         return 2
 
 

@@ -37,6 +37,10 @@ MODEL_LEVEL = "all"
 DENSE_ROUTER = "dense"
 
 # Eval-JSON keys that identify a run rather than measure it (everything else numeric is kept).
+# Model-level load metrics every routed run's eval JSON must hold as finite numbers (gtmoe.evaluate's
+# LOAD_METRICS; it writes null for a non-finite value). Dense runs (router "dense", or n_experts 0) have none.
+LOAD_METRICS = ("gini", "load_entropy", "cv", "maxvio_global", "maxvio_batch", "dead_experts", "drop_rate",
+                "token_expert_mi")
 _EVAL_ID_KEYS = frozenset({"variant", "seed", "split", "router", "status", "per_layer"})
 _PER_LAYER_ID_KEYS = frozenset({"layer", "load"})
 _SEED_DIR = re.compile(r"^seed(\d+)$")
@@ -148,6 +152,12 @@ def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, spli
     ppl = evaluation.get("ppl")
     if not _is_number(ppl) or not math.isfinite(ppl):
         problems.append(f"{name}: non-finite ppl ({ppl!r})")
+    if evaluation.get("router") != DENSE_ROUTER and evaluation.get("n_experts") != 0:
+        for metric in LOAD_METRICS:
+            value = evaluation.get(metric)
+            if not _is_number(value) or not math.isfinite(value):
+                problems.append(f"{name}: non-finite load metric {metric} ({value!r}; null is how gtmoe "
+                                "writes NaN/inf)")
     found = (evaluation.get("variant"), evaluation.get("seed"), evaluation.get("split"))
     if found != (variant, seed, split):
         problems.append(f"{name}: written for (variant, seed, split)={found!r}")

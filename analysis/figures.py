@@ -24,6 +24,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from analysis import writing  # noqa: E402
 from analysis.collect import MODEL_LEVEL, variant_order  # noqa: E402
 from analysis.stats import (  # noqa: E402
     CONFIDENCE,
@@ -52,9 +53,12 @@ def variant_palette(variants: Sequence[str]) -> dict[str, tuple]:
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from analysis import RUN_OK
+from analysis import RUN_OK, writing
 from analysis.stats import (
     ALPHA,
     CONFIDENCE,
@@ -371,8 +371,10 @@ def render(inputs: FindingsInputs) -> str:
 
 def write_findings(inputs: FindingsInputs, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(inputs), encoding="utf-8")
+    page = render(inputs)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
     return path
 
 

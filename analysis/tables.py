@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import RUN_FAILED, RUN_MISSING, RUN_OK
+from analysis import RUN_FAILED, RUN_MISSING, RUN_OK, writing
 from analysis.stats import (ALPHA, CONFIDENCE, EXPLORATORY, HIGHER_IS_BETTER, LOWER_IS_BETTER, POWER,
                             REFERENCE_BASELINE, metric_label)
 
@@ -124,9 +124,12 @@ def html_page(title: str, caption: str, sections: Sequence[tuple[str, str]]) -> 
 def _write(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
     csv_path, html_path = Path(csv_path), Path(html_path)
     for path in (csv_path, html_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(csv_path, index=False)
-    html_path.write_text(page, encoding="utf-8")
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(csv_path):
+        frame.to_csv(csv_path, index=False)
+    with writing(html_path):
+        html_path.write_text(page, encoding="utf-8")
     return csv_path, html_path
 
 
@@ -265,7 +268,7 @@ def write_status(status: pd.DataFrame, csv_path: str | Path, html_path: str | Pa
         f"Every expected (variant, seed) run: {counts.get(RUN_OK, 0)} ok, "
         f"{counts.get(RUN_MISSING, 0)} missing, {counts.get(RUN_FAILED, 0)} failed. "
         "Only ok runs enter the statistics; the detail column says what is missing or why "
-        "a run failed (evaluation status not ok, non-finite perplexity, unreadable file).")
+        "a run failed (evaluation status not ok, non-finite perplexity or load metric, unreadable file).")
     columns = ["variant", "seed", "status", "router", "detail", "run_dir"]
     rows = [{"variant": r.variant, "seed": str(r.seed), "status": r.status,
              "router": r.router if isinstance(r.router, str) else NA,

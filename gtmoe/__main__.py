@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from gtmoe.config import ConfigError
@@ -51,7 +52,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise unwritable(out, exc, "the evaluation output") from None
-    results = evaluate_splits(args.run, args.split, device=args.device)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an evaluation killed mid-write
+            stale.unlink(missing_ok=True)
+    settings = _eval_settings(args.eval_json) if args.eval_json is not None else None
+    results = evaluate_splits(args.run, args.split, device=args.device, eval_settings=settings)
     for split, out in zip(args.split, args.out):
         result = results[split]
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -64,6 +68,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             tmp.unlink(missing_ok=True)
         logging.getLogger("gtmoe").info("evaluate %s %s: ppl %.2f gini %s -> %s", args.run, split, result["ppl"],
                                         result["gini"], out)
+
+
+def _eval_settings(text: str):
+    """--eval-json: the `eval` section of a run config (gtmoe.config.EvalConfig), validated."""
+    from gtmoe.config import EvalConfig, from_dict
+
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--eval-json is not valid JSON ({exc}); pass the run config's eval section, "
+                          'e.g. \'{"max_blocks": {"test": 0}}\'') from None
+    settings = from_dict(EvalConfig, raw, "eval")
+    settings.validate()
+    return settings
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
@@ -112,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="output JSON file(s), one per --split, in the same order")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                           help="device (default: the run's train.device; auto = CUDA when available)")
+    evaluate.add_argument("--eval-json", default=None, metavar="JSON",
+                          help="evaluation settings as JSON, replacing the run config's `eval` section "
+                               "(how the workflow passes the current ones; default: the run's config.yaml)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
@@ -138,12 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, RunError) as exc:
+    except (ConfigError, DataError, RunError, NonFiniteLossError) as exc:
+        if args.verbose:  # the one-line error stays last; the traceback is for debugging gtmoe itself
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(exc, NonFiniteLossError) else 2
     return 0
 
 

@@ -156,11 +156,16 @@ def write_ngram_baselines(shard_dir: str | Path, out: str | Path) -> dict:
     start = time.perf_counter()
     result = ngram_baselines(shard_dir)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a job killed mid-write
+            stale.unlink(missing_ok=True)
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, out)
+    except OSError as exc:
+        raise DataError(f"cannot write the n-gram baselines {out} ({exc.strerror or exc}); free space or fix the "
+                        "permissions there (or pass another --out) and rerun") from None
     finally:
         tmp.unlink(missing_ok=True)
     for name, model in result["models"].items():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,14 +24,163 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
+MAX_VALUE_CHARS = 80  # an error message shows at most this much of a value
+_VALUE_REPR = reprlib.Repr()  # bounded: never walks a whole (possibly huge or shared) nested value
+_VALUE_REPR.maxstring = _VALUE_REPR.maxother = MAX_VALUE_CHARS
+_VALUE_REPR.maxlevel = 3
+_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = _VALUE_REPR.maxset = 8
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) cut to MAX_VALUE_CHARS characters (with '...'), without formatting all of a large value."""
+    text = _VALUE_REPR.repr(value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
+
+
 def _fail(key: str, value: Any, why: str) -> typing.NoReturn:
-    raise ConfigError(f"config key '{key}' = {value!r}: {why}")
+    raise ConfigError(f"config key '{key}' = {short_repr(value)}: {why}")
 
 
 def check(ok: bool, key: str, value: Any, why: str) -> None:
     """Raise a ConfigError naming `key` and `value` unless `ok`."""
     if not ok:
         _fail(key, value, why)
+
+
+# ------------------------------------------------------------------ strict YAML
+
+MAX_YAML_BYTES = 1 << 20  # a config file is a few KB; refuse anything over 1 MiB before parsing it
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate mapping keys, YAML anchors/aliases and merge keys.
+
+    Aliases are refused outright (not just limited): a few hundred bytes of nested aliases
+    expand to gigabytes once anything walks the value, and no gtmoe config needs them.
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind, name = ("alias", f"*{event.anchor}") if isinstance(event, yaml.AliasEvent) else \
+                ("anchor", f"&{event.anchor}")
+            raise yaml.constructor.ConstructorError(
+                None, None, f"YAML {kind} {name} is not accepted (anchors and aliases are refused); "
+                            "write the value out in full", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "YAML merge key '<<' is not accepted; write the keys out", key_node.start_mark)
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: SafeLoader reports it below
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)} (first on line {first}); keep only one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        if len(str(node.value)) > 40:  # far beyond int64; Python would refuse to parse > 4300 digits anyway
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(str(node.value))} characters is out of range", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"{where}: duplicate key {short_repr(key)} in a JSON object; keep only one")
+        out[key] = value
+    return out
+
+
+def load_yaml(source: str | Path, origin: str | None = None) -> Any:
+    """Parse YAML strictly (StrictLoader): `source` is a file if a Path, else the YAML text itself.
+
+    Every problem is a ConfigError naming the file (or `origin`) and the line: a missing file, a
+    directory, an unreadable or oversized file, malformed YAML, a duplicate key, an anchor or alias.
+    """
+    if isinstance(source, Path):
+        where = origin or str(source)
+        if source.is_dir():
+            raise ConfigError(f"{where} is a directory, not a YAML file; pass the config file itself")
+        try:
+            size = source.stat().st_size
+            if size > MAX_YAML_BYTES:
+                raise ConfigError(f"{where} is {size} bytes, over the {MAX_YAML_BYTES}-byte limit for a "
+                                  "config file; is it the right file?")
+            text = source.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{where} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                              "pass the YAML config file") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {where}: {exc.strerror or exc}; check the path and its "
+                              "permissions") from None
+    else:
+        where, text = origin or "<config>", source
+        if len(text) > MAX_YAML_BYTES:
+            raise ConfigError(f"{where} is {len(text)} characters, over the {MAX_YAML_BYTES} limit for a config")
+    if text.lstrip().startswith("{"):  # a JSON config (Snakemake accepts those too; JSON may hold tabs YAML refuses)
+        try:
+            return json.loads(text, object_pairs_hook=lambda pairs: _unique_json_keys(pairs, where))
+        except json.JSONDecodeError:
+            pass  # YAML flow mapping: parsed below
+        except ConfigError:
+            raise
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"{where}: invalid JSON: {short_repr(str(exc))}") from None
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}{line}: invalid YAML: {problem}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. nesting deeper than Python's recursion limit
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else short_repr(str(exc))
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+
+
+# ------------------------------------------------------------------ bounds
+
+INT64_LIMIT = 2**63  # every integer option must fit a signed 64-bit integer (seeds: [0, 2**63))
+# Hard caps, checked before anything is allocated: far beyond what one device can train, so they only stop
+# typos and absurd values (`n_experts: 100000`, `max_seq_len: 1000000000`); memory_estimate_mb checks the rest.
+MODEL_LIMITS = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "max_seq_len": 1 << 20,
+                "moe_every": 1024, "n_experts": 4096, "top_k": 4096, "d_expert": 1 << 18}
+TRAIN_LIMITS = {"batch_size": 1 << 16, "grad_accum": 1 << 16}
+MAX_PARAMETERS = 1 << 33  # 8.6e9 parameters = 137 GB of fp32 weights, gradients and AdamW state: no single device
+
+
+def check_number(value: Any, key: str) -> None:
+    """A float must be finite (no nan, inf) and an int must lie in (-2**63, 2**63)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float):
+        check(math.isfinite(value), key, value, "must be a finite number (not nan or inf)")
+    elif isinstance(value, int):
+        check(-INT64_LIMIT < value < INT64_LIMIT, key, value, "must be an integer in (-2**63, 2**63)")
+
+
+def check_numbers(options: Any, prefix: str) -> None:
+    """check_number on every field of dataclass `options` (model, train, router options)."""
+    for f in dataclasses.fields(options):
+        check_number(getattr(options, f.name), f"{prefix}.{f.name}")
 
 
 @dataclass
@@ -47,9 +198,11 @@ class ModelConfig:
     d_expert: int = 256  # hidden size of one SwiGLU expert
 
     def validate(self, prefix: str = "model") -> None:
+        check_numbers(self, prefix)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every", "n_experts", "top_k", "d_expert"):
             value = getattr(self, name)
             check(value > 0, f"{prefix}.{name}", value, "must be > 0")
+            check(value <= MODEL_LIMITS[name], f"{prefix}.{name}", value, f"must be <= {MODEL_LIMITS[name]}")
         check(self.vocab_size >= 258, f"{prefix}.vocab_size", self.vocab_size,
               "must be >= 258 (256 byte symbols + <unk> + <|endoftext|>)")
         check(self.d_model % self.n_heads == 0, f"{prefix}.d_model", self.d_model,
@@ -85,6 +238,7 @@ class RouterConfig:
 
         entry = routers.get(self.name, key=f"{prefix}.name")
         options = from_dict(entry.Config, self.options, prefix)
+        check_numbers(options, prefix)
         options.validate(prefix)
         return options
 
@@ -122,10 +276,14 @@ class TrainConfig:
     max_skipped_steps: int = 10
 
     def validate(self, prefix: str = "train") -> None:
+        check(isinstance(self.seed, int) and 0 <= self.seed < INT64_LIMIT, f"{prefix}.seed", self.seed,
+              "must be an integer in [0, 2**63)")
+        check_numbers(self, prefix)
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every", "router_log_every", "max_skipped_steps"):
             value = getattr(self, name)
             check(value > 0, f"{prefix}.{name}", value, "must be > 0")
-        check(self.seed >= 0, f"{prefix}.seed", self.seed, "must be >= 0")
+            if name in TRAIN_LIMITS:
+                check(value <= TRAIN_LIMITS[name], f"{prefix}.{name}", value, f"must be <= {TRAIN_LIMITS[name]}")
         check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         check(0 <= self.warmup_steps < self.max_steps, f"{prefix}.warmup_steps", self.warmup_steps,
@@ -163,6 +321,7 @@ class EvalConfig:
                   "keys must be splits: train, validation, test")
             check(isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 0,
                   f"{prefix}.max_blocks.{split}", blocks, "must be an integer >= 0 (0 = the whole split)")
+            check_number(blocks, f"{prefix}.max_blocks.{split}")
         check(self.saturation_blocks >= 0, f"{prefix}.saturation_blocks", self.saturation_blocks, "must be >= 0")
 
 
@@ -182,12 +341,71 @@ class RunConfig:
         self.router.for_horizon(self.train.max_steps)
         self.data.validate()
         self.eval.validate()
+        params = parameter_count(self)
+        check(params <= MAX_PARAMETERS, "model", f"{params:,} parameters",
+              f"more than {MAX_PARAMETERS:,} ({MAX_PARAMETERS * 16 // 10**9} GB of weights, gradients and AdamW "
+              "state); lower model.n_experts, d_expert, d_model, n_layers or vocab_size")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["router"] = self.router.to_dict()
         return out
+
+
+RUNTIME_OVERHEAD_MB = 500  # Python + PyTorch + pandas/pyarrow resident before the model (torch alone: ~300 MB)
+
+
+def parameter_count(cfg: RunConfig) -> int:
+    """Trainable parameters of the model `cfg` builds (as gtmoe.model.MoETransformer does), without building it."""
+    from gtmoe import routers
+
+    m = cfg.model
+    d, moe = m.d_model, issubclass(routers.get(cfg.router.name, key="router.name"), routers.Router)
+    n_moe = m.n_layers // m.moe_every if moe else 0
+    embeddings = m.vocab_size * d + (m.max_seq_len * d if m.positional == "learned" else 0)  # lm_head is tied
+    attention = 4 * d * d + 2 * d  # qkv, proj, two RMSNorms
+    moe_ffn = m.n_experts * 3 * d * m.d_expert + d * m.n_experts  # experts' SwiGLU + gate
+    dense_ffn = 3 * d * m.top_k * m.d_expert
+    return embeddings + m.n_layers * attention + n_moe * moe_ffn + (m.n_layers - n_moe) * dense_ffn + d
+
+
+def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activations: bool = True) -> float:
+    """A rough upper bound of the peak memory (MB) of one `train` or `evaluate` job of `cfg`.
+
+    All in fp32 (4 bytes), P = parameter_count(cfg), T = batch_size * seq_len tokens per micro-batch
+    (training and evaluation route in groups of one training micro-batch), H heads, L layers:
+
+    - train: 7 P (weights, gradients, AdamW's two moments, and a transient copy of weights + moments
+      while a checkpoint is saved or loaded for a resume); evaluate: 3 P (the model, the loaded checkpoint,
+      the saturation checkpoint's model).
+    - activations kept for the backward pass (train), per layer: ~16 d per token on the attention path,
+      3 E for the gate, r (2 d + 4 d_expert) for the r expert rows a token is dispatched to (r = top_k, or
+      up to capacity_factor * top_k for capacity routers), plus 2 B H S^2 for attention scores
+      (materialised by the math kernel on CPU); and 3 T V for logits, log-softmax and their gradient.
+      `evaluate` keeps no activations for backward: one layer's worth plus the logits.
+    - the rotary tables (2 L S_max d/H / 2) and RUNTIME_OVERHEAD_MB for the interpreter and libraries.
+
+    `activations=False` leaves activations out: for a GPU job they live on the device, not in the host
+    memory that resources.*.mem_mb reserves. The estimate errs high; it exists to refuse a configuration
+    that cannot fit before a job allocates until the OS kills it.
+    """
+    m, t = cfg.model, cfg.train
+    params = parameter_count(cfg)
+    d, e, k, de, layers = m.d_model, m.n_experts, m.top_k, m.d_expert, m.n_layers
+    tokens = t.batch_size * seq_len
+    rows = float(k)
+    capacity = cfg.router.options.get("capacity_factor")
+    if isinstance(capacity, (int, float)) and math.isfinite(capacity):
+        rows = max(rows, min(float(e), capacity * k))
+    per_layer = tokens * (16 * d + 3 * e + rows * (2 * d + 4 * de)) + 2 * t.batch_size * m.n_heads * seq_len ** 2
+    logits = 3 * tokens * m.vocab_size
+    buffers = layers * m.max_seq_len * (d // m.n_heads) if m.positional == "rope" else 0
+    if stage == "train":
+        floats = 7 * params + buffers + (layers * per_layer + logits if activations else 0)
+    else:
+        floats = 3 * params + buffers + (per_layer + logits if activations else 0)
+    return RUNTIME_OVERHEAD_MB + 4 * floats / 2**20
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -230,18 +448,32 @@ def from_dict(cls: type, raw: Any, prefix: str):
             if annotation is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             check(_type_ok(value, annotation), where, value, f"must be of type {getattr(annotation, '__name__', annotation)}")
+            check_number(value, where)
             values[key] = value
     return cls(**values)
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a run's YAML (as the workflow writes it)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"run config {path} does not exist") from None
+REQUIRED_RUN_KEYS = ("variant", "router")  # a run file must say what it is: no default model, no default router
+
+
+def _run_config(raw: Any, origin: str) -> RunConfig:
+    raw = {} if raw is None else raw  # an empty file
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin} must be a mapping of run config sections (variant, model, router, train, "
+                          f"data, eval), not {short_repr(raw)}")
+    for key in REQUIRED_RUN_KEYS:
+        if key not in raw:
+            raise ConfigError(f"config key '{key}' is missing in {origin}: a run config must name its variant and "
+                              "its router explicitly (e.g. variant: topk and router: {name: topk}); "
+                              "write the run config the workflow writes (results/runs/VARIANT/seedN/config.yaml)")
     return from_dict(RunConfig, raw, "").validate()
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read (strictly, see load_yaml) and validate a run's YAML (as the workflow writes it)."""
+    path = Path(path)
+    raw = load_yaml(path, f"run config {path}")
+    return _run_config(raw, f"run config {path}")
 
 
 def parse_run_config(text: str, origin: str) -> RunConfig:
@@ -249,8 +481,8 @@ def parse_run_config(text: str, origin: str) -> RunConfig:
     try:
         raw = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{origin} is not valid JSON ({exc})") from None
-    return from_dict(RunConfig, raw, "").validate()
+        raise ConfigError(f"{origin} is not valid JSON ({short_repr(str(exc))})") from None
+    return _run_config(raw, origin)
 
 
 def save_run_config(cfg: RunConfig, path: str | Path) -> None:

@@ -117,14 +117,39 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _cannot_write(path: Path, exc: OSError) -> DataError:
+    return DataError(f"cannot write {path} ({exc.strerror or exc}); free space or fix the permissions there "
+                     "(or pass another --out) and rerun")
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while the block writes ``path`` (full disk, permissions) into a DataError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+
+
+def _clear_temporaries(directory: Path, *names: str) -> None:
+    """Remove the temporaries ``.{name}.tmp-PID`` of a process killed mid-write (``name`` may hold ``*``)."""
+    for name in names:
+        for stale in directory.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` and move it into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary sibling of ``path`` and move it into place only if the block succeeds.
+
+    A failed write (disk full, permissions) is a DataError naming ``path``.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -301,7 +326,10 @@ def write_corpus(
     Returns its content.
     """
     out = Path(out_dir)
-    (out / CORPUS_META).unlink(missing_ok=True)
+    with _writing(out / CORPUS_META):
+        (out / CORPUS_META).unlink(missing_ok=True)
+        if out.is_dir():
+            _clear_temporaries(out, CORPUS_META, *(f"{split}.txt" for split in SPLITS))
     summary = {}
     for split in SPLITS:
         lines = corpus.get(split)
@@ -391,16 +419,51 @@ def train_tokenizer(train_lines: Sequence[str], vocab_size: int, out_path: str |
     )
     tokenizer.train_from_iterator(_training_pieces(train_lines), trainer=trainer)
     out_path = Path(out_path)
+    if out_path.parent.is_dir():
+        _clear_temporaries(out_path.parent, out_path.name)
     with _atomic_path(out_path) as tmp:
-        tokenizer.save(str(tmp))
+        try:
+            tokenizer.save(str(tmp))
+        except Exception as exc:  # the tokenizers library raises its own error type for a failed write
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(f"{exc}".strip().splitlines()[0] if f"{exc}".strip() else type(exc).__name__) from None
     return tokenizer
 
 
 def _load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved at ``path``; a DataError naming the file and how to rebuild it if it is unusable."""
     path = Path(path)
+    rebuild = (f"delete it (`rm {path}`) and rerun snakemake, which rebuilds it and then everything built from "
+               f"it (shards, runs); or `python -m gtmoe prepare tokenizer --corpus DIR --out {path}`")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a tokenizer file; remove it (`rm -r {path}`) and rerun "
+                        "snakemake, or pass the tokenizer.json file")
     if not path.is_file():
         raise DataError(f"{path} not found; build it with `python -m gtmoe prepare tokenizer --out {path}`")
-    return Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # OSError, or the tokenizers library's own error for a corrupt file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"tokenizer {path} is unreadable or corrupt ({reason}); {rebuild}") from None
+    if tokenizer.token_to_id(EOT) is None:
+        raise DataError(f"tokenizer {path} has no {EOT} token (not written by gtmoe, or damaged); {rebuild}")
+    return tokenizer
+
+
+def tokenizer_problem(path: str | Path) -> str | None:
+    """Why an existing tokenizer file is unusable (None if it is fine or absent: absent ones get built).
+
+    Checked when Snakemake parses the workflow: a corrupt tokenizer newer than the shards would
+    otherwise make Snakemake delete the good shards first, then fail to rebuild them.
+    """
+    if not Path(path).exists():
+        return None
+    try:
+        _load_tokenizer(path)
+    except DataError as exc:
+        return str(exc)
+    return None
 
 
 def _article_starts(lines: Sequence[str]) -> set[int]:
@@ -481,9 +544,11 @@ def write_shards(
     if n_tokens < 2:
         raise DataError(f"a split of {n_tokens} token(s) has no targets; nothing to write to {out_dir}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Readers trust the manifest; drop it first so a crash below leaves no stale one behind.
-    (out / MANIFEST).unlink(missing_ok=True)
+    with _writing(out / MANIFEST):
+        out.mkdir(parents=True, exist_ok=True)
+        # Readers trust the manifest; drop it first so a crash below leaves no stale one behind.
+        (out / MANIFEST).unlink(missing_ok=True)
+        _clear_temporaries(out, MANIFEST, "shard-*.arrow")
 
     width = seq_len + 1
     n_blocks = -(-(n_tokens - 1) // seq_len)

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 
 from gtmoe import metrics
-from gtmoe.config import load_run_config
+from gtmoe.config import EvalConfig, load_run_config
 from gtmoe.data import TokenBlocks
 from gtmoe.model import IGNORE_INDEX, MoETransformer
 from gtmoe.train import (CHECKPOINT, SATURATION_CHECKPOINT, RunError, autocast_context, build_model,
-                         load_checkpoint, peak_memory_mb, resolve_device)
+                         check_config_matches_checkpoint, load_checkpoint, peak_memory_mb, resolve_device)
 
 FLIP_RATE_PREFIX = "flip_rate_"
 EVAL_ORDER_SEED = 0  # fixed: every run evaluates the same blocks in the same groups
@@ -135,8 +135,12 @@ def evaluate(run_dir: str | Path, split: str, *, device: str | None = None) -> d
 
 
 @torch.no_grad()
-def evaluate_splits(run_dir: str | Path, splits: list[str], *, device: str | None = None) -> dict[str, dict]:
+def evaluate_splits(run_dir: str | Path, splits: list[str], *, device: str | None = None,
+                    eval_settings: EvalConfig | None = None) -> dict[str, dict]:
     """Perplexity and load metrics of a finished run on each split, from a single load of the model.
+
+    `eval_settings` replaces the run config's `eval` section (the workflow passes the current one, so
+    editing it needs no retraining); by default the run's config.yaml gives them.
 
     Routing groups are the training micro-batch (train.batch_size blocks of seq_len tokens), so
     capacities, expert choice's look-ahead and MaxVio_batch mean what they meant in training.
@@ -148,9 +152,12 @@ def evaluate_splits(run_dir: str | Path, splits: list[str], *, device: str | Non
     else:
         dev = resolve_device(cfg.train.device, f"{run_dir / 'config.yaml'} key 'train.device'")
     checkpoint = load_checkpoint(run_dir / CHECKPOINT, dev)
+    check_config_matches_checkpoint(run_dir / "config.yaml", cfg, run_dir / CHECKPOINT, checkpoint.get("config"))
     if not checkpoint.get("complete"):
         raise RunError(f"{run_dir / CHECKPOINT} is from step {checkpoint['step']} of {cfg.train.max_steps}: "
                        f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first")
+    if eval_settings is not None:
+        cfg.eval = eval_settings
     model = build_model(cfg).to(dev)
     model.load_state_dict(checkpoint["model"])
     model.eval()

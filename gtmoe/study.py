@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from gtmoe import routers
-from gtmoe.config import ConfigError, RunConfig, check, from_dict
+from gtmoe.config import INT64_LIMIT, ConfigError, RunConfig, check, check_numbers, from_dict, memory_estimate_mb
 
 STILL_LEARNING_SLOPE = 1.0  # default of config.yaml findings.still_learning_slope
-VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+# Matched with fullmatch (`$` alone would also accept a trailing newline); <= 64 characters keeps run
+# directories, rule names and file names far below file-system limits.
+VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 # Workflow rule names a variant's target rule must not shadow.
 RESERVED_NAMES = {"all", "corpus", "tokenizer", "shards", "ngram_baselines", "train", "evaluate", "aggregate",
                   "statistics", "figures", "ablations", "runs", "ngram_baselines", "findings", "compute"}
@@ -46,22 +48,23 @@ class Study:
             check(isinstance(entry, dict), key, entry, "must be a mapping with 'name' and 'router'")
             entry = dict(entry)
             name = entry.pop("name", None)
-            check(isinstance(name, str) and bool(VARIANT_NAME.match(name)), f"{key}.name", name,
-                  "must start with a letter and contain only letters, digits and '_'")
+            check(isinstance(name, str) and bool(VARIANT_NAME.fullmatch(name)), f"{key}.name", name,
+                  "must start with a letter, contain only letters, digits and '_', and be at most 64 characters")
             check(name not in RESERVED_NAMES, f"{key}.name", name,
                   f"is a workflow rule name; reserved: {', '.join(sorted(RESERVED_NAMES))}")
             check(name not in variants, f"{key}.name", name, "duplicate variant name")
             router = entry.pop("router", None)
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
             options = from_dict(routers.get(router, key=f"{key}.router").Config, entry, key)
+            check_numbers(options, key)
             options.validate(key)
             variants[name] = {"name": router, **entry}
 
         seeds = config.get("seeds")
         check(isinstance(seeds, list) and len(seeds) > 0, "seeds", seeds, "must be a non-empty list of integers")
         for seed in seeds:
-            check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seeds", seeds,
-                  "every seed must be an integer >= 0")
+            check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < INT64_LIMIT, "seeds", seeds,
+                  "every seed must be an integer in [0, 2**63)")
         check(len(set(seeds)) == len(seeds), "seeds", seeds, "seeds must be unique")
 
         reference = config.get("reference", "topk")
@@ -77,8 +80,8 @@ class Study:
 
         findings = config.get("findings") or {}
         slope = findings.get("still_learning_slope", STILL_LEARNING_SLOPE)
-        check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope > 0,
-              "findings.still_learning_slope", slope, "must be a number > 0 (nats per 1000 steps)")
+        check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and 0 < slope < float("inf"),
+              "findings.still_learning_slope", slope, "must be a finite number > 0 (nats per 1000 steps)")
 
         study = cls(config, variants, list(seeds), reference, base, members, statistics_settings(config))
         data = config.get("data", {})
@@ -93,6 +96,7 @@ class Study:
                   f"must be <= model.max_seq_len = {cfg.model.max_seq_len}")
             check(data.get("vocab_size") <= cfg.model.vocab_size, "data.vocab_size", data.get("vocab_size"),
                   f"must be <= model.vocab_size = {cfg.model.vocab_size} (the embedding table)")
+            check_memory(cfg, seq_len, config.get("resources") or {}, name)
         return study
 
     @property
@@ -119,6 +123,21 @@ class Study:
         except ConfigError as exc:
             # Name the variant: its router options came from variants[...], the rest from the shared sections.
             raise ConfigError(f"variant '{variant}': {exc}") from None
+
+
+def check_memory(cfg: RunConfig, seq_len: int, resources: dict[str, Any], variant: str) -> None:
+    """The `train` and `evaluate` jobs of `cfg` must fit their resources.<stage>.mem_mb by
+    gtmoe.config.memory_estimate_mb (for a GPU job, gpu > 0: without the activations, which live on the device)."""
+    for stage in ("train", "evaluate"):
+        job = resources.get(stage) or {}
+        limit = job.get("mem_mb")
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool):
+            continue  # the schema requires it for the workflow; absent in in-process checks without resources
+        estimate = memory_estimate_mb(cfg, seq_len, stage, activations=not job.get("gpu"))
+        check(estimate <= limit, f"resources.{stage}.mem_mb", limit,
+              f"variant '{variant}' needs an estimated {estimate:,.0f} MB for one {stage} job (model "
+              f"{cfg.model.n_layers}x{cfg.model.d_model}, {cfg.model.n_experts} experts, vocab {cfg.model.vocab_size}, "
+              f"batch {cfg.train.batch_size}x{seq_len}); shrink the model or batch, or raise resources.{stage}.mem_mb")
 
 
 def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:

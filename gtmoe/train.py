@@ -20,6 +20,7 @@ the run directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -46,6 +47,10 @@ CHECKPOINT = "checkpoint.pt"  # the finished run
 RESUME_CHECKPOINT = "checkpoint_last.pt"  # rolling, while training
 SATURATION_CHECKPOINT = "checkpoint_saturation.pt"
 MANIFEST_SUFFIX = ".manifest.json"  # checkpoint.pt -> checkpoint.pt.manifest.json
+# Every file `train` writes into a run directory (manifests are `<checkpoint>.manifest.json`):
+# their temporaries `.<name>.tmp-PID` are cleared when training starts.
+RUN_DIR_FILES = (CHECKPOINT, RESUME_CHECKPOINT, SATURATION_CHECKPOINT, "config.yaml", "train_log.parquet",
+                 "router_log.parquet", "train_summary.json")
 ROUTER_LOG_COLUMNS = ("step", "layer", "expert", "load", "reputation", "load_hat", "bonus", "bias")
 
 
@@ -168,15 +173,24 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def unwritable(path: Path, exc: OSError, what: str) -> RunError:
-    """The RunError for an OSError writing `path`: names it (or the ancestor that is a file) and what to do."""
+    """The RunError for an OSError writing `path`: names it (or the ancestor that is a file) and what to do.
+
+    Only "not a directory" / "exists" errors are blamed on a file in the way; a full disk
+    or a permission error over an existing file is reported as what it is.
+    """
     reason = exc.strerror or str(exc)
-    ancestor = next((p for p in (path, *path.parents) if p.exists()), None)
+    ancestor = None
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        ancestor = next((p for p in (path, *path.parents) if p.exists()), None)
     if ancestor is not None and not ancestor.is_dir():
         reason = f"{ancestor} is a file, not a directory"
     elif exc.filename and Path(exc.filename) != path:
         reason = f"{reason}: {exc.filename}"
-    return RunError(f"cannot write {what} {path} ({reason}); pass another --out, or free space or fix the "
-                    "permissions there and rerun")
+    return RunError(f"cannot write {what} {path} ({reason}); {_WRITE_RECOVERY}")
+
+
+# How to get past a failed write (full disk, permissions): nothing finished is lost, a rerun continues.
+_WRITE_RECOVERY = "pass another --out, or free space or fix the permissions there and rerun"
 
 
 def prepare_run_dir(out_dir: Path) -> None:
@@ -185,9 +199,11 @@ def prepare_run_dir(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise unwritable(out_dir, exc, "the run directory") from None
-    # Temporary files of a process killed mid-write: never valid, possibly checkpoint-sized.
-    for stale in out_dir.glob(".checkpoint*.tmp-*"):
-        stale.unlink(missing_ok=True)
+    # Temporary files of a process killed mid-write (checkpoints, manifests, config, logs,
+    # summary): never valid, possibly checkpoint-sized.
+    for name in RUN_DIR_FILES:
+        for stale in out_dir.glob(f".{name}*.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 def _write_manifest(checkpoint: Path, entry: dict, replaces: dict | None) -> None:
@@ -255,13 +271,21 @@ def save_checkpoint(obj, path: Path) -> dict:
         _write_manifest(path, entry, replaces)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save may wrap a failed write in a RuntimeError
+        if isinstance(exc, RunError):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
         kept = "the previous checkpoint is kept; " if path.exists() else ""
-        raise RunError(f"cannot write checkpoint {path} ({exc.strerror or exc}); {kept}free space or fix the "
+        raise RunError(f"cannot write checkpoint {path} ({reason}); {kept}free space or fix the "
                        "permissions there and rerun to resume") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return entry
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> None:
@@ -306,6 +330,54 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", *, repair_ma
     except Exception as exc:  # unverified (no manifest) and unreadable: say which and how to recover
         raise RunError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}: {exc}); "
                        f"{_recovery(path)}") from exc
+
+
+# Run-config keys that cannot change the trained weights (a top-level section, or a dotted key):
+# `evaluate` accepts a run whose config.yaml differs from its checkpoint's config only in these.
+WEIGHT_NEUTRAL_KEYS = ("eval", "train.log_every", "train.router_log_every")
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat or {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def _neutral(key: str) -> bool:
+    return any(key == neutral or key.startswith(neutral + ".") for neutral in WEIGHT_NEUTRAL_KEYS)
+
+
+def config_differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, stored value, current value) for every key that differs, weight-neutral keys aside."""
+    a, b = _flatten(stored), _flatten(current)
+    missing = object()
+    return [(key, a.get(key, missing), b.get(key, missing)) for key in sorted(a.keys() | b.keys())
+            if not _neutral(key) and a.get(key, missing) != b.get(key, missing)]
+
+
+def _short(value, limit: int = 40) -> str:
+    text = "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_config_matches_checkpoint(config_path: Path, cfg: RunConfig, checkpoint: Path, stored: dict | None) -> None:
+    """A RunError naming the keys in which `config_path` differs from the config `checkpoint` was trained with."""
+    if stored is None:
+        log.warning("checkpoint %s records no run config (older gtmoe); cannot check it against %s",
+                    checkpoint, config_path)
+        return
+    differences = config_differences(stored, cfg.to_dict())
+    if not differences:
+        return
+    shown = ", ".join(f"{key} ({_short(old)} in the checkpoint, {_short(new)} in {config_path.name})"
+                      for key, old, new in differences[:5])
+    more = f" and {len(differences) - 5} more" if len(differences) > 5 else ""
+    raise RunError(f"{config_path} differs from the config {checkpoint} was trained with: {shown}{more}; "
+                   f"restore {config_path.name} to the trained values, or retrain the run with the new ones "
+                   f"(delete {checkpoint.parent} and rerun snakemake)")
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -539,10 +611,11 @@ def write_outputs(out_dir: Path, cfg: RunConfig, model: MoETransformer, trainlog
         "skipped_steps": skipped, "n_params": n_params, "n_active_params": n_active,
         "peak_mem_mb": peak_memory_mb(device), "device": str(device),
     }
-    try:
-        _write_atomic(out_dir / "train_log.parquet", lambda tmp: train_log.to_parquet(tmp, index=False))
-        _write_atomic(out_dir / "router_log.parquet", lambda tmp: router_log.to_parquet(tmp, index=False))
-        _write_atomic(out_dir / "train_summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
-    except OSError as exc:
-        raise unwritable(out_dir, exc, "the outputs of the run in") from None
+    for name, write in (("train_log.parquet", lambda tmp: train_log.to_parquet(tmp, index=False)),
+                        ("router_log.parquet", lambda tmp: router_log.to_parquet(tmp, index=False)),
+                        ("train_summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))):
+        try:
+            _write_atomic(out_dir / name, write)
+        except OSError as exc:
+            raise unwritable(out_dir / name, exc, "the run output") from None
     return summary

@@ -9,8 +9,9 @@ from gtmoe.config import ConfigError, RunConfig, from_dict, load_run_config, sav
 
 
 def load(tmp_path, raw):
+    """A run config file of `raw` over an explicit variant and router (which a run file must name)."""
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump({"variant": "v", "router": {"name": "topk"}, **raw}))
     return load_run_config(path)
 
 

@@ -187,3 +187,29 @@ def test_lossfree_bias_rate_scales_with_the_run_length_and_is_recorded(tiny_shar
     assert explicit.to_dict()["bias_update_rate"] == 1e-3
     with pytest.raises(ValueError, match="bias_update_rate is unset"):
         routers.get("lossfree")(RouterConfig.from_mapping({"name": "lossfree"}).resolve(), D_MODEL, N_EXPERTS, TOP_K)
+
+
+# --------------------------------------------------------------------------- current eval settings
+
+def test_eval_json_replaces_the_run_configs_eval_settings_and_a_bad_one_is_one_error_line(tmp_path, tiny_shards,
+                                                                                          capsys):
+    """The workflow passes the current `eval` settings (--eval-json), so editing them needs no retraining;
+    without the flag the run's config.yaml gives them."""
+    cfg = tiny_run(tiny_shards, "topk", max_steps=3)
+    cfg.eval.max_blocks = {"validation": 0, "test": 0}
+    train(cfg, tmp_path)
+    out = tmp_path / "t.json"
+    args = ["evaluate", "--run", str(tmp_path), "--split", "test", "--out", str(out)]
+    assert main(args) == 0
+    whole = json.loads(out.read_text())
+    assert whole["eval_blocks"] == whole["split_blocks"] > 6
+    assert main([*args, "--eval-json", json.dumps({"max_blocks": {"test": 6}, "saturation_blocks": 4})]) == 0
+    assert json.loads(out.read_text())["eval_blocks"] == 6
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["eval"]["max_blocks"]["test"] == 0  # untouched
+    capsys.readouterr()
+    for bad, message in (("{", "--eval-json is not valid JSON"),
+                         ('{"max_blocks": {"test": -1}}', "'eval.max_blocks.test' = -1"),
+                         ('{"batch_size": 8}', "'eval.batch_size' = 8: unknown key")):
+        assert main([*args, "--eval-json", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err

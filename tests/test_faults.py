@@ -8,6 +8,7 @@ any job runs where the problem is visible at parse time. Run alone with `pytest 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -35,8 +36,8 @@ from gtmoe.train import (CHECKPOINT, MANIFEST_SUFFIX, RESUME_CHECKPOINT, SATURAT
                          load_checkpoint, manifest_path, train)
 
 from conftest import tiny_run
-from test_workflow import (REPO, SMOKE, WIKITEXT, check_like_the_snakefile, copy_checkout, merged_config,
-                           snakemake, write_override)
+from test_workflow import (ALIAS_BOMB, REPO, SMOKE, WIKITEXT, check_like_the_snakefile, copy_checkout,
+                           merged_config, snakemake, write_override)
 
 pytestmark = pytest.mark.faults
 
@@ -407,6 +408,64 @@ def test_asking_for_cuda_without_it_names_the_setting(finished_run, tiny_shards,
         "error: config key 'train.device' = 'cuda': no CUDA device is available here")
 
 
+DROP = object()  # in BAD_RUN_CONFIGS: remove this key from the valid run config
+BAD_RUN_CONFIGS = {  # `train --config FILE`: FILE's YAML text, None for a directory, or edits of a valid run config
+    "directory": (None, "run.yaml is a directory, not a YAML file"),
+    "malformed YAML": ("variant: topk\nrouter: {name: topk\n", "run.yaml line 3: invalid YAML: expected ',' or '}'"),
+    "empty YAML": ("", "config key 'variant' is missing in run config"),
+    "no router": ({"router": DROP}, "config key 'router' is missing in run config"),
+    "no variant": ({"variant": DROP}, "config key 'variant' is missing in run config"),
+    "duplicate key": ("variant: topk\nrouter: {name: topk}\nvariant: rdesi\n",
+                      "run.yaml line 3: invalid YAML: duplicate key 'variant' (first on line 1)"),
+    "alias bomb": ("variant: topk\nrouter: {name: topk}\n" + ALIAS_BOMB.replace("colour", "junk"),
+                   "run.yaml line 4: invalid YAML: YAML anchor &a is not accepted"),
+    "binary file": (b"\x80\x81PK\x03\x04", "is not UTF-8 text"),
+    "duplicate JSON key": ('{"variant": "topk", "router": {"name": "topk"}, "variant": "x"}',
+                           "run.yaml: duplicate key 'variant' in a JSON object"),
+    "seed >= 2**63": ({"train": {"seed": 2**64}}, "'train.seed' = 18446744073709551616: must be an integer"),
+    "inf lr": ({"train": {"lr": float("inf")}}, "'train.lr' = inf: must be a finite number"),
+    "nan router option": ({"router": {"name": "rdesi", "gamma": float("nan")}}, "'router.gamma' = nan: must be a finite"),
+    "100k experts": ({"model": {"n_experts": 100_000}}, "'model.n_experts' = 100000: must be <= 4096"),
+    "1e9 learned positions": ({"model": {"max_seq_len": 10**9, "positional": "learned"}},
+                              "'model.max_seq_len' = 1000000000: must be <= 1048576"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUN_CONFIGS))
+def test_a_bad_run_config_is_one_error_line_and_trains_nothing(tiny_shards, tmp_path, capsys, case):
+    content, expected = BAD_RUN_CONFIGS[case]
+    path = tmp_path / "run.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        raw = tiny_run(tiny_shards, "topk", max_steps=4).to_dict()
+        for section, value in content.items():
+            if value is DROP:
+                del raw[section]
+            elif section == "router":
+                raw[section] = value
+            else:
+                raw[section].update(value)
+        path.write_text(yaml.safe_dump(raw))
+    started = time.monotonic()
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert expected in single_error_line(capsys.readouterr().err)
+    assert time.monotonic() - started < 5  # refused before anything is built or allocated
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_config_as_json_must_name_its_variant_and_router(tmp_path, capsys):
+    assert main(["train", "--config-json", "{}", "--out", str(tmp_path / "run")]) == 2
+    assert "config key 'variant' is missing in --config-json" in single_error_line(capsys.readouterr().err)
+    assert main(["train", "--config-json", '{"variant": "rdesi"}', "--out", str(tmp_path / "run")]) == 2
+    assert "config key 'router' is missing in --config-json" in single_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 def local_corpus(tmp_path: Path, split_file: str, content: str) -> Path:
     """A local WikiText-2 directory: the real files, except `split_file` with `content`."""
     local = tmp_path / "wikitext"
@@ -608,3 +667,351 @@ def test_train_and_evaluate_write_only_into_their_own_run_directory_and_json(tmp
     assert {path for path, digest in evaluated.items() if trained.get(path) != digest} == {
         tmp_path / run / "eval_test.json"}
     assert set(trained) <= set(evaluated)
+
+
+# --------------------------------------------------------------------------- full disk, leftovers, corrupt data
+# Each command of the pipeline as (CLI main, argv, the directory it writes into), for the tables of cases below.
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny corpus, tokenizer and shards built by `python -m gtmoe prepare` from local files."""
+    from gtmoe.data import LOCAL_FILES
+
+    root = tmp_path_factory.mktemp("prepared")
+    article = [" = Title = ", "", " the cat sat on the mat , and the dog sat on the log .", "",
+               " = = Part = = ", "", " a cat and a dog ; 1 @,@ 000 words of text @-@ like this .", ""]
+    (root / "local").mkdir()
+    for split, name in LOCAL_FILES.items():
+        (root / "local" / name).write_text("\n".join(article * (40 if split == "train" else 8)) + "\n")
+    assert main(["prepare", "corpus", "--source", "local", "--local-dir", str(root / "local"), "--no-verify",
+                 "--out", str(root / "corpus")]) == 0
+    assert main(["prepare", "tokenizer", "--corpus", str(root / "corpus"), "--vocab-size", "300",
+                 "--out", str(root / "tokenizer.json")]) == 0
+    for split in SPLITS:
+        assert main(["prepare", "shards", "--corpus", str(root / "corpus"), "--tokenizer",
+                     str(root / "tokenizer.json"), "--split", split, "--seq-len", "16",
+                     "--out", str(root / "shards" / split)]) == 0
+    return root
+
+
+def _train_command(request, tmp_path):
+    shards = request.getfixturevalue("tiny_shards")
+    config = write_config(tiny_run(shards, "topk", max_steps=8, checkpoint_every=4), tmp_path / "run.yaml")
+    return main, ["train", "--config", config, "--out", str(tmp_path / "run")], tmp_path / "run"
+
+
+def _evaluate_command(request, tmp_path):
+    run, _ = request.getfixturevalue("finished_run")
+    (run / "eval_test.json").write_text("{}\n")  # re-evaluating over an existing result
+    return main, ["evaluate", "--run", str(run), "--split", "test", "--out", str(run / "eval_test.json")], run
+
+
+def _baselines_command(request, tmp_path):
+    shards = request.getfixturevalue("prepared") / "shards"
+    return main, ["baselines", "--shards", str(shards), "--out", str(tmp_path / "base" / "ngram.json")], \
+        tmp_path / "base"
+
+
+def _corpus_command(request, tmp_path):
+    local = request.getfixturevalue("prepared") / "local"
+    return main, ["prepare", "corpus", "--source", "local", "--local-dir", str(local), "--no-verify",
+                  "--out", str(tmp_path / "corpus")], tmp_path / "corpus"
+
+
+def _tokenizer_command(request, tmp_path):
+    corpus = request.getfixturevalue("prepared") / "corpus"
+    return main, ["prepare", "tokenizer", "--corpus", str(corpus), "--vocab-size", "300",
+                  "--out", str(tmp_path / "data" / "tokenizer.json")], tmp_path / "data"
+
+
+def _shards_command(request, tmp_path):
+    prepared = request.getfixturevalue("prepared")
+    return main, ["prepare", "shards", "--corpus", str(prepared / "corpus"), "--tokenizer",
+                  str(prepared / "tokenizer.json"), "--split", "validation", "--seq-len", "16",
+                  "--out", str(tmp_path / "shards" / "validation")], tmp_path / "shards" / "validation"
+
+
+def _analysis_study(tmp_path) -> list[str]:
+    from conftest_analysis import write_study
+
+    return [str(d) for d in write_study(tmp_path / "runs", variants=("dense", "topk"), seeds=(0, 1))]
+
+
+def _aggregate_command(request, tmp_path):
+    from analysis.__main__ import main as analysis_main
+
+    summary = tmp_path / "summary"
+    return analysis_main, ["aggregate", "--run-dirs", *_analysis_study(tmp_path), "--out-table",
+                           str(summary / "runs.parquet"), "--out-status", str(summary / "run_status.csv")], summary
+
+
+def _figures_command(request, tmp_path):
+    from analysis.__main__ import main as analysis_main
+
+    run_dirs = _analysis_study(tmp_path)
+    table = tmp_path / "summary" / "runs.parquet"
+    assert analysis_main(["aggregate", "--run-dirs", *run_dirs, "--out-table", str(table),
+                          "--out-status", str(tmp_path / "summary" / "run_status.csv")]) == 0
+    return analysis_main, ["figures", "--table", str(table), "--run-dirs", *run_dirs,
+                           "--out-dir", str(tmp_path / "figures")], tmp_path / "figures"
+
+
+COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "baselines": _baselines_command,
+            "corpus": _corpus_command, "tokenizer": _tokenizer_command, "shards": _shards_command,
+            "aggregate": _aggregate_command, "figures": _figures_command}
+
+
+def no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def rename_fails(monkeypatch, file: Path) -> None:
+    """The rename of a finished temporary onto `file` fails: the disk filled up meanwhile."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst) == file:
+            raise no_space()
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def write_fails(monkeypatch, file: Path) -> None:
+    """Writing the temporary sibling of `file` (`.{name}.tmp-PID`) fails for lack of space."""
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.parent == file.parent and self.name.startswith(f".{file.name}.tmp-"):
+            raise no_space()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def torch_save_fails(error: Exception):
+    """torch.save of a resumable checkpoint raises `error` (torch wraps some failed writes in a RuntimeError)."""
+    def inject(monkeypatch, file: Path) -> None:
+        real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and "optimizer" in obj:
+                raise error
+            return real(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+    return inject
+
+
+def to_csv_fails(monkeypatch, file: Path) -> None:
+    real = pd.DataFrame.to_csv
+
+    def to_csv(self, path=None, *args, **kwargs):
+        if path is not None and Path(path) == file:
+            raise no_space()
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+
+
+def savefig_fails(monkeypatch, file: Path) -> None:
+    from matplotlib.figure import Figure
+
+    real = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        if Path(fname) == file:
+            raise no_space()
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+
+FULL_DISK = [  # (command, the file whose write fails, how, what the error says about why)
+    ("train", RESUME_CHECKPOINT, torch_save_fails(no_space()), "No space left on device"),
+    ("train", RESUME_CHECKPOINT, torch_save_fails(RuntimeError(
+        "[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")), "unexpected pos 64 vs 0"),
+    ("train", "train_summary.json", rename_fails, "No space left on device"),
+    ("evaluate", "eval_test.json", write_fails, "No space left on device"),
+    ("baselines", "ngram.json", rename_fails, "No space left on device"),
+    ("corpus", "train.txt", rename_fails, "No space left on device"),
+    ("tokenizer", "tokenizer.json", rename_fails, "No space left on device"),
+    ("shards", "shard-00000.arrow", rename_fails, "No space left on device"),
+    ("shards", "manifest.json", rename_fails, "No space left on device"),
+    ("aggregate", "run_status.csv", to_csv_fails, "No space left on device"),
+    ("figures", "perplexity.png", savefig_fails, "No space left on device"),
+]
+
+
+@pytest.mark.parametrize("command, name, inject, reason", FULL_DISK,
+                         ids=[f"{c}-{n}-{r.split()[0]}" for c, n, _, r in FULL_DISK])
+def test_a_full_disk_is_one_error_line_naming_the_file(request, tmp_path, monkeypatch, capsys, command, name,
+                                                       inject, reason):
+    cli, argv, where = COMMANDS[command](request, tmp_path)
+    capsys.readouterr()
+    inject(monkeypatch, where / name)
+    assert cli(argv) == 2
+    error = single_error_line(capsys.readouterr().err)
+    assert "cannot write" in error and str(where / name) in error and reason in error, error
+    assert "free space" in error and "rerun" in error
+    assert "is a file, not a directory" not in error  # what a full disk over an existing JSON used to say
+    assert not list(where.glob(".*.tmp-*"))  # the failed write left no temporary behind
+
+
+STALE_TEMPORARIES = [  # (command, a temporary left by a process killed mid-write) -- cleared when it starts
+    ("train", f".{RESUME_CHECKPOINT}.tmp-999999"),
+    ("train", f".{CHECKPOINT}{MANIFEST_SUFFIX}.tmp-999999"),
+    ("train", ".config.yaml.tmp-999999"),
+    ("train", ".train_log.parquet.tmp-999999"),
+    ("train", ".router_log.parquet.tmp-999999"),
+    ("train", ".train_summary.json.tmp-999999"),
+    ("evaluate", ".eval_test.json.tmp-999999"),
+    ("baselines", ".ngram.json.tmp-999999"),
+    ("corpus", ".train.txt.tmp-999999"),
+    ("corpus", ".corpus.json.tmp-999999"),
+    ("tokenizer", ".tokenizer.json.tmp-999999"),
+    ("shards", ".shard-00000.arrow.tmp-999999"),
+    ("shards", ".shard-00007.arrow.tmp-999999"),
+    ("shards", ".manifest.json.tmp-999999"),
+]
+
+
+@pytest.mark.parametrize("command, leftover", STALE_TEMPORARIES, ids=[f"{c}-{n}" for c, n in STALE_TEMPORARIES])
+def test_a_leftover_temporary_file_is_cleared_when_its_command_starts(request, tmp_path, command, leftover):
+    cli, argv, where = COMMANDS[command](request, tmp_path)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / leftover).write_bytes(b"half of a file")
+    (where / ".unrelated.tmp-999999").write_bytes(b"not ours")
+    assert cli(argv) == 0
+    assert not (where / leftover).exists()
+    assert (where / ".unrelated.tmp-999999").exists()  # only the command's own temporaries
+
+
+def make_a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (truncate, "is unreadable or corrupt"),
+    (garble, "is unreadable or corrupt"),
+    (lambda path: path.write_text('{"version": "1.0"}'), "is unreadable or corrupt"),
+    (make_a_directory, "is a directory, not a tokenizer file"),
+], ids=["truncated", "garbled", "not-a-tokenizer", "directory"])
+def test_a_corrupt_tokenizer_is_named_with_how_to_rebuild_it(prepared, tmp_path, capsys, damage, expected):
+    tokenizer = Path(shutil.copy(prepared / "tokenizer.json", tmp_path / "tokenizer.json"))
+    damage(tokenizer)
+    out = tmp_path / "shards" / "validation"
+    assert main(["prepare", "shards", "--corpus", str(prepared / "corpus"), "--tokenizer", str(tokenizer),
+                 "--split", "validation", "--seq-len", "16", "--out", str(out)]) == 2
+    error = single_error_line(capsys.readouterr().err)
+    assert str(tokenizer) in error and expected in error and "rerun snakemake" in error, error
+    assert f"rm {tokenizer}" in error or f"rm -r {tokenizer}" in error
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not WIKITEXT.is_dir(), reason=f"needs the WikiText-2 files in {WIKITEXT}")
+def test_a_corrupt_tokenizer_stops_snakemake_before_it_deletes_the_shards(tmp_path):
+    """Snakemake would rerun the shards jobs (their input is newer) and delete the good shards first."""
+    checkout = copy_checkout(tmp_path / "checkout")
+    data = checkout / "results" / "data"
+    corpus = [data / "corpus" / name for name in ("train.txt", "validation.txt", "test.txt", "corpus.json")]
+    shard = data / "shards" / "validation" / "shard-00000.arrow"
+    tokenizer = data / "tokenizer.json"
+    for path in (*corpus, shard, tokenizer):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for path in corpus:
+        path.write_text("the corpus\n")
+    shard.write_bytes(b"good shards, built from the tokenizer before it was damaged")
+    tokenizer.write_text('{"model": {"type": "BPE", "vocab": {')  # truncated
+    for age, paths in ((300, corpus), (200, [shard, shard.parent]), (100, [tokenizer])):  # damaged last
+        for path in paths:
+            os.utime(path, (time.time() - age, time.time() - age))
+    done = snakemake("--cores", "1", "results/data/shards/validation", cwd=checkout, timeout=300)
+    assert done.returncode != 0
+    assert shard.is_file()  # nothing ran: no job deleted the shards to rebuild them
+    output = done.stdout + done.stderr
+    assert "results/data/tokenizer.json is unreadable or corrupt" in output, output[-3000:]
+    assert "rm results/data/tokenizer.json" in output
+
+
+CONFIG_EDITS = [  # (dotted key edited in the run's config.yaml after training, new value, refused?)
+    ("model.n_experts", 2, True),
+    ("train.lr", 0.5, True),
+    ("router.name", "switch", True),
+    ("variant", "rdesi", True),
+    ("eval.saturation_blocks", 3, False),  # evaluation-only settings cannot change the trained weights
+    ("train.log_every", 1, False),
+]
+
+
+@pytest.mark.parametrize("key, value, refused", CONFIG_EDITS, ids=[key for key, _, _ in CONFIG_EDITS])
+def test_evaluate_checks_the_run_config_against_the_checkpoints(finished_run, capsys, key, value, refused):
+    run, _ = finished_run
+    original = (run / "config.yaml").read_text()
+    config = yaml.safe_load(original)
+    *parents, leaf = key.split(".")
+    section = config
+    for parent in parents:
+        section = section[parent]
+    trained = section[leaf]
+    assert trained != value
+    section[leaf] = value
+    if key == "router.name":  # a complete router section of another router
+        config["router"] = {"name": "switch"}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    out = run / "eval_test.json"
+    code = main(["evaluate", "--run", str(run), "--split", "test", "--out", str(out)])
+    if not refused:
+        assert code == 0 and out.exists()
+        return
+    assert code == 2
+    error = single_error_line(capsys.readouterr().err)
+    assert f"{run / 'config.yaml'} differs from the config {run / CHECKPOINT} was trained with: " in error
+    assert f" {key} ({trained!r} in the checkpoint, {value!r} in config.yaml)" in error
+    assert "restore config.yaml to the trained values, or retrain" in error and f"delete {run}" in error
+    assert not out.exists()
+    (run / "config.yaml").write_text(original)  # the recovery the message gives
+    assert main(["evaluate", "--run", str(run), "--split", "test", "--out", str(out)]) == 0
+
+
+NON_FINITE_EVALUATIONS = [  # (variant, eval JSON key, value written, expected run status)
+    ("topk", "gini", None, "failed"),
+    ("topk", "maxvio_global", float("nan"), "failed"),
+    ("topk", "load_entropy", float("inf"), "failed"),
+    ("topk", "ppl", None, "failed"),
+    ("dense", "gini", None, "ok"),  # a dense model has no load metrics: null is correct there
+]
+
+
+@pytest.mark.parametrize("variant, key, value, status", NON_FINITE_EVALUATIONS,
+                         ids=[f"{v}-{k}-{x}" for v, k, x, _ in NON_FINITE_EVALUATIONS])
+def test_a_non_finite_metric_marks_the_run_failed_in_the_status_table(tmp_path, variant, key, value, status):
+    from analysis.__main__ import main as analysis_main
+
+    run_dirs = _analysis_study(tmp_path)
+    damaged = tmp_path / "runs" / variant / "seed1" / "eval_test.json"
+    evaluation = json.loads(damaged.read_text())
+    evaluation[key] = value
+    damaged.write_text(json.dumps(evaluation))  # Python's json writes NaN and Infinity as such
+    summary = tmp_path / "summary"
+    assert analysis_main(["aggregate", "--run-dirs", *run_dirs, "--out-table", str(summary / "runs.parquet"),
+                          "--out-status", str(summary / "run_status.csv")]) == 0
+    table = pd.read_csv(summary / "run_status.csv").set_index(["variant", "seed"])
+    assert table.loc[(variant, 1), "status"] == status
+    if status == "failed":
+        assert "eval_test.json: non-finite" in table.loc[(variant, 1), "detail"]
+        assert key in table.loc[(variant, 1), "detail"]
+        assert key in (summary / "run_status.html").read_text()
+    assert (table.drop(index=(variant, 1))["status"] == "ok").all()
+
+
+def test_verbose_adds_the_traceback_above_the_one_error_line(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    assert main(["train", "--config", str(missing), "--out", str(tmp_path / "run")]) == 2
+    quiet = capsys.readouterr().err.strip().splitlines()
+    assert len(quiet) == 1 and quiet[0].startswith("error:") and str(missing) in quiet[0]
+    assert main(["-v", "train", "--config", str(missing), "--out", str(tmp_path / "run")]) == 2
+    verbose = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in verbose and verbose.strip().splitlines()[-1] == quiet[0]

@@ -153,7 +153,7 @@ def test_cli_train_and_evaluate(tmp_path, tiny_shards):
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
-    (tmp_path / "bad.yaml").write_text("model: {top_k: 5, n_experts: 4}\n")
+    (tmp_path / "bad.yaml").write_text("variant: topk\nrouter: {name: topk}\nmodel: {top_k: 5, n_experts: 4}\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "x")]) == 2
     assert "'model.top_k' = 5" in capsys.readouterr().err
 

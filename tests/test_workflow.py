@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,9 +58,10 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
-def write_override(tmp_path: Path, override: dict) -> str:
+def write_override(tmp_path: Path, override: dict | str) -> str:
+    """A --configfile: `override` dumped as YAML, or written as is when it is YAML text."""
     path = tmp_path / "override.yaml"
-    path.write_text(yaml.safe_dump(override))
+    path.write_text(override if isinstance(override, str) else yaml.safe_dump(override))
     return str(path)
 
 
@@ -93,6 +95,9 @@ def test_adding_a_variant_or_a_seed_is_a_config_edit(tmp_path):
     assert "rdesi_strong" in snakemake("--list-rules", "--configfile", write_override(tmp_path, override)).stdout
 
 
+ALIAS_BOMB = "colour:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  {b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))  # 9**9 strings from 0.4 kB
+
 BAD_INPUTS = [
     ({"variants": [{"name": "a", "router": "topq"}]}, "'variants[0].router' = 'topq': unknown router"),
     ({"model": {"top_k": 9}}, "'model.top_k' = 9: must be <= model.n_experts = 8"),
@@ -116,7 +121,35 @@ BAD_INPUTS = [
     ({"statistics": {"alpha": 0.5, "power": 0.4}}, "'statistics.power' = 0.4: must exceed statistics.alpha = 0.5"),
     ({"statistics": {"alpha": 1.5}}, "alpha"),
     ({"findings": {"still_learning_slope": 0}}, "still_learning_slope"),
-    ({"findings": {"still_learning_slope": -1.0}}, "'findings.still_learning_slope' = -1.0: must be a number > 0"),
+    ({"findings": {"still_learning_slope": -1.0}}, "'findings.still_learning_slope' = -1.0: must be a finite number > 0"),
+    # Issue 13: every input bounded at parse time. A str is the --configfile's YAML text, read as common.smk does.
+    ("train:\n  lr: 0.001\n  lr: 0.002\n", "override.yaml line 3: invalid YAML: duplicate key 'lr' (first on line 2)"),
+    (ALIAS_BOMB, "override.yaml line 2: invalid YAML: YAML anchor &a is not accepted"),
+    ("model: {d_model: 64}\ntrain: *x\n", "invalid YAML: YAML alias *x is not accepted"),
+    ({"train": {"junk": "x" * 100_000}}, "'train.junk' = 'xxxxx"),  # the value is cut (test checks the length)
+    ({"seeds": [0, 2**64]}, "'seeds' = [0, 18446744073709551616]: every seed must be an integer in [0, 2**63)"),
+    ({"seeds": [2**63]}, "every seed must be an integer in [0, 2**63)"),
+    ({"train": {"lr": float("inf")}}, "'train.lr' = inf: must be a finite number (not nan or inf)"),
+    ({"train": {"weight_decay": float("inf")}}, "'train.weight_decay' = inf: must be a finite number"),
+    ({"train": {"grad_clip": float("nan")}}, "'train.grad_clip' = nan: must be a finite number"),
+    ({"train": {"grad_clip": float("-inf")}}, "'train.grad_clip' = -inf: must be a finite number"),
+    ({"model": {"dropout": float("nan")}}, "'model.dropout' = nan: must be a finite number"),
+    ({"variants": [{"name": "t", "router": "topk", "aux_loss_coef": float("inf")}]},
+     "'variants[0].aux_loss_coef' = inf: must be a finite number"),
+    ({"variants": [{"name": "r", "router": "rdesi", "beta": float("nan")}]}, "'variants[0].beta' = nan: must be a finite"),
+    ({"findings": {"still_learning_slope": float("inf")}}, "'findings.still_learning_slope' = inf: must be a finite"),
+    ({"model": {"n_experts": 100_000}}, "'model.n_experts' = 100000: must be <= 4096"),
+    ({"model": {"max_seq_len": 10**9, "positional": "learned"}}, "'model.max_seq_len' = 1000000000: must be <= 1048576"),
+    ({"model": {"vocab_size": 10**8}}, "'model.vocab_size' = 100000000: must be <= 1048576"),
+    ({"model": {"d_model": 2**20, "n_heads": 4}}, "'model.d_model' = 1048576: must be <= 65536"),
+    ({"train": {"batch_size": 10**6}}, "'train.batch_size' = 1000000: must be <= 65536"),
+    ({"model": {"max_seq_len": 2**63}}, "'model.max_seq_len' = 9223372036854775808: must be an integer in (-2**63, 2**63)"),
+    ({"model": {"vocab_size": 2**20, "d_model": 2**14, "n_heads": 128}}, "config key 'model' = '19,428,360,192 parameters': more than 8,589,934,592"),
+    ({"model": {"n_experts": 4096, "d_expert": 1024}}, "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated"),
+    ({"train": {"batch_size": 4096}}, "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated"),
+    ({"resources": {"evaluate": {"mem_mb": 100}}}, "'resources.evaluate.mem_mb' = 100: variant 'topk' needs an estimated"),
+    ({"variants": [{"name": "topk\n", "router": "topk"}]}, "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'"),
+    ({"variants": [{"name": "a" * 65, "router": "topk"}]}, "'aaaaaaaaaa" + "a" * 55 + "' does not match"),
 ]
 
 
@@ -132,10 +165,15 @@ def test_statistics_settings_reach_the_analysis_commands(tmp_path):
         assert "--baselines results/baselines/ngram.json" in command
 
 
-def merged_config(override: dict) -> dict:
-    """config.yaml with `override` merged as Snakemake merges a --configfile (mappings recursively)."""
+def merged_config(override: dict | str) -> dict:
+    """config.yaml with `override` merged as Snakemake merges a --configfile (mappings recursively); YAML text
+    is first read strictly, as workflow/rules/common.smk rereads every config file."""
     from snakemake.utils import update_config
 
+    from gtmoe.config import load_yaml
+
+    if isinstance(override, str):
+        override = load_yaml(override, "override.yaml")
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     update_config(config, override)
     return config
@@ -161,12 +199,42 @@ def test_the_default_config_is_valid():
 
 @pytest.mark.parametrize("override, message", BAD_INPUTS)
 def test_bad_config_is_rejected_naming_the_key(override, message):
+    from gtmoe.config import ConfigError
+
     with pytest.raises(Exception) as caught:
         check_like_the_snakefile(merged_config(override))
     assert message in str(caught.value)
+    if isinstance(caught.value, ConfigError):  # one short line: long values are cut
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 500, str(caught.value)
 
 
-@pytest.mark.parametrize("override, message", [BAD_INPUTS[0], BAD_INPUTS[5], BAD_INPUTS[7], BAD_INPUTS[13]])
+@pytest.mark.parametrize("name", ["topk\n", "a" * 65, "a/b", "1a", ""])
+def test_variant_names_are_full_matched_and_bounded_without_the_schema(name):
+    """The JSON schema searches its pattern (`$` also matches before a final newline): gtmoe.study fullmatches."""
+    from gtmoe.config import ConfigError
+    from gtmoe.study import Study
+
+    config = merged_config({"reference": "a" * 64, "ablation": {"base": None, "variants": []}})
+    config["variants"] = [{"name": "a" * 64, "router": "topk"}]
+    Study.from_config(config)  # 64 characters are fine
+    config["variants"].append({"name": name, "router": "topk"})
+    with pytest.raises(ConfigError, match=r"'variants\[1\].name' = .*: must start with a letter.* at most 64"):
+        Study.from_config(config)
+
+
+def dry_run_too(*messages: str) -> list:
+    """The BAD_INPUTS rows with these messages: the dry-run test repeats them through Snakemake itself."""
+    return [case for case in BAD_INPUTS if case[1] in messages]
+
+
+@pytest.mark.parametrize("override, message", [BAD_INPUTS[0], BAD_INPUTS[5], BAD_INPUTS[7], BAD_INPUTS[13]] + dry_run_too(
+    "override.yaml line 3: invalid YAML: duplicate key 'lr' (first on line 2)",
+    "override.yaml line 2: invalid YAML: YAML anchor &a is not accepted",
+    "'train.lr' = inf: must be a finite number (not nan or inf)",
+    "'model.n_experts' = 100000: must be <= 4096",
+    "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated",
+    "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'",
+    "'aaaaaaaaaa" + "a" * 55 + "' does not match"))
 def test_bad_config_stops_snakemake_before_any_job(tmp_path, override, message):
     done = snakemake("--dry-run", "--configfile", write_override(tmp_path, override))
     assert done.returncode != 0
@@ -305,3 +373,175 @@ def test_rerunning_one_target_runs_nothing_else(smoke_study):
     plan = snakemake("--dry-run", first, "--configfile", SMOKE, cwd=smoke_study)
     runs = len(smoke["seeds"])
     assert job_counts(plan.stdout) == {"train": runs, "evaluate": runs, **aggregates, first: 1}
+
+
+# --------------------------------------------------------------- no config value is parsed by a shell
+# Valid shell that creates files four ways if a shell ever parses it (substitution, backticks, `;`, a
+# redirection), with quotes, spaces and globs; legal in a directory name (no '/'), so a real data.local_dir.
+HOSTILE = "we ird $(touch PWNED_DOLLAR) `touch PWNED_TICK`; touch PWNED_SEMI && echo 'sq' \"dq\" * ? > PWNED_REDIRECT"
+PWNED = "PWNED_"
+# Every string-valued config key (test_every_string_config_key_is_covered keeps this list complete):
+# its hostile override, and None if the value reaches a rule, else the text of its parse-time rejection.
+TOPK = {"name": "topk", "router": "topk"}
+HOSTILE_CASES = {
+    "data.local_dir": ({"data": {"local_dir": HOSTILE}}, None),
+    "data.corpus": ({"data": {"corpus": HOSTILE}}, "is not one of ['wikitext-2', 'wikitext-103']"),
+    "data.source": ({"data": {"source": HOSTILE}}, "is not one of ['auto', 'local', 'hub']"),
+    "model.positional": ({"model": {"positional": HOSTILE}}, "must be 'rope' or 'learned'"),
+    "train.device": ({"train": {"device": HOSTILE}}, "must be 'auto', 'cpu' or 'cuda'"),
+    "train.nonfinite": ({"train": {"nonfinite": HOSTILE}}, "must be 'stop' or 'skip'"),
+    "variants[].name": ({"variants": [TOPK, {"name": HOSTILE, "router": "topk"}]}, "does not match"),
+    "variants[].router": ({"variants": [TOPK, {"name": "r", "router": HOSTILE}]}, "unknown router"),
+    "variants[].performance": ({"variants": [TOPK, {"name": "r", "router": "rdesi", "performance": HOSTILE}]},
+                               "'variants[1].performance'"),
+    "reference": ({"reference": HOSTILE}, "'reference'"),
+    "ablation.base": ({"ablation": {"base": HOSTILE}}, "'ablation.base'"),
+    "ablation.variants[]": ({"ablation": {"variants": [HOSTILE]}}, "'ablation.variants'"),
+    "statistics.primary[]": ({"statistics": {"primary": [HOSTILE]}}, "'statistics.primary'"),
+    "resources.*.gpu_model": ({"resources": {"train": {"threads": 1, "mem_mb": 3000, "runtime": 30, "gpu": 1,
+                                                        "gpu_model": HOSTILE}}}, "does not match"),
+}
+
+
+def string_keys(value, prefix: str = ""):
+    """Dotted paths of the string leaves of a config (list items as `[]`)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from string_keys(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list):
+        for item in value:
+            yield from string_keys(item, f"{prefix}[]")
+    elif isinstance(value, str):
+        yield prefix
+
+
+def test_every_string_config_key_is_covered():
+    import dataclasses
+    import typing
+
+    from gtmoe import routers
+    from gtmoe.config import ModelConfig, TrainConfig
+
+    keys = set()
+    for preset in (None, "smoke", "gpu"):
+        override = yaml.safe_load((REPO / f"workflow/presets/{preset}.yaml").read_text()) if preset else {}
+        keys |= {re.sub(r"^resources\.\w+\.", "resources.*.", key) for key in string_keys(merged_config(override))}
+    typed = [("model", ModelConfig), ("train", TrainConfig)]
+    typed += [("variants[]", routers.get(name).Config) for name in routers.known()]
+    for prefix, cls in typed:
+        hints = typing.get_type_hints(cls)
+        keys |= {f"{prefix}.{f.name}" for f in dataclasses.fields(cls) if hints[f.name] is str}
+    assert keys - set(HOSTILE_CASES) == set(), "add these string keys to HOSTILE_CASES"
+
+
+@pytest.mark.parametrize("key", [key for key, (_, rejected) in HOSTILE_CASES.items() if rejected])
+def test_a_hostile_string_is_rejected_at_parse_time_where_it_cannot_be_a_value(key):
+    override, message = HOSTILE_CASES[key]
+    with pytest.raises(Exception) as caught:
+        check_like_the_snakefile(merged_config(override))
+    assert message in str(caught.value)
+
+
+def assert_one_word_each(commands: list[str], value: str) -> list[list[str]]:
+    """Each command split as a POSIX shell splits it; wherever `value` shows, it is whole inside one word."""
+    split = [shlex.split(command) for command in commands]
+    for words in split:
+        for word in words:
+            assert PWNED not in word or value in word, f"{value!r} was split by the shell: {words}"
+    return split
+
+
+@pytest.mark.parametrize("key", [key for key, (_, rejected) in HOSTILE_CASES.items() if rejected is None])
+def test_a_hostile_config_value_reaches_its_rule_as_one_quoted_word(tmp_path, key):
+    override, _ = HOSTILE_CASES[key]
+    done = snakemake("--dry-run", "--forceall", "--printshellcmds", "--configfile", write_override(tmp_path, override))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    commands = [line.split(":", 1)[1] for line in done.stdout.splitlines() if line.startswith("Shell command:")]
+    split = assert_one_word_each(commands, HOSTILE)
+    assert sum(HOSTILE in word for words in split for word in words) >= 1, "the value reaches no rule"
+    corpus = next(words for words in split if words[1:4] == ["-m", "gtmoe", "prepare"])
+    assert corpus[corpus.index("--local-dir") + 1] == HOSTILE
+
+
+def test_a_data_directory_with_shell_characters_is_read_and_runs_nothing(tmp_path):
+    """The corpus job run for real: the study and data directories have spaces and shell syntax in their
+    names; the corpus is read from there and no command hidden in the name runs."""
+    local = tmp_path / HOSTILE
+    local.mkdir()
+    for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
+        (local / name).symlink_to(WIKITEXT / name)
+    study = tmp_path / "a study; $(touch PWNED_STUDY)"
+    copy_checkout(study)
+    before = {path for path in study.rglob("*")}
+    done = snakemake("results/data/corpus/corpus.json", "--cores", "1", "--configfile",
+                     write_override(tmp_path, {"data": {"local_dir": str(local)}}), cwd=study)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((study / "results/data/corpus/corpus.json").read_text())
+    created = {path for path in study.rglob("*") if path not in before}
+    outside = [path for path in created if path.relative_to(study).parts[0] not in ("results", ".snakemake")]
+    assert outside == []
+    assert [path for path in tmp_path.rglob(f"{PWNED}*")] == []
+
+
+# --------------------------------------------------------------- precise reruns
+@pytest.fixture(scope="module")
+def recorded_study(tmp_path_factory):
+    """The smoke preset's study with every output present (placeholders) and recorded by Snakemake as
+    built with the current settings (`--touch` writes the metadata a real run writes: params, code, input):
+    a dry run then shows what an edit would rerun, in seconds instead of a real study's minutes."""
+    from gtmoe.data import train_tokenizer
+
+    study = copy_checkout(tmp_path_factory.mktemp("recorded") / "study")
+    summary = snakemake("--summary", "--configfile", SMOKE, cwd=study)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    outputs = [line.split("\t")[0] for line in summary.stdout.splitlines()[1:] if "\t" in line]
+    plan = snakemake("--dry-run", "--forceall", "--printshellcmds", "--configfile", SMOKE, cwd=study).stdout
+    compute = shlex.split(next(line for line in plan.splitlines() if "python -m analysis compute" in line))
+    benchmarks = compute[compute.index("--benchmarks") + 1: compute.index("--runs-root")]
+    for name in outputs + benchmarks:
+        path = study / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent == study / "results" / "data" / "shards":
+            path.mkdir()
+        elif path.name == "tokenizer.json":  # checked when the workflow is parsed: must be a real one
+            train_tokenizer(["a small corpus"] * 3, 300, path)
+        else:
+            path.touch()
+    touched = snakemake("--touch", "--cores", "1", "--configfile", SMOKE, cwd=study)
+    assert touched.returncode == 0, touched.stdout[-2000:] + touched.stderr[-2000:]
+    again = snakemake("--dry-run", "--configfile", SMOKE, cwd=study)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+    return study
+
+
+AFTER_EVALUATION = {"aggregate": 1, "statistics": 1, "figures": 1, "findings": 1, "compute": 1, "all": 1}
+# An edit of the smoke preset, and the jobs a dry run must plan: each kind of setting reruns what reads it.
+RERUN_CASES = [
+    ({"eval": {"max_blocks": {"validation": 128, "test": 256}}}, {"evaluate": 4, **AFTER_EVALUATION}),
+    ({"eval": {"saturation_blocks": 64}}, {"evaluate": 4, **AFTER_EVALUATION}),
+    ({"train": {"log_every": 4}}, {}),
+    ({"train": {"router_log_every": 5}}, {}),
+    ({"train": {"checkpoint_every": 5}}, {}),
+    # (compute sums up the benchmark files, so it follows every job that reruns)
+    ({"findings": {"still_learning_slope": 2.0}}, {"findings": 1, "compute": 1, "all": 1}),
+    ({"statistics": {"alpha": 0.01}}, {"statistics": 1, "figures": 1, "findings": 1, "compute": 1, "all": 1}),
+    # Settings that do change the weights still retrain, and only the runs they concern.
+    ({"train": {"lr": 0.002}}, {"train": 4, "evaluate": 4, **AFTER_EVALUATION}),
+    ({"variants": [{"name": "topk", "router": "topk"}, {"name": "rdesi", "router": "rdesi", "beta": 0.2}]},
+     {"train": 2, "evaluate": 2, **AFTER_EVALUATION}),
+]
+
+
+@pytest.mark.parametrize("edit, planned", RERUN_CASES, ids=[json.dumps(edit)[:60] for edit, _ in RERUN_CASES])
+def test_an_edit_reruns_only_what_depends_on_it(recorded_study, tmp_path, edit, planned):
+    smoke = yaml.safe_load((recorded_study / SMOKE).read_text())
+    for section, values in edit.items():
+        smoke[section] = {**smoke.get(section, {}), **values} if isinstance(values, dict) else values
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(smoke))  # sorts the keys: reordering them must rerun nothing either
+    plan = snakemake("--dry-run", "--configfile", str(edited), cwd=recorded_study)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    output = plan.stdout + plan.stderr
+    assert (job_counts(plan.stdout) if "Job stats" in plan.stdout else {}) == planned, output[-3000:]
+    if not planned:
+        assert "Nothing to be done" in output

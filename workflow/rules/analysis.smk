@@ -1,17 +1,16 @@
 # Runs -> tidy table -> statistics (scipy.stats) -> figures (seaborn), each output in report.html.
-import shlex
+# Config values reach the shell only as params formatted with `:q`; a list param is quoted element by
+# element, so each value stays one argument whatever characters it holds.
 
 ABLATION_ARGS = (
-    f"--ablation-base {STUDY.ablation_base} --ablations {' '.join(STUDY.ablations)}"
+    ["--ablation-base", STUDY.ablation_base, "--ablations", *STUDY.ablations]
     if STUDY.ablation_base
-    else "--ablations"
+    else ["--ablations"]
 )
-# Declared endpoints, test level and power (config.yaml `statistics`), quoted for the shell.
-STATISTICS_ARGS = (
-    f"--primary {' '.join(shlex.quote(m) for m in STUDY.statistics['primary'])} "
-    f"--alpha {shlex.quote(str(STUDY.statistics['alpha']))} --power {shlex.quote(str(STUDY.statistics['power']))}"
-)
-PAIR_ARGS = f"--reference {STUDY.reference} --split test {ABLATION_ARGS} {STATISTICS_ARGS}"
+# Declared endpoints, test level and power (config.yaml `statistics`).
+STATISTICS_ARGS = ["--primary", *STUDY.statistics["primary"], "--alpha", str(STUDY.statistics["alpha"]),
+                   "--power", str(STUDY.statistics["power"])]
+PAIR_ARGS = ["--reference", STUDY.reference, "--split", "test", *ABLATION_ARGS, *STATISTICS_ARGS]
 
 
 rule aggregate:
@@ -28,9 +27,9 @@ rule aggregate:
     benchmark:
         f"{BENCHMARKS}/aggregate.tsv"
     params:
-        run_dirs=" ".join(run_dirs()),
-        variants=" ".join(VARIANTS),
-        seeds=" ".join(map(str, SEEDS)),
+        run_dirs=run_dirs(),
+        variants=VARIANTS,
+        seeds=SEEDS,
     threads: 1
     resources:
         mem_mb=job("analysis", "mem_mb", 2000),
@@ -39,9 +38,9 @@ rule aggregate:
     conda:
         CONDA_ENV
     shell:
-        "python -m analysis aggregate --run-dirs {params.run_dirs} --variants {params.variants} "
-        "--seeds {params.seeds} --out-table {output.table} --out-status {output.status} "
-        "--out-status-html {output.status_html} > {log} 2>&1"
+        "python -m analysis aggregate --run-dirs {params.run_dirs:q} --variants {params.variants:q} "
+        "--seeds {params.seeds:q} --out-table {output.table:q} --out-status {output.status:q} "
+        "--out-status-html {output.status_html:q} > {log:q} 2>&1"
 
 
 rule statistics:
@@ -71,8 +70,8 @@ rule statistics:
     conda:
         CONDA_ENV
     shell:
-        "python -m analysis stats --table {input.table} --baselines {input.baselines} --out-dir {params.out_dir} "
-        "{params.pairs} > {log} 2>&1"
+        "python -m analysis stats --table {input.table:q} --baselines {input.baselines:q} "
+        "--out-dir {params.out_dir:q} {params.pairs:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -103,7 +102,7 @@ rule figures:
     benchmark:
         f"{BENCHMARKS}/figures.tsv"
     params:
-        run_dirs=" ".join(run_dirs()),
+        run_dirs=run_dirs(),
         pairs=PAIR_ARGS,
         out_dir=subpath(output.perplexity, parent=True),
     threads: 1
@@ -114,8 +113,8 @@ rule figures:
     conda:
         CONDA_ENV
     shell:
-        "python -m analysis figures --table {input.table} --run-dirs {params.run_dirs} "
-        "--baselines {input.baselines} --out-dir {params.out_dir} {params.pairs} > {log} 2>&1"
+        "python -m analysis figures --table {input.table:q} --run-dirs {params.run_dirs:q} "
+        "--baselines {input.baselines:q} --out-dir {params.out_dir:q} {params.pairs:q} > {log:q} 2>&1"
 
 
 # The report's category menu is sorted alphabetically (localeCompare): the star puts the findings first.
@@ -137,7 +136,7 @@ rule findings:
     benchmark:
         f"{BENCHMARKS}/findings.tsv"
     params:
-        run_dirs=" ".join(run_dirs()),
+        run_dirs=run_dirs(),
         pairs=PAIR_ARGS,
         summary_dir=subpath(input.summary, parent=True),
         still_learning_slope=STUDY.still_learning_slope,
@@ -149,9 +148,9 @@ rule findings:
     conda:
         CONDA_ENV
     shell:
-        "python -m analysis findings --summary-dir {params.summary_dir} --baselines {input.baselines} "
-        "--run-dirs {params.run_dirs} --still-learning-slope {params.still_learning_slope} --out {output} "
-        "{params.pairs} > {log} 2>&1"
+        "python -m analysis findings --summary-dir {params.summary_dir:q} --baselines {input.baselines:q} "
+        "--run-dirs {params.run_dirs:q} --still-learning-slope {params.still_learning_slope:q} --out {output:q} "
+        "{params.pairs:q} > {log:q} 2>&1"
 
 
 rule compute:
@@ -175,8 +174,8 @@ rule compute:
     conda:
         CONDA_ENV
     shell:
-        "python -m analysis compute --benchmarks {input.benchmarks} --runs-root {params.runs_root}"
-        " --out-csv {output.csv} --out-html {output.html} > {log} 2>&1"
+        "python -m analysis compute --benchmarks {input.benchmarks:q} --runs-root {params.runs_root:q}"
+        " --out-csv {output.csv:q} --out-html {output.html:q} > {log:q} 2>&1"
 
 
 ANALYSIS_OUTPUTS = [*rules.statistics.output, *rules.figures.output, *rules.aggregate.output,

@@ -23,4 +23,4 @@ rule ngram_baselines:
     conda:
         CONDA_ENV
     shell:
-        "python -m gtmoe baselines --shards {params.shards} --out {output} > {log} 2>&1"
+        "python -m gtmoe baselines --shards {params.shards:q} --out {output:q} > {log:q} 2>&1"

@@ -1,4 +1,6 @@
 # Config validation (schema, then gtmoe's typed checks) and the paths every stage shares.
+import copy
+import functools
 import json
 import os
 import sys
@@ -9,9 +11,19 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # import gtmoe from this checkout even when it is not installed
 
-from gtmoe.config import ConfigError
+from gtmoe.config import ConfigError, load_yaml
 from gtmoe.study import Study, corpus_problem
+from gtmoe.train import WEIGHT_NEUTRAL_KEYS
+from gtmoe.data import tokenizer_problem
 
+
+# Snakemake parsed the config files leniently (a duplicate key: the last wins; aliases expand once walked).
+# Read each again strictly before anything walks the values: duplicate keys, anchors/aliases, oversized files.
+for _configfile in workflow.configfiles:
+    try:
+        load_yaml(Path(_configfile))
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid configuration: {exc}") from None
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -38,6 +50,9 @@ except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 if problem := corpus_problem(config["data"], workflow.basedir):
     raise WorkflowError(f"invalid configuration: {problem}")
+# Before any job: a corrupt tokenizer newer than the shards would make Snakemake delete them first.
+if problem := tokenizer_problem(f"{DATA}/tokenizer.json"):
+    raise WorkflowError(problem)
 
 VARIANTS = STUDY.variant_names
 SEEDS = STUDY.seeds
@@ -94,3 +109,38 @@ def gpu_resources(stage):
     if job(stage, "gpu_model"):
         extra["gpu_model"] = job(stage, "gpu_model")
     return extra
+
+
+# The train rule's rerun trigger and the evaluate rule's settings (see workflow/rules/train.smk).
+TRAIN_NOT_TRIGGERS = (*WEIGHT_NEUTRAL_KEYS, "train.checkpoint_every")
+
+
+@functools.lru_cache(maxsize=None)
+def resolved_run_config(variant, seed):
+    return STUDY.run_config(variant, int(seed), SHARDS).to_dict()
+
+
+def weight_settings(run_config):
+    """The run config without the keys of TRAIN_NOT_TRIGGERS (a section, or a dotted key)."""
+    kept = copy.deepcopy(run_config)
+    for key in TRAIN_NOT_TRIGGERS:
+        *sections, name = key.split(".")
+        parent = kept
+        for section in sections:
+            parent = parent.get(section, {})
+        parent.pop(name, None)
+    return kept
+
+
+class NotATrigger:
+    """A params value the job gets but Snakemake's params trigger ignores: the trigger records only
+    plain Python values (str, numbers, containers) and skips any other object. Formats as its text."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+    def __format__(self, spec):
+        return format(self.text, spec)

@@ -12,9 +12,8 @@ rule corpus:
     params:
         corpus=config["data"].get("corpus", "wikitext-2"),
         source=config["data"]["source"],
-        local_dir=(
-            f"--local-dir {config['data']['local_dir']}" if config["data"].get("local_dir") else ""
-        ),
+        # A list: `:q` quotes each element, so a path with spaces or shell characters stays one argument.
+        local_dir=["--local-dir", config["data"]["local_dir"]] if config["data"].get("local_dir") else [],
         out_dir=subpath(output.meta, parent=True),
     threads: 1
     resources:
@@ -23,8 +22,8 @@ rule corpus:
     conda:
         CONDA_ENV
     shell:
-        "python -m gtmoe prepare corpus --corpus {params.corpus} --source {params.source} {params.local_dir} "
-        "--out {params.out_dir} > {log} 2>&1"
+        "python -m gtmoe prepare corpus --corpus {params.corpus:q} --source {params.source:q} {params.local_dir:q} "
+        "--out {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule tokenizer:
@@ -46,8 +45,8 @@ rule tokenizer:
     conda:
         CONDA_ENV
     shell:
-        "python -m gtmoe prepare tokenizer --corpus {params.corpus} --vocab-size {params.vocab_size} "
-        "--out {output} > {log} 2>&1"
+        "python -m gtmoe prepare tokenizer --corpus {params.corpus:q} --vocab-size {params.vocab_size:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule shards:
@@ -70,5 +69,5 @@ rule shards:
     conda:
         CONDA_ENV
     shell:
-        "python -m gtmoe prepare shards --corpus {params.corpus} --tokenizer {input.tokenizer} "
-        "--split {wildcards.split} --seq-len {params.seq_len} --out {output} > {log} 2>&1"
+        "python -m gtmoe prepare shards --corpus {params.corpus:q} --tokenizer {input.tokenizer:q} "
+        "--split {wildcards.split:q} --seq-len {params.seq_len:q} --out {output:q} > {log:q} 2>&1"

@@ -1,5 +1,6 @@
 # Every metric of SPEC §5 for one run, on the validation and test splits from one model load
-# (CUDA when the job has a GPU).
+# (CUDA when the job has a GPU). The `eval` settings are this job's own params, not read from the
+# run's config.yaml: editing them reruns the evaluations (Snakemake's params trigger), never training.
 
 
 rule evaluate:
@@ -27,6 +28,7 @@ rule evaluate:
     params:
         run_dir=subpath(input.config, parent=True),
         splits=EVAL_SPLITS,
+        eval_settings=lambda wc: json.dumps(resolved_run_config(wc.variant, wc.seed)["eval"], sort_keys=True),
     threads: job("evaluate", "threads", 1)
     resources:
         mem_mb=job("evaluate", "mem_mb", 4000),
@@ -36,4 +38,4 @@ rule evaluate:
         CONDA_ENV
     shell:
         "python -m gtmoe evaluate --run {params.run_dir:q} --split {params.splits:q} --out {output:q} "
-        "--threads {threads} > {log:q} 2>&1"
+        "--eval-json {params.eval_settings:q} --threads {threads:q} > {log:q} 2>&1"

@@ -1,6 +1,12 @@
 # One training run per (variant, seed). The resolved run config is a parameter of the job (no job of
-# its own writes it), so editing a variant's settings reruns exactly that variant's runs (Snakemake's
-# params trigger); the job records it as config.yaml in the run directory.
+# its own writes it); the job records it as config.yaml in the run directory. Snakemake's params
+# trigger sees only the part that can change the trained weights (`weights`): editing a variant's
+# router, the model or the optimiser retrains exactly the runs concerned, while `eval` and how often
+# training logs or checkpoints (TRAIN_NOT_TRIGGERS) retrain nothing: `evaluate` takes the current
+# `eval` settings as its own params, and a new logging or checkpoint interval applies to runs trained
+# from then on. checkpoint_every is left out because saving a checkpoint changes no computation: an
+# uninterrupted run ends with the same weights whatever the interval (on CPU a resumed one does too).
+# TRAIN_NOT_TRIGGERS, weight_settings and NotATrigger are in common.smk.
 
 
 rule train:
@@ -18,7 +24,9 @@ rule train:
         f"{BENCHMARKS}/train/{{variant}}/seed{{seed}}.tsv"
     params:
         run_dir=subpath(output.summary, parent=True),
-        run_config=lambda wc: json.dumps(STUDY.run_config(wc.variant, int(wc.seed), SHARDS).to_dict()),
+        # The trigger; sorted keys: reordering config.yaml changes nothing.
+        weights=lambda wc: json.dumps(weight_settings(resolved_run_config(wc.variant, wc.seed)), sort_keys=True),
+        run_config=lambda wc: NotATrigger(json.dumps(resolved_run_config(wc.variant, wc.seed))),
     threads: job("train", "threads", 1)
     resources:
         mem_mb=job("train", "mem_mb", 4000),
@@ -28,5 +36,5 @@ rule train:
         CONDA_ENV
     shell:
         # Appends: a resumed run's log keeps the interrupted attempt above it.
-        "python -m gtmoe train --config-json {params.run_config:q} --out {params.run_dir:q} --threads {threads} "
+        "python -m gtmoe train --config-json {params.run_config:q} --out {params.run_dir:q} --threads {threads:q} "
         ">> {log:q} 2>&1"
