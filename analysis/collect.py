@@ -282,6 +282,16 @@ def variant_order(frame: pd.DataFrame) -> list[str]:
     return [str(v) for v in pd.unique(column)]
 
 
+def _in_study_order(logs: pd.DataFrame, variants: Sequence[str] | None, what: str) -> pd.DataFrame:
+    """`variant` as an ordered categorical in study order (unchanged when `variants` is None)."""
+    if variants is not None:
+        unknown = set(logs["variant"]) - set(variants)
+        if unknown:
+            raise ValueError(f"{what} of variants outside {list(variants)}: {sorted(unknown)}")
+        logs["variant"] = pd.Categorical(logs["variant"], categories=list(variants), ordered=True)
+    return logs
+
+
 def _read_run_logs(run_dirs: Iterable[str | Path], name: str, keep: set[tuple[str, int]] | None):
     """(variant, seed, log) for each run directory holding the parquet log `name`, restricted to `keep`."""
     for run_dir in run_dirs:
@@ -307,12 +317,7 @@ def load_train_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] |
     else:
         logs = pd.DataFrame({"variant": pd.Series(dtype="str"), "seed": pd.Series(dtype="int64"),
                              "step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64")})
-    if variants is not None:
-        unknown = set(logs["variant"]) - set(variants)
-        if unknown:
-            raise ValueError(f"training logs of variants outside {list(variants)}: {sorted(unknown)}")
-        logs["variant"] = pd.Categorical(logs["variant"], categories=list(variants), ordered=True)
-    return logs
+    return _in_study_order(logs, variants, "training logs")
 
 
 def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None,
@@ -333,12 +338,7 @@ def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] 
     else:
         logs = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns}).astype(
             {"variant": "str", "seed": "int64"})
-    if variants is not None:
-        unknown = set(logs["variant"]) - set(variants)
-        if unknown:
-            raise ValueError(f"router logs of variants outside {list(variants)}: {sorted(unknown)}")
-        logs["variant"] = pd.Categorical(logs["variant"], categories=list(variants), ordered=True)
-    return logs
+    return _in_study_order(logs, variants, "router logs")
 
 
 BASELINE_COLUMNS = ["model", "split", "metric", "value", "source"]

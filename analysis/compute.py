@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import writing
-from analysis.tables import format_number, html_page, html_table
+from analysis.tables import format_number, html_page, html_table, write_table
 
 # Rule (first path component under results/benchmarks/) -> stage, in report order.
 STAGES = {
@@ -134,12 +133,6 @@ def breakdown(jobs: pd.DataFrame) -> pd.DataFrame:
 
 def write_compute(table: pd.DataFrame, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
     """The breakdown as CSV (full precision) and as a captioned HTML table."""
-    csv_path, html_path = Path(csv_path), Path(html_path)
-    for path in (csv_path, html_path):
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-    with writing(csv_path):
-        table.to_csv(csv_path, index=False)
     rows = []
     for r in table.itertuples():
         whole = r.part == "all"
@@ -155,6 +148,4 @@ def write_compute(table: pd.DataFrame, csv_path: str | Path, html_path: str | Pa
                "overhead. Percentages are of the total job-seconds (jobs that ran in parallel count each).")
     page = html_page("Compute breakdown", caption,
                      [("", html_table(rows, ["stage", "part", "jobs", "job-seconds", "share of total"]))])
-    with writing(html_path):
-        html_path.write_text(page, encoding="utf-8")
-    return csv_path, html_path
+    return write_table(table, page, csv_path, html_path)

@@ -121,7 +121,8 @@ def html_page(title: str, caption: str, sections: Sequence[tuple[str, str]]) -> 
             f"<body>{''.join(parts)}</body></html>\n")
 
 
-def _write(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
+def write_table(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
+    """`frame` as CSV (full precision) and `page` (its HTML rendering) beside it; errors name the file."""
     csv_path, html_path = Path(csv_path), Path(html_path)
     for path in (csv_path, html_path):
         with writing(path):
@@ -180,7 +181,7 @@ def write_summary(summary: pd.DataFrame, csv_path: str | Path, html_path: str | 
     for split in dict.fromkeys(summary["split"]):
         rows, columns = summary_rows(summary, split)
         sections.append((f"Split: {split}", html_table(rows, columns)))
-    return _write(summary, html_page("Summary per variant", caption, sections), csv_path, html_path)
+    return write_table(summary, html_page("Summary per variant", caption, sections), csv_path, html_path)
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -255,7 +256,7 @@ def write_comparisons(comparisons: pd.DataFrame, csv_path: str | Path, html_path
     rows, columns = comparison_rows(comparisons, alpha, power)
     note = f"Split: {', '.join(dict.fromkeys(comparisons['split']))}" if len(comparisons) else ""
     page = html_page(title, caption, [("", html_table(rows, columns, note))])
-    return _write(comparisons, page, csv_path, html_path)
+    return write_table(comparisons, page, csv_path, html_path)
 
 
 # --------------------------------------------------------------------------- run status
@@ -276,4 +277,4 @@ def write_status(status: pd.DataFrame, csv_path: str | Path, html_path: str | Pa
              "_class": {"status": f"status-{r.status}", "seed": "num"}}
             for r in status.itertuples()]
     page = html_page("Run status", caption, [("", html_table(rows, columns))])
-    return _write(status, page, csv_path, html_path)
+    return write_table(status, page, csv_path, html_path)

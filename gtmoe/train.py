@@ -433,6 +433,39 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def accumulate_gradients(model: MoETransformer, forward, batches, tcfg, device: torch.device):
+    """Forward and backward of one optimizer step's micro-batches, then gradient clipping.
+
+    `batches` yields (inputs, targets) on the host; `forward` is the model or its compiled
+    form. Returns the mean LM loss, the gradient norm before clipping, whether both are
+    finite, and the router metrics (auxiliary loss terms, flip rates) averaged over the
+    micro-batches, all as device tensors: nothing here reads a value on the host. The
+    trainer and the benchmark both call this, then `optimizer_step`.
+    """
+    loss_sum = torch.zeros((), device=device)
+    router_sums: dict[str, torch.Tensor] = {}
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_context(device):
+            out = forward(x, y)
+        model.observe_token_loss(out.token_loss)
+        ((out.loss + out.router_loss) / tcfg.grad_accum).backward()
+        loss_sum += out.loss.detach()
+        for key, value in out.router_metrics.items():
+            router_sums[key] = router_sums.get(key, 0) + value.detach()
+    loss = loss_sum / tcfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    return loss, grad_norm, finite, {key: value / tcfg.grad_accum for key, value in router_sums.items()}
+
+
+def optimizer_step(model: MoETransformer, optimizer: torch.optim.Optimizer) -> None:
+    """Apply the accumulated gradients, then let stateful routers fold in the step's statistics."""
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_router_states()
+
+
 def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None) -> dict:
     """Train one run into `out_dir` (resuming if it holds a checkpoint). Returns the train summary.
 
@@ -516,21 +549,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
     step = start_step
     last_flush_time, last_flush_step = time.perf_counter(), start_step
     while step < tcfg.max_steps:
-        loss_sum = torch.zeros((), device=device)
-        aux_sums: dict[str, torch.Tensor] = {}
-        for micro in range(tcfg.grad_accum):
-            x, y = data.batch(order.micro_batch(step * tcfg.grad_accum + micro))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device):
-                out = forward(x, y)
-            model.observe_token_loss(out.token_loss)
-            ((out.loss + out.router_loss) / tcfg.grad_accum).backward()
-            loss_sum += out.loss.detach()
-            for key, value in out.router_metrics.items():
-                aux_sums[key] = aux_sums.get(key, 0) + value.detach()
-        loss = loss_sum / tcfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        batches = (data.batch(order.micro_batch(step * tcfg.grad_accum + micro)) for micro in range(tcfg.grad_accum))
+        loss, grad_norm, finite, router_means = accumulate_gradients(model, forward, batches, tcfg, device)
 
         if tcfg.nonfinite == "skip" and not bool(finite):  # opt-in policy: one host sync per step
             skipped += 1
@@ -543,16 +563,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, stop_after: int | None = None)
                 layer.router.reset_step_statistics()
         else:
             first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_router_states()
+            optimizer_step(model, optimizer)
         scheduler.step()
         step += 1
         progress.update(1)
 
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            # Router metrics: the auxiliary loss terms, and flip rates of routers with selection terms.
-            router_means = {key: value / tcfg.grad_accum for key, value in aux_sums.items()}
             trainlog.pending.append((step, {
                 "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "aux_loss": float("nan"), "z_loss": float("nan"), **router_means,

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from gtmoe import routers
-from gtmoe.bench import build_parser, parse_args
+from gtmoe.bench import build_parser, merge_configs, parse_args
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--d-model", "32", "--experts", "4", "--top-k", "2", "--tokens", "64", "--seq-len", "16",
-        "--layers", "1", "--heads", "2", "--vocab", "300", "--repeats", "2", "--warmup", "1"]
-STEP_KEYS = {"step_s", "ratio_to_topk", "tokens_per_s", "flops_per_step", "mfu"}
-COMPILED_KEYS = {"compiled_step_s", "compiled_tokens_per_s", "compile_speedup", "compiled_mfu"}
+        "--layers", "1", "--heads", "2", "--vocab", "300", "--repeats", "2", "--warmup", "1", "--gemm-size", "256"]
+STEP_KEYS = {"step_s", "ratio_to_reference", "tokens_per_s", "flops_per_step", "flops_per_s", "gemm_fraction", "mfu",
+             "eval_s", "eval_tokens_per_s", "eval_to_train"}
+COMPILED_KEYS = {"compiled_step_s", "compiled_tokens_per_s", "compile_speedup", "compiled_gemm_fraction",
+                 "compiled_mfu"}
+TOP_KEYS = {"device", "device_name", "torch", "threads", "load_average", "config", "run_configs", "gemm", "moe_layer",
+            "train_step"}
 
 
 def run_cli(tmp_path, *extra: str) -> tuple[dict, str]:
@@ -26,14 +33,15 @@ def run_cli(tmp_path, *extra: str) -> tuple[dict, str]:
 
 def test_cli_times_every_router_and_writes_json(tmp_path):
     result, stdout = run_cli(tmp_path)
-    assert {"device", "device_name", "torch", "threads", "load_average", "config", "moe_layer", "train_step"} <= result.keys()
+    assert TOP_KEYS <= result.keys()
     assert result["moe_layer"].keys() == {"moe_s", "dense_s", "ratio", "d_expert", "dense_hidden"}
     assert result["moe_layer"]["dense_hidden"] == 2 * result["moe_layer"]["d_expert"] == 2 * 64  # k * (4 d / k)
     variants = result["train_step"]["variants"]
     assert set(variants) == set(routers.known())
     for name, row in variants.items():
-        assert row.keys() == STEP_KEYS, name
+        assert row.keys() == STEP_KEYS | {"ratio_to_topk"}, name
         assert row["mfu"] is None  # no bf16 peak on CPU
+        assert row["tokens_per_s"] > 0 and row["eval_tokens_per_s"] > 0 and row["gemm_fraction"] > 0
     assert variants["topk"]["ratio_to_topk"] == 1.0
     assert "n/a" in stdout and all(name in stdout for name in variants)
 
@@ -41,7 +49,7 @@ def test_cli_times_every_router_and_writes_json(tmp_path):
 @pytest.mark.slow
 def test_compile_flag_adds_compiled_columns(tmp_path):
     result, stdout = run_cli(tmp_path, "--compile", "--routers", "topk")
-    assert result["train_step"]["variants"]["topk"].keys() == STEP_KEYS | COMPILED_KEYS
+    assert result["train_step"]["variants"]["topk"].keys() == STEP_KEYS | {"ratio_to_topk"} | COMPILED_KEYS
     assert "speedup" in stdout
 
 
@@ -55,3 +63,58 @@ def test_sync_debug_needs_cuda(capsys):
         parse_args(["--device", "cpu", "--sync-debug"])
     assert exit_info.value.code == 2
     assert "--sync-debug needs a CUDA device" in capsys.readouterr().err
+
+
+def test_config_measures_every_variant_at_the_study_size(tmp_path):
+    """config.yaml + the smoke preset + an overlay with a horizon-dependent router option, merged as Snakemake does."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"variants": [{"name": "topk", "router": "topk"},
+                                                    {"name": "lossfree", "router": "lossfree", "bias_travel": 10.0}],
+                                       "ablation": {"base": "topk"}}))
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "gtmoe.bench", "--device", "cpu", "--config", str(ROOT / "config.yaml"),
+                           str(ROOT / "workflow/presets/smoke.yaml"), str(overlay), "--repeats", "2", "--warmup", "1",
+                           "--gemm-size", "512", "--json", str(out)], capture_output=True, text=True, check=True)
+    result = json.loads(out.read_text())
+    assert TOP_KEYS <= result.keys()
+    assert result["threads"] == 1  # as the study's jobs run
+    smoke = yaml.safe_load((ROOT / "workflow/presets/smoke.yaml").read_text())
+    config = result["config"]
+    assert (config["d_model"], config["vocab"], config["seq_len"]) == (32, 512, smoke["data"]["seq_len"])
+    assert config["tokens"] == smoke["train"]["batch_size"] * smoke["data"]["seq_len"]
+    runs = result["run_configs"]
+    assert set(runs) == {"topk", "lossfree"}  # the overlay's list replaced the preset's
+    assert runs["lossfree"]["model"]["positional"] == "rope"  # config.yaml's key, kept under the preset's mapping
+    # The horizon option is resolved as in the workflow: bias_travel / max_steps.
+    assert runs["lossfree"]["router"]["bias_update_rate"] == pytest.approx(10.0 / smoke["train"]["max_steps"])
+
+    assert result["gemm"]["size"] == 512 and result["gemm"]["flops_per_s"] > 0
+    layer = result["moe_layer"]
+    assert layer["d_expert"] == smoke["model"]["d_expert"] and layer["ratio"] > 0
+    train = result["train_step"]
+    assert train["reference"] == "topk" and train["tokens_per_step"] == config["tokens"]
+    assert set(train["variants"]) == {"topk", "lossfree"}
+    for name, row in train["variants"].items():
+        assert row.keys() >= STEP_KEYS, name
+        assert row["tokens_per_s"] > 0 and row["eval_tokens_per_s"] > 0, name
+        assert 0 < row["gemm_fraction"] < 1.5, name
+    assert all(name in done.stdout for name in ("topk", "lossfree", "eval tok/s", "GEMM"))
+
+
+def test_config_rejects_size_flags_and_unknown_variants(capsys):
+    smoke = [str(ROOT / "config.yaml"), str(ROOT / "workflow/presets/smoke.yaml")]
+    for extra, message in ((["--d-model", "64"], "--d-model: the sizes come from --config"),
+                           (["--routers", "nope"], "unknown variant(s) nope")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["--device", "cpu", "--config", *smoke, *extra])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    args = parse_args(["--device", "cpu", "--config", *smoke, "--routers", "rdesi"])
+    assert list(args.runs) == ["topk", "rdesi"] and args.threads == 1  # the reference is always added
+
+
+def test_merge_configs_like_snakemake():
+    base = {"model": {"d_model": 128, "positional": "rope"}, "seeds": [0, 1, 2], "variants": [{"name": "a"}]}
+    merged = merge_configs(base, {"model": {"d_model": 32}, "seeds": [0]})
+    assert merged == {"model": {"d_model": 32, "positional": "rope"}, "seeds": [0], "variants": [{"name": "a"}]}
+    assert base["model"]["d_model"] == 128  # inputs untouched
