@@ -13,9 +13,7 @@ The command line interface (``python -m analysis --help``) is in ``__main__``.
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-RUN_OK = "ok"
-RUN_MISSING = "missing"
-RUN_FAILED = "failed"
+from gtmoe.contract import RUN_FAILED, RUN_MISSING, RUN_OK  # the run-directory contract (torch-free)
 
 __all__ = ["RUN_OK", "RUN_MISSING", "RUN_FAILED", "OutputError", "writing"]
 
@@ -31,5 +29,7 @@ def writing(path) -> Iterator[None]:
         yield
     except OSError as exc:
         reason = exc.strerror or str(exc) or exc.__class__.__name__
-        raise OutputError(f"cannot write {path} ({reason}); free space or fix the permissions there and rerun "
-                          "(snakemake reruns this job)") from None
+        raise OutputError(
+            f"cannot write {path} ({reason}); free space or fix the permissions there and rerun "
+            "(snakemake reruns this job)"
+        ) from None

@@ -11,6 +11,8 @@
         --run-dirs DIR... --reference topk --out results/summary/findings.html
     python -m analysis compute --benchmarks TSV... --benchmark-root results/benchmarks \
         --runs-root results/runs --out-csv results/summary/compute.csv
+    python -m analysis sensitivity --table results/summary/runs.parquet --design-json JSON \
+        --reference topk --split test --out-dir results/summary --figures-dir results/figures
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import RUN_OK, OutputError, collect, compute, figures, findings, stats, tables, writing
+from analysis import RUN_OK, OutputError, collect, compute, figures, findings, sensitivity, stats, tables, writing
 
 # Fixed output names (the workflow declares them as rule outputs).
 STATUS_HTML_SUFFIX = ".html"
@@ -33,12 +35,12 @@ TABLE_FILES = ("summary", "comparisons", "ablations")  # each as .csv and .html
 
 @dataclass(frozen=True)
 class FigureInputs:
-    tidy: pd.DataFrame        # usable rows of the tidy table
+    tidy: pd.DataFrame  # usable rows of the tidy table
     router_log: pd.DataFrame  # router logs of the usable runs
-    reference: pd.DataFrame   # paired comparisons against the reference variant
-    ablations: pd.DataFrame   # paired comparisons of rdesi against its ablations
+    reference: pd.DataFrame  # paired comparisons against the reference variant
+    ablations: pd.DataFrame  # paired comparisons of rdesi against its ablations
     split: str
-    baselines: pd.DataFrame   # n-gram reference models (collect.read_baselines), maybe empty
+    baselines: pd.DataFrame  # n-gram reference models (collect.read_baselines), maybe empty
     train_log: pd.DataFrame | None = None  # training logs of the usable runs (flip rates)
 
 
@@ -48,7 +50,7 @@ FIGURES = {
     "load_heatmap.png": lambda d, path: figures.plot_load_heatmap(d.tidy, path, d.split),
     "training_balance.png": lambda d, path: figures.plot_training_balance(d.router_log, path),
     "pareto.png": lambda d, path: figures.plot_pareto(d.tidy, path, d.split, baselines=d.baselines),
-    "rdesi_internals.png": lambda d, path: figures.plot_rdesi_internals(d.router_log, path),
+    "router_state.png": lambda d, path: figures.plot_router_state(d.router_log, path),
     "ablation_forest.png": lambda d, path: figures.plot_ablation_forest(d.ablations, path),
     "reference_forest.png": lambda d, path: figures.plot_reference_forest(d.reference, path),
     "flip_rates.png": lambda d, path: figures.plot_flip_rates(d.train_log, path),
@@ -63,8 +65,10 @@ def _log(message: str) -> None:
 def _pairs(tidy: pd.DataFrame, args: argparse.Namespace) -> tuple[list, list]:
     """Reference and ablation pairs over the study's variants."""
     variants = collect.variant_order(tidy)
-    return (stats.reference_pairs(variants, args.reference),
-            stats.ablation_pairs(variants, args.ablation_base, args.ablations))
+    return (
+        stats.reference_pairs(variants, args.reference),
+        stats.ablation_pairs(variants, args.ablation_base, args.ablations),
+    )
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
@@ -84,27 +88,43 @@ def run_aggregate(args: argparse.Namespace) -> int:
 def _compare(tidy: pd.DataFrame, pairs: list, args: argparse.Namespace) -> pd.DataFrame:
     """Paired comparisons on the comparison metrics plus any primary endpoint not among them."""
     metrics = list(dict.fromkeys([*args.metrics, *args.primary]))
-    return stats.paired_comparisons(tidy, pairs, metrics, args.split, primary=args.primary,
-                                    alpha=args.alpha, power=args.power)
+    return stats.paired_comparisons(
+        tidy, pairs, metrics, args.split, primary=args.primary, alpha=args.alpha, power=args.power
+    )
 
 
 def run_stats(args: argparse.Namespace) -> int:
     tidy = collect.usable(pd.read_parquet(args.table))
     out = Path(args.out_dir)
     eval_splits = [args.split] + [s for s in collect.EVAL_SPLITS if s != args.split]
-    summary = pd.concat([stats.summarize(tidy, args.summary_metrics, eval_splits),
-                         stats.summarize(tidy, stats.TRAIN_METRICS, ["train"]),
-                         # Test split only: the evaluation may score a fixed subset of validation
-                         # blocks (eval.max_blocks), while the baselines score whole splits.
-                         stats.baseline_summary(collect.read_baselines(args.baselines), [args.split])],
-                        ignore_index=True)
+    summary = pd.concat(
+        [
+            stats.summarize(tidy, args.summary_metrics, eval_splits),
+            stats.summarize(tidy, stats.TRAIN_METRICS, ["train"]),
+            # Test split only: the evaluation may score a fixed subset of validation
+            # blocks (eval.max_blocks), while the baselines score whole splits.
+            stats.baseline_summary(collect.read_baselines(args.baselines), [args.split]),
+        ],
+        ignore_index=True,
+    )
     tables.write_summary(summary, out / "summary.csv", out / "summary.html")
     reference, ablation = _pairs(tidy, args)
-    tables.write_comparisons(_compare(tidy, reference, args), out / "comparisons.csv", out / "comparisons.html",
-                             f"Paired comparisons against {args.reference}", alpha=args.alpha, power=args.power)
-    tables.write_comparisons(_compare(tidy, ablation, args), out / "ablations.csv", out / "ablations.html",
-                             f"RD-ESI ablations: each ablation against {args.ablation_base}",
-                             alpha=args.alpha, power=args.power)
+    tables.write_comparisons(
+        _compare(tidy, reference, args),
+        out / "comparisons.csv",
+        out / "comparisons.html",
+        f"Paired comparisons against {args.reference}",
+        alpha=args.alpha,
+        power=args.power,
+    )
+    tables.write_comparisons(
+        _compare(tidy, ablation, args),
+        out / "ablations.csv",
+        out / "ablations.html",
+        f"RD-ESI ablations: each ablation against {args.ablation_base}",
+        alpha=args.alpha,
+        power=args.power,
+    )
     _log(f"tables -> {out}")
     return 0
 
@@ -112,14 +132,17 @@ def run_stats(args: argparse.Namespace) -> int:
 def run_figures(args: argparse.Namespace) -> int:
     tidy = collect.usable(pd.read_parquet(args.table))
     ok_runs = set(zip(tidy["variant"].astype(str), tidy["seed"]))
-    router_log = collect.load_router_logs(args.run_dirs, keep=ok_runs,
-                                          variants=collect.variant_order(tidy))
+    router_log = collect.load_router_logs(args.run_dirs, keep=ok_runs, variants=collect.variant_order(tidy))
     reference, ablation = _pairs(tidy, args)
     inputs = FigureInputs(
-        tidy=tidy, router_log=router_log, split=args.split,
-        reference=_compare(tidy, reference, args), ablations=_compare(tidy, ablation, args),
+        tidy=tidy,
+        router_log=router_log,
+        split=args.split,
+        reference=_compare(tidy, reference, args),
+        ablations=_compare(tidy, ablation, args),
         baselines=collect.read_baselines(args.baselines),
-        train_log=collect.load_train_logs(args.run_dirs, keep=ok_runs, variants=collect.variant_order(tidy)))
+        train_log=collect.load_train_logs(args.run_dirs, keep=ok_runs, variants=collect.variant_order(tidy)),
+    )
     out = Path(args.out_dir)
     for name, draw in FIGURES.items():
         draw(inputs, out / name)
@@ -130,19 +153,29 @@ def run_figures(args: argparse.Namespace) -> int:
 def run_findings(args: argparse.Namespace) -> int:
     tables_dir = Path(args.summary_dir)
     inputs = findings.load_inputs(
-        comparisons=tables_dir / "comparisons.csv", ablations=tables_dir / "ablations.csv",
-        summary=tables_dir / "summary.csv", status=tables_dir / "run_status.csv", baselines=args.baselines,
-        run_dirs=args.run_dirs, reference=args.reference, split=args.split, alpha=args.alpha,
-        power=args.power, still_learning_slope=args.still_learning_slope)
+        comparisons=tables_dir / "comparisons.csv",
+        ablations=tables_dir / "ablations.csv",
+        summary=tables_dir / "summary.csv",
+        status=tables_dir / "run_status.csv",
+        baselines=args.baselines,
+        run_dirs=args.run_dirs,
+        reference=args.reference,
+        split=args.split,
+        alpha=args.alpha,
+        power=args.power,
+        still_learning_slope=args.still_learning_slope,
+    )
     _log(f"findings -> {findings.write_findings(inputs, args.out)}")
     return 0
 
 
 def run_compute(args: argparse.Namespace) -> int:
-    root = args.benchmark_root or os.path.commonpath([os.path.dirname(os.path.abspath(path))
-                                                       for path in args.benchmarks])
-    jobs = compute.jobs_table([os.path.abspath(path) for path in args.benchmarks], os.path.abspath(root),
-                              args.runs_root)
+    root = args.benchmark_root or os.path.commonpath(
+        [os.path.dirname(os.path.abspath(path)) for path in args.benchmarks]
+    )
+    jobs = compute.jobs_table(
+        [os.path.abspath(path) for path in args.benchmarks], os.path.abspath(root), args.runs_root
+    )
     table = compute.breakdown(jobs)
     html_out = args.out_html or Path(args.out_csv).with_suffix(STATUS_HTML_SUFFIX)
     compute.write_compute(table, args.out_csv, html_out)
@@ -150,29 +183,92 @@ def run_compute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _design_text(argument: str) -> str:
+    """The design given inline (a JSON list, as the workflow passes it) or as a file."""
+    if argument.lstrip().startswith("["):
+        return argument
+    try:
+        return Path(argument).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ValueError(
+            f"--design-json is neither a JSON list nor a readable file: {argument!r} ({error.strerror or error})"
+        ) from None
+
+
+def run_sensitivity(args: argparse.Namespace) -> int:
+    design = sensitivity.read_design(_design_text(args.design_json))
+    tidy = collect.usable(pd.read_parquet(args.table))
+    dose = sensitivity.dose_response(tidy, design, args.split, args.reference)
+    best = sensitivity.best_values(dose)
+    written = sensitivity.write_tables(dose, best, args.out_dir)
+    sweeps = list(dict.fromkeys(design["sweep"]))
+    for sweep in sweeps:
+        sensitivity.plot_sensitivity(
+            dose, Path(args.figures_dir) / sensitivity.figure_name(sweep), sweep, args.reference
+        )
+    for row in best.itertuples():
+        if row.note:
+            _log(f"{row.sweep}/{row.option}{f' ({row.fixed})' if row.fixed else ''}: {row.note}")
+    _log(
+        f"{len(design)} points of {len(sweeps)} sweep(s): tables -> {Path(written[0]).parent}, "
+        f"figures -> {args.figures_dir}"
+    )
+    return 0
+
+
 def _add_pair_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reference", default="topk",
-                        help="reference variant; every other variant is compared with it (default: topk)")
-    parser.add_argument("--split", default="test", choices=collect.EVAL_SPLITS,
-                        help="evaluation split of the comparisons and figures (default: test)")
-    parser.add_argument("--metrics", nargs="+", default=list(stats.COMPARISON_METRICS), metavar="METRIC",
-                        help="metrics of the paired comparisons (default: %(default)s)")
-    parser.add_argument("--ablation-base", default=stats.ABLATION_BASE,
-                        help="variant the ablations are compared with (default: %(default)s)")
-    parser.add_argument("--ablations", nargs="*", default=list(stats.ABLATIONS), metavar="VARIANT",
-                        help="ablation variants; those absent from the table are skipped "
-                             "(default: %(default)s)")
-    parser.add_argument("--primary", nargs="*", default=list(stats.PRIMARY_METRICS), metavar="METRIC",
-                        help="primary (confirmatory) endpoints; other metrics are marked exploratory, and "
-                             "primary ones absent from --metrics are compared too (default: %(default)s)")
-    parser.add_argument("--alpha", type=_probability, default=stats.ALPHA,
-                        help="level of the tests, in (0, 1) (default: %(default)s)")
-    parser.add_argument("--power", type=_probability, default=stats.POWER,
-                        help="power at which the minimum detectable difference is quoted, in (alpha, 1) "
-                             "(default: %(default)s)")
-    parser.add_argument("--baselines", default=None, metavar="JSON",
-                        help="n-gram reference models from `python -m gtmoe baselines`, shown as reference "
-                             "rows and lines (default: none)")
+    parser.add_argument(
+        "--reference", default="topk", help="reference variant; every other variant is compared with it (default: topk)"
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=collect.EVAL_SPLITS,
+        help="evaluation split of the comparisons and figures (default: test)",
+    )
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(stats.COMPARISON_METRICS),
+        metavar="METRIC",
+        help="metrics of the paired comparisons (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ablation-base",
+        default=stats.ABLATION_BASE,
+        help="variant the ablations are compared with (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=list(stats.ABLATIONS),
+        metavar="VARIANT",
+        help="ablation variants; those absent from the table are skipped (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--primary",
+        nargs="*",
+        default=list(stats.PRIMARY_METRICS),
+        metavar="METRIC",
+        help="primary (confirmatory) endpoints; other metrics are marked exploratory, and "
+        "primary ones absent from --metrics are compared too (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha", type=_probability, default=stats.ALPHA, help="level of the tests, in (0, 1) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--power",
+        type=_probability,
+        default=stats.POWER,
+        help="power at which the minimum detectable difference is quoted, in (alpha, 1) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--baselines",
+        default=None,
+        metavar="JSON",
+        help="n-gram reference models from `python -m gtmoe baselines`, shown as reference "
+        "rows and lines (default: none)",
+    )
 
 
 def _probability(text: str) -> float:
@@ -183,75 +279,141 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    aggregate = commands.add_parser("aggregate", help="collect run directories into a tidy table",
-                                    description="Read every run directory into one tidy table "
-                                                "(parquet) and write the run status table (CSV + HTML).")
-    aggregate.add_argument("--run-dirs", nargs="*", default=[], metavar="DIR",
-                           help="run directories results/runs/{variant}/seed{seed}; absent ones are "
-                                "reported as missing")
-    aggregate.add_argument("--variants", nargs="+", metavar="V",
-                           help="expected variants in study order (default: those of --run-dirs)")
-    aggregate.add_argument("--seeds", nargs="+", type=int, metavar="S",
-                           help="expected seeds (default: those of --run-dirs)")
+    aggregate = commands.add_parser(
+        "aggregate",
+        help="collect run directories into a tidy table",
+        description="Read every run directory into one tidy table "
+        "(parquet) and write the run status table (CSV + HTML).",
+    )
+    aggregate.add_argument(
+        "--run-dirs",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="run directories results/runs/{variant}/seed{seed}; absent ones are reported as missing",
+    )
+    aggregate.add_argument(
+        "--variants", nargs="+", metavar="V", help="expected variants in study order (default: those of --run-dirs)"
+    )
+    aggregate.add_argument(
+        "--seeds", nargs="+", type=int, metavar="S", help="expected seeds (default: those of --run-dirs)"
+    )
     aggregate.add_argument("--out-table", required=True, help="tidy table to write (.parquet)")
     aggregate.add_argument("--out-status", required=True, help="run status table to write (.csv)")
-    aggregate.add_argument("--out-status-html",
-                           help="HTML view of the run status (default: --out-status with .html)")
+    aggregate.add_argument("--out-status-html", help="HTML view of the run status (default: --out-status with .html)")
     aggregate.set_defaults(handler=run_aggregate)
 
-    stats_cmd = commands.add_parser("stats", help="summary, paired comparison and ablation tables",
-                                    description="Write summary, comparisons and ablations as CSV "
-                                                "and HTML into --out-dir, from ok runs only.")
+    stats_cmd = commands.add_parser(
+        "stats",
+        help="summary, paired comparison and ablation tables",
+        description="Write summary, comparisons and ablations as CSV and HTML into --out-dir, from ok runs only.",
+    )
     stats_cmd.add_argument("--table", required=True, help="tidy table written by aggregate")
     stats_cmd.add_argument("--out-dir", required=True, help="directory for the tables")
-    stats_cmd.add_argument("--summary-metrics", nargs="+", default=list(stats.SUMMARY_METRICS),
-                           metavar="METRIC", help="metrics of the summary table (default: %(default)s)")
+    stats_cmd.add_argument(
+        "--summary-metrics",
+        nargs="+",
+        default=list(stats.SUMMARY_METRICS),
+        metavar="METRIC",
+        help="metrics of the summary table (default: %(default)s)",
+    )
     _add_pair_options(stats_cmd)
     stats_cmd.set_defaults(handler=run_stats)
 
-    figures_cmd = commands.add_parser("figures", help="report figures (PNG)",
-                                      description="Write the report figures into --out-dir: "
-                                                  + ", ".join(FIGURE_FILES) + ".")
+    figures_cmd = commands.add_parser(
+        "figures",
+        help="report figures (PNG)",
+        description="Write the report figures into --out-dir: " + ", ".join(FIGURE_FILES) + ".",
+    )
     figures_cmd.add_argument("--table", required=True, help="tidy table written by aggregate")
-    figures_cmd.add_argument("--run-dirs", nargs="*", default=[], metavar="DIR",
-                             help="run directories, for the router logs (training curves, RD-ESI state)")
+    figures_cmd.add_argument(
+        "--run-dirs",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="run directories, for the router logs (training curves, RD-ESI state)",
+    )
     figures_cmd.add_argument("--out-dir", required=True, help="directory for the figures")
     _add_pair_options(figures_cmd)
     figures_cmd.set_defaults(handler=run_figures)
 
     findings_cmd = commands.add_parser(
-        "findings", help="the findings in words (HTML)",
+        "findings",
+        help="the findings in words (HTML)",
         description="Write the study's findings in words from the tables of `stats` and `aggregate` in "
-                    "--summary-dir (comparisons, ablations, summary, run_status .csv), the n-gram "
-                    "baselines and the training logs.")
+        "--summary-dir (comparisons, ablations, summary, run_status .csv), the n-gram "
+        "baselines and the training logs.",
+    )
     findings_cmd.add_argument("--summary-dir", required=True, help="directory of the statistics tables")
-    findings_cmd.add_argument("--run-dirs", nargs="*", default=[], metavar="DIR",
-                              help="run directories, for the training logs (final loss slope)")
-    findings_cmd.add_argument("--still-learning-slope", type=float, default=1.0, metavar="NATS",
-                              help="flag a variant as still learning when its training loss falls faster "
-                                   "than this many nats per 1000 steps at the end (default: %(default)s)")
+    findings_cmd.add_argument(
+        "--run-dirs",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="run directories, for the training logs (final loss slope)",
+    )
+    findings_cmd.add_argument(
+        "--still-learning-slope",
+        type=float,
+        default=1.0,
+        metavar="NATS",
+        help="flag a variant as still learning when its training loss falls faster "
+        "than this many nats per 1000 steps at the end (default: %(default)s)",
+    )
     findings_cmd.add_argument("--out", required=True, help="HTML file to write")
     _add_pair_options(findings_cmd)
     findings_cmd.set_defaults(handler=run_findings)
 
     compute_cmd = commands.add_parser(
-        "compute", help="job-seconds per stage from the benchmark files",
+        "compute",
+        help="job-seconds per stage from the benchmark files",
         description="Sum Snakemake's benchmark files per stage and split training and evaluation jobs "
-                    "into in-process compute and start-up + per-job overhead (CSV + HTML).")
-    compute_cmd.add_argument("--benchmarks", nargs="+", required=True, metavar="TSV",
-                             help="benchmark files of the jobs to count")
-    compute_cmd.add_argument("--benchmark-root",
-                             help="directory the benchmark paths are relative to; their first component "
-                                  "names the rule (default: the files' common directory)")
-    compute_cmd.add_argument("--runs-root", required=True,
-                             help="root of the run directories {variant}/seed{seed}, for the in-process times")
+        "into in-process compute and start-up + per-job overhead (CSV + HTML).",
+    )
+    compute_cmd.add_argument(
+        "--benchmarks", nargs="+", required=True, metavar="TSV", help="benchmark files of the jobs to count"
+    )
+    compute_cmd.add_argument(
+        "--benchmark-root",
+        help="directory the benchmark paths are relative to; their first component "
+        "names the rule (default: the files' common directory)",
+    )
+    compute_cmd.add_argument(
+        "--runs-root", required=True, help="root of the run directories {variant}/seed{seed}, for the in-process times"
+    )
     compute_cmd.add_argument("--out-csv", required=True, help="breakdown table to write (.csv)")
     compute_cmd.add_argument("--out-html", help="HTML view (default: --out-csv with .html)")
     compute_cmd.set_defaults(handler=run_compute)
+
+    sensitivity_cmd = commands.add_parser(
+        "sensitivity",
+        help="dose-response of the router options of each sweep",
+        description="Write the dose-response table (sensitivity.csv/.html), the best value per swept option "
+        "(sensitivity_best.csv/.html) into --out-dir and one figure sensitivity_{sweep}.png per "
+        "sweep into --figures-dir, from ok runs only.",
+    )
+    sensitivity_cmd.add_argument("--table", required=True, help="tidy table written by aggregate")
+    sensitivity_cmd.add_argument(
+        "--design-json",
+        required=True,
+        metavar="JSON",
+        help="the sweep design: a JSON list of records {sweep, base, router, option, "
+        "value, variant, term, fixed}, inline or the path of a file holding it",
+    )
+    sensitivity_cmd.add_argument(
+        "--reference", default="topk", help="variant whose mean and CI band each curve is read against (default: topk)"
+    )
+    sensitivity_cmd.add_argument(
+        "--split", default="test", choices=collect.EVAL_SPLITS, help="evaluation split (default: test)"
+    )
+    sensitivity_cmd.add_argument("--out-dir", required=True, help="directory for the tables")
+    sensitivity_cmd.add_argument("--figures-dir", required=True, help="directory for the figures")
+    sensitivity_cmd.set_defaults(handler=run_sensitivity)
     return parser
 
 

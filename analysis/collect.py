@@ -25,30 +25,30 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from analysis import RUN_FAILED, RUN_MISSING, RUN_OK
+from gtmoe.contract import (
+    EVAL_ID_KEYS,
+    EVAL_SPLITS,
+    LOAD_METRICS,
+    PER_LAYER_ID_KEYS,
+    ROUTER_LOG,
+    ROUTER_LOG_INDEX,
+    RUN_FAILED,
+    RUN_MISSING,
+    RUN_OK,
+    TRAIN_LOG,
+    eval_file,
+)
 
-EVAL_SPLITS = ("validation", "test")
-TRAIN_LOG = "train_log.parquet"
-ROUTER_LOG = "router_log.parquet"
 TIDY_COLUMNS = ["variant", "seed", "split", "metric", "layer", "value", "source", "run_status"]
 STATUS_COLUMNS = ["variant", "seed", "status", "detail", "router", "run_dir"]
-ROUTER_LOG_COLUMNS = ["step", "layer", "expert", "load", "reputation", "load_hat", "bonus", "bias"]
 MODEL_LEVEL = "all"
 DENSE_ROUTER = "dense"
 
-# Eval-JSON keys that identify a run rather than measure it (everything else numeric is kept).
-# Model-level load metrics every routed run's eval JSON must hold as finite numbers (gtmoe.evaluate's
-# LOAD_METRICS; it writes null for a non-finite value). Dense runs (router "dense", or n_experts 0) have none.
-LOAD_METRICS = ("gini", "load_entropy", "cv", "maxvio_global", "maxvio_batch", "dead_experts", "drop_rate",
-                "token_expert_mi")
-_EVAL_ID_KEYS = frozenset({"variant", "seed", "split", "router", "status", "per_layer"})
-_PER_LAYER_ID_KEYS = frozenset({"layer", "load"})
+# Eval-JSON keys that identify a run rather than measure it (everything else numeric is kept), and the
+# model-level load metrics every routed run's JSON must hold as finite numbers: gtmoe.contract's.
+_EVAL_ID_KEYS = frozenset(EVAL_ID_KEYS)
+_PER_LAYER_ID_KEYS = frozenset(PER_LAYER_ID_KEYS)
 _SEED_DIR = re.compile(r"^seed(\d+)$")
-
-
-def eval_file(split: str) -> str:
-    """File name of the evaluation summary of one split."""
-    return f"eval_{split}.json"
 
 
 def parse_run_dir(run_dir: str | Path) -> tuple[str, int]:
@@ -77,23 +77,29 @@ def eval_records(evaluation: dict, source: str) -> list[dict]:
     scalar metrics and one ``load_e{i}`` record per expert (token counts).
     """
     split = evaluation["split"]
-    records = []
-    for key, value in evaluation.items():
-        if key in _EVAL_ID_KEYS or not (value is None or _is_number(value)):
-            continue
-        records.append(dict(split=split, metric=key, layer=MODEL_LEVEL, value=_as_float(value),
-                            source=f"{source}#/{key}"))
+
+    def numbers(mapping: dict, skip: frozenset, layer: str, pointer: str) -> list[dict]:
+        return [
+            dict(split=split, metric=key, layer=layer, value=_as_float(value), source=f"{pointer}/{key}")
+            for key, value in mapping.items()
+            if key not in skip and (value is None or _is_number(value))
+        ]
+
+    records = numbers(evaluation, _EVAL_ID_KEYS, MODEL_LEVEL, f"{source}#")
     for index, entry in enumerate(evaluation.get("per_layer") or []):
         layer = str(entry["layer"])
         pointer = f"{source}#/per_layer/{index}"
-        for key, value in entry.items():
-            if key in _PER_LAYER_ID_KEYS or not (value is None or _is_number(value)):
-                continue
-            records.append(dict(split=split, metric=key, layer=layer, value=_as_float(value),
-                                source=f"{pointer}/{key}"))
+        records += numbers(entry, _PER_LAYER_ID_KEYS, layer, pointer)
         for expert, count in enumerate(entry.get("load") or []):
-            records.append(dict(split=split, metric=f"load_e{expert}", layer=layer,
-                                value=_as_float(count), source=f"{pointer}/load/{expert}"))
+            records.append(
+                dict(
+                    split=split,
+                    metric=f"load_e{expert}",
+                    layer=layer,
+                    value=_as_float(count),
+                    source=f"{pointer}/load/{expert}",
+                )
+            )
     return records
 
 
@@ -108,14 +114,21 @@ def train_log_records(log: pd.DataFrame, source: str) -> list[dict]:
     records = [dict(metric="final_step", value=float(step), source=f"{source}#max(step)")]
     for column in ("loss", "aux_loss", "z_loss", "grad_norm", "lr"):
         if column in log.columns:
-            records.append(dict(metric=f"final_{column}", value=float(last[column]),
-                                source=f"{source}#{column}@step={step}"))
+            records.append(
+                dict(metric=f"final_{column}", value=float(last[column]), source=f"{source}#{column}@step={step}")
+            )
     if "tokens_per_s" in log.columns:
-        records.append(dict(metric="mean_tokens_per_s", value=float(log["tokens_per_s"].mean()),
-                            source=f"{source}#mean(tokens_per_s)"))
+        records.append(
+            dict(
+                metric="mean_tokens_per_s",
+                value=float(log["tokens_per_s"].mean()),
+                source=f"{source}#mean(tokens_per_s)",
+            )
+        )
     if "elapsed_s" in log.columns:
-        records.append(dict(metric="train_wall_s", value=float(log["elapsed_s"].max()),
-                            source=f"{source}#max(elapsed_s)"))
+        records.append(
+            dict(metric="train_wall_s", value=float(log["elapsed_s"].max()), source=f"{source}#max(elapsed_s)")
+        )
     return [dict(split="train", layer=MODEL_LEVEL, **record) for record in records]
 
 
@@ -156,8 +169,9 @@ def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, spli
         for metric in LOAD_METRICS:
             value = evaluation.get(metric)
             if not _is_number(value) or not math.isfinite(value):
-                problems.append(f"{name}: non-finite load metric {metric} ({value!r}; null is how gtmoe "
-                                "writes NaN/inf)")
+                problems.append(
+                    f"{name}: non-finite load metric {metric} ({value!r}; null is how gtmoe writes NaN/inf)"
+                )
     found = (evaluation.get("variant"), evaluation.get("seed"), evaluation.get("split"))
     if found != (variant, seed, split):
         problems.append(f"{name}: written for (variant, seed, split)={found!r}")
@@ -218,8 +232,9 @@ def read_run(run_dir: str | Path, variant: str, seed: int) -> RunReading:
     return reading
 
 
-def expected_runs(run_dirs: Sequence[str | Path], variants: Sequence[str] | None,
-                  seeds: Sequence[int] | None) -> list[tuple[str, int, str | None]]:
+def expected_runs(
+    run_dirs: Sequence[str | Path], variants: Sequence[str] | None, seeds: Sequence[int] | None
+) -> list[tuple[str, int, str | None]]:
     """Pair every expected ``(variant, seed)`` with its run directory (None when not given).
 
     Without ``variants``/``seeds`` the grid is taken from the run directories. A run
@@ -239,8 +254,9 @@ def expected_runs(run_dirs: Sequence[str | Path], variants: Sequence[str] | None
     return [(v, s, by_run.get((v, s))) for v in variants for s in seeds]
 
 
-def collect_runs(run_dirs: Sequence[str | Path], variants: Sequence[str] | None = None,
-                 seeds: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect_runs(
+    run_dirs: Sequence[str | Path], variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(tidy, status)`` for the expected runs.
 
     ``tidy.variant`` is an ordered categorical over all expected variants, so a variant
@@ -251,19 +267,44 @@ def collect_runs(run_dirs: Sequence[str | Path], variants: Sequence[str] | None 
     records, statuses = [], []
     for variant, seed, run_dir in runs:
         if run_dir is None:
-            statuses.append(dict(variant=variant, seed=seed, status=RUN_MISSING,
-                                 detail="no run directory given", router=None, run_dir=None))
+            statuses.append(
+                dict(
+                    variant=variant,
+                    seed=seed,
+                    status=RUN_MISSING,
+                    detail="no run directory given",
+                    router=None,
+                    run_dir=None,
+                )
+            )
             continue
         reading = read_run(run_dir, variant, seed)
         for record in reading.records:
             record["run_status"] = reading.status
         records += reading.records
-        statuses.append(dict(variant=variant, seed=seed, status=reading.status,
-                             detail=reading.detail, router=reading.router, run_dir=reading.run_dir))
+        statuses.append(
+            dict(
+                variant=variant,
+                seed=seed,
+                status=reading.status,
+                detail=reading.detail,
+                router=reading.router,
+                run_dir=reading.run_dir,
+            )
+        )
 
     tidy = pd.DataFrame.from_records(records, columns=TIDY_COLUMNS)
-    tidy = tidy.astype({"seed": "int64", "value": "float64", "split": "str", "metric": "str",
-                        "layer": "str", "source": "str", "run_status": "str"})
+    tidy = tidy.astype(
+        {
+            "seed": "int64",
+            "value": "float64",
+            "split": "str",
+            "metric": "str",
+            "layer": "str",
+            "source": "str",
+            "run_status": "str",
+        }
+    )
     tidy["variant"] = pd.Categorical(tidy["variant"], categories=variant_order, ordered=True)
     status = pd.DataFrame.from_records(statuses, columns=STATUS_COLUMNS)
     return tidy, status
@@ -301,27 +342,37 @@ def _read_run_logs(run_dirs: Iterable[str | Path], name: str, keep: set[tuple[st
             yield variant, seed, pd.read_parquet(file)
 
 
-def load_train_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None,
-                    variants: Sequence[str] | None = None) -> pd.DataFrame:
+def load_train_logs(
+    run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None, variants: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Concatenate the training logs of the given runs, with ``variant`` and ``seed`` columns.
 
     Columns are the union over runs (a flip-rate column of one router is NaN for the
     others); ``keep`` and ``variants`` work as in ``load_router_logs``. A resumed run can
     log a step twice: the last entry of each step is kept.
     """
-    frames = [log.drop_duplicates("step", keep="last").assign(variant=variant, seed=seed)
-              for variant, seed, log in _read_run_logs(run_dirs, TRAIN_LOG, keep)]
+    frames = [
+        log.drop_duplicates("step", keep="last").assign(variant=variant, seed=seed)
+        for variant, seed, log in _read_run_logs(run_dirs, TRAIN_LOG, keep)
+    ]
     if frames:
         logs = pd.concat(frames, ignore_index=True)
         logs = logs[["variant", "seed", *(c for c in logs.columns if c not in ("variant", "seed"))]]
     else:
-        logs = pd.DataFrame({"variant": pd.Series(dtype="str"), "seed": pd.Series(dtype="int64"),
-                             "step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64")})
+        logs = pd.DataFrame(
+            {
+                "variant": pd.Series(dtype="str"),
+                "seed": pd.Series(dtype="int64"),
+                "step": pd.Series(dtype="int64"),
+                "loss": pd.Series(dtype="float64"),
+            }
+        )
     return _in_study_order(logs, variants, "training logs")
 
 
-def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None,
-                     variants: Sequence[str] | None = None) -> pd.DataFrame:
+def load_router_logs(
+    run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None, variants: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Concatenate the router logs of the given runs, with ``variant`` and ``seed`` columns.
 
     Runs without a router log (``dense``, or missing) contribute nothing; ``keep``
@@ -329,15 +380,19 @@ def load_router_logs(run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] 
     ``variants`` makes ``variant`` an ordered categorical in study order (figure colours
     and legends then match the other figures).
     """
-    # Columns a router has no state for may be absent from a log; NaN says "no such state".
-    frames = [log.reindex(columns=ROUTER_LOG_COLUMNS).assign(variant=variant, seed=seed)
-              for variant, seed, log in _read_run_logs(run_dirs, ROUTER_LOG, keep)]
-    columns = ["variant", "seed", *ROUTER_LOG_COLUMNS]
+    # Each log has the index columns, then its router's declared state (Router.state_names); the union
+    # over runs keeps every state, NaN where a router has no such state.
+    frames = [
+        log.assign(variant=variant, seed=seed) for variant, seed, log in _read_run_logs(run_dirs, ROUTER_LOG, keep)
+    ]
+    columns = ["variant", "seed", *ROUTER_LOG_INDEX]
     if frames:
-        logs = pd.concat(frames, ignore_index=True)[columns]
+        logs = pd.concat(frames, ignore_index=True)
+        logs = logs[[*columns, *(c for c in logs.columns if c not in columns)]]
     else:
         logs = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns}).astype(
-            {"variant": "str", "seed": "int64"})
+            {"variant": "str", "seed": "int64"}
+        )
     return _in_study_order(logs, variants, "router logs")
 
 
@@ -357,10 +412,22 @@ def read_baselines(path: str | Path | None) -> pd.DataFrame:
     try:
         models = json.loads(path.read_text())["models"]
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path}: not an n-gram baseline file ({exc.__class__.__name__}: {exc}); "
-                         "rebuild it with `python -m gtmoe baselines`") from exc
-    rows = [dict(model=model, split=split, metric=metric, value=float(value),
-                 source=f"{path}#/models/{model}/{split}/{metric}")
-            for model, result in models.items() for split in EVAL_SPLITS if split in result
-            for metric, value in result[split].items() if _is_number(value)]
+        raise ValueError(
+            f"{path}: not an n-gram baseline file ({exc.__class__.__name__}: {exc}); "
+            "rebuild it with `python -m gtmoe baselines`"
+        ) from exc
+    rows = [
+        dict(
+            model=model,
+            split=split,
+            metric=metric,
+            value=float(value),
+            source=f"{path}#/models/{model}/{split}/{metric}",
+        )
+        for model, result in models.items()
+        for split in EVAL_SPLITS
+        if split in result
+        for metric, value in result[split].items()
+        if _is_number(value)
+    ]
     return pd.DataFrame(rows, columns=BASELINE_COLUMNS)

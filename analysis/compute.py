@@ -26,10 +26,17 @@ from analysis.tables import format_number, html_page, html_table, write_table
 
 # Rule (first path component under results/benchmarks/) -> stage, in report order.
 STAGES = {
-    "corpus": "data prep", "tokenizer": "data prep", "shards": "data prep",
-    "ngram_baselines": "baselines", "run_config": "run configs",
-    "train": "training", "evaluate": "evaluation",
-    "aggregate": "analysis", "statistics": "analysis", "figures": "analysis", "findings": "analysis",
+    "corpus": "data prep",
+    "tokenizer": "data prep",
+    "shards": "data prep",
+    "ngram_baselines": "baselines",
+    "run_config": "run configs",
+    "train": "training",
+    "evaluate": "evaluation",
+    "aggregate": "analysis",
+    "statistics": "analysis",
+    "figures": "analysis",
+    "findings": "analysis",
 }
 OVERHEAD_STAGES = {"run configs"}  # jobs that only write a config file: all overhead
 IN_PROCESS, OVERHEAD, WHOLE_JOB = "in-process compute", "start-up + per-job overhead", "whole job"
@@ -75,8 +82,7 @@ def in_process_seconds(rule: str, relative: str, runs_root: Path) -> tuple[str |
     return variant, seed, (math.fsum(seconds) if seconds else math.nan)
 
 
-def jobs_table(benchmarks: Sequence[str | Path], benchmark_root: str | Path,
-               runs_root: str | Path) -> pd.DataFrame:
+def jobs_table(benchmarks: Sequence[str | Path], benchmark_root: str | Path, runs_root: str | Path) -> pd.DataFrame:
     """One row per job: its rule, stage, wall seconds and (train/evaluate) the in-process part.
 
     The overhead is ``job_s − in_process_s``, floored at 0: a resumed training run's loop
@@ -91,8 +97,18 @@ def jobs_table(benchmarks: Sequence[str | Path], benchmark_root: str | Path,
         variant, seed, in_process = in_process_seconds(rule, run_relative, runs_root)
         seconds = job_seconds(benchmark)
         in_process = min(in_process, seconds) if math.isfinite(in_process) else in_process
-        rows.append(dict(benchmark=relative, rule=rule, stage=stage_of(rule), variant=variant, seed=seed,
-                         job_s=seconds, in_process_s=in_process, overhead_s=seconds - in_process))
+        rows.append(
+            dict(
+                benchmark=relative,
+                rule=rule,
+                stage=stage_of(rule),
+                variant=variant,
+                seed=seed,
+                job_s=seconds,
+                in_process_s=in_process,
+                overhead_s=seconds - in_process,
+            )
+        )
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
@@ -108,8 +124,13 @@ def breakdown(jobs: pd.DataFrame) -> pd.DataFrame:
     total = float(jobs["job_s"].sum())
 
     def row(stage: str, part: str, jobs_: int, seconds: float) -> dict:
-        return dict(stage=stage, part=part, jobs=jobs_, seconds=seconds,
-                    percent=100 * seconds / total if total > 0 else math.nan)
+        return dict(
+            stage=stage,
+            part=part,
+            jobs=jobs_,
+            seconds=seconds,
+            percent=100 * seconds / total if total > 0 else math.nan,
+        )
 
     order = list(dict.fromkeys([s for s in STAGES.values() if s in set(jobs["stage"])] + list(jobs["stage"])))
     rows = []
@@ -125,8 +146,14 @@ def breakdown(jobs: pd.DataFrame) -> pd.DataFrame:
                 rows.append(row(stage, WHOLE_JOB, len(untimed), float(untimed["job_s"].sum())))
     timed = jobs[jobs["in_process_s"].notna()]
     config_jobs = jobs[jobs["stage"].isin(OVERHEAD_STAGES)]
-    rows.append(row("all stages", OVERHEAD, len(timed) + len(config_jobs),
-                    float(timed["overhead_s"].sum() + config_jobs["job_s"].sum())))
+    rows.append(
+        row(
+            "all stages",
+            OVERHEAD,
+            len(timed) + len(config_jobs),
+            float(timed["overhead_s"].sum() + config_jobs["job_s"].sum()),
+        )
+    )
     rows.append(row("total", "all", len(jobs), total))
     return pd.DataFrame(rows, columns=BREAKDOWN_COLUMNS)
 
@@ -136,16 +163,27 @@ def write_compute(table: pd.DataFrame, csv_path: str | Path, html_path: str | Pa
     rows = []
     for r in table.itertuples():
         whole = r.part == "all"
-        rows.append({"stage": r.stage if whole else "", "part": "whole stage" if whole else r.part,
-                     "jobs": str(r.jobs), "job-seconds": format_number(r.seconds),
-                     "share of total": f"{format_number(r.percent, 3)} %",
-                     "_row_class": "significant" if whole else "",
-                     "_class": {"jobs": "num", "job-seconds": "num", "share of total": "num"}})
-    caption = ("Job-seconds of the study by stage, from Snakemake's benchmark files (results/benchmarks/, "
-               "column s: each job's wall time, start-up included). Training and evaluation jobs split into "
-               "the compute they time in-process (train_summary.json wall_s: the training loop; eval JSON "
-               "wall_s: forward passes) and the rest, interpreter start-up, imports, loading and per-job "
-               "overhead. Percentages are of the total job-seconds (jobs that ran in parallel count each).")
-    page = html_page("Compute breakdown", caption,
-                     [("", html_table(rows, ["stage", "part", "jobs", "job-seconds", "share of total"]))])
+        rows.append(
+            {
+                "stage": r.stage if whole else "",
+                "part": "whole stage" if whole else r.part,
+                "jobs": str(r.jobs),
+                "job-seconds": format_number(r.seconds),
+                "share of total": f"{format_number(r.percent, 3)} %",
+                "_row_class": "significant" if whole else "",
+                "_class": {"jobs": "num", "job-seconds": "num", "share of total": "num"},
+            }
+        )
+    caption = (
+        "Job-seconds of the study by stage, from Snakemake's benchmark files (results/benchmarks/, "
+        "column s: each job's wall time, start-up included). Training and evaluation jobs split into "
+        "the compute they time in-process (train_summary.json wall_s: the training loop; eval JSON "
+        "wall_s: forward passes) and the rest, interpreter start-up, imports, loading and per-job "
+        "overhead. Percentages are of the total job-seconds (jobs that ran in parallel count each)."
+    )
+    page = html_page(
+        "Compute breakdown",
+        caption,
+        [("", html_table(rows, ["stage", "part", "jobs", "job-seconds", "share of total"]))],
+    )
     return write_table(table, page, csv_path, html_path)

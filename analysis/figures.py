@@ -33,17 +33,24 @@ from analysis.stats import (  # noqa: E402
     summarize,
     t_confidence_interval,
 )
+from gtmoe.contract import FLIP_RATE_PREFIX, ROUTER_LOG_INDEX  # noqa: E402
 
 DPI = 150
-RDESI_STATE = ("reputation", "load_hat", "bonus")
-RDESI_STATE_LABELS = {"reputation": "reputation R", "load_hat": "load L̂ = L − 1",
-                      "bonus": "exploration bonus"}
+# Readable names of known router state (router log columns) and selection terms; any other router's own
+# names are shown as they are.
+STATE_LABELS = {
+    "reputation": "reputation R",
+    "load_hat": "load L̂ = L − 1",
+    "bonus": "exploration bonus",
+    "bias": "loss-free bias b",
+}
 BASELINE_STYLES = {"unigram": (0, (6, 2)), "bigram": "-."}  # line styles of the n-gram reference lines
 
 sns.set_theme(context="notebook", style="whitegrid")
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def variant_palette(variants: Sequence[str]) -> dict[str, tuple]:
     """A fixed colour per variant, so one variant has one colour across all figures."""
@@ -96,14 +103,37 @@ def _baseline_lines(ax: plt.Axes, baselines: pd.DataFrame | None, metric: str, s
         if has_data and not low - span <= row.value <= high + span:
             off_scale.append(f"{row.model} baseline {value} ({'above' if row.value > high else 'below'})")
             continue
-        ax.axhline(row.value, color="0.2", alpha=0.8, lw=1.2, ls=BASELINE_STYLES.get(row.model, "--"),
-                   zorder=0, label=f"{row.model} baseline ({value})")
-        ax.annotate(f"{row.model} baseline {value}", (1.0, row.value), xycoords=("axes fraction", "data"),
-                    xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=7,
-                    color="0.2")
+        ax.axhline(
+            row.value,
+            color="0.2",
+            alpha=0.8,
+            lw=1.2,
+            ls=BASELINE_STYLES.get(row.model, "--"),
+            zorder=0,
+            label=f"{row.model} baseline ({value})",
+        )
+        ax.annotate(
+            f"{row.model} baseline {value}",
+            (1.0, row.value),
+            xycoords=("axes fraction", "data"),
+            xytext=(-3, 2),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.2",
+        )
     if off_scale:
-        ax.text(0.01, 0.99, "off scale: " + "; ".join(off_scale), transform=ax.transAxes, ha="left", va="top",
-                fontsize=7, color="0.3")
+        ax.text(
+            0.01,
+            0.99,
+            "off scale: " + "; ".join(off_scale),
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=7,
+            color="0.3",
+        )
 
 
 def _model_level(tidy: pd.DataFrame, split: str, metrics: Sequence[str]) -> pd.DataFrame:
@@ -114,8 +144,15 @@ def _model_level(tidy: pd.DataFrame, split: str, metrics: Sequence[str]) -> pd.D
 
 # --------------------------------------------------------------------------- per-variant points
 
-def _metric_panels(tidy: pd.DataFrame, path: str | Path, metrics: Sequence[str], split: str,
-                   title: str, baselines: pd.DataFrame | None = None) -> Path:
+
+def _metric_panels(
+    tidy: pd.DataFrame,
+    path: str | Path,
+    metrics: Sequence[str],
+    split: str,
+    title: str,
+    baselines: pd.DataFrame | None = None,
+) -> Path:
     """One panel per metric: seeds as dots, mean with its 95% t CI as an error bar, and the
     n-gram reference models of ``baselines`` (if any) as labelled horizontal lines."""
     variants = variant_order(tidy)
@@ -132,30 +169,59 @@ def _metric_panels(tidy: pd.DataFrame, path: str | Path, metrics: Sequence[str],
             ax.set_xticks([])
             continue
         points = values[values["metric"] == metric]
-        sns.stripplot(data=points, x="variant", y="value", hue="variant", order=present,
-                      hue_order=present, palette=palette, alpha=0.55, size=5, jitter=0.15,
-                      legend=False, ax=ax, zorder=1)
+        sns.stripplot(
+            data=points,
+            x="variant",
+            y="value",
+            hue="variant",
+            order=present,
+            hue_order=present,
+            palette=palette,
+            alpha=0.55,
+            size=5,
+            jitter=0.15,
+            legend=False,
+            ax=ax,
+            zorder=1,
+        )
         for position, row in enumerate(stats_m.itertuples()):
             has_ci = not math.isnan(row.ci_low)
             yerr = [[row.mean - row.ci_low], [row.ci_high - row.mean]] if has_ci else None
-            ax.errorbar(position + 0.28, row.mean, yerr=yerr, fmt="D", color=palette[row.variant],
-                        markeredgecolor="black", markersize=6, capsize=4, lw=1.6, zorder=3)
-        ax.set_xticks(range(len(present)),
-                      [f"{v} (n={n})" for v, n in zip(present, stats_m["n"])],
-                      rotation=35, ha="right", fontsize=9)
+            ax.errorbar(
+                position + 0.28,
+                row.mean,
+                yerr=yerr,
+                fmt="D",
+                color=palette[row.variant],
+                markeredgecolor="black",
+                markersize=6,
+                capsize=4,
+                lw=1.6,
+                zorder=3,
+            )
+        ax.set_xticks(
+            range(len(present)),
+            [f"{v} (n={n})" for v, n in zip(present, stats_m["n"])],
+            rotation=35,
+            ha="right",
+            fontsize=9,
+        )
         ax.set_xlabel("")
         ax.set_ylabel(metric_label(metric))
         _baseline_lines(ax, baselines, metric, split)
     has_lines = baselines is not None and not baselines.empty
-    fig.suptitle(f"{title} ({split}; dots: seeds, diamond: mean with "
-                 f"{int(CONFIDENCE * 100)}% t CI" + ("; lines: n-gram reference baselines" if has_lines else "")
-                 + ")", fontsize=11)
+    fig.suptitle(
+        f"{title} ({split}; dots: seeds, diamond: mean with "
+        f"{int(CONFIDENCE * 100)}% t CI" + ("; lines: n-gram reference baselines" if has_lines else "") + ")",
+        fontsize=11,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_perplexity(tidy: pd.DataFrame, path: str | Path, split: str = "test",
-                    baselines: pd.DataFrame | None = None) -> Path:
+def plot_perplexity(
+    tidy: pd.DataFrame, path: str | Path, split: str = "test", baselines: pd.DataFrame | None = None
+) -> Path:
     """Token- and word-level perplexity per variant with 95% t CIs across seeds; the n-gram
     reference models (``collect.read_baselines``) as labelled horizontal lines."""
     return _metric_panels(tidy, path, ["ppl", "word_ppl"], split, "Perplexity per variant", baselines)
@@ -163,11 +229,11 @@ def plot_perplexity(tidy: pd.DataFrame, path: str | Path, split: str = "test",
 
 def plot_load_balance(tidy: pd.DataFrame, path: str | Path, split: str = "test") -> Path:
     """Gini, MaxVio (global and batch) per variant with 95% t CIs across seeds."""
-    return _metric_panels(tidy, path, ["gini", "maxvio_global", "maxvio_batch"], split,
-                          "Load imbalance per variant")
+    return _metric_panels(tidy, path, ["gini", "maxvio_global", "maxvio_batch"], split, "Load imbalance per variant")
 
 
 # --------------------------------------------------------------------------- load heatmap
+
 
 def relative_expert_load(tidy: pd.DataFrame, split: str = "test", by_rank: bool = True) -> pd.DataFrame:
     """Mean over seeds of the relative load ``E · f_i`` per (variant, layer, expert); 1 = balanced.
@@ -179,24 +245,27 @@ def relative_expert_load(tidy: pd.DataFrame, split: str = "test", by_rank: bool 
     raw index (column ``expert``), meaningful for a single seed.
     """
     slot = "rank" if by_rank else "expert"
-    loads = tidy[(tidy["split"] == split) & (tidy["layer"] != MODEL_LEVEL)
-                 & tidy["metric"].str.fullmatch(r"load_e\d+")]
+    loads = tidy[(tidy["split"] == split) & (tidy["layer"] != MODEL_LEVEL) & tidy["metric"].str.fullmatch(r"load_e\d+")]
     if loads.empty:
         return pd.DataFrame(columns=["variant", "layer", slot, "relative_load", "n_seeds"])
-    loads = loads.assign(variant=loads["variant"].astype(str), layer=loads["layer"].astype(int),
-                         expert=loads["metric"].str.removeprefix("load_e").astype(int))
+    loads = loads.assign(
+        variant=loads["variant"].astype(str),
+        layer=loads["layer"].astype(int),
+        expert=loads["metric"].str.removeprefix("load_e").astype(int),
+    )
     run_layer = loads.groupby(["variant", "seed", "layer"])["value"]
-    loads = loads.assign(relative_load=loads["value"] / run_layer.transform("sum")
-                         * run_layer.transform("size"))
+    loads = loads.assign(relative_load=loads["value"] / run_layer.transform("sum") * run_layer.transform("size"))
     if by_rank:
-        loads["rank"] = (loads.groupby(["variant", "seed", "layer"])["relative_load"]
-                         .rank(ascending=False, method="first").astype(int))
+        loads["rank"] = (
+            loads.groupby(["variant", "seed", "layer"])["relative_load"]
+            .rank(ascending=False, method="first")
+            .astype(int)
+        )
     grouped = loads.groupby(["variant", "layer", slot])
     return grouped.agg(relative_load=("relative_load", "mean"), n_seeds=("seed", "nunique")).reset_index()
 
 
-def plot_load_heatmap(tidy: pd.DataFrame, path: str | Path, split: str = "test",
-                      by_rank: bool = True) -> Path:
+def plot_load_heatmap(tidy: pd.DataFrame, path: str | Path, split: str = "test", by_rank: bool = True) -> Path:
     """Layer × expert heatmap of relative load ``E · f_i`` (mean over seeds), one facet per
     variant; experts ranked by load within each run and layer unless ``by_rank=False``."""
     load = relative_expert_load(tidy, split, by_rank)
@@ -211,24 +280,35 @@ def plot_load_heatmap(tidy: pd.DataFrame, path: str | Path, split: str = "test",
     panel_height = min(5.0, 0.4 * load["layer"].nunique() + 1.8)
     # Layout engine set after drawing: sns.heatmap draws the whole figure once per panel
     # (to check label overlap), and a constrained layout would be solved at every draw.
-    fig, axes = plt.subplots(rows, columns, squeeze=False,
-                             figsize=(panel_width * columns + 1.2, panel_height * rows + 0.6))
+    fig, axes = plt.subplots(
+        rows, columns, squeeze=False, figsize=(panel_width * columns + 1.2, panel_height * rows + 0.6)
+    )
     # Diverging around 1 (balanced): blue = under-used, red = over-used experts.
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(load["relative_load"].max())))
     mesh = None
     for ax, variant in zip(axes.flat, variants):
         part = load[load["variant"] == variant]
         matrix = part.pivot(index="layer", columns=slot, values="relative_load")
-        sns.heatmap(matrix, ax=ax, cmap="RdBu_r", norm=norm, cbar=False, linecolor="white",
-                    linewidths=0.3 if n_experts <= 16 else 0, annot=n_experts <= 8, fmt=".2f",
-                    annot_kws={"fontsize": 7},
-                    xticklabels=max(1, n_experts // 16), yticklabels=max(1, len(matrix) // 16))
+        sns.heatmap(
+            matrix,
+            ax=ax,
+            cmap="RdBu_r",
+            norm=norm,
+            cbar=False,
+            linecolor="white",
+            linewidths=0.3 if n_experts <= 16 else 0,
+            annot=n_experts <= 8,
+            fmt=".2f",
+            annot_kws={"fontsize": 7},
+            xticklabels=max(1, n_experts // 16),
+            yticklabels=max(1, len(matrix) // 16),
+        )
         mesh = ax.collections[0]
         seeds = int(part["n_seeds"].max())
         ax.set_title(f"{variant} ({seeds} seed{'s' if seeds != 1 else ''})", fontsize=10)
         ax.set_xlabel("expert rank by load (1 = busiest)" if by_rank else "expert", fontsize=9)
         ax.set_ylabel("layer", fontsize=9)
-    for ax in list(axes.flat)[len(variants):]:
+    for ax in list(axes.flat)[len(variants) :]:
         ax.set_axis_off()
     fig.set_layout_engine("constrained")
     fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.8, label="relative load E·f (1 = balanced)")
@@ -237,6 +317,7 @@ def plot_load_heatmap(tidy: pd.DataFrame, path: str | Path, split: str = "test",
 
 
 # --------------------------------------------------------------------------- training curves
+
 
 def plot_training_balance(router_log: pd.DataFrame, path: str | Path) -> Path:
     """Per-step Gini and MaxVio of the training batch (mean over layers), mean over seeds
@@ -250,23 +331,41 @@ def plot_training_balance(router_log: pd.DataFrame, path: str | Path) -> Path:
     variants = [v for v in study if v in set(curves["variant"])]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, metric in zip(axes, ["gini", "maxvio_batch"]):
-        sns.lineplot(data=curves, x="step", y=metric, hue="variant", hue_order=variants,
-                     palette=palette, errorbar=_t_band, estimator="mean", ax=ax, lw=1.5)
+        sns.lineplot(
+            data=curves,
+            x="step",
+            y=metric,
+            hue="variant",
+            hue_order=variants,
+            palette=palette,
+            errorbar=_t_band,
+            estimator="mean",
+            ax=ax,
+            lw=1.5,
+        )
         ax.set_ylabel(f"{metric_label(metric)} (training batch)")
         ax.set_title(metric_label(metric))
         if ax is not axes[-1]:
             ax.get_legend().remove()
     axes[-1].legend(title="variant", fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.suptitle(f"Load balance during training (mean over layers; band: {int(CONFIDENCE * 100)}% "
-                 "t CI across seeds)", fontsize=11)
+    fig.suptitle(
+        f"Load balance during training (mean over layers; band: {int(CONFIDENCE * 100)}% t CI across seeds)",
+        fontsize=11,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- Pareto view
 
-def plot_pareto(tidy: pd.DataFrame, path: str | Path, split: str = "test",
-                imbalance: str = "gini", baselines: pd.DataFrame | None = None) -> Path:
+
+def plot_pareto(
+    tidy: pd.DataFrame,
+    path: str | Path,
+    split: str = "test",
+    imbalance: str = "gini",
+    baselines: pd.DataFrame | None = None,
+) -> Path:
     """Perplexity against load imbalance: runs as dots, variant means with 95% t CIs,
     the Pareto front of the means (lower is better on both axes), unrouted variants
     (dense) and the n-gram reference models (``baselines``) as horizontal reference lines."""
@@ -291,18 +390,35 @@ def plot_pareto(tidy: pd.DataFrame, path: str | Path, split: str = "test",
         x, y = summary.loc[(variant, imbalance)], summary.loc[(variant, "ppl")]
         xerr = None if math.isnan(x.ci_low) else [[x["mean"] - x.ci_low], [x.ci_high - x["mean"]]]
         yerr = None if math.isnan(y.ci_low) else [[y["mean"] - y.ci_low], [y.ci_high - y["mean"]]]
-        ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, fmt="o", ms=9, color=colour,
-                    markeredgecolor="black", capsize=3, label=f"{variant} (n={int(y.n)})", zorder=3)
+        ax.errorbar(
+            x["mean"],
+            y["mean"],
+            xerr=xerr,
+            yerr=yerr,
+            fmt="o",
+            ms=9,
+            color=colour,
+            markeredgecolor="black",
+            capsize=3,
+            label=f"{variant} (n={int(y.n)})",
+            zorder=3,
+        )
         means.append((x["mean"], y["mean"]))
     for variant in variants:
         unrouted = runs[(runs["variant"] == variant) & ~np.isfinite(runs[imbalance])]
         if not unrouted.empty and variant not in set(routed["variant"]):
-            ax.axhline(unrouted["ppl"].mean(), color=palette[variant], ls="--", lw=1.2,
-                       label=f"{variant} (no router; n={len(unrouted)})")
+            ax.axhline(
+                unrouted["ppl"].mean(),
+                color=palette[variant],
+                ls="--",
+                lw=1.2,
+                label=f"{variant} (no router; n={len(unrouted)})",
+            )
     if means:
         front = _pareto_front(np.array(means))
-        ax.step(front[:, 0], front[:, 1], where="post", color="0.4", lw=1, ls=":",
-                label="Pareto front of means", zorder=2)
+        ax.step(
+            front[:, 0], front[:, 1], where="post", color="0.4", lw=1, ls=":", label="Pareto front of means", zorder=2
+        )
     _baseline_lines(ax, baselines, "ppl", split)
     ax.set_xlabel(f"{metric_label(imbalance)} ({split}; lower = more balanced)")
     ax.set_ylabel(f"perplexity ({split})")
@@ -322,22 +438,37 @@ def _pareto_front(points: np.ndarray) -> np.ndarray:
     return np.array(front)
 
 
-# --------------------------------------------------------------------------- RD-ESI internals
+# --------------------------------------------------------------------------- router state
 
-def plot_rdesi_internals(router_log: pd.DataFrame, path: str | Path, seed: int | None = None,
-                         layer: int | None = None) -> Path:
-    """Reputation, load estimate and exploration bonus per expert over training steps.
 
-    Expert indices are arbitrary labels that differ between seeds and layers, so
-    trajectories are shown for one run and one layer (default: lowest seed, first MoE
-    layer) per RD-ESI variant rather than averaged.
+def router_state_columns(router_log: pd.DataFrame) -> list[str]:
+    """The state columns of the router logs: everything after gtmoe.contract.ROUTER_LOG_INDEX."""
+    return [c for c in router_log.columns if c not in ("variant", "seed", *ROUTER_LOG_INDEX)]
+
+
+def plot_router_state(
+    router_log: pd.DataFrame, path: str | Path, seed: int | None = None, layer: int | None = None
+) -> Path:
+    """Each stateful router's state per expert over training steps: one row per variant, one panel per
+    state tensor its router declares (RD-ESI: reputation, load estimate, bonus; loss-free: bias).
+
+    Expert indices are arbitrary labels that differ between seeds and layers, so trajectories
+    are shown for one run and one layer (default: lowest seed, first MoE layer) per variant
+    rather than averaged.
     """
-    state = router_log[router_log[list(RDESI_STATE)].notna().any(axis=1)]
+    columns = router_state_columns(router_log)
+    state = router_log[router_log[columns].notna().any(axis=1)] if columns else router_log.iloc[:0]
     if state.empty:
-        return _message_figure(path, "RD-ESI internals", "no RD-ESI run (no reputation/load/bonus state)")
+        return _message_figure(
+            path, "Router state", "no stateful router in this study (topk, switch and expert choice keep no state)"
+        )
     present = set(state["variant"].astype(str))
     variants = [v for v in variant_order(router_log) if v in present]
-    fig, axes = plt.subplots(len(variants), 3, figsize=(14, 3.2 * len(variants)), squeeze=False)
+    tracked = {
+        v: [c for c in columns if state.loc[state["variant"].astype(str) == v, c].notna().any()] for v in variants
+    }
+    width = max(map(len, tracked.values()))
+    fig, axes = plt.subplots(len(variants), width, figsize=(4.7 * width, 3.2 * len(variants)), squeeze=False)
     for row_axes, variant in zip(axes, variants):
         part = state[state["variant"].astype(str) == variant]
         run_seed = seed if seed is not None and seed in set(part["seed"]) else int(part["seed"].min())
@@ -345,39 +476,53 @@ def plot_rdesi_internals(router_log: pd.DataFrame, path: str | Path, seed: int |
         run_layer = layer if layer is not None and layer in set(part["layer"]) else int(part["layer"].min())
         part = part[part["layer"] == run_layer]
         n_experts = part["expert"].nunique()
-        for ax, quantity in zip(row_axes, RDESI_STATE):
-            if part[quantity].notna().sum() == 0:
-                ax.text(0.5, 0.5, "not tracked", ha="center", va="center", transform=ax.transAxes)
-            else:
-                many = n_experts > 16  # thin translucent lines: the spread is the message
-                sns.lineplot(data=part, x="step", y=quantity, hue="expert", palette="viridis",
-                             ax=ax, lw=0.7 if many else 1.1, alpha=0.6 if many else 1.0,
-                             legend=not many and quantity == "bonus")
-            ax.set_title(f"{variant} — {RDESI_STATE_LABELS[quantity]}\n"
-                         f"(seed {run_seed}, layer {run_layer})", fontsize=10)
-            ax.set_ylabel(RDESI_STATE_LABELS[quantity])
-        legend = row_axes[-1].get_legend()
-        if legend is not None:
-            sns.move_legend(row_axes[-1], "upper left", bbox_to_anchor=(1.02, 1), title="expert",
-                            fontsize=7, ncol=1 + n_experts // 9)
-    fig.suptitle("RD-ESI router state per expert over training", fontsize=11)
+        many = n_experts > 16  # thin translucent lines: the spread is the message
+        for i, ax in enumerate(row_axes):
+            if i >= len(tracked[variant]):
+                ax.set_visible(False)
+                continue
+            quantity = tracked[variant][i]
+            label = STATE_LABELS.get(quantity, quantity)
+            sns.lineplot(
+                data=part,
+                x="step",
+                y=quantity,
+                hue="expert",
+                palette="viridis",
+                ax=ax,
+                lw=0.7 if many else 1.1,
+                alpha=0.6 if many else 1.0,
+                legend=not many and i == len(tracked[variant]) - 1,
+            )
+            ax.set_title(f"{variant} — {label}\n(seed {run_seed}, layer {run_layer})", fontsize=10)
+            ax.set_ylabel(label)
+            if ax.get_legend() is not None:
+                sns.move_legend(
+                    ax, "upper left", bbox_to_anchor=(1.02, 1), title="expert", fontsize=7, ncol=1 + n_experts // 9
+                )
+    fig.suptitle("Router state per expert over training", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
 
-FLIP_RATE_TERMS = {"flip_rate_reputation": "reputation β·R", "flip_rate_load": "load penalty γ·L̂",
-                   "flip_rate_bonus": "exploration bonus", "flip_rate_bias": "loss-free bias b"}
+TERM_LABELS = {
+    "reputation": "reputation β·R",
+    "load": "load penalty γ·L̂",
+    "bonus": "exploration bonus",
+    "bias": "loss-free bias b",
+}
 
 
 def flip_rate_curves(train_log: pd.DataFrame | None) -> pd.DataFrame:
     """Long table ``variant, seed, step, term, flip_rate`` of the finite flip-rate values in
     the training logs (columns ``flip_rate_*``; a router without a term has NaN or no column)."""
     columns = ["variant", "seed", "step", "term", "flip_rate"]
-    present = [c for c in FLIP_RATE_TERMS if train_log is not None and c in train_log.columns]
+    present = [c for c in (train_log.columns if train_log is not None else []) if c.startswith(FLIP_RATE_PREFIX)]
     if not present:
         return pd.DataFrame(columns=columns)
-    long = train_log.melt(id_vars=["variant", "seed", "step"], value_vars=present, var_name="term",
-                          value_name="flip_rate")
+    long = train_log.melt(
+        id_vars=["variant", "seed", "step"], value_vars=present, var_name="term", value_name="flip_rate"
+    )
     long = long[np.isfinite(long["flip_rate"].astype(float))]
     return long.assign(variant=long["variant"].astype(str))[columns]
 
@@ -388,31 +533,48 @@ def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
     mean over seeds with a 95% t band across seeds, one panel per term, one line per variant."""
     curves = flip_rate_curves(train_log)
     if curves.empty:
-        return _message_figure(path, "Flip rate of the selection terms",
-                               "no router with selection terms in this study\n"
-                               "(flip rates are logged by rdesi and lossfree variants)")
+        return _message_figure(
+            path,
+            "Flip rate of the selection terms",
+            "no router with selection terms in this study\n(flip rates are logged by rdesi and lossfree variants)",
+        )
     study = variant_order(train_log)
     palette = variant_palette(study)
-    terms = [t for t in FLIP_RATE_TERMS if t in set(curves["term"])]
+    terms = list(dict.fromkeys(curves["term"]))
     variants = [v for v in study if v in set(curves["variant"])]
     curves = curves.assign(flip_rate=100 * curves["flip_rate"].astype(float))
     fig, axes = plt.subplots(1, len(terms), figsize=(4.6 * len(terms) + 1.8, 4.2), squeeze=False)
     for ax, term in zip(axes[0], terms):
         part = curves[curves["term"] == term]
         shown = [v for v in variants if v in set(part["variant"])]
-        sns.lineplot(data=part, x="step", y="flip_rate", hue="variant", hue_order=shown, palette=palette,
-                     errorbar=_t_band, estimator="mean", ax=ax, lw=1.5)
-        ax.set_title(f"without the {FLIP_RATE_TERMS[term]}", fontsize=10)
+        sns.lineplot(
+            data=part,
+            x="step",
+            y="flip_rate",
+            hue="variant",
+            hue_order=shown,
+            palette=palette,
+            errorbar=_t_band,
+            estimator="mean",
+            ax=ax,
+            lw=1.5,
+        )
+        name = term.removeprefix(FLIP_RATE_PREFIX)
+        ax.set_title(f"without the {TERM_LABELS.get(name, name + ' term')}", fontsize=10)
         ax.set_ylabel("tokens whose top-k set flips (%)")
         ax.set_ylim(0, min(100, ax.get_ylim()[1]))  # a rate: the t band of few seeds can overshoot 0–100%
         sns.move_legend(ax, "best", title="variant", fontsize=8)
-    fig.suptitle(f"Flip rate per selection term during training (mean over MoE layers; band: "
-                 f"{int(CONFIDENCE * 100)}% t CI across seeds)", fontsize=11)
+    fig.suptitle(
+        f"Flip rate per selection term during training (mean over MoE layers; band: "
+        f"{int(CONFIDENCE * 100)}% t CI across seeds)",
+        fontsize=11,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- forest plots
+
 
 def _forest(comparisons: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Mean paired difference (b − a) with its 95% t CI, one panel per metric."""
@@ -422,8 +584,14 @@ def _forest(comparisons: pd.DataFrame, path: str | Path, title: str) -> Path:
     labels = list(dict.fromkeys(comparisons["variant_b"] + " − " + comparisons["variant_a"]))
     columns = min(3, len(metrics))
     rows = math.ceil(len(metrics) / columns)
-    fig, axes = plt.subplots(rows, columns, squeeze=False, sharey=True, layout="constrained",
-                             figsize=(3.8 * columns + 2.2, (0.45 * len(labels) + 1.3) * rows + 0.5))
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+        figsize=(3.8 * columns + 2.2, (0.45 * len(labels) + 1.3) * rows + 0.5),
+    )
     positions = {label: i for i, label in enumerate(labels)}
     for ax, metric in zip(axes.flat, metrics):
         part = comparisons[comparisons["metric"] == metric]
@@ -435,21 +603,28 @@ def _forest(comparisons: pd.DataFrame, path: str | Path, title: str) -> Path:
                 continue
             has_ci = not math.isnan(r.ci_low)
             xerr = [[r.mean_diff - r.ci_low], [r.ci_high - r.mean_diff]] if has_ci else None
-            ax.errorbar(r.mean_diff, y, xerr=xerr, fmt="o", color="C0" if has_ci else "0.5",
-                        capsize=3, ms=6)
+            ax.errorbar(r.mean_diff, y, xerr=xerr, fmt="o", color="C0" if has_ci else "0.5", capsize=3, ms=6)
             p = r.p_ttest_holm
-            ax.annotate(f"n={r.n}" + ("" if math.isnan(p) else f", p={p:.2g}"), (r.mean_diff, y),
-                        xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7, color="0.3")
+            ax.annotate(
+                f"n={r.n}" + ("" if math.isnan(p) else f", p={p:.2g}"),
+                (r.mean_diff, y),
+                xytext=(0, 6),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="0.3",
+            )
         ax.set_title(metric_label(metric), fontsize=10)
         ax.set_xlabel("Δ = b − a", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
         ax.margins(x=0.25)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.set_axis_off()
     axes[0][0].set_yticks(range(len(labels)), labels)
     axes[0][0].set_ylim(len(labels) - 0.5, -0.8)
-    fig.suptitle(f"{title} (mean paired difference, {int(CONFIDENCE * 100)}% t CI; "
-                 "p: Holm-adjusted paired t-test)", fontsize=11)
+    fig.suptitle(
+        f"{title} (mean paired difference, {int(CONFIDENCE * 100)}% t CI; p: Holm-adjusted paired t-test)", fontsize=11
+    )
     return _save(fig, path)
 
 

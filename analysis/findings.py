@@ -11,7 +11,9 @@ Every number on the page comes from an input file, never from this module:
 * ``ngram.json`` (``python -m gtmoe baselines``): the bigram's perplexity, the floor a
   trained model has to beat;
 * the training logs: the slope of the training loss over the last 10% of steps
-  (``scipy.stats.linregress``), which says whether a model was still learning when stopped.
+  (``scipy.stats.linregress``), which says whether a model was still learning when stopped;
+* ``sensitivity.csv`` / ``sensitivity_best.csv`` (``analysis.sensitivity``), when the study
+  has sweeps: each dose-response curve's ends, its best value and how far its term reached.
 
 A variant that fails a check (missing or failed runs, non-finite perplexity, perplexity
 not below the bigram's, still learning) is shown in red at the top of the page.
@@ -35,43 +37,49 @@ from analysis.stats import (
     CONFIDENCE,
     HIGHER_IS_BETTER,
     LOWER_IS_BETTER,
-    PRIMARY,
     POWER,
+    PRIMARY,
     metric_label,
     t_confidence_interval,
 )
 from analysis.tables import format_interval, format_number, format_p, html_page
 
-FINAL_FRACTION = 0.1       # the slope is fitted over the last 10% of the training steps
-MIN_SLOPE_POINTS = 3       # ...and over at least this many logged steps
-PER_STEPS = 1000           # slopes are quoted in nats per 1000 steps
+FINAL_FRACTION = 0.1  # the slope is fitted over the last 10% of the training steps
+MIN_SLOPE_POINTS = 3  # ...and over at least this many logged steps
+PER_STEPS = 1000  # slopes are quoted in nats per 1000 steps
 EXPERT_CHOICE = "expert_choice"
 BIGRAM = "bigram"
 
 # Inline styles: the page is embedded in report.html as a standalone document.
-_STYLE = {"fail": "color:#b3261e;font-weight:600", "pass": "color:#1e7b34;font-weight:600",
-          "caution": "color:#a15c00;font-weight:600", "muted": "color:#6b7380"}
+_STYLE = {
+    "fail": "color:#b3261e;font-weight:600",
+    "pass": "color:#1e7b34;font-weight:600",
+    "caution": "color:#a15c00;font-weight:600",
+    "muted": "color:#6b7380",
+}
 
 
 @dataclass(frozen=True)
 class FindingsInputs:
-    comparisons: pd.DataFrame   # paired comparisons against the reference variant
-    ablations: pd.DataFrame     # paired comparisons of the ablation base against its ablations
-    summary: pd.DataFrame       # per-variant summary (stats.summarize)
-    status: pd.DataFrame        # run status table (collect.collect_runs)
-    train_logs: pd.DataFrame    # training logs of the ok runs (collect.load_train_logs)
-    baselines: pd.DataFrame     # n-gram baselines (collect.read_baselines); may be empty
+    comparisons: pd.DataFrame  # paired comparisons against the reference variant
+    ablations: pd.DataFrame  # paired comparisons of the ablation base against its ablations
+    summary: pd.DataFrame  # per-variant summary (stats.summarize)
+    status: pd.DataFrame  # run status table (collect.collect_runs)
+    train_logs: pd.DataFrame  # training logs of the ok runs (collect.load_train_logs)
+    baselines: pd.DataFrame  # n-gram baselines (collect.read_baselines); may be empty
     reference: str
     split: str = "test"
     alpha: float = ALPHA
     power: float = POWER
     still_learning_slope: float = 1.0  # nats per 1000 steps; a steeper final descent is flagged
+    sensitivity: pd.DataFrame | None = None  # dose-response table (sensitivity.csv); None: no sweeps
+    sensitivity_best: pd.DataFrame | None = None  # best value per curve (sensitivity_best.csv)
 
 
 # --------------------------------------------------------------------------- computations
 
-def final_loss_slope(log: pd.DataFrame, fraction: float = FINAL_FRACTION,
-                     min_points: int = MIN_SLOPE_POINTS) -> dict:
+
+def final_loss_slope(log: pd.DataFrame, fraction: float = FINAL_FRACTION, min_points: int = MIN_SLOPE_POINTS) -> dict:
     """Least-squares slope of ``loss`` against ``step`` over the last ``fraction`` of the steps.
 
     The window is the logged steps ``≥ (1 − fraction) · last step``, widened to the last
@@ -86,8 +94,9 @@ def final_loss_slope(log: pd.DataFrame, fraction: float = FINAL_FRACTION,
     if len(window) < min_points:
         window = log.tail(min_points)
     fit = scipy_stats.linregress(window["step"].to_numpy(float), window["loss"].to_numpy(float))
-    return dict(slope=float(fit.slope) * PER_STEPS, points=len(window),
-                first_step=float(window["step"].iloc[0]), last_step=last)
+    return dict(
+        slope=float(fit.slope) * PER_STEPS, points=len(window), first_step=float(window["step"].iloc[0]), last_step=last
+    )
 
 
 def loss_slopes(train_logs: pd.DataFrame) -> pd.DataFrame:
@@ -95,16 +104,16 @@ def loss_slopes(train_logs: pd.DataFrame) -> pd.DataFrame:
     columns = ["variant", "seed", "slope", "points", "first_step", "last_step"]
     if train_logs.empty:
         return pd.DataFrame(columns=columns)
-    rows = [dict(variant=str(variant), seed=int(seed), **final_loss_slope(log))
-            for (variant, seed), log in train_logs.groupby(
-                [train_logs["variant"].astype(str), "seed"], sort=False)]
+    rows = [
+        dict(variant=str(variant), seed=int(seed), **final_loss_slope(log))
+        for (variant, seed), log in train_logs.groupby([train_logs["variant"].astype(str), "seed"], sort=False)
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
 def bigram_ppl(baselines: pd.DataFrame, split: str) -> float:
     """Token perplexity of the interpolated bigram on ``split`` (NaN when absent)."""
-    rows = baselines[(baselines["model"] == BIGRAM) & (baselines["split"] == split)
-                     & (baselines["metric"] == "ppl")]
+    rows = baselines[(baselines["model"] == BIGRAM) & (baselines["split"] == split) & (baselines["metric"] == "ppl")]
     return float(rows["value"].iloc[0]) if len(rows) else math.nan
 
 
@@ -142,8 +151,9 @@ def adequacy(inputs: FindingsInputs) -> pd.DataFrame:
         else:
             beats = bool(mean < bigram)
             if not beats:
-                problems.append(f"mean {inputs.split} PPL {format_number(mean)} is not below the "
-                                f"bigram's {format_number(bigram)}")
+                problems.append(
+                    f"mean {inputs.split} PPL {format_number(mean)} is not below the bigram's {format_number(bigram)}"
+                )
         seed_slopes = slopes.loc[slopes["variant"] == variant, "slope"].to_numpy(float)
         seed_slopes = seed_slopes[np.isfinite(seed_slopes)]
         slope = float(seed_slopes.mean()) if seed_slopes.size else math.nan
@@ -152,13 +162,29 @@ def adequacy(inputs: FindingsInputs) -> pd.DataFrame:
         if not seed_slopes.size:
             problems.append("no training log to judge convergence")
         elif still_learning:
-            problems.append(f"still learning: the training loss fell {format_number(-slope)} nats per "
-                            f"{PER_STEPS} steps over the last {FINAL_FRACTION:.0%} of steps")
-        rows.append(dict(variant=variant, runs_ok=int((runs["status"] == RUN_OK).sum()), runs=len(runs),
-                         n=n, ppl=mean, ppl_ci_low=low, ppl_ci_high=high, bigram_ppl=bigram,
-                         beats_bigram=beats, slope=slope, slope_ci_low=slope_low,
-                         slope_ci_high=slope_high, slope_seeds=int(seed_slopes.size),
-                         still_learning=still_learning, problems=problems))
+            problems.append(
+                f"still learning: the training loss fell {format_number(-slope)} nats per "
+                f"{PER_STEPS} steps over the last {FINAL_FRACTION:.0%} of steps"
+            )
+        rows.append(
+            dict(
+                variant=variant,
+                runs_ok=int((runs["status"] == RUN_OK).sum()),
+                runs=len(runs),
+                n=n,
+                ppl=mean,
+                ppl_ci_low=low,
+                ppl_ci_high=high,
+                bigram_ppl=bigram,
+                beats_bigram=beats,
+                slope=slope,
+                slope_ci_low=slope_low,
+                slope_ci_high=slope_high,
+                slope_seeds=int(seed_slopes.size),
+                still_learning=still_learning,
+                problems=problems,
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -175,8 +201,7 @@ def classify(comparisons: pd.DataFrame, alpha: float) -> dict[str, dict[str, pd.
     result = {}
     for family, rows in primary.groupby(families, sort=False):
         p = rows["p_ttest_holm"].astype(float)
-        result[family] = dict(significant=rows[p < alpha], not_significant=rows[p >= alpha],
-                              untestable=rows[p.isna()])
+        result[family] = dict(significant=rows[p < alpha], not_significant=rows[p >= alpha], untestable=rows[p.isna()])
     return result
 
 
@@ -189,6 +214,7 @@ def _direction(metric: str, delta: float) -> str:
 
 
 # --------------------------------------------------------------------------- HTML
+
 
 def _span(text: str, kind: str) -> str:
     return f'<span style="{_STYLE[kind]}">{text}</span>'
@@ -212,10 +238,12 @@ def _comparison_line(row, caveat: bool, alpha: float) -> str:
     significant = math.isfinite(row.p_ttest_holm) and row.p_ttest_holm < alpha
     direction = f" ({_direction(row.metric, row.mean_diff)})" if significant else ""
     mdd = _mdd(row) + (_relative(row.mdd, row.mean_a) if "mdd" in row._fields else "")
-    return (f"<b>{_e(row.variant_b)}</b>{mark}: Δ = {_e(format_number(row.mean_diff))}"
-            f"{_e(_relative(row.mean_diff, row.mean_a, signed=True))}{direction}, "
-            f"{int(CONFIDENCE * 100)}% CI {_e(format_interval(row.ci_low, row.ci_high))}, "
-            f"Holm p = {_e(format_p(row.p_ttest_holm))}, n = {int(row.n)}, MDD = {_e(mdd)}")
+    return (
+        f"<b>{_e(row.variant_b)}</b>{mark}: Δ = {_e(format_number(row.mean_diff))}"
+        f"{_e(_relative(row.mean_diff, row.mean_a, signed=True))}{direction}, "
+        f"{int(CONFIDENCE * 100)}% CI {_e(format_interval(row.ci_low, row.ci_high))}, "
+        f"Holm p = {_e(format_p(row.p_ttest_holm))}, n = {int(row.n)}, MDD = {_e(mdd)}"
+    )
 
 
 def _relative(value: float, base: float, signed: bool = False) -> str:
@@ -227,32 +255,42 @@ def _relative(value: float, base: float, signed: bool = False) -> str:
 
 def _mdd_sentence(rows: pd.DataFrame, label: str, alpha: float, power: float) -> str:
     if "mdd" not in rows or not np.isfinite(rows["mdd"].astype(float)).any():
-        return _span("The minimum detectable difference could not be computed (fewer than two "
-                     "paired seeds or no spread).", "caution")
+        return _span(
+            "The minimum detectable difference could not be computed (fewer than two paired seeds or no spread).",
+            "caution",
+        )
     mdd = rows["mdd"].astype(float)
     mdd = mdd[np.isfinite(mdd)]
     seeds = sorted({int(n) for n in rows["n"] if n >= 2})
-    span = (format_number(mdd.min()) if math.isclose(mdd.min(), mdd.max())
-            else f"{format_number(mdd.min())} to {format_number(mdd.max())}, depending on the comparison")
-    return (f"With n = {_e(', '.join(map(str, seeds)))} paired seeds, the study could not detect "
-            f"differences in {_e(label)} smaller than the minimum detectable difference (MDD), "
-            f"{_e(span)} (paired t-test, α = {alpha:g}, power {power:g}, from each comparison's observed sd).")
+    span = (
+        format_number(mdd.min())
+        if math.isclose(mdd.min(), mdd.max())
+        else f"{format_number(mdd.min())} to {format_number(mdd.max())}, depending on the comparison"
+    )
+    return (
+        f"With n = {_e(', '.join(map(str, seeds)))} paired seeds, the study could not detect "
+        f"differences in {_e(label)} smaller than the minimum detectable difference (MDD), "
+        f"{_e(span)} (paired t-test, α = {alpha:g}, power {power:g}, from each comparison's observed sd)."
+    )
 
 
 def _listed(rows: pd.DataFrame, caveat_variants: set[str], alpha: float) -> str:
     """List items of comparison rows; perplexity rows of caveat variants get a dagger."""
-    return "".join(f"<li>{_comparison_line(r, r.metric == 'ppl' and r.variant_b in caveat_variants, alpha)}</li>"
-                   for r in rows.itertuples())
+    return "".join(
+        f"<li>{_comparison_line(r, r.metric == 'ppl' and r.variant_b in caveat_variants, alpha)}</li>"
+        for r in rows.itertuples()
+    )
 
 
-def endpoint_section(comparisons: pd.DataFrame, alpha: float, power: float, against: str,
-                     caveat_variants: set[str]) -> str:
+def endpoint_section(
+    comparisons: pd.DataFrame, alpha: float, power: float, against: str, caveat_variants: set[str]
+) -> str:
     """One paragraph list per primary endpoint: who differs, who does not, the MDD."""
     families = classify(comparisons, alpha)
     if not families:
         return f'<p style="{_STYLE["muted"]}">No comparison (the variants are absent from the study).</p>'
     parts = []
-    for family, groups in families.items():
+    for groups in families.values():
         rows = pd.concat([groups["significant"], groups["not_significant"], groups["untestable"]])
         metric = str(rows["metric"].iloc[0])
         split = str(rows["split"].iloc[0])
@@ -267,15 +305,19 @@ def endpoint_section(comparisons: pd.DataFrame, alpha: float, power: float, agai
             items.append(f"<li>No variant differs significantly from {_e(against)}.</li>")
         if len(groups["not_significant"]):
             lines = _listed(groups["not_significant"], caveat_variants, alpha)
-            items.append(f"<li>No significant difference (absence of evidence, not evidence of "
-                         f"equality):<ul>{lines}</ul></li>")
+            items.append(
+                f"<li>No significant difference (absence of evidence, not evidence of equality):<ul>{lines}</ul></li>"
+            )
         if len(groups["untestable"]):
-            lines = "".join(f"<li><b>{_e(r.variant_b)}</b>: {_e(_note(r))}</li>"
-                            for r in groups["untestable"].itertuples())
+            lines = "".join(
+                f"<li><b>{_e(r.variant_b)}</b>: {_e(_note(r))}</li>" for r in groups["untestable"].itertuples()
+            )
             items.append(f"<li>Not testable:<ul>{lines}</ul></li>")
         items.append(f"<li>{_mdd_sentence(rows, label, alpha, power)}</li>")
-        parts.append(f"<h3>{_e(label)} ({_e(split)}) — Holm family of {m} "
-                     f"comparison{'s' if m != 1 else ''}</h3><ul>{''.join(items)}</ul>")
+        parts.append(
+            f"<h3>{_e(label)} ({_e(split)}) — Holm family of {m} "
+            f"comparison{'s' if m != 1 else ''}</h3><ul>{''.join(items)}</ul>"
+        )
     return "".join(parts)
 
 
@@ -287,17 +329,27 @@ def _exploratory_sentence(comparisons: pd.DataFrame, alpha: float) -> str:
         return ""
     hits = exploratory[exploratory["p_ttest_holm"].astype(float) < alpha]
     metrics = ", ".join(dict.fromkeys(metric_label(m) for m in exploratory["metric"]))
-    listed = "; ".join(f"{r.variant_b} on {metric_label(r.metric)} (Δ = {format_number(r.mean_diff)})"
-                       for r in hits.itertuples())
-    return (f"<p>Exploratory endpoints ({_e(metrics)}) are in the tables but not interpreted here: "
-            f"{len(hits)} of {len(exploratory)} comparisons reach Holm p &lt; {alpha:g} within their "
-            f"family{_e(': ' + listed) if listed else ''}. They generate hypotheses, they do not test them.</p>")
+    listed = "; ".join(
+        f"{r.variant_b} on {metric_label(r.metric)} (Δ = {format_number(r.mean_diff)})" for r in hits.itertuples()
+    )
+    return (
+        f"<p>Exploratory endpoints ({_e(metrics)}) are in the tables but not interpreted here: "
+        f"{len(hits)} of {len(exploratory)} comparisons reach Holm p &lt; {alpha:g} within their "
+        f"family{_e(': ' + listed) if listed else ''}. They generate hypotheses, they do not test them.</p>"
+    )
 
 
 def adequacy_table(verdicts: pd.DataFrame, split: str, threshold: float) -> str:
     level = int(CONFIDENCE * 100)
-    head = ["variant", "runs ok", f"mean {split} PPL [{level}% CI]", "bigram PPL", "beats bigram",
-            f"loss slope, nats / {PER_STEPS} steps [{level}% CI]", "verdict"]
+    head = [
+        "variant",
+        "runs ok",
+        f"mean {split} PPL [{level}% CI]",
+        "bigram PPL",
+        "beats bigram",
+        f"loss slope, nats / {PER_STEPS} steps [{level}% CI]",
+        "verdict",
+    ]
     body = []
     for v in verdicts.itertuples():
         runs = f"{v.runs_ok} / {v.runs}"
@@ -313,16 +365,70 @@ def adequacy_table(verdicts: pd.DataFrame, split: str, threshold: float) -> str:
             beats = _span("yes", "pass")
         slope = f"{format_number(v.slope)} {format_interval(v.slope_ci_low, v.slope_ci_high)}"
         slope = _span(_e(slope + " — still learning"), "fail") if v.still_learning else _e(slope)
-        verdict = (_span("fails: " + _e("; ".join(v.problems)), "fail") if v.problems
-                   else _span("adequate", "pass"))
+        verdict = _span("fails: " + _e("; ".join(v.problems)), "fail") if v.problems else _span("adequate", "pass")
         cells = [f"<b>{_e(v.variant)}</b>", runs, _e(ppl), _e(format_number(v.bigram_ppl)), beats, slope, verdict]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    note = (f"Slope: least-squares fit (scipy.stats.linregress) of the training loss against the step over "
-            f"the last {FINAL_FRACTION:.0%} of logged steps (at least {MIN_SLOPE_POINTS}), mean over seeds; "
-            f"“still learning” when it falls faster than {format_number(threshold)} nats per {PER_STEPS} steps "
-            "(config.yaml findings.still_learning_slope).")
-    return ('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head)
-            + f"</tr></thead><tbody>{''.join(body)}</tbody><caption>{_e(note)}</caption></table></div>")
+    note = (
+        f"Slope: least-squares fit (scipy.stats.linregress) of the training loss against the step over "
+        f"the last {FINAL_FRACTION:.0%} of logged steps (at least {MIN_SLOPE_POINTS}), mean over seeds; "
+        f"“still learning” when it falls faster than {format_number(threshold)} nats per {PER_STEPS} steps "
+        "(config.yaml findings.still_learning_slope)."
+    )
+    return (
+        '<div class="scroll"><table><thead><tr>'
+        + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + f"</tr></thead><tbody>{''.join(body)}</tbody><caption>{_e(note)}</caption></table></div>"
+    )
+
+
+def _at(curve: pd.DataFrame, metric: str, value: float) -> pd.Series:
+    return curve[(curve["metric"] == metric) & (curve["value"] == value)].iloc[0]
+
+
+def _curve_sentence(curve: pd.DataFrame, best: pd.Series | None) -> str:
+    """One dose-response curve in words: both ends against the reference, the best value, the term's reach."""
+    first = curve.iloc[0]
+    values = sorted(curve["value"].unique())
+    low, high = values[0], values[-1]
+    reference = str(first["reference"])
+    option = _e(first["option"]) + (f" ({_e(first['fixed'])})" if first["fixed"] else "")
+    term = f", the {_e(first['term'])} term" if isinstance(first["term"], str) else ""
+    parts = [f"<b>{option}</b>{term}: {len(values)} values from {low:g} to {high:g}."]
+    for metric in ("gini", "ppl"):
+        a, b = _at(curve, metric, low), _at(curve, metric, high)
+        parts.append(
+            f"{metric_label(metric)} {format_number(a['mean'])} → {format_number(b['mean'])} "
+            f"({_e(reference)}: {format_number(a['ref_mean'])})."
+        )
+    if best is None or not math.isfinite(best["value"]):
+        parts.append(_span(f"No value keeps perplexity at or below {reference}'s.", "caution"))
+    else:
+        parts.append(
+            f"Lowest Gini with perplexity no worse than {_e(reference)}'s: {_e(first['option'])} = "
+            f"{best['value']:g} (Gini {format_number(best['gini_mean'])} "
+            f"{format_interval(best['gini_ci_low'], best['gini_ci_high'])}, Δ PPL "
+            f"{format_number(best['delta_ppl'])} "
+            f"{format_interval(best['delta_ppl_ci_low'], best['delta_ppl_ci_high'])})."
+        )
+    flips = curve[curve["metric"] == "flip_rate"]
+    if len(flips) and np.isfinite(flips["mean"]).any():
+        top = flips.loc[flips["mean"].idxmax()]
+        parts.append(f"The term flips up to {100 * top['mean']:.1f}% of top-k sets (at {top['value']:g}).")
+    return " ".join(parts)
+
+
+def sensitivity_section(dose: pd.DataFrame, best: pd.DataFrame) -> str:
+    """Every sweep's curves in words (sensitivity.csv, sensitivity_best.csv)."""
+    # A CSV reads the one-at-a-time curves' empty `fixed` label back as NaN, which groupby would drop.
+    dose, best = dose.fillna({"fixed": ""}), best.fillna({"fixed": ""})
+    items = []
+    for (sweep, option, fixed), curve in dose.groupby(["sweep", "option", "fixed"], sort=False):
+        match = best[(best["sweep"] == sweep) & (best["option"] == option) & (best["fixed"] == fixed)]
+        items.append(f"<li>{_e(sweep)} · {_curve_sentence(curve, match.iloc[0] if len(match) else None)}</li>")
+    return (
+        "<p>Means over seeds on the test split; intervals are 95% t CIs; Δ PPL is paired by seed "
+        "(figures and tables under Sensitivity).</p><ul>" + "".join(items) + "</ul>"
+    )
 
 
 def render(inputs: FindingsInputs) -> str:
@@ -334,38 +440,62 @@ def render(inputs: FindingsInputs) -> str:
 
     failing = verdicts[verdicts["problems"].map(bool)] if len(verdicts) else verdicts
     if len(failing):
-        lines = "".join(f"<li><b>{_e(v.variant)}</b>: {_e('; '.join(v.problems))}</li>"
-                        for v in failing.itertuples())
+        lines = "".join(f"<li><b>{_e(v.variant)}</b>: {_e('; '.join(v.problems))}</li>" for v in failing.itertuples())
         checks = _span(f"{len(failing)} of {len(verdicts)} variants fail a check:", "fail")
         checks = f'<p>{checks}</p><ul style="{_STYLE["fail"]}">{lines}</ul>'
     else:
-        checks = (f"<p>{_span('Every variant passes the checks', 'pass')}: all runs ok, finite perplexity "
-                  f"below the bigram's on {_e(inputs.split)}, no longer falling steeply at the end of training.</p>")
+        checks = (
+            f"<p>{_span('Every variant passes the checks', 'pass')}: all runs ok, finite perplexity "
+            f"below the bigram's on {_e(inputs.split)}, no longer falling steeply at the end of training.</p>"
+        )
     sections.append(("Checks", checks))
 
-    sections.append((f"Primary endpoints: every variant against {inputs.reference}",
-                     "<p>Δ = variant − " + _e(inputs.reference) + "; significant means Holm-adjusted "
-                     f"paired t-test p &lt; {inputs.alpha:g} within the endpoint's family.</p>"
-                     + endpoint_section(inputs.comparisons, inputs.alpha, inputs.power, inputs.reference, caveat)
-                     + _exploratory_sentence(inputs.comparisons, inputs.alpha)))
+    sections.append(
+        (
+            f"Primary endpoints: every variant against {inputs.reference}",
+            "<p>Δ = variant − " + _e(inputs.reference) + "; significant means Holm-adjusted "
+            f"paired t-test p &lt; {inputs.alpha:g} within the endpoint's family.</p>"
+            + endpoint_section(inputs.comparisons, inputs.alpha, inputs.power, inputs.reference, caveat)
+            + _exploratory_sentence(inputs.comparisons, inputs.alpha),
+        )
+    )
     if len(inputs.ablations):
         base = str(inputs.ablations["variant_a"].iloc[0])
-        sections.append((f"Ablations: each against {base}",
-                         f"<p>Δ = ablation − {_e(base)}: a worse ablation means the removed term helped.</p>"
-                         + endpoint_section(inputs.ablations, inputs.alpha, inputs.power, base, set())))
+        sections.append(
+            (
+                f"Ablations: each against {base}",
+                f"<p>Δ = ablation − {_e(base)}: a worse ablation means the removed term helped.</p>"
+                + endpoint_section(inputs.ablations, inputs.alpha, inputs.power, base, set()),
+            )
+        )
     else:
-        sections.append(("Ablations", f'<p style="{_STYLE["muted"]}">No ablation in this study '
-                                      "(config.yaml ablation).</p>"))
+        sections.append(
+            ("Ablations", f'<p style="{_STYLE["muted"]}">No ablation in this study (config.yaml ablation).</p>')
+        )
     sections.append(("Training adequacy", adequacy_table(verdicts, inputs.split, inputs.still_learning_slope)))
+    if inputs.sensitivity is not None and len(inputs.sensitivity):
+        sections.append(
+            (
+                "Sensitivity: dose-response of the swept options",
+                sensitivity_section(inputs.sensitivity, inputs.sensitivity_best),
+            )
+        )
     if caveat:
         names = ", ".join(sorted(caveat))
-        sections.append(("Caveat", f"<p>† {_e(names)}: expert-choice routing picks tokens over the whole "
-                                   "routing group, so a token's routing depends on later tokens of its "
-                                   "sequence. Its perplexity is not strictly comparable with the causal "
-                                   "routers'.</p>"))
-    caption = (f"The study's results in words, generated from the statistics tables (comparisons, ablations, "
-               f"summary, run status), the n-gram baselines and the training logs. Red marks a variant that "
-               f"fails a check; it stays in every table. Split: {inputs.split}.")
+        sections.append(
+            (
+                "Caveat",
+                f"<p>† {_e(names)}: expert-choice routing picks tokens over the whole "
+                "routing group, so a token's routing depends on later tokens of its "
+                "sequence. Its perplexity is not strictly comparable with the causal "
+                "routers'.</p>",
+            )
+        )
+    caption = (
+        f"The study's results in words, generated from the statistics tables (comparisons, ablations, "
+        f"summary, run status), the n-gram baselines and the training logs. Red marks a variant that "
+        f"fails a check; it stays in every table. Split: {inputs.split}."
+    )
     return html_page("Findings", caption, sections)
 
 
@@ -386,15 +516,33 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def load_inputs(comparisons: str, ablations: str, summary: str, status: str, baselines: str | None,
-                run_dirs: Sequence[str], reference: str, **settings) -> FindingsInputs:
-    """Read every input file of the findings page."""
+def load_inputs(
+    comparisons: str,
+    ablations: str,
+    summary: str,
+    status: str,
+    baselines: str | None,
+    run_dirs: Sequence[str],
+    reference: str,
+    **settings,
+) -> FindingsInputs:
+    """Read every input file of the findings page (the sensitivity tables beside `summary`, if any)."""
     from analysis import collect
 
+    tables_dir = Path(summary).parent
+    dose, best = tables_dir / "sensitivity.csv", tables_dir / "sensitivity_best.csv"
+    if dose.exists() and best.exists():
+        settings.update(sensitivity=read_table(dose), sensitivity_best=read_table(best))
     status_table = read_table(status)
     ok = status_table[status_table["status"] == RUN_OK]
     keep = set(zip(ok["variant"].astype(str), ok["seed"].astype(int)))
-    return FindingsInputs(comparisons=read_table(comparisons), ablations=read_table(ablations),
-                          summary=read_table(summary), status=status_table,
-                          train_logs=collect.load_train_logs(run_dirs, keep=keep),
-                          baselines=collect.read_baselines(baselines), reference=reference, **settings)
+    return FindingsInputs(
+        comparisons=read_table(comparisons),
+        ablations=read_table(ablations),
+        summary=read_table(summary),
+        status=status_table,
+        train_logs=collect.load_train_logs(run_dirs, keep=keep),
+        baselines=collect.read_baselines(baselines),
+        reference=reference,
+        **settings,
+    )

@@ -30,47 +30,99 @@ import pandas as pd
 from scipy import optimize, stats
 
 from analysis.collect import MODEL_LEVEL, variant_order
+from gtmoe import metrics
 
 CONFIDENCE = 0.95
 ALPHA = 0.05  # level of every test (config.yaml statistics.alpha)
-POWER = 0.8   # power at which the minimum detectable difference is quoted (statistics.power)
+POWER = 0.8  # power at which the minimum detectable difference is quoted (statistics.power)
 PRIMARY_METRICS = ("ppl", "gini", "maxvio_global")  # confirmatory endpoints (statistics.primary)
 PRIMARY, EXPLORATORY = "primary", "exploratory"
 # Wilcoxon's exact two-sided p is at least 2 / 2^n (all n signs agree). At n = 5 that is 0.0625,
 # so below 6 pairs the test cannot reject at alpha = 0.05 whatever the data: not reported.
 MIN_WILCOXON_N = 6
-SUMMARY_METRICS = ("ppl", "word_ppl", "gini", "load_entropy", "cv", "maxvio_global",
-                   "maxvio_batch", "dead_experts", "drop_rate", "token_expert_mi",
-                   "router_saturation", "tokens_per_s")
+SUMMARY_METRICS = (
+    "ppl",
+    "word_ppl",
+    "gini",
+    "load_entropy",
+    "cv",
+    "maxvio_global",
+    "maxvio_batch",
+    "dead_experts",
+    "drop_rate",
+    "token_expert_mi",
+    "router_saturation",
+    "tokens_per_s",
+)
 TRAIN_METRICS = ("final_loss", "mean_tokens_per_s", "train_wall_s")
-COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_batch",
-                      "dead_experts")
+COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_batch", "dead_experts")
 ABLATION_BASE = "rdesi"
 ABLATIONS = ("rdesi_no_reputation", "rdesi_no_load", "rdesi_no_bonus")
 # Display names, and the direction of "better" where one exists (token-expert MI and
 # router saturation describe routing, they are not better high or low).
 METRIC_LABELS = {
-    "ppl": "PPL", "word_ppl": "word PPL", "nll": "NLL (nats/token)", "gini": "Gini",
-    "load_entropy": "load entropy", "cv": "CV", "maxvio_global": "MaxVio global",
-    "maxvio_batch": "MaxVio batch", "dead_experts": "dead experts", "drop_rate": "drop rate",
-    "token_expert_mi": "token-expert MI", "router_saturation": "router saturation",
-    "tokens_per_s": "tokens/s", "final_loss": "final train loss",
-    "mean_tokens_per_s": "train tokens/s", "train_wall_s": "train wall (s)",
+    "ppl": "PPL",
+    "word_ppl": "word PPL",
+    "nll": "NLL (nats/token)",
+    "gini": "Gini",
+    "load_entropy": "load entropy",
+    "cv": "CV",
+    "maxvio_global": "MaxVio global",
+    "maxvio_batch": "MaxVio batch",
+    "dead_experts": "dead experts",
+    "drop_rate": "drop rate",
+    "token_expert_mi": "token-expert MI",
+    "router_saturation": "router saturation",
+    "tokens_per_s": "tokens/s",
+    "final_loss": "final train loss",
+    "mean_tokens_per_s": "train tokens/s",
+    "train_wall_s": "train wall (s)",
 }
-LOWER_IS_BETTER = frozenset({"ppl", "word_ppl", "nll", "gini", "cv", "maxvio_global",
-                             "maxvio_batch", "dead_experts", "drop_rate", "final_loss",
-                             "train_wall_s"})
+LOWER_IS_BETTER = frozenset(
+    {
+        "ppl",
+        "word_ppl",
+        "nll",
+        "gini",
+        "cv",
+        "maxvio_global",
+        "maxvio_batch",
+        "dead_experts",
+        "drop_rate",
+        "final_loss",
+        "train_wall_s",
+    }
+)
 HIGHER_IS_BETTER = frozenset({"load_entropy", "tokens_per_s", "mean_tokens_per_s"})
 SUMMARY_COLUMNS = ["variant", "split", "metric", "n", "mean", "std", "ci_low", "ci_high", "kind"]
 VARIANT, REFERENCE_BASELINE = "variant", "reference baseline"  # values of the summary's ``kind``
 BASELINE_METRICS = ("ppl", "word_ppl")
-COMPARISON_COLUMNS = ["variant_a", "variant_b", "split", "metric", "n", "seeds", "mean_a",
-                      "mean_b", "mean_diff", "ci_low", "ci_high", "p_ttest", "p_ttest_holm",
-                      "p_wilcoxon", "p_wilcoxon_holm", "hedges_g", "note", "family", "endpoint",
-                      "mdd"]
+COMPARISON_COLUMNS = [
+    "variant_a",
+    "variant_b",
+    "split",
+    "metric",
+    "n",
+    "seeds",
+    "mean_a",
+    "mean_b",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "p_ttest",
+    "p_ttest_holm",
+    "p_wilcoxon",
+    "p_wilcoxon_holm",
+    "hedges_g",
+    "note",
+    "family",
+    "endpoint",
+    "mdd",
+]
 
 
 # --------------------------------------------------------------------------- descriptives
+
 
 def metric_label(metric: str) -> str:
     """Human-readable name of a metric (the metric key itself when none is defined)."""
@@ -96,14 +148,21 @@ def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
     x = x[np.isfinite(x)]
     n = int(x.size)
     low, high = t_confidence_interval(x, confidence)
-    return dict(n=n,
-                mean=float(x.mean()) if n else math.nan,
-                std=float(x.std(ddof=1)) if n >= 2 else math.nan,
-                ci_low=low, ci_high=high)
+    return dict(
+        n=n,
+        mean=float(x.mean()) if n else math.nan,
+        std=float(x.std(ddof=1)) if n >= 2 else math.nan,
+        ci_low=low,
+        ci_high=high,
+    )
 
 
-def summarize(tidy: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS,
-              splits: Iterable[str] = ("test",), layer: str = MODEL_LEVEL) -> pd.DataFrame:
+def summarize(
+    tidy: pd.DataFrame,
+    metrics: Iterable[str] = SUMMARY_METRICS,
+    splits: Iterable[str] = ("test",),
+    layer: str = MODEL_LEVEL,
+) -> pd.DataFrame:
     """Per (variant, split, metric): n, mean, std, 95% t CI over seeds.
 
     ``n`` counts seeds with a finite value, so a metric undefined for a variant
@@ -112,29 +171,44 @@ def summarize(tidy: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS,
     """
     metrics, splits = list(metrics), list(splits)
     selected = tidy[(tidy["layer"] == layer) & tidy["split"].isin(splits) & tidy["metric"].isin(metrics)]
-    groups = {key: g["value"].to_numpy() for key, g in
-              selected.groupby([selected["variant"].astype(str), "split", "metric"], observed=True)}
-    rows = [dict(variant=variant, split=split, metric=metric,
-                 **describe(groups.get((variant, split, metric), [])), kind=VARIANT)
-            for variant in variant_order(tidy) for split in splits for metric in metrics]
+    groups = {
+        key: g["value"].to_numpy()
+        for key, g in selected.groupby([selected["variant"].astype(str), "split", "metric"], observed=True)
+    }
+    rows = [
+        dict(
+            variant=variant,
+            split=split,
+            metric=metric,
+            **describe(groups.get((variant, split, metric), [])),
+            kind=VARIANT,
+        )
+        for variant in variant_order(tidy)
+        for split in splits
+        for metric in metrics
+    ]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def baseline_summary(baselines: pd.DataFrame, splits: Iterable[str] = ("test",),
-                     metrics: Iterable[str] = BASELINE_METRICS) -> pd.DataFrame:
+def baseline_summary(
+    baselines: pd.DataFrame, splits: Iterable[str] = ("test",), metrics: Iterable[str] = BASELINE_METRICS
+) -> pd.DataFrame:
     """Summary rows (``kind`` = "reference baseline") of the n-gram models of ``collect.read_baselines``.
 
     A baseline is one deterministic model, not a sample over seeds: n = 1 and no std or CI.
     """
     metrics = list(metrics)
-    rows = [dict(variant=row.model, split=row.split, metric=row.metric, **describe([row.value]),
-                 kind=REFERENCE_BASELINE)
-            for split in splits for row in baselines[baselines["split"] == split].itertuples()
-            if row.metric in metrics]
+    rows = [
+        dict(variant=row.model, split=row.split, metric=row.metric, **describe([row.value]), kind=REFERENCE_BASELINE)
+        for split in splits
+        for row in baselines[baselines["split"] == split].itertuples()
+        if row.metric in metrics
+    ]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 # --------------------------------------------------------------------------- paired tests
+
 
 def holm_adjust(pvalues: Sequence[float]) -> np.ndarray:
     """Holm–Bonferroni step-down adjusted p-values; NaN entries are not in the family.
@@ -207,8 +281,9 @@ def hedges_g(differences: Sequence[float]) -> tuple[float, str]:
     return float(d.mean() / sd * correction), ""
 
 
-def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE, alpha: float = ALPHA,
-                power: float = POWER) -> dict:
+def paired_test(
+    a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE, alpha: float = ALPHA, power: float = POWER
+) -> dict:
     """Compare two per-seed series (index = seed) on their common seeds with finite values.
 
     Returns n, seeds, means, mean difference ``b − a`` with its t CI, paired t-test p,
@@ -221,13 +296,17 @@ def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE, alph
     n = len(joined)
     diff = (joined["b"] - joined["a"]).to_numpy()
     notes = []
-    result = dict(n=n, seeds=",".join(str(s) for s in joined.index),
-                  mean_a=float(joined["a"].mean()) if n else math.nan,
-                  mean_b=float(joined["b"].mean()) if n else math.nan,
-                  mean_diff=float(diff.mean()) if n else math.nan,
-                  p_ttest=math.nan, p_wilcoxon=math.nan, hedges_g=math.nan,
-                  mdd=minimum_detectable_difference(float(diff.std(ddof=1)) if n >= 2 else math.nan, n,
-                                                    alpha, power))
+    result = dict(
+        n=n,
+        seeds=",".join(str(s) for s in joined.index),
+        mean_a=float(joined["a"].mean()) if n else math.nan,
+        mean_b=float(joined["b"].mean()) if n else math.nan,
+        mean_diff=float(diff.mean()) if n else math.nan,
+        p_ttest=math.nan,
+        p_wilcoxon=math.nan,
+        hedges_g=math.nan,
+        mdd=minimum_detectable_difference(float(diff.std(ddof=1)) if n >= 2 else math.nan, n, alpha, power),
+    )
     result["ci_low"], result["ci_high"] = t_confidence_interval(diff, confidence)
     min_wilcoxon = wilcoxon_min_n(alpha)
 
@@ -253,8 +332,9 @@ def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE, alph
         if n < min_wilcoxon:
             notes.append(f"n<{min_wilcoxon}: no Wilcoxon (cannot reach p ≤ {alpha:g})")
         elif n - zeros < min_wilcoxon:
-            notes.append(f"{n - zeros} non-zero differences (<{min_wilcoxon}): no Wilcoxon "
-                         f"(cannot reach p ≤ {alpha:g})")
+            notes.append(
+                f"{n - zeros} non-zero differences (<{min_wilcoxon}): no Wilcoxon (cannot reach p ≤ {alpha:g})"
+            )
         else:
             result["p_wilcoxon"] = float(stats.wilcoxon(diff, zero_method="wilcox").pvalue)
             if zeros:
@@ -263,20 +343,29 @@ def paired_test(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE, alph
     return result
 
 
-def per_seed(tidy: pd.DataFrame, variant: str, metric: str, split: str,
-             layer: str = MODEL_LEVEL) -> pd.Series:
+def per_seed(tidy: pd.DataFrame, variant: str, metric: str, split: str, layer: str = MODEL_LEVEL) -> pd.Series:
     """Values of one variant/metric/split indexed by seed."""
-    rows = tidy[(tidy["variant"].astype(str) == variant) & (tidy["metric"] == metric)
-                & (tidy["split"] == split) & (tidy["layer"] == layer)]
+    rows = tidy[
+        (tidy["variant"].astype(str) == variant)
+        & (tidy["metric"] == metric)
+        & (tidy["split"] == split)
+        & (tidy["layer"] == layer)
+    ]
     if rows["seed"].duplicated().any():
         raise ValueError(f"several values per seed for {variant}/{metric}/{split}/{layer}")
     return rows.set_index("seed")["value"]
 
 
-def paired_comparisons(tidy: pd.DataFrame, pairs: Sequence[tuple[str, str]],
-                       metrics: Iterable[str] = COMPARISON_METRICS, split: str = "test",
-                       confidence: float = CONFIDENCE, primary: Iterable[str] = PRIMARY_METRICS,
-                       alpha: float = ALPHA, power: float = POWER) -> pd.DataFrame:
+def paired_comparisons(
+    tidy: pd.DataFrame,
+    pairs: Sequence[tuple[str, str]],
+    metrics: Iterable[str] = COMPARISON_METRICS,
+    split: str = "test",
+    confidence: float = CONFIDENCE,
+    primary: Iterable[str] = PRIMARY_METRICS,
+    alpha: float = ALPHA,
+    power: float = POWER,
+) -> pd.DataFrame:
     """Seed-paired comparison of every ``(a, b)`` pair on every metric (difference = b − a).
 
     Holm's adjustment runs within each family ``"{metric}/{split}"`` (the comparisons of one
@@ -288,11 +377,20 @@ def paired_comparisons(tidy: pd.DataFrame, pairs: Sequence[tuple[str, str]],
     rows = []
     for a, b in pairs:
         for metric in metrics:
-            test = paired_test(per_seed(tidy, a, metric, split), per_seed(tidy, b, metric, split),
-                               confidence, alpha, power)
-            rows.append(dict(variant_a=a, variant_b=b, split=split, metric=metric, **test,
-                             family=f"{metric}/{split}",
-                             endpoint=PRIMARY if metric in primary else EXPLORATORY))
+            test = paired_test(
+                per_seed(tidy, a, metric, split), per_seed(tidy, b, metric, split), confidence, alpha, power
+            )
+            rows.append(
+                dict(
+                    variant_a=a,
+                    variant_b=b,
+                    split=split,
+                    metric=metric,
+                    **test,
+                    family=f"{metric}/{split}",
+                    endpoint=PRIMARY if metric in primary else EXPLORATORY,
+                )
+            )
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     for test in ("ttest", "wilcoxon"):
         table[f"p_{test}_holm"] = holm_by_family(table[f"p_{test}"], table["family"])
@@ -314,8 +412,9 @@ def reference_pairs(variants: Sequence[str], reference: str) -> list[tuple[str, 
     return [(reference, v) for v in variants if v != reference]
 
 
-def ablation_pairs(variants: Sequence[str], base: str = ABLATION_BASE,
-                   ablations: Sequence[str] = ABLATIONS) -> list[tuple[str, str]]:
+def ablation_pairs(
+    variants: Sequence[str], base: str = ABLATION_BASE, ablations: Sequence[str] = ABLATIONS
+) -> list[tuple[str, str]]:
     """``(base, ablation)`` for each ablation present in ``variants`` (none without the base)."""
     if base not in variants:
         return []
@@ -323,23 +422,6 @@ def ablation_pairs(variants: Sequence[str], base: str = ABLATION_BASE,
 
 
 # --------------------------------------------------------------------------- load balance
-
-def gini(loads: np.ndarray) -> np.ndarray:
-    """Gini coefficient over the last axis: ``Σ_i Σ_j |c_i − c_j| / (2 E Σ_i c_i)``.
-
-    Computed as ``Σ_i (2i − E − 1) c_(i) / (E Σ c)`` over ascending order statistics
-    (1-based ``i``), which equals the pairwise form in O(E log E).
-    """
-    c = np.sort(np.asarray(loads, dtype=float), axis=-1)
-    e = c.shape[-1]
-    weights = 2 * np.arange(1, e + 1) - e - 1
-    return (c * weights).sum(axis=-1) / (e * c.sum(axis=-1))
-
-
-def maxvio(loads: np.ndarray) -> np.ndarray:
-    """MaxVio over the last axis: ``max_i c_i / mean(c) − 1``."""
-    c = np.asarray(loads, dtype=float)
-    return c.max(axis=-1) / c.mean(axis=-1) - 1
 
 
 def router_balance_curves(router_log: pd.DataFrame) -> pd.DataFrame:
@@ -352,6 +434,12 @@ def router_balance_curves(router_log: pd.DataFrame) -> pd.DataFrame:
     if router_log.empty:
         return pd.DataFrame(columns=["variant", "seed", "step", "gini", "maxvio_batch"])
     loads = router_log.set_index([*keys, "expert"])["load"].unstack("expert").sort_index(axis=1)
-    per_layer = pd.DataFrame({"gini": gini(loads.to_numpy()), "maxvio_batch": maxvio(loads.to_numpy())},
-                             index=loads.index)
+    # The engine's own metric functions (gtmoe.metrics), one routing snapshot per row.
+    per_layer = pd.DataFrame(
+        {
+            "gini": np.apply_along_axis(metrics.gini, 1, loads.to_numpy()),
+            "maxvio_batch": np.apply_along_axis(metrics.max_violation, 1, loads.to_numpy()),
+        },
+        index=loads.index,
+    )
     return per_layer.groupby(level=["variant", "seed", "step"], sort=True).mean().reset_index()

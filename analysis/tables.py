@@ -15,8 +15,16 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import RUN_FAILED, RUN_MISSING, RUN_OK, writing
-from analysis.stats import (ALPHA, CONFIDENCE, EXPLORATORY, HIGHER_IS_BETTER, LOWER_IS_BETTER, POWER,
-                            REFERENCE_BASELINE, metric_label)
+from analysis.stats import (
+    ALPHA,
+    CONFIDENCE,
+    EXPLORATORY,
+    HIGHER_IS_BETTER,
+    LOWER_IS_BETTER,
+    POWER,
+    REFERENCE_BASELINE,
+    metric_label,
+)
 
 NA = "n/a"
 
@@ -49,6 +57,7 @@ tr.reference td { background: #f6f3ea; font-style: italic; border-top: 1px dashe
 
 # --------------------------------------------------------------------------- formatting
 
+
 def format_number(value: float, digits: int = 4) -> str:
     """Four significant digits, thousands separators for large values, ``n/a`` for NaN."""
     if value is None or math.isnan(value := float(value)):
@@ -56,7 +65,7 @@ def format_number(value: float, digits: int = 4) -> str:
     if math.isinf(value):
         return "∞" if value > 0 else "−∞"
     magnitude = abs(value)
-    if magnitude >= 10 ** digits:
+    if magnitude >= 10**digits:
         return f"{value:,.0f}"
     if magnitude != 0 and magnitude < 1e-3:
         return f"{value:.2e}"
@@ -79,6 +88,7 @@ def format_interval(low: float, high: float) -> str:
 
 
 # --------------------------------------------------------------------------- HTML
+
 
 class Markup(str):
     """A string that is already safe HTML (built here from escaped parts)."""
@@ -105,8 +115,10 @@ def html_table(rows: Sequence[dict], columns: Sequence[str], note: str = "") -> 
         row_class = row.get("_row_class", "")
         body.append(f'<tr class="{row_class}">{cells}</tr>' if row_class else f"<tr>{cells}</tr>")
     caption = f"<caption>{html.escape(note)}</caption>" if note else ""
-    return (f'<div class="scroll"><table>{caption}<thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table></div>")
+    return (
+        f'<div class="scroll"><table>{caption}<thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def html_page(title: str, caption: str, sections: Sequence[tuple[str, str]]) -> str:
@@ -116,9 +128,11 @@ def html_page(title: str, caption: str, sections: Sequence[tuple[str, str]]) -> 
         if heading:
             parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(table)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-            f"<body>{''.join(parts)}</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def write_table(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
@@ -134,7 +148,13 @@ def write_table(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path:
     return csv_path, html_path
 
 
+def value_cell(value: float, detail: str) -> Markup:
+    """A number with a detail (its CI, n) in small print beneath it."""
+    return Markup(f'{html.escape(format_number(value))}<br><span class="sub">{html.escape(detail)}</span>')
+
+
 # --------------------------------------------------------------------------- summary
+
 
 def summary_rows(summary: pd.DataFrame, split: str) -> tuple[list[dict], list[str]]:
     """One row per variant, one column per metric: mean, then CI and n in small print.
@@ -150,33 +170,41 @@ def summary_rows(summary: pd.DataFrame, split: str) -> tuple[list[dict], list[st
     rows = []
     for (kind, variant), group in part.groupby(["kind", "variant"], sort=False):
         reference = kind == REFERENCE_BASELINE
-        row = {"variant": f"{variant} (reference baseline)" if reference else variant, "_class": {},
-               "_row_class": "reference" if reference else ""}
+        row = {
+            "variant": f"{variant} (reference baseline)" if reference else variant,
+            "_class": {},
+            "_row_class": "reference" if reference else "",
+        }
         for record in group.itertuples():
             label = metric_label(record.metric)
             if record.n == 0:
                 row[label] = NA
                 continue
-            detail = ("n-gram model, no seeds" if reference
-                      else f"{format_interval(record.ci_low, record.ci_high)} · n={record.n}")
-            row[label] = Markup(f"{html.escape(format_number(record.mean))}<br>"
-                                f'<span class="sub">{html.escape(detail)}</span>')
+            detail = (
+                "n-gram model, no seeds"
+                if reference
+                else f"{format_interval(record.ci_low, record.ci_high)} · n={record.n}"
+            )
+            row[label] = value_cell(record.mean, detail)
             row["_class"][label] = "num"
         rows.append(row)
     rows.sort(key=lambda row: row["_row_class"] == "reference")  # stable: variants first, study order
     return rows, columns
 
 
-def write_summary(summary: pd.DataFrame, csv_path: str | Path, html_path: str | Path,
-                  caption: str = "") -> tuple[Path, Path]:
+def write_summary(
+    summary: pd.DataFrame, csv_path: str | Path, html_path: str | Path, caption: str = ""
+) -> tuple[Path, Path]:
     """Summary per variant (output of ``stats.summarize``): long CSV, one HTML table per split."""
     level = int(round(CONFIDENCE * 100))
-    caption = caption or (f"Mean over seeds with the {level}% Student t confidence interval "
-                          "and the number of seeds n. n/a: undefined (fewer than two seeds for "
-                          "an interval; a metric the variant does not have, e.g. load metrics "
-                          "of the dense baseline). Shaded rows at the bottom: reference baselines "
-                          "(unigram and interpolated bigram counted on the train split), not "
-                          "variants of the study; they have perplexities only.")
+    caption = caption or (
+        f"Mean over seeds with the {level}% Student t confidence interval "
+        "and the number of seeds n. n/a: undefined (fewer than two seeds for "
+        "an interval; a metric the variant does not have, e.g. load metrics "
+        "of the dense baseline). Shaded rows at the bottom: reference baselines "
+        "(unigram and interpolated bigram counted on the train split), not "
+        "variants of the study; they have perplexities only."
+    )
     sections = []
     for split in dict.fromkeys(summary["split"]):
         rows, columns = summary_rows(summary, split)
@@ -185,6 +213,7 @@ def write_summary(summary: pd.DataFrame, csv_path: str | Path, html_path: str | 
 
 
 # --------------------------------------------------------------------------- comparisons
+
 
 def _delta_class(metric: str, low: float, high: float) -> str:
     """Shade a difference whose CI excludes 0 by whether b is better or worse than a."""
@@ -206,41 +235,87 @@ def format_mdd(mdd: float, mean_a: float) -> str | Markup:
     return Markup(f'{html.escape(text)}<br><span class="sub">{abs(mdd / mean_a):.0%} of a</span>')
 
 
-def comparison_rows(comparisons: pd.DataFrame, alpha: float = ALPHA,
-                    power: float = POWER) -> tuple[list[dict], list[str]]:
+def comparison_rows(
+    comparisons: pd.DataFrame, alpha: float = ALPHA, power: float = POWER
+) -> tuple[list[dict], list[str]]:
     """Rows for the HTML view of ``stats.paired_comparisons`` output."""
     mdd_column = f"MDD ({power:.0%} power)"
-    columns = ["comparison (b − a)", "metric", "endpoint", "n", "mean a", "mean b", "Δ = b − a",
-               "95% CI of Δ", mdd_column, "p t-test", "p t (Holm)", "p Wilcoxon", "p Wilcoxon (Holm)",
-               "Hedges' g", "note"]
+    columns = [
+        "comparison (b − a)",
+        "metric",
+        "endpoint",
+        "n",
+        "mean a",
+        "mean b",
+        "Δ = b − a",
+        "95% CI of Δ",
+        mdd_column,
+        "p t-test",
+        "p t (Holm)",
+        "p Wilcoxon",
+        "p Wilcoxon (Holm)",
+        "Hedges' g",
+        "note",
+    ]
     rows = []
     for r in comparisons.itertuples():
         significant = not math.isnan(r.p_ttest_holm) and r.p_ttest_holm < alpha
         delta_class = _delta_class(r.metric, r.ci_low, r.ci_high)
         row_classes = (["significant"] if significant else []) + (["exploratory"] if r.endpoint == EXPLORATORY else [])
-        rows.append({
-            "comparison (b − a)": f"{r.variant_b} − {r.variant_a}",
-            "metric": metric_label(r.metric), "endpoint": r.endpoint, "n": str(r.n),
-            "mean a": format_number(r.mean_a), "mean b": format_number(r.mean_b),
-            "Δ = b − a": format_number(r.mean_diff),
-            "95% CI of Δ": format_interval(r.ci_low, r.ci_high), mdd_column: format_mdd(r.mdd, r.mean_a),
-            "p t-test": format_p(r.p_ttest), "p t (Holm)": format_p(r.p_ttest_holm),
-            "p Wilcoxon": format_p(r.p_wilcoxon), "p Wilcoxon (Holm)": format_p(r.p_wilcoxon_holm),
-            "Hedges' g": format_number(r.hedges_g, digits=3), "note": r.note or "",
-            "_row_class": " ".join(row_classes),
-            "_class": {c: "num" for c in ("n", "mean a", "mean b", mdd_column, "p t-test", "p t (Holm)",
-                                           "p Wilcoxon", "p Wilcoxon (Holm)", "Hedges' g")}
-                      | {"Δ = b − a": delta_class, "95% CI of Δ": delta_class, "endpoint": "endpoint"},
-        })
+        rows.append(
+            {
+                "comparison (b − a)": f"{r.variant_b} − {r.variant_a}",
+                "metric": metric_label(r.metric),
+                "endpoint": r.endpoint,
+                "n": str(r.n),
+                "mean a": format_number(r.mean_a),
+                "mean b": format_number(r.mean_b),
+                "Δ = b − a": format_number(r.mean_diff),
+                "95% CI of Δ": format_interval(r.ci_low, r.ci_high),
+                mdd_column: format_mdd(r.mdd, r.mean_a),
+                "p t-test": format_p(r.p_ttest),
+                "p t (Holm)": format_p(r.p_ttest_holm),
+                "p Wilcoxon": format_p(r.p_wilcoxon),
+                "p Wilcoxon (Holm)": format_p(r.p_wilcoxon_holm),
+                "Hedges' g": format_number(r.hedges_g, digits=3),
+                "note": r.note or "",
+                "_row_class": " ".join(row_classes),
+                "_class": {
+                    c: "num"
+                    for c in (
+                        "n",
+                        "mean a",
+                        "mean b",
+                        mdd_column,
+                        "p t-test",
+                        "p t (Holm)",
+                        "p Wilcoxon",
+                        "p Wilcoxon (Holm)",
+                        "Hedges' g",
+                    )
+                }
+                | {"Δ = b − a": delta_class, "95% CI of Δ": delta_class, "endpoint": "endpoint"},
+            }
+        )
     return rows, columns
 
 
-def write_comparisons(comparisons: pd.DataFrame, csv_path: str | Path, html_path: str | Path,
-                      title: str, caption: str = "", alpha: float = ALPHA,
-                      power: float = POWER) -> tuple[Path, Path]:
+def write_comparisons(
+    comparisons: pd.DataFrame,
+    csv_path: str | Path,
+    html_path: str | Path,
+    title: str,
+    caption: str = "",
+    alpha: float = ALPHA,
+    power: float = POWER,
+) -> tuple[Path, Path]:
     """Paired comparisons (output of ``stats.paired_comparisons``) as CSV and HTML."""
-    primary = ", ".join(metric_label(m) for m in dict.fromkeys(
-        comparisons.loc[comparisons["endpoint"] != EXPLORATORY, "metric"])) or "none"
+    primary = (
+        ", ".join(
+            metric_label(m) for m in dict.fromkeys(comparisons.loc[comparisons["endpoint"] != EXPLORATORY, "metric"])
+        )
+        or "none"
+    )
     caption = caption or (
         "Seed-paired differences Δ = b − a on the seeds both variants completed (n). "
         "CI: 95% Student t interval of the mean difference; p: paired t-test and Wilcoxon "
@@ -252,7 +327,8 @@ def write_comparisons(comparisons: pd.DataFrame, csv_path: str | Path, html_path
         f"α = {alpha:g} would detect with {power:.0%} power, from n and the observed sd of the "
         f"differences; a non-significant Δ smaller than the MDD is no evidence of equality. Bold "
         f"rows: Holm-adjusted t-test p < {alpha:g}. Green / red: the CI excludes 0 and b is "
-        "better / worse than a. n/a: not computable, the note says why.")
+        "better / worse than a. n/a: not computable, the note says why."
+    )
     rows, columns = comparison_rows(comparisons, alpha, power)
     note = f"Split: {', '.join(dict.fromkeys(comparisons['split']))}" if len(comparisons) else ""
     page = html_page(title, caption, [("", html_table(rows, columns, note))])
@@ -261,20 +337,30 @@ def write_comparisons(comparisons: pd.DataFrame, csv_path: str | Path, html_path
 
 # --------------------------------------------------------------------------- run status
 
-def write_status(status: pd.DataFrame, csv_path: str | Path, html_path: str | Path,
-                 caption: str = "") -> tuple[Path, Path]:
+
+def write_status(
+    status: pd.DataFrame, csv_path: str | Path, html_path: str | Path, caption: str = ""
+) -> tuple[Path, Path]:
     """The runs table (output of ``collect.collect_runs``) as CSV and HTML."""
     counts = status["status"].value_counts()
     caption = caption or (
         f"Every expected (variant, seed) run: {counts.get(RUN_OK, 0)} ok, "
         f"{counts.get(RUN_MISSING, 0)} missing, {counts.get(RUN_FAILED, 0)} failed. "
         "Only ok runs enter the statistics; the detail column says what is missing or why "
-        "a run failed (evaluation status not ok, non-finite perplexity or load metric, unreadable file).")
+        "a run failed (evaluation status not ok, non-finite perplexity or load metric, unreadable file)."
+    )
     columns = ["variant", "seed", "status", "router", "detail", "run_dir"]
-    rows = [{"variant": r.variant, "seed": str(r.seed), "status": r.status,
-             "router": r.router if isinstance(r.router, str) else NA,
-             "detail": r.detail or "", "run_dir": r.run_dir if isinstance(r.run_dir, str) else NA,
-             "_class": {"status": f"status-{r.status}", "seed": "num"}}
-            for r in status.itertuples()]
+    rows = [
+        {
+            "variant": r.variant,
+            "seed": str(r.seed),
+            "status": r.status,
+            "router": r.router if isinstance(r.router, str) else NA,
+            "detail": r.detail or "",
+            "run_dir": r.run_dir if isinstance(r.run_dir, str) else NA,
+            "_class": {"status": f"status-{r.status}", "seed": "num"},
+        }
+        for r in status.itertuples()
+    ]
     page = html_page("Run status", caption, [("", html_table(rows, columns))])
     return write_table(status, page, csv_path, html_path)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
 
 from gtmoe.config import ConfigError
-from gtmoe.data import DataError
+from gtmoe.data.errors import DataError
 
 
 def _set_threads(threads: int | None) -> None:
@@ -39,12 +38,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from gtmoe.evaluate import evaluate_splits
-    from gtmoe.train import RunError, unwritable
+    from gtmoe.files import remove_stale_temporaries, write_atomic
+    from gtmoe.runfiles import RunError, unwritable
 
     _set_threads(args.threads)
     if len(args.out) != len(args.split):
-        raise RunError(f"--split names {len(args.split)} split(s) but --out {len(args.out)} file(s); "
-                       "give one output JSON per split, in the same order")
+        raise RunError(
+            f"--split names {len(args.split)} split(s) but --out {len(args.out)} file(s); "
+            "give one output JSON per split, in the same order"
+        )
     for out in args.out:  # before evaluating: a bad --out should not cost an evaluation
         if out.is_dir():
             raise RunError(f"--out {out} is a directory; pass the JSON file to write, e.g. {out / 'eval.json'}")
@@ -52,22 +54,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise unwritable(out, exc, "the evaluation output") from None
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an evaluation killed mid-write
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(out.parent, out.name)
     settings = _eval_settings(args.eval_json) if args.eval_json is not None else None
     results = evaluate_splits(args.run, args.split, device=args.device, eval_settings=settings)
     for split, out in zip(args.split, args.out):
         result = results[split]
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        text = json.dumps(result, indent=2)
         try:
-            tmp.write_text(json.dumps(result, indent=2))
-            os.replace(tmp, out)
+            write_atomic(out, lambda tmp, text=text: tmp.write_text(text))
         except OSError as exc:
             raise unwritable(out, exc, "the evaluation output") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-        logging.getLogger("gtmoe").info("evaluate %s %s: ppl %.2f gini %s -> %s", args.run, split, result["ppl"],
-                                        result["gini"], out)
+        logging.getLogger("gtmoe").info(
+            "evaluate %s %s: ppl %.2f gini %s -> %s", args.run, split, result["ppl"], result["gini"], out
+        )
 
 
 def _eval_settings(text: str):
@@ -77,8 +76,10 @@ def _eval_settings(text: str):
     try:
         raw = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"--eval-json is not valid JSON ({exc}); pass the run config's eval section, "
-                          'e.g. \'{"max_blocks": {"test": 0}}\'') from None
+        raise ConfigError(
+            f"--eval-json is not valid JSON ({exc}); pass the run config's eval section, "
+            'e.g. \'{"max_blocks": {"test": 0}}\''
+        ) from None
     settings = from_dict(EvalConfig, raw, "eval")
     settings.validate()
     return settings
@@ -101,49 +102,78 @@ def _cmd_routers(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gtmoe.data import add_prepare_parser
+    from gtmoe.data.cli import add_prepare_parser
 
-    parser = argparse.ArgumentParser(prog="python -m gtmoe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m gtmoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     add_prepare_parser(commands)
 
-    train = commands.add_parser("train", help="train one run (resumes from OUT/checkpoint_last.pt if present)",
-                                description="Train one (variant, seed) run described by a run config YAML.")
+    train = commands.add_parser(
+        "train",
+        help="train one run (resumes from OUT/checkpoint_last.pt if present)",
+        description="Train one (variant, seed) run described by a run config YAML.",
+    )
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="run config YAML (as `config.yaml` of a run directory)")
     source.add_argument("--config-json", help="the run config as one JSON object (how the workflow passes it)")
     train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, summary")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    train.add_argument("--stop-after", type=int, default=None,
-                       help="checkpoint and exit after this many optimizer steps (for resumption tests)")
+    train.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and exit after this many optimizer steps (for resumption tests)",
+    )
     train.set_defaults(func=_cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on one or more splits",
-                                   description="Perplexity and load metrics of a finished run, one JSON per split, "
-                                               "from a single load of the model.")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a trained run on one or more splits",
+        description="Perplexity and load metrics of a finished run, one JSON per split, "
+        "from a single load of the model.",
+    )
     evaluate.add_argument("--run", type=Path, required=True, help="run directory written by `train`")
-    evaluate.add_argument("--split", choices=("train", "validation", "test"), nargs="+", required=True,
-                          help="split(s) to evaluate")
-    evaluate.add_argument("--out", type=Path, nargs="+", required=True,
-                          help="output JSON file(s), one per --split, in the same order")
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                          help="device (default: the run's train.device; auto = CUDA when available)")
-    evaluate.add_argument("--eval-json", default=None, metavar="JSON",
-                          help="evaluation settings as JSON, replacing the run config's `eval` section "
-                               "(how the workflow passes the current ones; default: the run's config.yaml)")
+    evaluate.add_argument(
+        "--split", choices=("train", "validation", "test"), nargs="+", required=True, help="split(s) to evaluate"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, nargs="+", required=True, help="output JSON file(s), one per --split, in the same order"
+    )
+    evaluate.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="device (default: the run's train.device; auto = CUDA when available)",
+    )
+    evaluate.add_argument(
+        "--eval-json",
+        default=None,
+        metavar="JSON",
+        help="evaluation settings as JSON, replacing the run config's `eval` section "
+        "(how the workflow passes the current ones; default: the run's config.yaml)",
+    )
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     baselines = commands.add_parser(
-        "baselines", help="unigram and interpolated bigram reference models on the token shards",
+        "baselines",
+        help="unigram and interpolated bigram reference models on the token shards",
         description="Count an add-k unigram and an interpolated bigram model on SHARDS/train, tune k and the "
-                    "interpolation weight on SHARDS/validation, and write their validation and test token and "
-                    "word perplexity as JSON (see gtmoe/baselines.py).")
-    baselines.add_argument("--shards", type=Path, required=True,
-                           help="shard root holding train/, validation/ and test/ (e.g. results/data/shards)")
-    baselines.add_argument("--out", type=Path, required=True, help="output JSON file (e.g. results/baselines/ngram.json)")
+        "interpolation weight on SHARDS/validation, and write their validation and test token and "
+        "word perplexity as JSON (see gtmoe/baselines.py).",
+    )
+    baselines.add_argument(
+        "--shards",
+        type=Path,
+        required=True,
+        help="shard root holding train/, validation/ and test/ (e.g. results/data/shards)",
+    )
+    baselines.add_argument(
+        "--out", type=Path, required=True, help="output JSON file (e.g. results/baselines/ngram.json)"
+    )
     baselines.set_defaults(func=_cmd_baselines)
 
     listing = commands.add_parser("routers", help="list the registered routers and their default options")
@@ -153,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    from gtmoe.train import NonFiniteLossError, RunError
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from gtmoe.runfiles import NonFiniteLossError, RunError
 
     try:
         args.func(args)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from gtmoe import metrics
-from gtmoe.data import IGNORE_INDEX, DataError, TokenBlocks
+from gtmoe.data.errors import DataError
+from gtmoe.data.shards import IGNORE_INDEX, TokenBlocks
+from gtmoe.files import remove_stale_temporaries, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,22 @@ def interpolate(lam: float, ml: np.ndarray, seen: np.ndarray, unigram: np.ndarra
 
 
 def split_result(nll_sum: float, tokens: int, words: int) -> dict:
-    return {"ppl": metrics.perplexity(nll_sum, tokens), "word_ppl": metrics.perplexity(nll_sum, words),
-            "nll": nll_sum / tokens, "tokens": tokens, "words": words}
+    return {
+        "ppl": metrics.perplexity(nll_sum, tokens),
+        "word_ppl": metrics.perplexity(nll_sum, words),
+        "nll": nll_sum / tokens,
+        "tokens": tokens,
+        "words": words,
+    }
 
 
 def _open(shard_dir: Path, split: str) -> TokenBlocks:
     blocks = TokenBlocks(shard_dir / split)
     if "vocab_size" not in blocks.manifest:
-        raise DataError(f"{shard_dir / split / 'manifest.json'} has no 'vocab_size'; rebuild the shards with "
-                        "`python -m gtmoe prepare shards` (it records the tokenizer's vocabulary size)")
+        raise DataError(
+            f"{shard_dir / split / 'manifest.json'} has no 'vocab_size'; rebuild the shards with "
+            "`python -m gtmoe prepare shards` (it records the tokenizer's vocabulary size)"
+        )
     return blocks
 
 
@@ -120,8 +128,10 @@ def ngram_baselines(shard_dir: str | Path) -> dict:
     splits = {split: _open(shard_dir, split) for split in EVAL_SPLITS}
     for split, blocks in splits.items():
         if blocks.manifest["vocab_size"] != vocab_size:
-            raise DataError(f"{shard_dir / split} has vocab_size {blocks.manifest['vocab_size']}, train has "
-                            f"{vocab_size}: the splits come from different tokenizers; rebuild the shards")
+            raise DataError(
+                f"{shard_dir / split} has vocab_size {blocks.manifest['vocab_size']}, train has "
+                f"{vocab_size}: the splits come from different tokenizers; rebuild the shards"
+            )
     pairs = {"train": target_pairs(train), **{split: target_pairs(b) for split, b in splits.items()}}
     for split, (contexts, targets) in pairs.items():
         if max(contexts.max(), targets.max()) >= vocab_size:
@@ -129,14 +139,19 @@ def ngram_baselines(shard_dir: str | Path) -> dict:
     counts = NgramCounts(*pairs["train"], vocab_size)
 
     # Per-token pieces of the bigram probability; only lam changes while tuning.
-    pieces = {split: (*counts.bigram_ml(*pairs[split]), counts.unigram_prob(pairs[split][1], ADD_K))
-              for split in EVAL_SPLITS}
+    pieces = {
+        split: (*counts.bigram_ml(*pairs[split]), counts.unigram_prob(pairs[split][1], ADD_K)) for split in EVAL_SPLITS
+    }
 
     def bigram_nll(split: str, lam: float) -> float:
         return float(-np.log(interpolate(lam, *pieces[split])).sum())
 
-    found = minimize_scalar(lambda lam: bigram_nll("validation", lam), bounds=LAMBDA_BOUNDS, method="bounded",
-                            options={"xatol": TUNING_XATOL})
+    found = minimize_scalar(
+        lambda lam: bigram_nll("validation", lam),
+        bounds=LAMBDA_BOUNDS,
+        method="bounded",
+        options={"xatol": TUNING_XATOL},
+    )
     if not found.success:
         raise RuntimeError(f"tuning the bigram's lambda did not converge: {found.message}")
     lam = float(found.x)
@@ -147,8 +162,12 @@ def ngram_baselines(shard_dir: str | Path) -> dict:
         unigram_nll = float(-np.log(pieces[split][2]).sum())
         unigram[split] = split_result(unigram_nll, tokens, blocks.n_words)
         bigram[split] = split_result(bigram_nll(split, lam), tokens, blocks.n_words)
-    return {"models": {"unigram": unigram, "bigram": bigram}, "vocab_size": vocab_size, "shards": str(shard_dir),
-            "train_tokens": counts.tokens}
+    return {
+        "models": {"unigram": unigram, "bigram": bigram},
+        "vocab_size": vocab_size,
+        "shards": str(shard_dir),
+        "train_tokens": counts.tokens,
+    }
 
 
 def write_ngram_baselines(shard_dir: str | Path, out: str | Path) -> dict:
@@ -156,20 +175,23 @@ def write_ngram_baselines(shard_dir: str | Path, out: str | Path) -> dict:
     start = time.perf_counter()
     result = ngram_baselines(shard_dir)
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a job killed mid-write
-            stale.unlink(missing_ok=True)
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        remove_stale_temporaries(out.parent, out.name)
+        write_atomic(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     except OSError as exc:
-        raise DataError(f"cannot write the n-gram baselines {out} ({exc.strerror or exc}); free space or fix the "
-                        "permissions there (or pass another --out) and rerun") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"cannot write the n-gram baselines {out} ({exc.strerror or exc}); free space or fix the "
+            "permissions there (or pass another --out) and rerun"
+        ) from None
     for name, model in result["models"].items():
-        log.info("%s %s: test ppl %.2f, word ppl %.1f; validation ppl %.2f", name, json.dumps(model["params"]),
-                 model["test"]["ppl"], model["test"]["word_ppl"], model["validation"]["ppl"])
+        log.info(
+            "%s %s: test ppl %.2f, word ppl %.1f; validation ppl %.2f",
+            name,
+            json.dumps(model["params"]),
+            model["test"]["ppl"],
+            model["test"]["word_ppl"],
+            model["validation"]["ppl"],
+        )
     log.info("n-gram baselines -> %s in %.1fs", out, time.perf_counter() - start)
     return result

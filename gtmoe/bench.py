@@ -46,17 +46,35 @@ from pathlib import Path
 import torch
 
 from gtmoe import routers
-from gtmoe.config import (ConfigError, DataConfig, EvalConfig, ModelConfig, RouterConfig, RunConfig, TrainConfig,
-                          load_yaml)
+from gtmoe.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RouterConfig,
+    RunConfig,
+    TrainConfig,
+    load_yaml,
+)
+from gtmoe.device import autocast_context, resolve_device
 from gtmoe.evaluate import LayerStats
-from gtmoe.model import IGNORE_INDEX, MoETransformer
-from gtmoe.moe import MoELayer, SwiGLU
-from gtmoe.train import (accumulate_gradients, autocast_context, build_model, build_optimizer, lr_lambda,
-                         optimizer_step, resolve_device)
+from gtmoe.ffn import SwiGLU
+from gtmoe.model import IGNORE_INDEX, MoETransformer, build_model
+from gtmoe.moe import MoELayer
+from gtmoe.step import build_optimizer, lr_lambda, train_step
 
 # Flags that set sizes by hand; with --config the config sets them, so giving them too is an error.
-SIZE_FLAGS = ("--d-model", "--experts", "--top-k", "--d-expert", "--tokens", "--seq-len", "--layers", "--heads",
-              "--vocab")
+SIZE_FLAGS = (
+    "--d-model",
+    "--experts",
+    "--top-k",
+    "--d-expert",
+    "--tokens",
+    "--seq-len",
+    "--layers",
+    "--heads",
+    "--vocab",
+)
 SHARDS_DIR = "results/data/shards"  # as workflow/rules/common.smk; the benchmark reads no shards
 
 # Dense (not 2:4-sparse) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, matched as
@@ -75,48 +93,97 @@ BF16_PEAK_TFLOPS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gtmoe.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where to run; auto = CUDA when available (default: %(default)s)")
-    parser.add_argument("--config", type=Path, nargs="+", default=None, metavar="FILE",
-                        help="measure at a study config's sizes: config.yaml, optionally followed by presets "
-                             "merged over it (as snakemake --configfile); replaces the size flags below")
+    parser = argparse.ArgumentParser(
+        prog="python -m gtmoe.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where to run; auto = CUDA when available (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="measure at a study config's sizes: config.yaml, optionally followed by presets "
+        "merged over it (as snakemake --configfile); replaces the size flags below",
+    )
     parser.add_argument("--d-model", type=int, default=256, help="model width (default: %(default)s)")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer, E (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token, k (default: %(default)s)")
-    parser.add_argument("--d-expert", type=int, default=None,
-                        help="hidden size of one expert (default: 4 * d_model / k, so the dense FFN of equal "
-                             "active FLOPs has the usual hidden size 4 * d_model)")
-    parser.add_argument("--tokens", type=int, default=4096,
-                        help="tokens per forward pass: the MoE layer's routing group, and a train step's "
-                             "batch_size * seq_len (default: %(default)s)")
+    parser.add_argument(
+        "--d-expert",
+        type=int,
+        default=None,
+        help="hidden size of one expert (default: 4 * d_model / k, so the dense FFN of equal "
+        "active FLOPs has the usual hidden size 4 * d_model)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=4096,
+        help="tokens per forward pass: the MoE layer's routing group, and a train step's "
+        "batch_size * seq_len (default: %(default)s)",
+    )
     parser.add_argument("--seq-len", type=int, default=128, help="train-step sequence length (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=2, help="train-step model depth (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=4, help="train-step attention heads (default: %(default)s)")
     parser.add_argument("--vocab", type=int, default=4096, help="train-step vocabulary size (default: %(default)s)")
-    parser.add_argument("--routers", nargs="+", default=None, metavar="NAME",
-                        help="variants whose train step is timed (default: every registered router, dense "
-                             "included; with --config, every variant of the config); the reference (topk, or "
-                             "the config's `reference`) is always added")
+    parser.add_argument(
+        "--routers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="variants whose train step is timed (default: every registered router, dense "
+        "included; with --config, every variant of the config); the reference (topk, or "
+        "the config's `reference`) is always added",
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed calls first (allocator, caches, torch.compile) (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time each train step with the model under torch.compile (as train.compile)")
-    parser.add_argument("--sync-debug", action="store_true",
-                        help="CUDA only: first run a few eager train steps of each variant under "
-                             "torch.cuda.set_sync_debug_mode('error'), failing on any host-device sync")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense bf16 peak of the GPU for MFU, when its name is not in the built-in table")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice, or 1 with --config, as the "
-                             "study's CPU jobs use)")
-    parser.add_argument("--gemm-size", type=int, default=2048, metavar="N",
-                        help="the fp32 GEMM peak is timed on an N x N @ N x N matmul (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="initialisation and token seed; with --config, the runs' train.seed "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed calls first (allocator, caches, torch.compile) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each train step with the model under torch.compile (as train.compile)",
+    )
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="CUDA only: first run a few eager train steps of each variant under "
+        "torch.cuda.set_sync_debug_mode('error'), failing on any host-device sync",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak of the GPU for MFU, when its name is not in the built-in table",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice, or 1 with --config, as the study's CPU jobs use)",
+    )
+    parser.add_argument(
+        "--gemm-size",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="the fp32 GEMM peak is timed on an N x N @ N x N matmul (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="initialisation and token seed; with --config, the runs' train.seed (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the results as JSON to OUT")
     return parser
 
@@ -126,8 +193,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
-    for name in ("d_model", "experts", "top_k", "tokens", "seq_len", "layers", "heads", "vocab", "repeats",
-                 "gemm_size"):
+    for name in (
+        "d_model",
+        "experts",
+        "top_k",
+        "tokens",
+        "seq_len",
+        "layers",
+        "heads",
+        "vocab",
+        "repeats",
+        "gemm_size",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads is not None and args.threads < 1:
@@ -214,9 +291,14 @@ def study_runs(args: argparse.Namespace) -> None:
 
 def legacy_run_config(args: argparse.Namespace, name: str) -> RunConfig:
     """The run config of the size flags: one micro-batch of --tokens, TrainConfig's defaults otherwise."""
-    return RunConfig(variant=name, model=model_config(args), router=RouterConfig.from_mapping({"name": name}),
-                     train=TrainConfig(seed=args.seed, batch_size=args.tokens // args.seq_len),
-                     data=DataConfig(shards=SHARDS_DIR), eval=EvalConfig()).validate()
+    return RunConfig(
+        variant=name,
+        model=model_config(args),
+        router=RouterConfig.from_mapping({"name": name}),
+        train=TrainConfig(seed=args.seed, batch_size=args.tokens // args.seq_len),
+        data=DataConfig(shards=SHARDS_DIR),
+        eval=EvalConfig(),
+    ).validate()
 
 
 def synchronize(device: torch.device) -> None:
@@ -224,8 +306,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(candidates: dict[str, Callable[[], None]], device: torch.device, warmup: int,
-                        repeats: int) -> dict[str, float]:
+def interleaved_medians(
+    candidates: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
     """Median seconds per call of each candidate, timed one call of each per round.
 
     The order rotates from round to round, so no candidate always runs first
@@ -251,8 +334,7 @@ def bench_layer(args: argparse.Namespace, device: torch.device) -> dict:
     """(a) MoE layer with the top-k router against the dense SwiGLU of equal active FLOPs."""
     torch.manual_seed(args.seed)
     router_cls = routers.get("topk")
-    router = router_cls(RouterConfig.from_mapping({"name": "topk"}).resolve(), args.d_model, args.experts,
-                        args.top_k)
+    router = router_cls(RouterConfig.from_mapping({"name": "topk"}).resolve(), args.d_model, args.experts, args.top_k)
     layers = {
         "moe": MoELayer(router, args.d_model, args.d_expert, args.experts).to(device).train(),
         "dense": SwiGLU(args.d_model, args.top_k * args.d_expert).to(device).train(),
@@ -274,15 +356,29 @@ def bench_layer(args: argparse.Namespace, device: torch.device) -> dict:
 
         return run
 
-    seconds = interleaved_medians({name: forward_backward(layer) for name, layer in layers.items()}, device,
-                                  args.warmup, args.repeats)
-    return {"moe_s": seconds["moe"], "dense_s": seconds["dense"], "ratio": seconds["moe"] / seconds["dense"],
-            "d_expert": args.d_expert, "dense_hidden": args.top_k * args.d_expert}
+    seconds = interleaved_medians(
+        {name: forward_backward(layer) for name, layer in layers.items()}, device, args.warmup, args.repeats
+    )
+    return {
+        "moe_s": seconds["moe"],
+        "dense_s": seconds["dense"],
+        "ratio": seconds["moe"] / seconds["dense"],
+        "d_expert": args.d_expert,
+        "dense_hidden": args.top_k * args.d_expert,
+    }
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      max_seq_len=args.seq_len, n_experts=args.experts, top_k=args.top_k, d_expert=args.d_expert)
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        max_seq_len=args.seq_len,
+        n_experts=args.experts,
+        top_k=args.top_k,
+        d_expert=args.d_expert,
+    )
     cfg.validate()
     return cfg
 
@@ -291,12 +387,17 @@ class TrainStep:
     """One optimizer step of gtmoe/train.py's loop, on fixed micro-batches of random tokens.
 
     The model, optimizer and lr schedule are built by train.py's own functions from the run config;
-    the step is the trainer's own (`accumulate_gradients`, `optimizer_step`; train.nonfinite 'stop', no
-    logging or checkpoint boundaries).
+    the step is the trainer's own (`gtmoe.step.train_step`; no logging or checkpoint boundaries).
     """
 
-    def __init__(self, cfg: RunConfig, seq_len: int, device: torch.device, compiled: bool = False,
-                 model: MoETransformer | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        seq_len: int,
+        device: torch.device,
+        compiled: bool = False,
+        model: MoETransformer | None = None,
+    ):
         self.device = device
         self.tcfg = tcfg = cfg.train
         if model is None:
@@ -309,17 +410,20 @@ class TrainStep:
         self.forward = torch.compile(model, dynamic=False) if compiled else model
         self.optimizer = build_optimizer(model, tcfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg))
-        tokens = torch.randint(0, cfg.model.vocab_size, (tcfg.grad_accum, tcfg.batch_size, seq_len + 1),
-                               generator=torch.Generator().manual_seed(tcfg.seed))
+        tokens = torch.randint(
+            0,
+            cfg.model.vocab_size,
+            (tcfg.grad_accum, tcfg.batch_size, seq_len + 1),
+            generator=torch.Generator().manual_seed(tcfg.seed),
+        )
         self.batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]  # on the host, as TokenBlocks
         self.tokens_per_step = tcfg.grad_accum * tcfg.batch_size * seq_len
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.step = 0
 
     def __call__(self) -> None:
-        _, _, finite, _ = accumulate_gradients(self.model, self.forward, self.batches, self.tcfg, self.device)
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, self.step, self.first_bad_step)
-        optimizer_step(self.model, self.optimizer)
+        result = train_step(self.model, self.forward, self.optimizer, self.batches, self.tcfg, self.device)
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~result.finite, self.step, self.first_bad_step)
         self.scheduler.step()
         self.step += 1
 
@@ -332,8 +436,12 @@ class EvalStep:
         self.device = device
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg).to(device).eval()
-        tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, seq_len + 1),
-                               generator=torch.Generator().manual_seed(cfg.train.seed + 1))
+        tokens = torch.randint(
+            0,
+            cfg.model.vocab_size,
+            (cfg.train.batch_size, seq_len + 1),
+            generator=torch.Generator().manual_seed(cfg.train.seed + 1),
+        )
         self.x, self.y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         self.tokens = cfg.train.batch_size * seq_len
         self.stats = [LayerStats(cfg.model.n_experts, cfg.model.vocab_size, device) for _ in self.model.moe_layers]
@@ -395,8 +503,9 @@ def bench_train_steps(args: argparse.Namespace, device: torch.device, gemm_peak:
     candidates.update({f"{name}+eval": step for name, step in evals.items()})
     if args.compile:
         for name, step in steps.items():
-            candidates[f"{name}+compile"] = TrainStep(args.runs[name], args.seq_len, device, compiled=True,
-                                                      model=step.model)
+            candidates[f"{name}+compile"] = TrainStep(
+                args.runs[name], args.seq_len, device, compiled=True, model=step.model
+            )
     seconds = interleaved_medians(candidates, device, args.warmup, args.repeats)
 
     peak = peak_flops(device, args.peak_tflops)
@@ -406,23 +515,38 @@ def bench_train_steps(args: argparse.Namespace, device: torch.device, gemm_peak:
         tokens = step.tokens_per_step
         flops = flops_per_token(step.model, args.seq_len) * tokens
         eval_s = seconds[f"{name}+eval"]
-        row = {"step_s": seconds[name], "ratio_to_reference": seconds[name] / reference,
-               "tokens_per_s": tokens / seconds[name], "flops_per_step": flops,
-               "flops_per_s": flops / seconds[name], "gemm_fraction": flops / seconds[name] / gemm_peak,
-               "mfu": flops / seconds[name] / peak if peak else None,
-               "eval_s": eval_s, "eval_tokens_per_s": evals[name].tokens / eval_s,
-               "eval_to_train": (evals[name].tokens / eval_s) / (tokens / seconds[name])}
+        row = {
+            "step_s": seconds[name],
+            "ratio_to_reference": seconds[name] / reference,
+            "tokens_per_s": tokens / seconds[name],
+            "flops_per_step": flops,
+            "flops_per_s": flops / seconds[name],
+            "gemm_fraction": flops / seconds[name] / gemm_peak,
+            "mfu": flops / seconds[name] / peak if peak else None,
+            "eval_s": eval_s,
+            "eval_tokens_per_s": evals[name].tokens / eval_s,
+            "eval_to_train": (evals[name].tokens / eval_s) / (tokens / seconds[name]),
+        }
         if args.reference == "topk":
             row["ratio_to_topk"] = row["ratio_to_reference"]
         if args.compile:
             compiled = seconds[f"{name}+compile"]
-            row.update({"compiled_step_s": compiled, "compiled_tokens_per_s": tokens / compiled,
-                        "compile_speedup": seconds[name] / compiled,
-                        "compiled_gemm_fraction": flops / compiled / gemm_peak,
-                        "compiled_mfu": flops / compiled / peak if peak else None})
+            row.update(
+                {
+                    "compiled_step_s": compiled,
+                    "compiled_tokens_per_s": tokens / compiled,
+                    "compile_speedup": seconds[name] / compiled,
+                    "compiled_gemm_fraction": flops / compiled / gemm_peak,
+                    "compiled_mfu": flops / compiled / peak if peak else None,
+                }
+            )
         results[name] = row
-    return {"reference": args.reference, "tokens_per_step": next(iter(steps.values())).tokens_per_step,
-            "variants": results, "peak_flops": peak}
+    return {
+        "reference": args.reference,
+        "tokens_per_step": next(iter(steps.values())).tokens_per_step,
+        "variants": results,
+        "peak_flops": peak,
+    }
 
 
 def check_no_host_sync(steps: dict[str, TrainStep], device: torch.device, n_steps: int = 3) -> None:
@@ -443,22 +567,30 @@ def format_report(result: dict) -> str:
     cfg, layer, train, gemm = result["config"], result["moe_layer"], result["train_step"], result["gemm"]
     source = f"config {' + '.join(cfg['config'])}" if cfg.get("config") else "size flags"
     lines = [
-        (f"device {result['device_name']}, torch {result['torch']}, {result['threads']} threads, "
-         f"load average {result['load_average'][0]:.2f} -> {result['load_average'][1]:.2f} "
-         f"on {os.cpu_count()} CPUs"),
-        (f"(a) MoE layer forward+backward, {cfg['tokens']} tokens, d_model {cfg['d_model']}: "
-         f"topk E={cfg['experts']} k={cfg['top_k']} d_expert={layer['d_expert']} {layer['moe_s'] * 1e3:.2f} ms, "
-         f"dense SwiGLU hidden {layer['dense_hidden']} {layer['dense_s'] * 1e3:.2f} ms, "
-         f"ratio {layer['ratio']:.3f}"),
-        (f"(b-d) train step ({source}), {cfg['layers']} layers, {train['tokens_per_step']} tokens per step "
-         f"(batch {cfg['tokens'] // cfg['seq_len']} x {cfg['seq_len']}), vocab {cfg['vocab']}; "
-         f"eval: one group of {cfg['tokens']} tokens; fp32 GEMM peak {gemm['flops_per_s'] / 1e9:.1f} GFLOP/s "
-         f"({gemm['size']}^3 matmul)"),
+        (
+            f"device {result['device_name']}, torch {result['torch']}, {result['threads']} threads, "
+            f"load average {result['load_average'][0]:.2f} -> {result['load_average'][1]:.2f} "
+            f"on {os.cpu_count()} CPUs"
+        ),
+        (
+            f"(a) MoE layer forward+backward, {cfg['tokens']} tokens, d_model {cfg['d_model']}: "
+            f"topk E={cfg['experts']} k={cfg['top_k']} d_expert={layer['d_expert']} {layer['moe_s'] * 1e3:.2f} ms, "
+            f"dense SwiGLU hidden {layer['dense_hidden']} {layer['dense_s'] * 1e3:.2f} ms, "
+            f"ratio {layer['ratio']:.3f}"
+        ),
+        (
+            f"(b-d) train step ({source}), {cfg['layers']} layers, {train['tokens_per_step']} tokens per step "
+            f"(batch {cfg['tokens'] // cfg['seq_len']} x {cfg['seq_len']}), vocab {cfg['vocab']}; "
+            f"eval: one group of {cfg['tokens']} tokens; fp32 GEMM peak {gemm['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"({gemm['size']}^3 matmul)"
+        ),
     ]
     compiled = cfg["compile"]
     ref = f"/ {train['reference']}"
-    header = (f"{'variant':<20}{'step ms':>10}{ref:>{max(9, len(ref) + 2)}}{'tokens/s':>11}{'GFLOP/s':>9}"
-              f"{'/ GEMM':>8}{'MFU':>8}{'eval tok/s':>12}{'eval/train':>12}")
+    header = (
+        f"{'variant':<20}{'step ms':>10}{ref:>{max(9, len(ref) + 2)}}{'tokens/s':>11}{'GFLOP/s':>9}"
+        f"{'/ GEMM':>8}{'MFU':>8}{'eval tok/s':>12}{'eval/train':>12}"
+    )
     if compiled:
         header += f"{'compiled ms':>13}{'tokens/s':>11}{'speedup':>9}{'/ GEMM':>8}"
     lines.append(header)
@@ -467,12 +599,16 @@ def format_report(result: dict) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
     for name, row in train["variants"].items():
-        line = (f"{name:<20}{row['step_s'] * 1e3:>10.1f}{row['ratio_to_reference']:>{max(9, len(ref) + 2)}.3f}"
-                f"{row['tokens_per_s']:>11.0f}{row['flops_per_s'] / 1e9:>9.2f}{percent(row['gemm_fraction']):>8}"
-                f"{percent(row['mfu']):>8}{row['eval_tokens_per_s']:>12.0f}{row['eval_to_train']:>12.2f}")
+        line = (
+            f"{name:<20}{row['step_s'] * 1e3:>10.1f}{row['ratio_to_reference']:>{max(9, len(ref) + 2)}.3f}"
+            f"{row['tokens_per_s']:>11.0f}{row['flops_per_s'] / 1e9:>9.2f}{percent(row['gemm_fraction']):>8}"
+            f"{percent(row['mfu']):>8}{row['eval_tokens_per_s']:>12.0f}{row['eval_to_train']:>12.2f}"
+        )
         if compiled:
-            line += (f"{row['compiled_step_s'] * 1e3:>13.1f}{row['compiled_tokens_per_s']:>11.0f}"
-                     f"{row['compile_speedup']:>9.3f}{percent(row['compiled_gemm_fraction']):>8}")
+            line += (
+                f"{row['compiled_step_s'] * 1e3:>13.1f}{row['compiled_tokens_per_s']:>11.0f}"
+                f"{row['compile_speedup']:>9.3f}{percent(row['compiled_gemm_fraction']):>8}"
+            )
         lines.append(line)
     return "\n".join(lines)
 

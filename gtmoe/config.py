@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,33 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
-
-
-MAX_VALUE_CHARS = 80  # an error message shows at most this much of a value
-_VALUE_REPR = reprlib.Repr()  # bounded: never walks a whole (possibly huge or shared) nested value
-_VALUE_REPR.maxstring = _VALUE_REPR.maxother = MAX_VALUE_CHARS
-_VALUE_REPR.maxlevel = 3
-_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = _VALUE_REPR.maxset = 8
-
-
-def short_repr(value: Any) -> str:
-    """repr(value) cut to MAX_VALUE_CHARS characters (with '...'), without formatting all of a large value."""
-    text = _VALUE_REPR.repr(value)
-    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
-
-
-def _fail(key: str, value: Any, why: str) -> typing.NoReturn:
-    raise ConfigError(f"config key '{key}' = {short_repr(value)}: {why}")
-
-
-def check(ok: bool, key: str, value: Any, why: str) -> None:
-    """Raise a ConfigError naming `key` and `value` unless `ok`."""
-    if not ok:
-        _fail(key, value, why)
-
+from gtmoe.checks import ConfigError, check, fail, short_repr  # noqa: F401  (ConfigError, short_repr: re-exported)
 
 # ------------------------------------------------------------------ strict YAML
 
@@ -62,11 +35,15 @@ class StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            kind, name = ("alias", f"*{event.anchor}") if isinstance(event, yaml.AliasEvent) else \
-                ("anchor", f"&{event.anchor}")
+            kind, name = (
+                ("alias", f"*{event.anchor}") if isinstance(event, yaml.AliasEvent) else ("anchor", f"&{event.anchor}")
+            )
             raise yaml.constructor.ConstructorError(
-                None, None, f"YAML {kind} {name} is not accepted (anchors and aliases are refused); "
-                            "write the value out in full", event.start_mark)
+                None,
+                None,
+                f"YAML {kind} {name} is not accepted (anchors and aliases are refused); write the value out in full",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -75,7 +52,8 @@ class StrictLoader(yaml.SafeLoader):
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     raise yaml.constructor.ConstructorError(
-                        None, None, "YAML merge key '<<' is not accepted; write the keys out", key_node.start_mark)
+                        None, None, "YAML merge key '<<' is not accepted; write the keys out", key_node.start_mark
+                    )
                 key = self.construct_object(key_node, deep=True)
                 try:
                     first = seen.get(key)
@@ -83,15 +61,19 @@ class StrictLoader(yaml.SafeLoader):
                     continue
                 if first is not None:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {short_repr(key)} (first on line {first}); keep only one",
-                        key_node.start_mark)
+                        None,
+                        None,
+                        f"duplicate key {short_repr(key)} (first on line {first}); keep only one",
+                        key_node.start_mark,
+                    )
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node):
         if len(str(node.value)) > 40:  # far beyond int64; Python would refuse to parse > 4300 digits anyway
             raise yaml.constructor.ConstructorError(
-                None, None, f"integer of {len(str(node.value))} characters is out of range", node.start_mark)
+                None, None, f"integer of {len(str(node.value))} characters is out of range", node.start_mark
+            )
         return super().construct_yaml_int(node)
 
 
@@ -120,17 +102,21 @@ def load_yaml(source: str | Path, origin: str | None = None) -> Any:
         try:
             size = source.stat().st_size
             if size > MAX_YAML_BYTES:
-                raise ConfigError(f"{where} is {size} bytes, over the {MAX_YAML_BYTES}-byte limit for a "
-                                  "config file; is it the right file?")
+                raise ConfigError(
+                    f"{where} is {size} bytes, over the {MAX_YAML_BYTES}-byte limit for a "
+                    "config file; is it the right file?"
+                )
             text = source.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{where} does not exist") from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                              "pass the YAML config file") from None
+            raise ConfigError(
+                f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); pass the YAML config file"
+            ) from None
         except OSError as exc:
-            raise ConfigError(f"cannot read {where}: {exc.strerror or exc}; check the path and its "
-                              "permissions") from None
+            raise ConfigError(
+                f"cannot read {where}: {exc.strerror or exc}; check the path and its permissions"
+            ) from None
     else:
         where, text = origin or "<config>", source
         if len(text) > MAX_YAML_BYTES:
@@ -161,8 +147,17 @@ def load_yaml(source: str | Path, origin: str | None = None) -> Any:
 INT64_LIMIT = 2**63  # every integer option must fit a signed 64-bit integer (seeds: [0, 2**63))
 # Hard caps, checked before anything is allocated: far beyond what one device can train, so they only stop
 # typos and absurd values (`n_experts: 100000`, `max_seq_len: 1000000000`); memory_estimate_mb checks the rest.
-MODEL_LIMITS = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "max_seq_len": 1 << 20,
-                "moe_every": 1024, "n_experts": 4096, "top_k": 4096, "d_expert": 1 << 18}
+MODEL_LIMITS = {
+    "vocab_size": 1 << 20,
+    "d_model": 1 << 16,
+    "n_layers": 1024,
+    "n_heads": 1024,
+    "max_seq_len": 1 << 20,
+    "moe_every": 1024,
+    "n_experts": 4096,
+    "top_k": 4096,
+    "d_expert": 1 << 18,
+}
 TRAIN_LIMITS = {"batch_size": 1 << 16, "grad_accum": 1 << 16}
 MAX_PARAMETERS = 1 << 33  # 8.6e9 parameters = 137 GB of fp32 weights, gradients and AdamW state: no single device
 
@@ -199,20 +194,51 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         check_numbers(self, prefix)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every", "n_experts", "top_k", "d_expert"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+            "moe_every",
+            "n_experts",
+            "top_k",
+            "d_expert",
+        ):
             value = getattr(self, name)
             check(value > 0, f"{prefix}.{name}", value, "must be > 0")
             check(value <= MODEL_LIMITS[name], f"{prefix}.{name}", value, f"must be <= {MODEL_LIMITS[name]}")
-        check(self.vocab_size >= 258, f"{prefix}.vocab_size", self.vocab_size,
-              "must be >= 258 (256 byte symbols + <unk> + <|endoftext|>)")
-        check(self.d_model % self.n_heads == 0, f"{prefix}.d_model", self.d_model,
-              f"must be divisible by model.n_heads = {self.n_heads}")
-        check((self.d_model // self.n_heads) % 2 == 0 or self.positional != "rope", f"{prefix}.d_model", self.d_model,
-              "head dimension d_model / n_heads must be even for rotary positions")
-        check(self.positional in ("rope", "learned"), f"{prefix}.positional", self.positional, "must be 'rope' or 'learned'")
+        check(
+            self.vocab_size >= 258,
+            f"{prefix}.vocab_size",
+            self.vocab_size,
+            "must be >= 258 (256 byte symbols + <unk> + <|endoftext|>)",
+        )
+        check(
+            self.d_model % self.n_heads == 0,
+            f"{prefix}.d_model",
+            self.d_model,
+            f"must be divisible by model.n_heads = {self.n_heads}",
+        )
+        check(
+            (self.d_model // self.n_heads) % 2 == 0 or self.positional != "rope",
+            f"{prefix}.d_model",
+            self.d_model,
+            "head dimension d_model / n_heads must be even for rotary positions",
+        )
+        check(
+            self.positional in ("rope", "learned"),
+            f"{prefix}.positional",
+            self.positional,
+            "must be 'rope' or 'learned'",
+        )
         check(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
-        check(self.top_k <= self.n_experts, f"{prefix}.top_k", self.top_k,
-              f"must be <= model.n_experts = {self.n_experts}")
+        check(
+            self.top_k <= self.n_experts,
+            f"{prefix}.top_k",
+            self.top_k,
+            f"must be <= model.n_experts = {self.n_experts}",
+        )
 
 
 @dataclass
@@ -223,7 +249,7 @@ class RouterConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_mapping(cls, raw: Any, prefix: str = "router") -> "RouterConfig":
+    def from_mapping(cls, raw: Any, prefix: str = "router") -> RouterConfig:
         check(isinstance(raw, dict), prefix, raw, "must be a mapping with at least 'name'")
         raw = dict(raw)
         name = raw.pop("name", None)
@@ -242,7 +268,7 @@ class RouterConfig:
         options.validate(prefix)
         return options
 
-    def for_horizon(self, max_steps: int) -> "RouterConfig":
+    def for_horizon(self, max_steps: int) -> RouterConfig:
         """Resolve options that depend on the run's length (e.g. the loss-free bias rate) to numbers, so the
         run config records what the run used; returns self."""
         self.options.update(self.resolve().at_horizon(max_steps))
@@ -272,29 +298,53 @@ class TrainConfig:
     router_log_every: int = 10
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = False
-    nonfinite: str = "stop"  # "stop": raise naming the step; "skip": drop that step's update (costs one host sync per step)
+    nonfinite: str = (
+        "stop"  # "stop": raise naming the step; "skip": drop that step's update (costs one host sync per step)
+    )
     max_skipped_steps: int = 10
 
     def validate(self, prefix: str = "train") -> None:
-        check(isinstance(self.seed, int) and 0 <= self.seed < INT64_LIMIT, f"{prefix}.seed", self.seed,
-              "must be an integer in [0, 2**63)")
+        check(
+            isinstance(self.seed, int) and 0 <= self.seed < INT64_LIMIT,
+            f"{prefix}.seed",
+            self.seed,
+            "must be an integer in [0, 2**63)",
+        )
         check_numbers(self, prefix)
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every", "router_log_every", "max_skipped_steps"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "checkpoint_every",
+            "log_every",
+            "router_log_every",
+            "max_skipped_steps",
+        ):
             value = getattr(self, name)
             check(value > 0, f"{prefix}.{name}", value, "must be > 0")
             if name in TRAIN_LIMITS:
                 check(value <= TRAIN_LIMITS[name], f"{prefix}.{name}", value, f"must be <= {TRAIN_LIMITS[name]}")
         check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        check(0 <= self.warmup_steps < self.max_steps, f"{prefix}.warmup_steps", self.warmup_steps,
-              f"must be in [0, train.max_steps = {self.max_steps})")
+        check(
+            0 <= self.warmup_steps < self.max_steps,
+            f"{prefix}.warmup_steps",
+            self.warmup_steps,
+            f"must be in [0, train.max_steps = {self.max_steps})",
+        )
         check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
         check(0 <= self.beta1 < 1, f"{prefix}.beta1", self.beta1, "must be in [0, 1)")
         check(0 <= self.beta2 < 1, f"{prefix}.beta2", self.beta2, "must be in [0, 1)")
         check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0")
-        check(0 < self.saturation_checkpoint < 1, f"{prefix}.saturation_checkpoint", self.saturation_checkpoint,
-              "must be in (0, 1)")
-        check(self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", self.device, "must be 'auto', 'cpu' or 'cuda'")
+        check(
+            0 < self.saturation_checkpoint < 1,
+            f"{prefix}.saturation_checkpoint",
+            self.saturation_checkpoint,
+            "must be in (0, 1)",
+        )
+        check(
+            self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", self.device, "must be 'auto', 'cpu' or 'cuda'"
+        )
         check(self.nonfinite in ("stop", "skip"), f"{prefix}.nonfinite", self.nonfinite, "must be 'stop' or 'skip'")
 
 
@@ -317,10 +367,18 @@ class EvalConfig:
 
     def validate(self, prefix: str = "eval") -> None:
         for split, blocks in self.max_blocks.items():
-            check(split in ("train", "validation", "test"), f"{prefix}.max_blocks", split,
-                  "keys must be splits: train, validation, test")
-            check(isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 0,
-                  f"{prefix}.max_blocks.{split}", blocks, "must be an integer >= 0 (0 = the whole split)")
+            check(
+                split in ("train", "validation", "test"),
+                f"{prefix}.max_blocks",
+                split,
+                "keys must be splits: train, validation, test",
+            )
+            check(
+                isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 0,
+                f"{prefix}.max_blocks.{split}",
+                blocks,
+                "must be an integer >= 0 (0 = the whole split)",
+            )
             check_number(blocks, f"{prefix}.max_blocks.{split}")
         check(self.saturation_blocks >= 0, f"{prefix}.saturation_blocks", self.saturation_blocks, "must be >= 0")
 
@@ -334,7 +392,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         check(bool(self.variant) and isinstance(self.variant, str), "variant", self.variant, "must be a non-empty name")
         self.model.validate()
         self.train.validate()
@@ -342,9 +400,13 @@ class RunConfig:
         self.data.validate()
         self.eval.validate()
         params = parameter_count(self)
-        check(params <= MAX_PARAMETERS, "model", f"{params:,} parameters",
-              f"more than {MAX_PARAMETERS:,} ({MAX_PARAMETERS * 16 // 10**9} GB of weights, gradients and AdamW "
-              "state); lower model.n_experts, d_expert, d_model, n_layers or vocab_size")
+        check(
+            params <= MAX_PARAMETERS,
+            "model",
+            f"{params:,} parameters",
+            f"more than {MAX_PARAMETERS:,} ({MAX_PARAMETERS * 16 // 10**9} GB of weights, gradients and AdamW "
+            "state); lower model.n_experts, d_expert, d_model, n_layers or vocab_size",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -398,7 +460,7 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
     capacity = cfg.router.options.get("capacity_factor")
     if isinstance(capacity, (int, float)) and math.isfinite(capacity):
         rows = max(rows, min(float(e), capacity * k))
-    per_layer = tokens * (16 * d + 3 * e + rows * (2 * d + 4 * de)) + 2 * t.batch_size * m.n_heads * seq_len ** 2
+    per_layer = tokens * (16 * d + 3 * e + rows * (2 * d + 4 * de)) + 2 * t.batch_size * m.n_heads * seq_len**2
     logits = 3 * tokens * m.vocab_size
     buffers = layers * m.max_seq_len * (d // m.n_heads) if m.positional == "rope" else 0
     if stage == "train":
@@ -435,7 +497,7 @@ def from_dict(cls: type, raw: Any, prefix: str):
     for key in raw:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
-            _fail(where, raw[key], f"unknown key; known keys here: {', '.join(sorted(known))}")
+            fail(where, raw[key], f"unknown key; known keys here: {', '.join(sorted(known))}")
     values = {}
     for key, value in raw.items():
         where = f"{prefix}.{key}" if prefix else key
@@ -447,7 +509,12 @@ def from_dict(cls: type, raw: Any, prefix: str):
         else:
             if annotation is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            check(_type_ok(value, annotation), where, value, f"must be of type {getattr(annotation, '__name__', annotation)}")
+            check(
+                _type_ok(value, annotation),
+                where,
+                value,
+                f"must be of type {getattr(annotation, '__name__', annotation)}",
+            )
             check_number(value, where)
             values[key] = value
     return cls(**values)
@@ -459,13 +526,17 @@ REQUIRED_RUN_KEYS = ("variant", "router")  # a run file must say what it is: no 
 def _run_config(raw: Any, origin: str) -> RunConfig:
     raw = {} if raw is None else raw  # an empty file
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin} must be a mapping of run config sections (variant, model, router, train, "
-                          f"data, eval), not {short_repr(raw)}")
+        raise ConfigError(
+            f"{origin} must be a mapping of run config sections (variant, model, router, train, "
+            f"data, eval), not {short_repr(raw)}"
+        )
     for key in REQUIRED_RUN_KEYS:
         if key not in raw:
-            raise ConfigError(f"config key '{key}' is missing in {origin}: a run config must name its variant and "
-                              "its router explicitly (e.g. variant: topk and router: {name: topk}); "
-                              "write the run config the workflow writes (results/runs/VARIANT/seedN/config.yaml)")
+            raise ConfigError(
+                f"config key '{key}' is missing in {origin}: a run config must name its variant and "
+                "its router explicitly (e.g. variant: topk and router: {name: topk}); "
+                "write the run config the workflow writes (results/runs/VARIANT/seedN/config.yaml)"
+            )
     return from_dict(RunConfig, raw, "").validate()
 
 

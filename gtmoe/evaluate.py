@@ -26,15 +26,21 @@ from torch import Tensor
 
 from gtmoe import metrics
 from gtmoe.config import EvalConfig, load_run_config
-from gtmoe.data import TokenBlocks
-from gtmoe.model import IGNORE_INDEX, MoETransformer
-from gtmoe.train import (CHECKPOINT, SATURATION_CHECKPOINT, RunError, autocast_context, build_model,
-                         check_config_matches_checkpoint, load_checkpoint, peak_memory_mb, resolve_device)
+from gtmoe.contract import (
+    CHECKPOINT,
+    FLIP_RATE_PREFIX,
+    LOAD_METRICS,
+    PER_LAYER_ID_KEYS,
+    RUN_CONFIG,
+    RUN_OK,
+    SATURATION_CHECKPOINT,
+)
+from gtmoe.data.shards import TokenBlocks
+from gtmoe.device import autocast_context, peak_memory_mb, resolve_device
+from gtmoe.model import IGNORE_INDEX, MoETransformer, build_model
+from gtmoe.runfiles import RunError, check_config_matches_checkpoint, load_checkpoint
 
-FLIP_RATE_PREFIX = "flip_rate_"
 EVAL_ORDER_SEED = 0  # fixed: every run evaluates the same blocks in the same groups
-LOAD_METRICS = ("gini", "load_entropy", "cv", "maxvio_global", "maxvio_batch", "dead_experts", "drop_rate",
-                "token_expert_mi")
 
 
 class LayerStats:
@@ -135,8 +141,9 @@ def evaluate(run_dir: str | Path, split: str, *, device: str | None = None) -> d
 
 
 @torch.no_grad()
-def evaluate_splits(run_dir: str | Path, splits: list[str], *, device: str | None = None,
-                    eval_settings: EvalConfig | None = None) -> dict[str, dict]:
+def evaluate_splits(
+    run_dir: str | Path, splits: list[str], *, device: str | None = None, eval_settings: EvalConfig | None = None
+) -> dict[str, dict]:
     """Perplexity and load metrics of a finished run on each split, from a single load of the model.
 
     `eval_settings` replaces the run config's `eval` section (the workflow passes the current one, so
@@ -146,16 +153,18 @@ def evaluate_splits(run_dir: str | Path, splits: list[str], *, device: str | Non
     capacities, expert choice's look-ahead and MaxVio_batch mean what they meant in training.
     """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / RUN_CONFIG)
     if device:
         dev = resolve_device(device, "--device")
     else:
-        dev = resolve_device(cfg.train.device, f"{run_dir / 'config.yaml'} key 'train.device'")
+        dev = resolve_device(cfg.train.device, f"{run_dir / RUN_CONFIG} key 'train.device'")
     checkpoint = load_checkpoint(run_dir / CHECKPOINT, dev)
-    check_config_matches_checkpoint(run_dir / "config.yaml", cfg, run_dir / CHECKPOINT, checkpoint.get("config"))
+    check_config_matches_checkpoint(run_dir / RUN_CONFIG, cfg, run_dir / CHECKPOINT, checkpoint.get("config"))
     if not checkpoint.get("complete"):
-        raise RunError(f"{run_dir / CHECKPOINT} is from step {checkpoint['step']} of {cfg.train.max_steps}: "
-                       f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first")
+        raise RunError(
+            f"{run_dir / CHECKPOINT} is from step {checkpoint['step']} of {cfg.train.max_steps}: "
+            f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first"
+        )
     if eval_settings is not None:
         cfg.eval = eval_settings
     model = build_model(cfg).to(dev)
@@ -167,8 +176,9 @@ def evaluate_splits(run_dir: str | Path, splits: list[str], *, device: str | Non
     return {split: _evaluate_split(cfg, model, early, split, dev, checkpoint["step"]) for split in splits}
 
 
-def _evaluate_split(cfg, model: MoETransformer, early: MoETransformer | None, split: str, dev: torch.device,
-                    train_step: int) -> dict:
+def _evaluate_split(
+    cfg, model: MoETransformer, early: MoETransformer | None, split: str, dev: torch.device, train_step: int
+) -> dict:
     data = TokenBlocks(Path(cfg.data.shards) / split)
     group = cfg.train.batch_size
     blocks = evaluation_blocks(len(data), cfg.eval.max_blocks.get(split, 0))
@@ -180,7 +190,7 @@ def _evaluate_split(cfg, model: MoETransformer, early: MoETransformer | None, sp
 
     t0 = time.perf_counter()
     for start in range(0, len(blocks), group):
-        x, y = data.batch(blocks[start:start + group])
+        x, y = data.batch(blocks[start : start + group])
         x, y = x.to(dev), y.to(dev)
         valid = (y != IGNORE_INDEX).reshape(-1)
         with autocast_context(dev):
@@ -204,25 +214,40 @@ def _evaluate_split(cfg, model: MoETransformer, early: MoETransformer | None, sp
     saturation_values = [v for v in (s.value() for s in saturation) if v is not None]
     n_params, n_active = model.parameter_counts()
     result = {
-        "variant": cfg.variant, "seed": cfg.train.seed, "split": split, "router": cfg.router.name, "status": "ok",
-        "ppl": metrics.perplexity(nll_sum, n_tokens), "word_ppl": metrics.perplexity(nll_sum, words),
-        "nll": nll_sum / max(n_tokens, 1), "tokens": n_tokens, "words": words,
+        "variant": cfg.variant,
+        "seed": cfg.train.seed,
+        "split": split,
+        "router": cfg.router.name,
+        "status": RUN_OK,
+        "ppl": metrics.perplexity(nll_sum, n_tokens),
+        "word_ppl": metrics.perplexity(nll_sum, words),
+        "nll": nll_sum / max(n_tokens, 1),
+        "tokens": n_tokens,
+        "words": words,
     }
-    layer_metrics = [name for name in per_layer[0] if name not in ("layer", "load")] if per_layer else LOAD_METRICS
+    layer_metrics = [name for name in per_layer[0] if name not in PER_LAYER_ID_KEYS] if per_layer else LOAD_METRICS
     for name in layer_metrics:
         result[name] = float(np.mean([layer[name] for layer in per_layer])) if per_layer else None
-    result.update({
-        "router_saturation": float(np.mean(saturation_values)) if saturation_values else None,
-        "n_params": n_params, "n_active_params": n_active,
-        "tokens_per_s": n_tokens / wall_s if wall_s > 0 else None, "wall_s": wall_s,
-        "peak_mem_mb": peak_memory_mb(dev), "device": str(dev),
-        "n_experts": cfg.model.n_experts if model.moe_layers else 0, "top_k": cfg.model.top_k,
-        "train_step": train_step,
-        # How the split was evaluated: routing-group size, and which blocks (identical for every run).
-        "group_tokens": group * data.seq_len, "eval_blocks": int(len(blocks)), "split_blocks": len(data),
-        "eval_blocks_sha256": hashlib.sha256(np.sort(blocks).tobytes()).hexdigest(),
-        "per_layer": per_layer,
-    })
+    result.update(
+        {
+            "router_saturation": float(np.mean(saturation_values)) if saturation_values else None,
+            "n_params": n_params,
+            "n_active_params": n_active,
+            "tokens_per_s": n_tokens / wall_s if wall_s > 0 else None,
+            "wall_s": wall_s,
+            "peak_mem_mb": peak_memory_mb(dev),
+            "device": str(dev),
+            "n_experts": cfg.model.n_experts if model.moe_layers else 0,
+            "top_k": cfg.model.top_k,
+            "train_step": train_step,
+            # How the split was evaluated: routing-group size, and which blocks (identical for every run).
+            "group_tokens": group * data.seq_len,
+            "eval_blocks": int(len(blocks)),
+            "split_blocks": len(data),
+            "eval_blocks_sha256": hashlib.sha256(np.sort(blocks).tobytes()).hexdigest(),
+            "per_layer": per_layer,
+        }
+    )
     return _finite_or_none(result)
 
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gtmoe import routers
-from gtmoe.config import ModelConfig, RouterConfig
-from gtmoe.moe import MoELayer, SwiGLU
+from gtmoe.config import ModelConfig, RouterConfig, RunConfig
+from gtmoe.ffn import SwiGLU
+from gtmoe.moe import MoELayer
 
 IGNORE_INDEX = -100
 
@@ -89,12 +90,17 @@ class MoETransformer(nn.Module):
         self.is_moe = issubclass(entry, routers.Router)
 
         def ffn(layer: int) -> nn.Module:
-            if (layer + 1) % model_cfg.moe_every == 0:
+            if (layer + 1) % model_cfg.moe_every != 0:
+                return SwiGLU(model_cfg.d_model, model_cfg.top_k * model_cfg.d_expert)
+            if not self.is_moe:
                 return entry.build_ffn(options, model_cfg)
-            return SwiGLU(model_cfg.d_model, model_cfg.top_k * model_cfg.d_expert)
+            m = model_cfg
+            return MoELayer(entry(options, m.d_model, m.n_experts, m.top_k), m.d_model, m.d_expert, m.n_experts)
 
         self.tok_emb = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
-        self.pos_emb = nn.Embedding(model_cfg.max_seq_len, model_cfg.d_model) if model_cfg.positional == "learned" else None
+        self.pos_emb = (
+            nn.Embedding(model_cfg.max_seq_len, model_cfg.d_model) if model_cfg.positional == "learned" else None
+        )
         self.drop = nn.Dropout(model_cfg.dropout)
         self.blocks = nn.ModuleList(Block(model_cfg, ffn(i)) for i in range(model_cfg.n_layers))
         self.norm = nn.RMSNorm(model_cfg.d_model)
@@ -129,8 +135,12 @@ class MoETransformer(nn.Module):
 
         loss = token_loss = None
         if targets is not None:
-            token_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="none")
+            token_loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
             n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1)
             loss = token_loss.sum() / n_valid
 
@@ -156,6 +166,12 @@ class MoETransformer(nn.Module):
         for layer in self.moe_layers:
             layer.router.update_state()
 
+    @torch.no_grad()
+    def reset_router_step_statistics(self) -> None:
+        """A skipped optimizer step: the routers forget the statistics gathered for it."""
+        for layer in self.moe_layers:
+            layer.router.reset_step_statistics()
+
     def parameter_counts(self) -> tuple[int, int]:
         """(total, active per token): an MoE layer's token uses only its routed experts' weights."""
         total = sum(p.numel() for p in self.parameters())
@@ -164,3 +180,7 @@ class MoETransformer(nn.Module):
             per_expert = sum(p[0].numel() for p in layer.experts.parameters())
             inactive += per_expert * (layer.n_experts - layer.router.active_experts_per_token())
         return total, int(round(total - inactive))
+
+
+def build_model(cfg: RunConfig) -> MoETransformer:
+    return MoETransformer(cfg.model, cfg.router)

@@ -1,4 +1,4 @@
-"""Feed-forward blocks: the SwiGLU FFN, grouped SwiGLU experts and the MoE layer."""
+"""The MoE layer: a router's assignments, grouped SwiGLU experts, the weighted combination."""
 
 from __future__ import annotations
 
@@ -7,20 +7,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gtmoe.routers.base import Router, Routing, expert_counts
-
-
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, d_model: int, d_hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
-
-    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        """`valid` is accepted for the FFN interface the MoE layer shares, and unused: no routing here."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def _has_grouped_mm() -> bool:

@@ -14,16 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gtmoe import routers
-from gtmoe.config import INT64_LIMIT, ConfigError, RunConfig, check, check_numbers, from_dict, memory_estimate_mb
+from gtmoe import routers, sweeps
+from gtmoe.config import (
+    INT64_LIMIT,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    check,
+    check_numbers,
+    from_dict,
+    memory_estimate_mb,
+)
+from gtmoe.contract import LOAD_METRICS
 
 STILL_LEARNING_SLOPE = 1.0  # default of config.yaml findings.still_learning_slope
 # Matched with fullmatch (`$` alone would also accept a trailing newline); <= 64 characters keeps run
 # directories, rule names and file names far below file-system limits.
 VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
-# Workflow rule names a variant's target rule must not shadow.
-RESERVED_NAMES = {"all", "corpus", "tokenizer", "shards", "ngram_baselines", "train", "evaluate", "aggregate",
-                  "statistics", "figures", "ablations", "runs", "ngram_baselines", "findings", "compute"}
 # config.yaml `statistics` defaults: the declared primary endpoints, test level and power of the MDD.
 STATISTICS_DEFAULTS = {"primary": ["ppl", "gini", "maxvio_global"], "alpha": 0.05, "power": 0.8}
 
@@ -37,10 +44,15 @@ class Study:
     ablation_base: str | None
     ablations: list[str]
     statistics: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(STATISTICS_DEFAULTS))
+    sweeps: dict[str, list[str]] = field(default_factory=dict)  # sweep name -> its variants (base first)
+    sweep_design: list[dict[str, Any]] = field(default_factory=list)  # one row per (sweep, option, value)
+    # Every name that becomes a target of the workflow -> the config key that set it.
+    target_keys: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], shards_dir: str = "results/data/shards") -> "Study":
+    def from_config(cls, config: dict[str, Any], shards_dir: str = "results/data/shards") -> Study:
         variants: dict[str, dict[str, Any]] = {}
+        target_keys: dict[str, str] = {}
         entries = config.get("variants")
         check(isinstance(entries, list) and len(entries) > 0, "variants", entries, "must be a non-empty list")
         for i, entry in enumerate(entries):
@@ -48,10 +60,12 @@ class Study:
             check(isinstance(entry, dict), key, entry, "must be a mapping with 'name' and 'router'")
             entry = dict(entry)
             name = entry.pop("name", None)
-            check(isinstance(name, str) and bool(VARIANT_NAME.fullmatch(name)), f"{key}.name", name,
-                  "must start with a letter, contain only letters, digits and '_', and be at most 64 characters")
-            check(name not in RESERVED_NAMES, f"{key}.name", name,
-                  f"is a workflow rule name; reserved: {', '.join(sorted(RESERVED_NAMES))}")
+            check(
+                isinstance(name, str) and bool(VARIANT_NAME.fullmatch(name)),
+                f"{key}.name",
+                name,
+                "must start with a letter, contain only letters, digits and '_', and be at most 64 characters",
+            )
             check(name not in variants, f"{key}.name", name, "duplicate variant name")
             router = entry.pop("router", None)
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
@@ -59,17 +73,29 @@ class Study:
             check_numbers(options, key)
             options.validate(key)
             variants[name] = {"name": router, **entry}
+            target_keys[name] = f"{key}.name"
+        # Sweep points are resolved for the run's length (e.g. the loss-free bias rate), so the horizon is
+        # needed here; an invalid max_steps is reported by the run-config check below.
+        max_steps = (config.get("train") or {}).get("max_steps", TrainConfig.max_steps)
+        expansion = sweeps.expand(
+            config.get("sweeps"), variants, max_steps if isinstance(max_steps, int) and max_steps > 0 else 1
+        )
+        variants.update(expansion.variants)
+        target_keys.update({name: f"sweeps[{i}].name" for i, name in enumerate(expansion.members)})
 
         seeds = config.get("seeds")
         check(isinstance(seeds, list) and len(seeds) > 0, "seeds", seeds, "must be a non-empty list of integers")
         for seed in seeds:
-            check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < INT64_LIMIT, "seeds", seeds,
-                  "every seed must be an integer in [0, 2**63)")
+            check(
+                isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < INT64_LIMIT,
+                "seeds",
+                seeds,
+                "every seed must be an integer in [0, 2**63)",
+            )
         check(len(set(seeds)) == len(seeds), "seeds", seeds, "seeds must be unique")
 
         reference = config.get("reference", "topk")
-        check(reference in variants, "reference", reference,
-              f"must be one of the variants: {', '.join(variants)}")
+        check(reference in variants, "reference", reference, f"must be one of the variants: {', '.join(variants)}")
         ablation = config.get("ablation") or {}
         base = ablation.get("base")
         members = list(ablation.get("variants", []))
@@ -80,22 +106,45 @@ class Study:
 
         findings = config.get("findings") or {}
         slope = findings.get("still_learning_slope", STILL_LEARNING_SLOPE)
-        check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and 0 < slope < float("inf"),
-              "findings.still_learning_slope", slope, "must be a finite number > 0 (nats per 1000 steps)")
+        check(
+            isinstance(slope, (int, float)) and not isinstance(slope, bool) and 0 < slope < float("inf"),
+            "findings.still_learning_slope",
+            slope,
+            "must be a finite number > 0 (nats per 1000 steps)",
+        )
 
-        study = cls(config, variants, list(seeds), reference, base, members, statistics_settings(config))
+        study = cls(
+            config,
+            variants,
+            list(seeds),
+            reference,
+            base,
+            members,
+            statistics_settings(config),
+            expansion.members,
+            expansion.design,
+            target_keys,
+        )
         data = config.get("data", {})
-        from gtmoe.data import CORPORA, DEFAULT_CORPUS
+        from gtmoe.data.corpus import CORPORA, DEFAULT_CORPUS
 
         corpus = data.get("corpus", DEFAULT_CORPUS)
         check(corpus in CORPORA, "data.corpus", corpus, f"must be one of {', '.join(CORPORA)}")
         seq_len = data.get("seq_len")
         for name in variants:  # validate every run config before any job starts
             cfg = study.run_config(name, seeds[0], shards_dir)
-            check(seq_len <= cfg.model.max_seq_len, "data.seq_len", seq_len,
-                  f"must be <= model.max_seq_len = {cfg.model.max_seq_len}")
-            check(data.get("vocab_size") <= cfg.model.vocab_size, "data.vocab_size", data.get("vocab_size"),
-                  f"must be <= model.vocab_size = {cfg.model.vocab_size} (the embedding table)")
+            check(
+                seq_len <= cfg.model.max_seq_len,
+                "data.seq_len",
+                seq_len,
+                f"must be <= model.max_seq_len = {cfg.model.max_seq_len}",
+            )
+            check(
+                data.get("vocab_size") <= cfg.model.vocab_size,
+                "data.vocab_size",
+                data.get("vocab_size"),
+                f"must be <= model.vocab_size = {cfg.model.vocab_size} (the embedding table)",
+            )
             check_memory(cfg, seq_len, config.get("resources") or {}, name)
         return study
 
@@ -134,22 +183,28 @@ def check_memory(cfg: RunConfig, seq_len: int, resources: dict[str, Any], varian
         if not isinstance(limit, (int, float)) or isinstance(limit, bool):
             continue  # the schema requires it for the workflow; absent in in-process checks without resources
         estimate = memory_estimate_mb(cfg, seq_len, stage, activations=not job.get("gpu"))
-        check(estimate <= limit, f"resources.{stage}.mem_mb", limit,
-              f"variant '{variant}' needs an estimated {estimate:,.0f} MB for one {stage} job (model "
-              f"{cfg.model.n_layers}x{cfg.model.d_model}, {cfg.model.n_experts} experts, vocab {cfg.model.vocab_size}, "
-              f"batch {cfg.train.batch_size}x{seq_len}); shrink the model or batch, or raise resources.{stage}.mem_mb")
+        check(
+            estimate <= limit,
+            f"resources.{stage}.mem_mb",
+            limit,
+            f"variant '{variant}' needs an estimated {estimate:,.0f} MB for one {stage} job (model "
+            f"{cfg.model.n_layers}x{cfg.model.d_model}, {cfg.model.n_experts} experts, vocab {cfg.model.vocab_size}, "
+            f"batch {cfg.train.batch_size}x{seq_len}); shrink the model or batch, or raise resources.{stage}.mem_mb",
+        )
 
 
 def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The `statistics` section with defaults filled in, checked: primary endpoints must be metrics
     the evaluation writes, and 0 < alpha < power < 1."""
-    from gtmoe.evaluate import LOAD_METRICS  # lazily: only the metric names are needed
-
     given = config.get("statistics") or {}
     check(isinstance(given, dict), "statistics", given, "must be a mapping with primary, alpha, power")
     for key in given:
-        check(key in STATISTICS_DEFAULTS, f"statistics.{key}", given[key],
-              f"unknown key; expected {', '.join(STATISTICS_DEFAULTS)}")
+        check(
+            key in STATISTICS_DEFAULTS,
+            f"statistics.{key}",
+            given[key],
+            f"unknown key; expected {', '.join(STATISTICS_DEFAULTS)}",
+        )
     settings = {**copy.deepcopy(STATISTICS_DEFAULTS), **given}
     known = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
     primary = settings["primary"]
@@ -159,10 +214,18 @@ def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
     check(len(set(primary)) == len(primary), "statistics.primary", primary, "metrics must be unique")
     for key in ("alpha", "power"):
         value = settings[key]
-        check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1,
-              f"statistics.{key}", value, "must be a number strictly between 0 and 1")
-    check(settings["power"] > settings["alpha"], "statistics.power", settings["power"],
-          f"must exceed statistics.alpha = {settings['alpha']} (the power of a test at no difference)")
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1,
+            f"statistics.{key}",
+            value,
+            "must be a number strictly between 0 and 1",
+        )
+    check(
+        settings["power"] > settings["alpha"],
+        "statistics.power",
+        settings["power"],
+        f"must exceed statistics.alpha = {settings['alpha']} (the power of a test at no difference)",
+    )
     return settings
 
 
@@ -175,7 +238,7 @@ def corpus_problem(data: dict[str, Any], workdir: str | Path = ".") -> str | Non
     A split file that is empty or holds only blank lines is rejected here, naming it;
     the corpus job also checks every file's published sha256.
     """
-    from gtmoe.data import CORPORA, DEFAULT_CORPUS
+    from gtmoe.data.corpus import CORPORA, DEFAULT_CORPUS
 
     source, local_dir = data.get("source", "auto"), data.get("local_dir")
     spec = CORPORA.get(data.get("corpus", DEFAULT_CORPUS))
@@ -190,14 +253,18 @@ def corpus_problem(data: dict[str, Any], workdir: str | Path = ".") -> str | Non
     if missing and source == "auto":
         return None
     if missing:
-        return (f"config key 'data.local_dir' = {local_dir!r}: missing {', '.join(missing)} in {path.resolve()}; "
-                f"set data.source: hub to download {spec.name} from the Hugging Face hub instead")
+        return (
+            f"config key 'data.local_dir' = {local_dir!r}: missing {', '.join(missing)} in {path.resolve()}; "
+            f"set data.source: hub to download {spec.name} from the Hugging Face hub instead"
+        )
     for split, name in spec.local_files.items():
         file = path / name
         if _only_blank_lines(file):
-            return (f"config key 'data.local_dir' = {local_dir!r}: the {split} split {file.resolve()} is empty "
-                    f"({file.stat().st_size} bytes, no non-blank line); restore the original {spec.name} file "
-                    f"(checksums: {spec.checksums_from}), or set data.source: hub to download it")
+            return (
+                f"config key 'data.local_dir' = {local_dir!r}: the {split} split {file.resolve()} is empty "
+                f"({file.stat().st_size} bytes, no non-blank line); restore the original {spec.name} file "
+                f"(checksums: {spec.checksums_from}), or set data.source: hub to download it"
+            )
     return None
 
 

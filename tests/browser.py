@@ -14,9 +14,19 @@ import tempfile
 from pathlib import Path
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+)
 
 
 def find_chromium() -> str | None:
@@ -31,8 +41,14 @@ def find_chromium() -> str | None:
     return None
 
 
-def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, height: int = 1000,
-               wait_ms: int = 2000, timeout_s: float = 120.0) -> Path:
+def screenshot(
+    html_path: str | Path,
+    png_path: str | Path,
+    width: int = 1400,
+    height: int = 1000,
+    wait_ms: int = 2000,
+    timeout_s: float = 120.0,
+) -> Path:
     """Render ``html_path`` headless at ``width`` × ``height`` and save a PNG to ``png_path``.
 
     ``wait_ms`` is Chromium's virtual time budget: how long page scripts and loads may run
@@ -47,9 +63,15 @@ def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, h
     png_path.parent.mkdir(parents=True, exist_ok=True)
     png_path.unlink(missing_ok=True)  # so a stale file never passes for a fresh capture
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        command = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={png_path}",
-                   f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
-                   html_path.as_uri()]
+        command = [
+            chromium,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={png_path}",
+            f"--window-size={width},{height}",
+            f"--virtual-time-budget={wait_ms}",
+            html_path.as_uri(),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     if result.returncode != 0 or not png_path.is_file() or png_path.stat().st_size == 0:
         raise RuntimeError(f"chromium failed (exit {result.returncode}):\n{result.stderr[-2000:]}")

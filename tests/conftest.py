@@ -13,8 +13,16 @@ TINY_SEQ = 16
 
 
 def tiny_model(**overrides) -> ModelConfig:
-    values = dict(vocab_size=TINY_VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=TINY_SEQ,
-                  n_experts=4, top_k=2, d_expert=32)
+    values = dict(
+        vocab_size=TINY_VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=TINY_SEQ,
+        n_experts=4,
+        top_k=2,
+        d_expert=32,
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -33,9 +41,22 @@ def tiny_shards(tmp_path_factory):
 
 
 def tiny_run(shards, router: str = "topk", seed: int = 0, **train) -> RunConfig:
-    values = dict(seed=seed, batch_size=4, max_steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=4,
-                  log_every=2, router_log_every=2)
+    values = dict(
+        seed=seed,
+        batch_size=4,
+        max_steps=12,
+        lr=3e-3,
+        warmup_steps=2,
+        checkpoint_every=4,
+        log_every=2,
+        router_log_every=2,
+    )
     values.update(train)
-    return RunConfig(variant=router, model=tiny_model(), router=RouterConfig.from_mapping({"name": router}),
-                     train=TrainConfig(**values), data=DataConfig(shards=str(shards)),
-                     eval=EvalConfig()).validate()
+    return RunConfig(
+        variant=router,
+        model=tiny_model(),
+        router=RouterConfig.from_mapping({"name": router}),
+        train=TrainConfig(**values),
+        data=DataConfig(shards=str(shards)),
+        eval=EvalConfig(),
+    ).validate()

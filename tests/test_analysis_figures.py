@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest_analysis import write_run
 
 from analysis import collect, figures, stats, tables
 from analysis.__main__ import FIGURE_FILES, TABLE_FILES, build_parser
+
+from helpers import run_module, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +34,18 @@ def study(tmp_path_factory) -> dict:
     return dict(root=root, dirs=dirs, tidy=collect.usable(tidy), status=status, router_log=router_log)
 
 
-NGRAM = {"unigram": {"params": {"k": 1.0},
-                     "validation": {"ppl": 739.0, "word_ppl": 10_866.0, "nll": 6.6, "tokens": 100, "words": 70},
-                     "test": {"ppl": 711.6, "word_ppl": 10_259.0, "nll": 6.57, "tokens": 120, "words": 80}},
-          "bigram": {"params": {"lambda": 0.89, "k": 1.0},
-                     "validation": {"ppl": 95.1, "word_ppl": 607.5, "nll": 4.56, "tokens": 100, "words": 70},
-                     "test": {"ppl": 104.0, "word_ppl": 554.1, "nll": 4.49, "tokens": 120, "words": 80}}}
+NGRAM = {
+    "unigram": {
+        "params": {"k": 1.0},
+        "validation": {"ppl": 739.0, "word_ppl": 10_866.0, "nll": 6.6, "tokens": 100, "words": 70},
+        "test": {"ppl": 711.6, "word_ppl": 10_259.0, "nll": 6.57, "tokens": 120, "words": 80},
+    },
+    "bigram": {
+        "params": {"lambda": 0.89, "k": 1.0},
+        "validation": {"ppl": 95.1, "word_ppl": 607.5, "nll": 4.56, "tokens": 100, "words": 70},
+        "test": {"ppl": 104.0, "word_ppl": 554.1, "nll": 4.49, "tokens": 120, "words": 80},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +67,13 @@ DRAWERS = {
     "load_heatmap_by_index": lambda s, p: figures.plot_load_heatmap(s["tidy"], p, by_rank=False),
     "training_balance": lambda s, p: figures.plot_training_balance(s["router_log"], p),
     "pareto": lambda s, p: figures.plot_pareto(s["tidy"], p),
-    "rdesi_internals": lambda s, p: figures.plot_rdesi_internals(s["router_log"], p),
+    "router_state": lambda s, p: figures.plot_router_state(s["router_log"], p),
     "ablation_forest": lambda s, p: figures.plot_ablation_forest(
-        comparisons(s["tidy"], stats.ablation_pairs(VARIANTS)), p),
+        comparisons(s["tidy"], stats.ablation_pairs(VARIANTS)), p
+    ),
     "reference_forest": lambda s, p: figures.plot_reference_forest(
-        comparisons(s["tidy"], stats.reference_pairs(VARIANTS, "topk")), p),
+        comparisons(s["tidy"], stats.reference_pairs(VARIANTS, "topk")), p
+    ),
 }
 
 
@@ -103,12 +110,14 @@ def test_figures_without_routed_or_rdesi_runs_do_not_crash(study, tmp_path):
     dense_only = study["tidy"][study["tidy"]["variant"] == "dense"]
     no_logs = study["router_log"].iloc[0:0]
     topk_logs = study["router_log"][study["router_log"]["variant"] == "topk"]
-    paths = [figures.plot_load_balance(dense_only, tmp_path / "a.png"),
-             figures.plot_load_heatmap(dense_only, tmp_path / "b.png"),
-             figures.plot_pareto(dense_only, tmp_path / "c.png"),
-             figures.plot_training_balance(no_logs, tmp_path / "d.png"),
-             figures.plot_rdesi_internals(topk_logs, tmp_path / "e.png"),
-             figures.plot_ablation_forest(comparisons(dense_only, []), tmp_path / "f.png")]
+    paths = [
+        figures.plot_load_balance(dense_only, tmp_path / "a.png"),
+        figures.plot_load_heatmap(dense_only, tmp_path / "b.png"),
+        figures.plot_pareto(dense_only, tmp_path / "c.png"),
+        figures.plot_training_balance(no_logs, tmp_path / "d.png"),
+        figures.plot_router_state(topk_logs, tmp_path / "e.png"),
+        figures.plot_ablation_forest(comparisons(dense_only, []), tmp_path / "f.png"),
+    ]
     assert all(is_png(p) for p in paths)
 
 
@@ -143,9 +152,7 @@ def test_number_formatting():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "analysis", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_module("analysis", *args, timeout=120)
 
 
 @pytest.mark.parametrize("command", [[], ["aggregate"], ["stats"], ["figures"]])
@@ -155,9 +162,11 @@ def test_cli_help(command, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "usage:" in text
-    for option in {"aggregate": ["--run-dirs", "--variants", "--seeds", "--out-table", "--out-status"],
-                   "stats": ["--table", "--reference", "--split", "--out-dir"],
-                   "figures": ["--table", "--run-dirs", "--out-dir"]}.get(command[0] if command else "", []):
+    for option in {
+        "aggregate": ["--run-dirs", "--variants", "--seeds", "--out-table", "--out-status"],
+        "stats": ["--table", "--reference", "--split", "--out-dir"],
+        "figures": ["--table", "--run-dirs", "--out-dir"],
+    }.get(command[0] if command else "", []):
         assert option in text
 
 
@@ -170,9 +179,21 @@ def test_cli_end_to_end(tmp_path, ngram_json):
     summary, figures_dir = tmp_path / "results" / "summary", tmp_path / "results" / "figures"
     table = summary / "runs.parquet"
 
-    result = run_cli("aggregate", "--run-dirs", *map(str, dirs), "--variants", *variants,
-                     "--seeds", "0", "1", "2", "--out-table", str(table),
-                     "--out-status", str(summary / "run_status.csv"))
+    result = run_cli(
+        "aggregate",
+        "--run-dirs",
+        *map(str, dirs),
+        "--variants",
+        *variants,
+        "--seeds",
+        "0",
+        "1",
+        "2",
+        "--out-table",
+        str(table),
+        "--out-status",
+        str(summary / "run_status.csv"),
+    )
     assert result.returncode == 0, result.stderr
     status = pd.read_csv(summary / "run_status.csv").set_index(["variant", "seed"])
     assert status.loc[("topk", 2), "status"] == "failed" and status.loc[("rdesi", 2), "status"] == "missing"
@@ -180,9 +201,29 @@ def test_cli_end_to_end(tmp_path, ngram_json):
     assert (summary / "run_status.html").is_file()
     assert "topk/seed2: failed" in result.stderr
 
-    result = run_cli("stats", "--table", str(table), "--reference", "topk", "--split", "test",
-                     "--primary", "ppl", "cv", "--metrics", "ppl", "gini", "--alpha", "0.05", "--power", "0.9",
-                     "--baselines", str(ngram_json), "--out-dir", str(summary))
+    result = run_cli(
+        "stats",
+        "--table",
+        str(table),
+        "--reference",
+        "topk",
+        "--split",
+        "test",
+        "--primary",
+        "ppl",
+        "cv",
+        "--metrics",
+        "ppl",
+        "gini",
+        "--alpha",
+        "0.05",
+        "--power",
+        "0.9",
+        "--baselines",
+        str(ngram_json),
+        "--out-dir",
+        str(summary),
+    )
     assert result.returncode == 0, result.stderr
     for name in TABLE_FILES:
         assert (summary / f"{name}.csv").is_file() and (summary / f"{name}.html").is_file()
@@ -197,9 +238,15 @@ def test_cli_end_to_end(tmp_path, ngram_json):
     assert endpoints == {"ppl": "primary", "gini": "exploratory", "cv": "primary"}
     assert set(compared.family) == {"ppl/test", "gini/test", "cv/test"}
     rdesi_ppl = compared[(compared.variant_b == "rdesi") & (compared.metric == "ppl")].iloc[0]
-    diffs = (pd.read_parquet(table).query("split == 'test' and metric == 'ppl' and layer == 'all' "
-                                          "and run_status == 'ok' and variant in ['topk', 'rdesi']")
-             .pivot(index="seed", columns="variant", values="value").dropna())
+    diffs = (
+        pd.read_parquet(table)
+        .query(
+            "split == 'test' and metric == 'ppl' and layer == 'all' "
+            "and run_status == 'ok' and variant in ['topk', 'rdesi']"
+        )
+        .pivot(index="seed", columns="variant", values="value")
+        .dropna()
+    )
     sd = (diffs["rdesi"] - diffs["topk"]).std(ddof=1)
     assert rdesi_ppl.mdd == pytest.approx(stats.minimum_detectable_difference(sd, 2, 0.05, 0.9))
     page = (summary / "comparisons.html").read_text()
@@ -215,8 +262,17 @@ def test_cli_end_to_end(tmp_path, ngram_json):
     bad = run_cli("stats", "--table", str(table), "--alpha", "0.5", "--power", "0.4", "--out-dir", str(tmp_path))
     assert bad.returncode == 2 and "--power 0.4 must exceed --alpha 0.5" in bad.stderr
 
-    result = run_cli("figures", "--table", str(table), "--run-dirs", *map(str, dirs),
-                     "--baselines", str(ngram_json), "--out-dir", str(figures_dir))
+    result = run_cli(
+        "figures",
+        "--table",
+        str(table),
+        "--run-dirs",
+        *map(str, dirs),
+        "--baselines",
+        str(ngram_json),
+        "--out-dir",
+        str(figures_dir),
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in figures_dir.iterdir()) == sorted(FIGURE_FILES)
     assert all(is_png(figures_dir / name) for name in FIGURE_FILES)

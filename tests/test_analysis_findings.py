@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_analysis import write_run
 from scipy import stats as scipy_stats
 
 from analysis import collect, compute, figures, findings, stats
 from analysis.__main__ import main
 from analysis.tables import format_interval, format_number, format_p
+
+from helpers import write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,16 +30,27 @@ def text_of(page: str) -> str:
 
 
 def write_ngram(path: Path, bigram_test: float = 200.0) -> Path:
-    payload = {"models": {
-        "unigram": {"params": {}, "validation": {"ppl": 900.0, "word_ppl": 5000.0},
-                    "test": {"ppl": 950.0, "word_ppl": 5200.0}},
-        "bigram": {"params": {"lambda": 0.7}, "validation": {"ppl": bigram_test * 0.9, "word_ppl": 900.0},
-                   "test": {"ppl": bigram_test, "word_ppl": 1000.0}}}, "vocab_size": 512}
+    payload = {
+        "models": {
+            "unigram": {
+                "params": {},
+                "validation": {"ppl": 900.0, "word_ppl": 5000.0},
+                "test": {"ppl": 950.0, "word_ppl": 5200.0},
+            },
+            "bigram": {
+                "params": {"lambda": 0.7},
+                "validation": {"ppl": bigram_test * 0.9, "word_ppl": 900.0},
+                "test": {"ppl": bigram_test, "word_ppl": 1000.0},
+            },
+        },
+        "vocab_size": 512,
+    }
     path.write_text(json.dumps(payload))
     return path
 
 
 # --------------------------------------------------------------------------- loss slope
+
 
 def test_final_loss_slope_fits_the_last_tenth_of_steps_like_linregress():
     steps = np.arange(0, 1001, 10)
@@ -64,53 +76,128 @@ def test_final_loss_slope_widens_a_short_window_and_needs_two_points():
 
 # --------------------------------------------------------------------------- fixtures
 
+
 def comparison_rows(reference: str = "topk") -> pd.DataFrame:
     """A comparisons table in the stats format: two primary families and one exploratory one."""
+
     def row(variant, metric, diff, low, high, p, p_holm, mdd, endpoint="primary", n=3, note=""):
-        return dict(variant_a=reference, variant_b=variant, split="test", metric=metric, n=n, seeds="0,1,2",
-                    mean_a=100.0, mean_b=100.0 + diff, mean_diff=diff, ci_low=low, ci_high=high, p_ttest=p,
-                    p_ttest_holm=p_holm, p_wilcoxon=math.nan, p_wilcoxon_holm=math.nan, hedges_g=1.0, note=note,
-                    family=f"{metric}/test", endpoint=endpoint, mdd=mdd)
-    return pd.DataFrame([
-        row("switch", "ppl", 12.5, 5.0, 20.0, 0.004, 0.012, 9.5),
-        row("expert_choice", "ppl", -3.25, -9.0, 2.5, 0.2, 0.4, 14.75),
-        row("dense", "ppl", -20.0, -60.0, 20.0, 0.3, 0.4, 51.0),
-        row("switch", "gini", -0.1, -0.2, -0.02, 0.01, 0.03, 0.07),
-        row("expert_choice", "gini", -0.15, -0.15, -0.15, math.nan, math.nan, math.nan,
-            note="differences are constant: t-test and effect size undefined"),
-        row("dense", "gini", math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, n=0,
-            note="no seed with finite values in both variants"),
-        row("switch", "load_entropy", 0.2, 0.1, 0.3, 0.001, 0.002, 0.05, endpoint="exploratory"),
-    ])
+        return dict(
+            variant_a=reference,
+            variant_b=variant,
+            split="test",
+            metric=metric,
+            n=n,
+            seeds="0,1,2",
+            mean_a=100.0,
+            mean_b=100.0 + diff,
+            mean_diff=diff,
+            ci_low=low,
+            ci_high=high,
+            p_ttest=p,
+            p_ttest_holm=p_holm,
+            p_wilcoxon=math.nan,
+            p_wilcoxon_holm=math.nan,
+            hedges_g=1.0,
+            note=note,
+            family=f"{metric}/test",
+            endpoint=endpoint,
+            mdd=mdd,
+        )
+
+    return pd.DataFrame(
+        [
+            row("switch", "ppl", 12.5, 5.0, 20.0, 0.004, 0.012, 9.5),
+            row("expert_choice", "ppl", -3.25, -9.0, 2.5, 0.2, 0.4, 14.75),
+            row("dense", "ppl", -20.0, -60.0, 20.0, 0.3, 0.4, 51.0),
+            row("switch", "gini", -0.1, -0.2, -0.02, 0.01, 0.03, 0.07),
+            row(
+                "expert_choice",
+                "gini",
+                -0.15,
+                -0.15,
+                -0.15,
+                math.nan,
+                math.nan,
+                math.nan,
+                note="differences are constant: t-test and effect size undefined",
+            ),
+            row(
+                "dense",
+                "gini",
+                math.nan,
+                math.nan,
+                math.nan,
+                math.nan,
+                math.nan,
+                math.nan,
+                n=0,
+                note="no seed with finite values in both variants",
+            ),
+            row("switch", "load_entropy", 0.2, 0.1, 0.3, 0.001, 0.002, 0.05, endpoint="exploratory"),
+        ]
+    )
 
 
 def inputs_for(tmp_path: Path, **overrides) -> findings.FindingsInputs:
     variants = ["topk", "switch", "expert_choice", "dense"]
-    status = pd.DataFrame([dict(variant=v, seed=s, status="ok", detail="", router=v, run_dir=f"r/{v}/seed{s}")
-                           for v in variants for s in (0, 1, 2)])
-    status.loc[(status["variant"] == "switch") & (status["seed"] == 2), ["status", "detail"]] = \
-        ["failed", "eval_test.json: non-finite ppl (None)"]
-    ppl = {"topk": (150.0, 140.0, 160.0), "switch": (162.5, 150.0, 175.0), "expert_choice": (146.75, 140.0, 153.5),
-           "dense": (210.0, 190.0, 230.0)}
-    summary = pd.DataFrame([dict(variant=v, split="test", metric="ppl", n=3, mean=m, std=1.0, ci_low=lo,
-                                 ci_high=hi, kind="variant") for v, (m, lo, hi) in ppl.items()]
-                           + [dict(variant="bigram", split="test", metric="ppl", n=1, mean=200.0, std=math.nan,
-                                   ci_low=math.nan, ci_high=math.nan, kind="reference baseline")])
+    status = pd.DataFrame(
+        [
+            dict(variant=v, seed=s, status="ok", detail="", router=v, run_dir=f"r/{v}/seed{s}")
+            for v in variants
+            for s in (0, 1, 2)
+        ]
+    )
+    status.loc[(status["variant"] == "switch") & (status["seed"] == 2), ["status", "detail"]] = [
+        "failed",
+        "eval_test.json: non-finite ppl (None)",
+    ]
+    ppl = {
+        "topk": (150.0, 140.0, 160.0),
+        "switch": (162.5, 150.0, 175.0),
+        "expert_choice": (146.75, 140.0, 153.5),
+        "dense": (210.0, 190.0, 230.0),
+    }
+    summary = pd.DataFrame(
+        [
+            dict(variant=v, split="test", metric="ppl", n=3, mean=m, std=1.0, ci_low=lo, ci_high=hi, kind="variant")
+            for v, (m, lo, hi) in ppl.items()
+        ]
+        + [
+            dict(
+                variant="bigram",
+                split="test",
+                metric="ppl",
+                n=1,
+                mean=200.0,
+                std=math.nan,
+                ci_low=math.nan,
+                ci_high=math.nan,
+                kind="reference baseline",
+            )
+        ]
+    )
     steps = np.arange(0, 201, 10)
     logs = []
     for v in variants:
         for s in (0, 1, 2):
             slope = -3.0 if v == "expert_choice" else -0.1 * (s + 1)  # per 1000 steps
             logs.append(pd.DataFrame({"variant": v, "seed": s, "step": steps, "loss": 4 + slope * steps / 1000}))
-    values = dict(comparisons=comparison_rows(), ablations=comparison_rows("rdesi").iloc[:2], summary=summary,
-                  status=status, train_logs=pd.concat(logs, ignore_index=True),
-                  baselines=collect.read_baselines(write_ngram(tmp_path / "ngram.json")), reference="topk",
-                  still_learning_slope=1.0)
+    values = dict(
+        comparisons=comparison_rows(),
+        ablations=comparison_rows("rdesi").iloc[:2],
+        summary=summary,
+        status=status,
+        train_logs=pd.concat(logs, ignore_index=True),
+        baselines=collect.read_baselines(write_ngram(tmp_path / "ngram.json")),
+        reference="topk",
+        still_learning_slope=1.0,
+    )
     values.update(overrides)
     return findings.FindingsInputs(**values)
 
 
 # --------------------------------------------------------------------------- verdicts
+
 
 def test_adequacy_flags_every_failed_check_and_passes_the_rest(tmp_path):
     verdicts = findings.adequacy(inputs_for(tmp_path)).set_index("variant")
@@ -128,10 +215,17 @@ def test_adequacy_flags_every_failed_check_and_passes_the_rest(tmp_path):
 
 
 def test_adequacy_without_baseline_or_logs_says_so(tmp_path):
-    empty_logs = pd.DataFrame({"variant": pd.Series(dtype=str), "seed": pd.Series(dtype=int),
-                               "step": pd.Series(dtype=int), "loss": pd.Series(dtype=float)})
-    verdicts = findings.adequacy(inputs_for(tmp_path, baselines=collect.read_baselines(None),
-                                            train_logs=empty_logs)).set_index("variant")
+    empty_logs = pd.DataFrame(
+        {
+            "variant": pd.Series(dtype=str),
+            "seed": pd.Series(dtype=int),
+            "step": pd.Series(dtype=int),
+            "loss": pd.Series(dtype=float),
+        }
+    )
+    verdicts = findings.adequacy(
+        inputs_for(tmp_path, baselines=collect.read_baselines(None), train_logs=empty_logs)
+    ).set_index("variant")
     assert "no bigram baseline on test to compare with" in verdicts.loc["topk", "problems"]
     assert "no training log to judge convergence" in verdicts.loc["topk", "problems"]
 
@@ -148,6 +242,7 @@ def test_primary_endpoints_split_by_holm_p_and_exploratory_rows_stay_out(tmp_pat
 
 # --------------------------------------------------------------------------- the page
 
+
 def test_page_states_every_number_from_the_tables_and_flags_failures_in_red(tmp_path):
     inputs = inputs_for(tmp_path)
     page = findings.render(inputs)
@@ -155,14 +250,18 @@ def test_page_states_every_number_from_the_tables_and_flags_failures_in_red(tmp_
     rows = comparison_rows().set_index(["variant_b", "metric"])
     switch = rows.loc[("switch", "ppl")]
     # Δ and MDD also relative to the reference's mean (100): +12.5% and 9.5%.
-    assert (f"switch: Δ = {format_number(switch.mean_diff)} (+12.5%) (worse), 95% CI "
-            f"{format_interval(switch.ci_low, switch.ci_high)}, Holm p = {format_p(switch.p_ttest_holm)}, n = 3, "
-            f"MDD = {format_number(switch.mdd)} (9.5%)") in text
+    assert (
+        f"switch: Δ = {format_number(switch.mean_diff)} (+12.5%) (worse), 95% CI "
+        f"{format_interval(switch.ci_low, switch.ci_high)}, Holm p = {format_p(switch.p_ttest_holm)}, n = 3, "
+        f"MDD = {format_number(switch.mdd)} (9.5%)"
+    ) in text
     # Not significant: no direction claimed; the expert-choice PPL carries the caveat's dagger.
     assert f"expert_choice†: Δ = {format_number(-3.25)} (-3.2%), 95% CI" in text
     # MDD range of the PPL family: smallest to largest of its rows.
-    assert (f"could not detect differences in PPL smaller than the minimum detectable difference (MDD), "
-            f"{format_number(9.5)} to {format_number(51.0)}, depending on the comparison") in text
+    assert (
+        f"could not detect differences in PPL smaller than the minimum detectable difference (MDD), "
+        f"{format_number(9.5)} to {format_number(51.0)}, depending on the comparison"
+    ) in text
     assert "differences are constant: t-test and effect size undefined" in text  # untestable, with the reason
     assert "Holm family of 3 comparisons" in text and "Holm family of 1 comparison" in text
     assert "1 of 1 comparisons reach Holm p < 0.05" in text  # the exploratory row, counted
@@ -182,9 +281,16 @@ def test_page_states_every_number_from_the_tables_and_flags_failures_in_red(tmp_
 def test_page_without_failures_or_expert_choice(tmp_path):
     inputs = inputs_for(tmp_path)
     keep = ["topk"]
-    page = findings.render(findings.FindingsInputs(
-        **{**inputs.__dict__, "status": inputs.status[inputs.status["variant"].isin(keep)],
-           "comparisons": inputs.comparisons.iloc[0:0], "ablations": inputs.ablations.iloc[0:0]}))
+    page = findings.render(
+        findings.FindingsInputs(
+            **{
+                **inputs.__dict__,
+                "status": inputs.status[inputs.status["variant"].isin(keep)],
+                "comparisons": inputs.comparisons.iloc[0:0],
+                "ablations": inputs.ablations.iloc[0:0],
+            }
+        )
+    )
     text = text_of(page)
     assert "Every variant passes the checks" in text and "#b3261e" not in page.split("</style>")[1]
     assert "later tokens" not in text and "No comparison" in text
@@ -197,13 +303,57 @@ def test_findings_command_on_a_synthetic_study(tmp_path):
     summary_dir = tmp_path / "summary"
     ngram = write_ngram(tmp_path / "ngram.json", bigram_test=104.0)
     run_dirs = [str(d) for d in dirs]
-    assert main(["aggregate", "--run-dirs", *run_dirs, "--out-table", str(summary_dir / "runs.parquet"),
-                 "--out-status", str(summary_dir / "run_status.csv")]) == 0
-    assert main(["stats", "--table", str(summary_dir / "runs.parquet"), "--out-dir", str(summary_dir),
-                 "--ablations", "rdesi_no_load", "--baselines", str(ngram)]) == 0
+    assert (
+        main(
+            [
+                "aggregate",
+                "--run-dirs",
+                *run_dirs,
+                "--out-table",
+                str(summary_dir / "runs.parquet"),
+                "--out-status",
+                str(summary_dir / "run_status.csv"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "stats",
+                "--table",
+                str(summary_dir / "runs.parquet"),
+                "--out-dir",
+                str(summary_dir),
+                "--ablations",
+                "rdesi_no_load",
+                "--baselines",
+                str(ngram),
+            ]
+        )
+        == 0
+    )
     out = summary_dir / "findings.html"
-    assert main(["findings", "--summary-dir", str(summary_dir), "--baselines", str(ngram), "--run-dirs", *run_dirs,
-                 "--ablations", "rdesi_no_load", "--still-learning-slope", "50", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "findings",
+                "--summary-dir",
+                str(summary_dir),
+                "--baselines",
+                str(ngram),
+                "--run-dirs",
+                *run_dirs,
+                "--ablations",
+                "rdesi_no_load",
+                "--still-learning-slope",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = text_of(out.read_text())
     comparisons = pd.read_csv(summary_dir / "comparisons.csv")
     primary = comparisons[comparisons["endpoint"] == "primary"]
@@ -212,22 +362,39 @@ def test_findings_command_on_a_synthetic_study(tmp_path):
         assert f"MDD = {format_number(row.mdd)}" in text
     # The synthetic PPLs lie in [100, 110]: whoever has a mean at or above the bigram's 104 is flagged.
     means = collect.usable(pd.read_parquet(summary_dir / "runs.parquet"))
-    means = means[(means["metric"] == "ppl") & (means["split"] == "test")].groupby("variant", observed=True)["value"].mean()
+    means = (
+        means[(means["metric"] == "ppl") & (means["split"] == "test")].groupby("variant", observed=True)["value"].mean()
+    )
     for variant, mean in means.items():
         assert (f"{variant}: mean test PPL {format_number(mean)} is not below" in text) == (mean >= 104.0)
 
 
 # --------------------------------------------------------------------------- flip rates
 
+
 def test_flip_rate_curves_and_figure(tmp_path):
     logs = []
     for seed in (0, 1, 2):
         steps = np.arange(0, 50, 10)
-        logs.append(pd.DataFrame({"variant": "rdesi", "seed": seed, "step": steps, "loss": 1.0,
-                                  "flip_rate_reputation": 0.01 * (seed + 1), "flip_rate_load": 0.2,
-                                  "flip_rate_bonus": 0.05, "flip_rate_bias": math.nan}))
-        logs.append(pd.DataFrame({"variant": "lossfree", "seed": seed, "step": steps, "loss": 1.0,
-                                  "flip_rate_bias": 0.1 + 0.01 * seed}))
+        logs.append(
+            pd.DataFrame(
+                {
+                    "variant": "rdesi",
+                    "seed": seed,
+                    "step": steps,
+                    "loss": 1.0,
+                    "flip_rate_reputation": 0.01 * (seed + 1),
+                    "flip_rate_load": 0.2,
+                    "flip_rate_bonus": 0.05,
+                    "flip_rate_bias": math.nan,
+                }
+            )
+        )
+        logs.append(
+            pd.DataFrame(
+                {"variant": "lossfree", "seed": seed, "step": steps, "loss": 1.0, "flip_rate_bias": 0.1 + 0.01 * seed}
+            )
+        )
         logs.append(pd.DataFrame({"variant": "topk", "seed": seed, "step": steps, "loss": 1.0}))
     train_log = pd.concat(logs, ignore_index=True)
     train_log["variant"] = pd.Categorical(train_log["variant"], ["topk", "lossfree", "rdesi"], ordered=True)
@@ -239,18 +406,22 @@ def test_flip_rate_curves_and_figure(tmp_path):
     path = figures.plot_flip_rates(train_log, tmp_path / "flip_rates.png")
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
     # No router with selection terms: a message figure, still a PNG.
-    empty = figures.plot_flip_rates(train_log[train_log["variant"] == "topk"][["variant", "seed", "step", "loss"]],
-                                    tmp_path / "empty.png")
+    empty = figures.plot_flip_rates(
+        train_log[train_log["variant"] == "topk"][["variant", "seed", "step", "loss"]], tmp_path / "empty.png"
+    )
     assert empty.read_bytes()[:8] == PNG_MAGIC
     assert figures.flip_rate_curves(None).empty
 
 
 # --------------------------------------------------------------------------- compute breakdown
 
+
 def write_benchmark(path: Path, seconds: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-                    f"{seconds}\t0:00:{int(seconds):02d}\t100\t200\t50\t60\t0\t0\t90\t{seconds}\n")
+    path.write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+        f"{seconds}\t0:00:{int(seconds):02d}\t100\t200\t50\t60\t0\t0\t90\t{seconds}\n"
+    )
     return path
 
 
@@ -258,10 +429,14 @@ def write_benchmark(path: Path, seconds: float) -> Path:
 def benchmarked_study(tmp_path):
     """Benchmarks of a 2-run study: per-run evaluation for topk, per-split evaluation for rdesi."""
     bench, runs = tmp_path / "benchmarks", tmp_path / "runs"
-    files = [write_benchmark(bench / "corpus.tsv", 3.0), write_benchmark(bench / "tokenizer.tsv", 5.0),
-             write_benchmark(bench / "shards" / "train.tsv", 2.0), write_benchmark(bench / "ngram_baselines.tsv", 4.0),
-             write_benchmark(bench / "run_config" / "topk" / "seed0.tsv", 1.5),
-             write_benchmark(bench / "statistics.tsv", 2.5)]
+    files = [
+        write_benchmark(bench / "corpus.tsv", 3.0),
+        write_benchmark(bench / "tokenizer.tsv", 5.0),
+        write_benchmark(bench / "shards" / "train.tsv", 2.0),
+        write_benchmark(bench / "ngram_baselines.tsv", 4.0),
+        write_benchmark(bench / "run_config" / "topk" / "seed0.tsv", 1.5),
+        write_benchmark(bench / "statistics.tsv", 2.5),
+    ]
     for variant, train_s, train_wall in (("topk", 100.0, 90.0), ("rdesi", 120.0, 125.0)):  # rdesi: resumed run
         run = runs / variant / "seed0"
         run.mkdir(parents=True)
@@ -307,12 +482,25 @@ def test_breakdown_adds_up_to_the_benchmark_total(benchmarked_study):
 def test_compute_command_writes_csv_and_html(benchmarked_study, tmp_path):
     out = tmp_path / "summary" / "compute.csv"
     # Without --benchmark-root the files' common directory is the root (as in the workflow's rule).
-    assert main(["compute", "--benchmarks", *map(str, benchmarked_study["files"]), "--runs-root",
-                 str(benchmarked_study["runs"]), "--out-csv", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compute",
+                "--benchmarks",
+                *map(str, benchmarked_study["files"]),
+                "--runs-root",
+                str(benchmarked_study["runs"]),
+                "--out-csv",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out)
     assert list(table.columns) == compute.BREAKDOWN_COLUMNS
-    expected = compute.breakdown(compute.jobs_table(benchmarked_study["files"], benchmarked_study["bench"],
-                                                    benchmarked_study["runs"]))
+    expected = compute.breakdown(
+        compute.jobs_table(benchmarked_study["files"], benchmarked_study["bench"], benchmarked_study["runs"])
+    )
     pd.testing.assert_frame_equal(table, expected, check_dtype=False)
     text = text_of(out.with_suffix(".html").read_text())
     assert "Compute breakdown" in text and "start-up + per-job overhead" in text and "evaluation" in text
@@ -324,3 +512,46 @@ def test_a_file_that_is_not_a_benchmark_is_rejected(tmp_path):
     bad.write_text("a\tb\n1\t2\n")
     with pytest.raises(ValueError, match="not a Snakemake benchmark file"):
         compute.jobs_table([bad], tmp_path / "b", tmp_path / "runs")
+
+
+def test_sensitivity_curves_in_words(tmp_path):
+    from analysis import sensitivity
+
+    from test_analysis_sensitivity import point, tidy_table
+
+    # beta: Gini falls with the value; PPL stays below topk's up to 1, not at 3: the best value is 1.
+    gini = {0: 0.30, 0.1: 0.25, 1: 0.10, 3: 0.05}
+    ppl = {0: 99.0, 0.1: 98.0, 1: 99.5, 3: 120.0}
+    design = [point("terms", "beta", v, "rdesi" if v == 0.1 else f"rdesi-beta{v:g}") for v in gini]
+    values = {
+        "topk": {
+            "ppl": {s: 100.0 + s for s in (0, 1, 2)},
+            "gini": {s: 0.2 for s in (0, 1, 2)},
+            "maxvio_global": {s: 0.5 for s in (0, 1, 2)},
+        }
+    }
+    for p in design:
+        values[p["variant"]] = {
+            "ppl": {s: ppl[p["value"]] + s for s in (0, 1, 2)},
+            "gini": {s: gini[p["value"]] + 0.01 * s for s in (0, 1, 2)},
+            "maxvio_global": {s: 0.4 for s in (0, 1, 2)},
+            "flip_rate_reputation": {s: 0.2 * p["value"] for s in (0, 1, 2)},
+        }
+    dose = sensitivity.dose_response(tidy_table(values), design)
+    best = sensitivity.best_values(dose)
+    sensitivity.write_tables(dose, best, tmp_path)
+    page = findings.render(
+        inputs_for(
+            tmp_path,
+            sensitivity=findings.read_table(tmp_path / "sensitivity.csv"),
+            sensitivity_best=findings.read_table(tmp_path / "sensitivity_best.csv"),
+        )
+    )
+    text = text_of(page)
+    assert "Sensitivity: dose-response of the swept options" in text
+    assert "beta, the reputation term: 4 values from 0 to 3." in text
+    assert "Gini 0.3100 → 0.06000 (topk: 0.2000). PPL 100.0 → 121.0 (topk: 101.0)." in text  # seed means
+    assert "Lowest Gini with perplexity no worse than topk's: beta = 1 (Gini 0.1100 [0.08516, 0.1348]" in text
+    assert "flips up to 60.0% of top-k sets (at 3)" in text
+    # Without sweeps there is no such section.
+    assert "Sensitivity" not in text_of(findings.render(inputs_for(tmp_path)))

@@ -14,22 +14,36 @@ from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from browser import find_chromium, screenshot  # noqa: E402
 
 from analysis.__main__ import FIGURE_FILES, TABLE_FILES  # noqa: E402
 
+from browser import find_chromium, screenshot  # noqa: E402
+
 REPORT = Path(__file__).resolve().parents[1] / "workflow" / "report"
-CAPTIONS = ["workflow", "run_status", "findings", "compute", *TABLE_FILES,
-            *(Path(name).stem for name in FIGURE_FILES)]
+CAPTIONS = [
+    "workflow",
+    "run_status",
+    "findings",
+    "compute",
+    *TABLE_FILES,
+    *(Path(name).stem for name in FIGURE_FILES),
+    "sensitivity",
+    "sensitivity_table",
+    "sensitivity_best",
+]
 
 
 def render(name: str) -> str:
     """Render a caption as Snakemake does: Jinja first, then docutils; fail on any warning."""
-    text = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-        (REPORT / f"{name}.rst").read_text()).render(snakemake=None, categories={}, files={})
+    text = (
+        jinja2.Environment(undefined=jinja2.StrictUndefined)
+        .from_string((REPORT / f"{name}.rst").read_text())
+        .render(snakemake=None, categories={}, files={})
+    )
     warnings = io.StringIO()
-    body = publish_parts(text, writer="html", settings_overrides={
-        "warning_stream": warnings, "report_level": 1, "halt_level": 5})["body"]
+    body = publish_parts(
+        text, writer="html", settings_overrides={"warning_stream": warnings, "report_level": 1, "halt_level": 5}
+    )["body"]
     assert warnings.getvalue() == "", warnings.getvalue()
     return body
 
@@ -38,10 +52,15 @@ def test_the_per_run_caption_names_its_run():
     from types import SimpleNamespace
 
     run = SimpleNamespace(wildcards=SimpleNamespace(variant="rdesi_no_load", seed="2", split="test"))
-    text = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-        (REPORT / "run_evaluation.rst").read_text()).render(snakemake=run)
+    text = (
+        jinja2.Environment(undefined=jinja2.StrictUndefined)
+        .from_string((REPORT / "run_evaluation.rst").read_text())
+        .render(snakemake=run)
+    )
     warnings = io.StringIO()
-    body = publish_parts(text, writer="html", settings_overrides={"warning_stream": warnings, "report_level": 1})["body"]
+    body = publish_parts(text, writer="html", settings_overrides={"warning_stream": warnings, "report_level": 1})[
+        "body"
+    ]
     assert warnings.getvalue() == "" and "rdesi_no_load" in body and "seed 2" in body and "test" in body
 
 
@@ -53,12 +72,23 @@ def test_every_output_has_a_clean_caption(name):
 def test_captions_define_metrics_statistics_and_caveat():
     text = " ".join((REPORT / f"{name}.rst").read_text() for name in CAPTIONS)
     for definition in [
-        "exp(mean token NLL)", "exp(total NLL / number of words)",          # PPL, word PPL
-        "Σ_i Σ_j |c_i − c_j| / (2 E Σ_i c_i)", "−Σ_i f_i ln f_i / ln E",     # Gini, entropy
-        "std(c) / mean(c)", "max_i c_i / mean(c) − 1", "f_i < 0.1 / E",     # CV, MaxVio, dead
-        "processed by no expert", "I(token id; expert)", "|TopK_t ∩ TopK_final| / k",
-        "tokens/s", "peak memory",
-        "t(0.975, n − 1)", "ttest_rel", "wilcoxon", "(m − j + 1)", "J = 1 − 3 / (4(n − 1) − 1)",
+        "exp(mean token NLL)",
+        "exp(total NLL / number of words)",  # PPL, word PPL
+        "Σ_i Σ_j |c_i − c_j| / (2 E Σ_i c_i)",
+        "−Σ_i f_i ln f_i / ln E",  # Gini, entropy
+        "std(c) / mean(c)",
+        "max_i c_i / mean(c) − 1",
+        "f_i < 0.1 / E",  # CV, MaxVio, dead
+        "processed by no expert",
+        "I(token id; expert)",
+        "|TopK_t ∩ TopK_final| / k",
+        "tokens/s",
+        "peak memory",
+        "t(0.975, n − 1)",
+        "ttest_rel",
+        "wilcoxon",
+        "(m − j + 1)",
+        "J = 1 − 3 / (4(n − 1) − 1)",
     ]:
         assert definition in text, definition
     assert text.count("later tokens") >= 3  # expert-choice causality caveat where PPL is shown
@@ -74,8 +104,10 @@ def test_browser_screenshot_of_page_with_embedded_png(tmp_path):
     plt.close(fig)
     data = base64.b64encode(image.read_bytes()).decode()
     page = tmp_path / "page.html"
-    page.write_text(f'<html><body style="margin:0"><img src="data:image/png;base64,{data}" '
-                    'style="width:400px;height:400px"></body></html>')
+    page.write_text(
+        f'<html><body style="margin:0"><img src="data:image/png;base64,{data}" '
+        'style="width:400px;height:400px"></body></html>'
+    )
     shot = screenshot(page, tmp_path / "shot.png", width=600, height=500, wait_ms=500)
     with Image.open(shot) as captured:
         assert captured.size == (600, 500)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,8 +11,19 @@ import numpy as np
 import pytest
 
 from gtmoe import baselines
-from gtmoe.data import (IGNORE_INDEX, LOCAL_FILES, DataError, TokenBlocks, count_words, encode_split, load_corpus,
-                        train_tokenizer, write_shards)
+from gtmoe.data import (
+    IGNORE_INDEX,
+    LOCAL_FILES,
+    DataError,
+    TokenBlocks,
+    count_words,
+    encode_split,
+    load_corpus,
+    train_tokenizer,
+    write_shards,
+)
+
+from helpers import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DIR = REPO.parent / "shared/data/wikitext-2"
@@ -34,12 +43,19 @@ WORDS = {"train": 9, "validation": 5, "test": 7}
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ngram")
     for split, stream in STREAMS.items():
-        write_shards(np.array(stream, dtype=np.int32), root / split, SEQ_LEN, n_words=WORDS[split],
-                     rows_per_shard=2, meta={"vocab_size": VOCAB})
+        write_shards(
+            np.array(stream, dtype=np.int32),
+            root / split,
+            SEQ_LEN,
+            n_words=WORDS[split],
+            rows_per_shard=2,
+            meta={"vocab_size": VOCAB},
+        )
     return root
 
 
 # --------------------------------------------------------------------------- brute force
+
 
 def brute_pairs(stream: list[int]) -> list[tuple[int, int]]:
     """Every (previous token, token) of the raw stream: each token after the first is a target once."""
@@ -71,6 +87,7 @@ def brute_nll(split: str, lam: float) -> float:
 
 
 # --------------------------------------------------------------------------- tests
+
 
 def test_pairs_are_exactly_the_targets_the_evaluation_scores(shards):
     for split, stream in STREAMS.items():
@@ -132,28 +149,33 @@ def test_missing_vocab_size_is_an_error_naming_the_file(tmp_path):
 
 def test_cli_writes_the_json(shards, tmp_path):
     out = tmp_path / "baselines" / "ngram.json"
-    done = subprocess.run([sys.executable, "-m", "gtmoe", "baselines", "--shards", str(shards), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_module("gtmoe", "baselines", "--shards", shards, "--out", out, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert result == json.loads(json.dumps(baselines.ngram_baselines(shards)))
     assert set(result["models"]) == {"unigram", "bigram"} and result["shards"] == str(shards)
     assert "bigram" in done.stderr and "test ppl" in done.stderr
-    missing = subprocess.run([sys.executable, "-m", "gtmoe", "baselines", "--shards", str(tmp_path / "none"),
-                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    missing = run_module("gtmoe", "baselines", "--shards", tmp_path / "none", "--out", out, timeout=120)
     assert missing.returncode == 2 and "manifest.json not found" in missing.stderr
 
 
-@pytest.mark.skipif(not all((REAL_DIR / name).is_file() for name in LOCAL_FILES.values()),
-                    reason=f"real WikiText-2 copy not found at {REAL_DIR}")
+@pytest.mark.skipif(
+    not all((REAL_DIR / name).is_file() for name in LOCAL_FILES.values()),
+    reason=f"real WikiText-2 copy not found at {REAL_DIR}",
+)
 def test_wikitext2_bigram_with_the_study_tokenizer(tmp_path):
     """The default study's data (4,096 BPE, 64-token blocks): the bigram reaches a test token PPL of
     about 89 (4.49 nats) and a word PPL of about 550, as issue 10 measured independently."""
     corpus = load_corpus(REAL_DIR, source="local")
     tokenizer = train_tokenizer(corpus["train"], 4096, tmp_path / "tokenizer.json")
     for split, lines in corpus.items():
-        write_shards(encode_split(tokenizer, lines), tmp_path / "shards" / split, 64, n_words=count_words(lines),
-                     meta={"vocab_size": tokenizer.get_vocab_size()})
+        write_shards(
+            encode_split(tokenizer, lines),
+            tmp_path / "shards" / split,
+            64,
+            n_words=count_words(lines),
+            meta={"vocab_size": tokenizer.get_vocab_size()},
+        )
     result = baselines.ngram_baselines(tmp_path / "shards")
     bigram, unigram = result["models"]["bigram"], result["models"]["unigram"]
     assert bigram["test"]["ppl"] == pytest.approx(89.3, abs=1.0)

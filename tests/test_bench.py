@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,21 +11,71 @@ import yaml
 from gtmoe import routers
 from gtmoe.bench import build_parser, merge_configs, parse_args
 
+from helpers import run_module
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--device", "cpu", "--d-model", "32", "--experts", "4", "--top-k", "2", "--tokens", "64", "--seq-len", "16",
-        "--layers", "1", "--heads", "2", "--vocab", "300", "--repeats", "2", "--warmup", "1", "--gemm-size", "256"]
-STEP_KEYS = {"step_s", "ratio_to_reference", "tokens_per_s", "flops_per_step", "flops_per_s", "gemm_fraction", "mfu",
-             "eval_s", "eval_tokens_per_s", "eval_to_train"}
-COMPILED_KEYS = {"compiled_step_s", "compiled_tokens_per_s", "compile_speedup", "compiled_gemm_fraction",
-                 "compiled_mfu"}
-TOP_KEYS = {"device", "device_name", "torch", "threads", "load_average", "config", "run_configs", "gemm", "moe_layer",
-            "train_step"}
+TINY = [
+    "--device",
+    "cpu",
+    "--d-model",
+    "32",
+    "--experts",
+    "4",
+    "--top-k",
+    "2",
+    "--tokens",
+    "64",
+    "--seq-len",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--vocab",
+    "300",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--gemm-size",
+    "256",
+]
+STEP_KEYS = {
+    "step_s",
+    "ratio_to_reference",
+    "tokens_per_s",
+    "flops_per_step",
+    "flops_per_s",
+    "gemm_fraction",
+    "mfu",
+    "eval_s",
+    "eval_tokens_per_s",
+    "eval_to_train",
+}
+COMPILED_KEYS = {
+    "compiled_step_s",
+    "compiled_tokens_per_s",
+    "compile_speedup",
+    "compiled_gemm_fraction",
+    "compiled_mfu",
+}
+TOP_KEYS = {
+    "device",
+    "device_name",
+    "torch",
+    "threads",
+    "load_average",
+    "config",
+    "run_configs",
+    "gemm",
+    "moe_layer",
+    "train_step",
+}
 
 
 def run_cli(tmp_path, *extra: str) -> tuple[dict, str]:
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "gtmoe.bench", *TINY, *extra, "--json", str(out)],
-                          capture_output=True, text=True, check=True)
+    done = run_module("gtmoe.bench", *TINY, *extra, "--json", out, check=True)
     return json.loads(out.read_text()), done.stdout
 
 
@@ -68,13 +116,37 @@ def test_sync_debug_needs_cuda(capsys):
 def test_config_measures_every_variant_at_the_study_size(tmp_path):
     """config.yaml + the smoke preset + an overlay with a horizon-dependent router option, merged as Snakemake does."""
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({"variants": [{"name": "topk", "router": "topk"},
-                                                    {"name": "lossfree", "router": "lossfree", "bias_travel": 10.0}],
-                                       "ablation": {"base": "topk"}}))
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "variants": [
+                    {"name": "topk", "router": "topk"},
+                    {"name": "lossfree", "router": "lossfree", "bias_travel": 10.0},
+                ],
+                "ablation": {"base": "topk"},
+                "sweeps": [],  # the smoke preset sweeps rdesi, which this overlay leaves out
+            }
+        )
+    )
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "gtmoe.bench", "--device", "cpu", "--config", str(ROOT / "config.yaml"),
-                           str(ROOT / "workflow/presets/smoke.yaml"), str(overlay), "--repeats", "2", "--warmup", "1",
-                           "--gemm-size", "512", "--json", str(out)], capture_output=True, text=True, check=True)
+    done = run_module(
+        "gtmoe.bench",
+        "--device",
+        "cpu",
+        "--config",
+        ROOT / "config.yaml",
+        ROOT / "workflow/presets/smoke.yaml",
+        overlay,
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--gemm-size",
+        "512",
+        "--json",
+        out,
+        check=True,
+    )
     result = json.loads(out.read_text())
     assert TOP_KEYS <= result.keys()
     assert result["threads"] == 1  # as the study's jobs run
@@ -103,8 +175,10 @@ def test_config_measures_every_variant_at_the_study_size(tmp_path):
 
 def test_config_rejects_size_flags_and_unknown_variants(capsys):
     smoke = [str(ROOT / "config.yaml"), str(ROOT / "workflow/presets/smoke.yaml")]
-    for extra, message in ((["--d-model", "64"], "--d-model: the sizes come from --config"),
-                           (["--routers", "nope"], "unknown variant(s) nope")):
+    for extra, message in (
+        (["--d-model", "64"], "--d-model: the sizes come from --config"),
+        (["--routers", "nope"], "unknown variant(s) nope"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(["--device", "cpu", "--config", *smoke, *extra])
         assert exit_info.value.code == 2

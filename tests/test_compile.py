@@ -16,19 +16,26 @@ import pytest
 import torch
 
 from gtmoe import routers
-from gtmoe.config import RouterConfig
+from gtmoe.config import RouterConfig, TrainConfig
 from gtmoe.model import MoETransformer
+from gtmoe.step import accumulate_gradients
 
 from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
 
 
 def two_steps(model: MoETransformer, forward, batches: list[torch.Tensor]):
+    """Two steps of the trainer's micro-batch loop (gtmoe.step), each followed by the routers' update."""
+    tcfg = TrainConfig(grad_accum=1, grad_clip=1.0)
+    outputs = []
+
+    def recorded(x, y):
+        outputs.append(forward(x, y))
+        return outputs[-1]
+
     for idx in batches:
-        out = forward(idx, idx)
-        model.observe_token_loss(out.token_loss)
-        (out.loss + out.router_loss).backward()
+        accumulate_gradients(model, recorded, [(idx, idx)], tcfg, torch.device("cpu"))
         model.update_router_states()
-    return out
+    return outputs[-1]
 
 
 def assert_compiled_matches_eager(name: str, backend: str, **tolerance) -> None:
@@ -42,7 +49,9 @@ def assert_compiled_matches_eager(name: str, backend: str, **tolerance) -> None:
     got = two_steps(twin, torch.compile(twin, backend=backend, fullgraph=True), batches)
 
     for field in ("logits", "loss", "router_loss"):
-        torch.testing.assert_close(getattr(got, field), getattr(expected, field), **tolerance, msg=lambda m, f=field: f"{f}: {m}")
+        torch.testing.assert_close(
+            getattr(got, field), getattr(expected, field), **tolerance, msg=lambda m, f=field: f"{f}: {m}"
+        )
     for (param, a), b in zip(eager.named_parameters(), twin.parameters()):
         torch.testing.assert_close(b.grad, a.grad, **tolerance, msg=lambda m, p=param: f"grad of {p}: {m}")
     for (buffer, a), b in zip(eager.named_buffers(), twin.buffers()):

@@ -15,22 +15,25 @@ def load(tmp_path, raw):
     return load_run_config(path)
 
 
-@pytest.mark.parametrize("raw, pattern", [
-    ({"model": {"top_k": 9, "n_experts": 8}}, r"'model.top_k' = 9: must be <= model.n_experts = 8"),
-    ({"train": {"lr": 0}}, r"'train.lr' = 0.0: must be > 0"),
-    ({"train": {"lr": -1e-3}}, r"'train.lr' = -0.001"),
-    ({"router": {"name": "switch", "capacity_factor": -1}}, r"'router.capacity_factor' = -1"),
-    ({"router": {"name": "expert_choice", "capacity_factor": 0}}, r"'router.capacity_factor' = 0"),
-    ({"model": {"vocab_size": 100}}, r"'model.vocab_size' = 100: must be >= 258"),
-    ({"model": {"d_model": 100, "n_heads": 3}}, r"'model.d_model' = 100: must be divisible"),
-    ({"model": {"dmodel": 64}}, r"'model.dmodel' = 64: unknown key"),
-    ({"colour": "blue"}, r"'colour' = 'blue': unknown key"),
-    ({"train": {"max_steps": "many"}}, r"'train.max_steps' = 'many': must be of type int"),
-    ({"train": {"compile": "yes"}}, r"'train.compile' = 'yes': must be of type bool"),
-    ({"router": {"name": "rdesi", "performance": "vibes"}}, r"'router.performance' = 'vibes'"),
-    ({"router": {"name": "nope"}}, r"'router.name' = 'nope': unknown router; known routers:"),
-    ({"train": {"warmup_steps": 600, "max_steps": 500}}, r"'train.warmup_steps' = 600"),
-])
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [
+        ({"model": {"top_k": 9, "n_experts": 8}}, r"'model.top_k' = 9: must be <= model.n_experts = 8"),
+        ({"train": {"lr": 0}}, r"'train.lr' = 0.0: must be > 0"),
+        ({"train": {"lr": -1e-3}}, r"'train.lr' = -0.001"),
+        ({"router": {"name": "switch", "capacity_factor": -1}}, r"'router.capacity_factor' = -1"),
+        ({"router": {"name": "expert_choice", "capacity_factor": 0}}, r"'router.capacity_factor' = 0"),
+        ({"model": {"vocab_size": 100}}, r"'model.vocab_size' = 100: must be >= 258"),
+        ({"model": {"d_model": 100, "n_heads": 3}}, r"'model.d_model' = 100: must be divisible"),
+        ({"model": {"dmodel": 64}}, r"'model.dmodel' = 64: unknown key"),
+        ({"colour": "blue"}, r"'colour' = 'blue': unknown key"),
+        ({"train": {"max_steps": "many"}}, r"'train.max_steps' = 'many': must be of type int"),
+        ({"train": {"compile": "yes"}}, r"'train.compile' = 'yes': must be of type bool"),
+        ({"router": {"name": "rdesi", "performance": "vibes"}}, r"'router.performance' = 'vibes'"),
+        ({"router": {"name": "nope"}}, r"'router.name' = 'nope': unknown router; known routers:"),
+        ({"train": {"warmup_steps": 600, "max_steps": 500}}, r"'train.warmup_steps' = 600"),
+    ],
+)
 def test_bad_values_name_the_key_and_value(tmp_path, raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load(tmp_path, raw)

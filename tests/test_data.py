@@ -304,13 +304,27 @@ def run_cli(*argv: str) -> None:
 
 def test_cli_prepare_end_to_end(wikitext_dir, tmp_path):
     corpus, tok_path = tmp_path / "corpus", tmp_path / "tokenizer.json"
-    run_cli("prepare", "corpus", "--source", "local", "--local-dir", str(wikitext_dir), "--out", str(corpus), "--no-verify")
+    run_cli(
+        "prepare", "corpus", "--source", "local", "--local-dir", str(wikitext_dir), "--out", str(corpus), "--no-verify"
+    )
     run_cli("prepare", "tokenizer", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tok_path))
     tokenizer = data.Tokenizer.from_file(str(tok_path))
     for split in SPLITS:
         out = tmp_path / "shards" / split
-        run_cli("prepare", "shards", "--corpus", str(corpus), "--tokenizer", str(tok_path), "--split", split,
-                "--seq-len", "32", "--out", str(out))
+        run_cli(
+            "prepare",
+            "shards",
+            "--corpus",
+            str(corpus),
+            "--tokenizer",
+            str(tok_path),
+            "--split",
+            split,
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+        )
         blocks = TokenBlocks(out)
         lines = read_corpus_split(corpus, split)
         assert blocks.n_tokens == len(encode_split(tokenizer, lines))
@@ -323,8 +337,20 @@ def test_cli_prepare_end_to_end(wikitext_dir, tmp_path):
 def test_cli_missing_tokenizer_is_a_data_error(wikitext_dir, tmp_path):
     run_cli("prepare", "corpus", "--local-dir", str(wikitext_dir), "--out", str(tmp_path), "--no-verify")
     with pytest.raises(DataError, match="missing.json not found.*prepare tokenizer"):
-        run_cli("prepare", "shards", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "missing.json"),
-                "--split", "test", "--seq-len", "8", "--out", str(tmp_path / "shards"))
+        run_cli(
+            "prepare",
+            "shards",
+            "--corpus",
+            str(tmp_path),
+            "--tokenizer",
+            str(tmp_path / "missing.json"),
+            "--split",
+            "test",
+            "--seq-len",
+            "8",
+            "--out",
+            str(tmp_path / "shards"),
+        )
 
 
 def test_cli_every_option_has_help():
@@ -365,7 +391,11 @@ def test_corpus_specs_name_their_hub_config_and_published_counts():
     assert set(data.CORPORA) == {"wikitext-2", "wikitext-103"}
     assert data.CORPORA["wikitext-2"].hub_config == "wikitext-2-v1"
     assert WT103.hub_config == "wikitext-103-v1"
-    assert WT103.local_files == {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+    assert WT103.local_files == {
+        "train": "wiki.train.tokens",
+        "validation": "wiki.valid.tokens",
+        "test": "wiki.test.tokens",
+    }
     # Merity et al. 2016, Table 1; the line counts are the hub's num_examples.
     assert WT103.words == {"train": 103_227_021, "validation": 217_646, "test": 245_569}
     assert WT103.lines == {"train": 1_801_350, "validation": 3_760, "test": 4_358}
@@ -380,14 +410,22 @@ def test_wikitext2_cli_checks_counts_and_records_the_original_sha256(tmp_path):
     meta = json.loads((tmp_path / "corpus.json").read_text())
     for split, name in LOCAL_FILES.items():
         assert meta[split]["corpus"] == "wikitext-2"
-        assert meta[split]["local_sha256"] == data.LOCAL_SHA256[split] == hashlib.sha256((REAL_DIR / name).read_bytes()).hexdigest()
-        assert (meta[split]["lines"], meta[split]["words"]) == (data.CORPORA["wikitext-2"].lines[split],
-                                                                data.CORPORA["wikitext-2"].words[split])
+        assert (
+            meta[split]["local_sha256"]
+            == data.LOCAL_SHA256[split]
+            == hashlib.sha256((REAL_DIR / name).read_bytes()).hexdigest()
+        )
+        assert (meta[split]["lines"], meta[split]["words"]) == (
+            data.CORPORA["wikitext-2"].lines[split],
+            data.CORPORA["wikitext-2"].words[split],
+        )
 
 
 def test_wikitext103_local_copy_is_verified_through_the_cli(tmp_path, monkeypatch):
     """The path a WikiText-103 config takes, on a stand-in whose published values are patched in."""
-    local = write_wikitext(tmp_path / "wikitext-103", {split: ARTICLE_LINES * (3 + i) for i, split in enumerate(SPLITS)})
+    local = write_wikitext(
+        tmp_path / "wikitext-103", {split: ARTICLE_LINES * (3 + i) for i, split in enumerate(SPLITS)}
+    )
     monkeypatch.setitem(data.CORPORA, "wikitext-103", dataclasses.replace(WT103, **published_like(local)))
 
     def no_hub(*args, **kwargs):
@@ -410,8 +448,10 @@ def test_wikitext103_local_copy_is_verified_through_the_cli(tmp_path, monkeypatc
 
 def test_wikitext103_without_a_local_copy_asks_the_hub_for_wikitext_103_v1(tmp_path, monkeypatch, capsys):
     rows = {split: [line + "\n" if line.strip() else "" for line in ARTICLE_LINES * 2] for split in SPLITS}
-    counts = {"lines": {s: len(r) for s, r in rows.items()},
-              "words": {s: sum(len(row.split()) for row in r) + len(r) for s, r in rows.items()}}
+    counts = {
+        "lines": {s: len(r) for s, r in rows.items()},
+        "words": {s: sum(len(row.split()) for row in r) + len(r) for s, r in rows.items()},
+    }
     monkeypatch.setitem(data.CORPORA, "wikitext-103", dataclasses.replace(WT103, **counts))
     calls = []
 
@@ -422,7 +462,9 @@ def test_wikitext103_without_a_local_copy_asks_the_hub_for_wikitext_103_v1(tmp_p
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     out = tmp_path / "corpus"
     missing = tmp_path / "no-wikitext-103-here"
-    assert run_main("prepare", "corpus", "--corpus", "wikitext-103", "--local-dir", str(missing), "--out", str(out)) == 0
+    assert (
+        run_main("prepare", "corpus", "--corpus", "wikitext-103", "--local-dir", str(missing), "--out", str(out)) == 0
+    )
     assert calls == [(HUB_ID, "wikitext-103-v1")]
     meta = json.loads((out / "corpus.json").read_text())
     assert meta["train"]["source"] == f"hub:{HUB_ID}/wikitext-103-v1:train"
@@ -447,8 +489,20 @@ def test_wikitext103_checksum_mismatch_names_the_algorithm_and_where_it_was_publ
 
 def test_no_verify_skips_checksums_and_counts(tmp_path, monkeypatch):
     local = write_wikitext(tmp_path / "wt", {split: ARTICLE_LINES for split in SPLITS})
-    assert run_main("prepare", "corpus", "--corpus", "wikitext-103", "--local-dir", str(local),
-                    "--out", str(tmp_path / "c"), "--no-verify") == 0
+    assert (
+        run_main(
+            "prepare",
+            "corpus",
+            "--corpus",
+            "wikitext-103",
+            "--local-dir",
+            str(local),
+            "--out",
+            str(tmp_path / "c"),
+            "--no-verify",
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "c" / "corpus.json").read_text())["test"]["corpus"] == "wikitext-103"
 
 
@@ -459,9 +513,12 @@ def test_unknown_corpus_is_named_by_loader_study_and_parse_time_check(tmp_path):
     with pytest.raises(DataError, match="unknown corpus 'wikitext-4'.*wikitext-2, wikitext-103"):
         load_corpus(tmp_path, corpus="wikitext-4")
     assert "'data.corpus' = 'wikitext-4'" in corpus_problem({"corpus": "wikitext-4", "source": "hub"})
-    config = {"data": {"corpus": "wikitext-4", "source": "hub", "vocab_size": 512, "seq_len": 32},
-              "model": {"vocab_size": 512, "max_seq_len": 32}, "seeds": [0],
-              "variants": [{"name": "topk", "router": "topk"}]}
+    config = {
+        "data": {"corpus": "wikitext-4", "source": "hub", "vocab_size": 512, "seq_len": 32},
+        "model": {"vocab_size": 512, "max_seq_len": 32},
+        "seeds": [0],
+        "variants": [{"name": "topk", "router": "topk"}],
+    }
     with pytest.raises(ConfigError, match="data.corpus.*wikitext-4"):
         Study.from_config(config)
 
@@ -479,7 +536,7 @@ def test_wikitext103_local_dir_missing_files_is_named_for_source_local(tmp_path)
 
 def test_encode_split_in_batches_equals_encoding_line_by_line(tokenizer, monkeypatch):
     lines = ARTICLE_LINES * 7
-    monkeypatch.setattr(data, "_ENCODE_LINES", 5)  # batch edges fall inside articles and on titles
+    monkeypatch.setattr("gtmoe.data.tokenizer._ENCODE_LINES", 5)  # batch edges fall inside articles and on titles
     eot_id = tokenizer.token_to_id(EOT)
     expected: list[int] = []
     seen_title = False
@@ -494,7 +551,7 @@ def test_encode_split_in_batches_equals_encoding_line_by_line(tokenizer, monkeyp
 def test_encode_split_memory_grows_with_the_int32_result_not_a_python_list(tokenizer, monkeypatch):
     import tracemalloc
 
-    monkeypatch.setattr(data, "_ENCODE_LINES", 256)
+    monkeypatch.setattr("gtmoe.data.tokenizer._ENCODE_LINES", 256)
     lines = ARTICLE_LINES * 4000  # 64k lines, ~700k tokens
     tracemalloc.start()
     try:

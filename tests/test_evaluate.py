@@ -31,6 +31,7 @@ def make_router(name: str, **options):
 
 # --------------------------------------------------------------------------- padding and capacity
 
+
 def test_switch_padding_joins_no_queue_and_takes_no_capacity():
     torch.manual_seed(0)
     router = make_router("switch", capacity_factor=1.0)
@@ -61,6 +62,7 @@ def test_expert_choice_prefers_every_real_token_to_padding():
 
 # --------------------------------------------------------------------------- flip rates
 
+
 @pytest.mark.parametrize("term", ["reputation", "load", "bonus"])
 def test_rdesi_flip_rate_matches_a_brute_force_set_comparison(term):
     torch.manual_seed(2)
@@ -75,8 +77,10 @@ def test_rdesi_flip_rate_matches_a_brute_force_set_comparison(term):
     logits = router.gate(x).float()
     terms = router.selection_terms()
     full = logits + sum(terms.values())
-    flipped = [set(full[t].topk(TOP_K).indices.tolist()) != set((full[t] - terms[term]).topk(TOP_K).indices.tolist())
-               for t in range(48)]
+    flipped = [
+        set(full[t].topk(TOP_K).indices.tolist()) != set((full[t] - terms[term]).topk(TOP_K).indices.tolist())
+        for t in range(48)
+    ]
     assert routing.metrics[f"flip_rate_{term}"].item() == pytest.approx(np.mean(flipped))
     assert 0 < np.mean(flipped) < 1  # the case is not degenerate
 
@@ -96,8 +100,9 @@ def test_default_rdesi_terms_each_change_selections_in_training(tmp_path, tiny_s
     # 300 steps: long enough for the UCB bonus to shrink as sqrt(ln N / N); SPEC's starting c = 0.1 flips
     # only 0.1% of the sets by then, so this test fails on it.
     cfg = tiny_run(tiny_shards, "rdesi", max_steps=300, log_every=10)
-    cfg.router = RouterConfig.from_mapping({"name": "rdesi", **{k: v for k, v in options.items()
-                                                                 if k not in ("name", "router")}})
+    cfg.router = RouterConfig.from_mapping(
+        {"name": "rdesi", **{k: v for k, v in options.items() if k not in ("name", "router")}}
+    )
     train(cfg.validate(), tmp_path)
     log = pd.read_parquet(tmp_path / "train_log.parquet")
     late = log[log["step"] > 150]
@@ -106,6 +111,7 @@ def test_default_rdesi_terms_each_change_selections_in_training(tmp_path, tiny_s
 
 
 # --------------------------------------------------------------------------- evaluation groups and blocks
+
 
 def test_evaluation_blocks_are_a_fixed_evenly_spaced_subset_in_a_fixed_order():
     a, b = evaluation_blocks(1000, 100), evaluation_blocks(1000, 100)
@@ -172,12 +178,15 @@ def test_one_job_evaluates_both_splits_in_training_sized_groups(tmp_path, tiny_s
 
 def test_evaluate_needs_one_output_per_split(tmp_path, tiny_shards, capsys):
     train(tiny_run(tiny_shards, "topk", max_steps=3), tmp_path)
-    assert main(["evaluate", "--run", str(tmp_path), "--split", "validation", "test", "--out",
-                 str(tmp_path / "v.json")]) == 2
+    assert (
+        main(["evaluate", "--run", str(tmp_path), "--split", "validation", "test", "--out", str(tmp_path / "v.json")])
+        == 2
+    )
     assert "one output JSON per split" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- loss-free horizon
+
 
 def test_lossfree_bias_rate_scales_with_the_run_length_and_is_recorded(tiny_shards):
     short, long = (tiny_run(tiny_shards, "lossfree", max_steps=n) for n in (100, 1000))
@@ -191,8 +200,10 @@ def test_lossfree_bias_rate_scales_with_the_run_length_and_is_recorded(tiny_shar
 
 # --------------------------------------------------------------------------- current eval settings
 
-def test_eval_json_replaces_the_run_configs_eval_settings_and_a_bad_one_is_one_error_line(tmp_path, tiny_shards,
-                                                                                          capsys):
+
+def test_eval_json_replaces_the_run_configs_eval_settings_and_a_bad_one_is_one_error_line(
+    tmp_path, tiny_shards, capsys
+):
     """The workflow passes the current `eval` settings (--eval-json), so editing them needs no retraining;
     without the flag the run's config.yaml gives them."""
     cfg = tiny_run(tiny_shards, "topk", max_steps=3)
@@ -207,9 +218,11 @@ def test_eval_json_replaces_the_run_configs_eval_settings_and_a_bad_one_is_one_e
     assert json.loads(out.read_text())["eval_blocks"] == 6
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["eval"]["max_blocks"]["test"] == 0  # untouched
     capsys.readouterr()
-    for bad, message in (("{", "--eval-json is not valid JSON"),
-                         ('{"max_blocks": {"test": -1}}', "'eval.max_blocks.test' = -1"),
-                         ('{"batch_size": 8}', "'eval.batch_size' = 8: unknown key")):
+    for bad, message in (
+        ("{", "--eval-json is not valid JSON"),
+        ('{"max_blocks": {"test": -1}}', "'eval.max_blocks.test' = -1"),
+        ('{"batch_size": 8}', "'eval.batch_size' = 8: unknown key"),
+    ):
         assert main([*args, "--eval-json", bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err

@@ -31,20 +31,34 @@ import yaml
 from gtmoe import train as train_module
 from gtmoe.__main__ import main
 from gtmoe.config import save_run_config
+from gtmoe.contract import CHECKPOINT, RESUME_CHECKPOINT, SATURATION_CHECKPOINT
 from gtmoe.data import SPLITS, write_corpus
-from gtmoe.train import (CHECKPOINT, MANIFEST_SUFFIX, RESUME_CHECKPOINT, SATURATION_CHECKPOINT, RunError,
-                         load_checkpoint, manifest_path, train)
+from gtmoe.runfiles import MANIFEST_SUFFIX, RunError, load_checkpoint, manifest_path
+from gtmoe.train import train
 
 from conftest import tiny_run
-from test_workflow import (ALIAS_BOMB, REPO, SMOKE, WIKITEXT, check_like_the_snakefile, copy_checkout,
-                           merged_config, snakemake, write_override)
+from helpers import run_module
+from test_workflow import (
+    ALIAS_BOMB,
+    REPO,
+    SMOKE,
+    WIKITEXT,
+    check_like_the_snakefile,
+    copy_checkout,
+    merged_config,
+    snakemake,
+    write_override,
+)
 
 pytestmark = pytest.mark.faults
 
 TIMING_FIELDS = {"tokens_per_s", "wall_s", "peak_mem_mb"}
 # Files `train` writes into its run directory beside its declared workflow outputs.
-UNDECLARED_RUN_FILES = {RESUME_CHECKPOINT, SATURATION_CHECKPOINT,
-                        *(name + MANIFEST_SUFFIX for name in (CHECKPOINT, RESUME_CHECKPOINT, SATURATION_CHECKPOINT))}
+UNDECLARED_RUN_FILES = {
+    RESUME_CHECKPOINT,
+    SATURATION_CHECKPOINT,
+    *(name + MANIFEST_SUFFIX for name in (CHECKPOINT, RESUME_CHECKPOINT, SATURATION_CHECKPOINT)),
+}
 TRAIN_OUTPUTS = {CHECKPOINT, "config.yaml", "train_log.parquet", "router_log.parquet", "train_summary.json"}
 
 
@@ -59,9 +73,7 @@ def one_torch_thread():
 
 def gtmoe_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300):
     """`python -m gtmoe ...` in a fresh interpreter, importing this checkout's engine."""
-    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gtmoe", *args], cwd=cwd, env=environment, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_module("gtmoe", *args, cwd=cwd, env=env, timeout=timeout)
 
 
 def single_error_line(stderr: str) -> str:
@@ -163,11 +175,19 @@ def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     run_config = shutil.copy(run_dir / "config.yaml", study / "reference_config.yaml")  # what the job was given
     python = shlex.join([sys.executable, "-m", "gtmoe"])
     uninterrupted = subprocess.Popen(
-        ["bash", "-c", f"{python} train --config {shlex.quote(str(run_config))} --out {shlex.quote(str(reference))} "
-                       f"--threads 1 && {python} evaluate --run {shlex.quote(str(reference))} --split test "
-                       f"--out {shlex.quote(str(reference / 'eval_test.json'))} --threads 1"],
-        cwd=study, env={**os.environ, "PYTHONPATH": str(study)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+        [
+            "bash",
+            "-c",
+            f"{python} train --config {shlex.quote(str(run_config))} --out {shlex.quote(str(reference))} "
+            f"--threads 1 && {python} evaluate --run {shlex.quote(str(reference))} --split test "
+            f"--out {shlex.quote(str(reference / 'eval_test.json'))} --threads 1",
+        ],
+        cwd=study,
+        env={**os.environ, "PYTHONPATH": str(study)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         # Recovery as an operator does it after a crash: release the dead run's lock, rerun the same target
         # (the job's outputs are marked incomplete, so Snakemake asks for --rerun-incomplete).
@@ -190,8 +210,10 @@ def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     assert got["train_step"] == steps
     assert without_timing(got) == without_timing(want)
     assert_same_weights(run_dir, reference)
-    logs = [pd.read_parquet(d / "train_log.parquet").drop(columns=["tokens_per_s", "elapsed_s"])
-            for d in (run_dir, reference)]
+    logs = [
+        pd.read_parquet(d / "train_log.parquet").drop(columns=["tokens_per_s", "elapsed_s"])
+        for d in (run_dir, reference)
+    ]
     pd.testing.assert_frame_equal(*logs)
 
 
@@ -202,7 +224,8 @@ import io, os, sys
 from pathlib import Path
 import torch
 from gtmoe.config import load_run_config
-from gtmoe.train import RESUME_CHECKPOINT, train
+from gtmoe.contract import RESUME_CHECKPOINT
+from gtmoe.train import train
 
 config, out, where, die_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 real_save, real_replace = torch.save, os.replace
@@ -242,9 +265,22 @@ def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tiny
     cfg = tiny_run(tiny_shards, "rdesi", max_steps=12, checkpoint_every=4)
     run = tmp_path / "run"
     die_at = 8 if where == "write" else 2  # the step, or the number of the rename (the 2nd = step 8)
-    done = subprocess.run([sys.executable, "-c", DIE_DURING_CHECKPOINT, write_config(cfg, tmp_path / "run.yaml"),
-                           str(run), where, str(die_at)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DIE_DURING_CHECKPOINT,
+            write_config(cfg, tmp_path / "run.yaml"),
+            str(run),
+            where,
+            str(die_at),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 137, done.stderr[-3000:]
     rolling = run / RESUME_CHECKPOINT
     assert load_checkpoint(rolling)["step"] == 4  # verified against its manifest, then loaded
@@ -285,13 +321,15 @@ def garble(path: Path) -> None:
     path.write_text("{not json")
 
 
-@pytest.mark.parametrize("damage, file, expected", [
-    (truncate, "shard-00000.arrow", "bytes, the manifest says"),
-    (flip_a_byte, "shard-00000.arrow", "does not match its sha256 in the manifest (corrupted)"),
-    (garble, "manifest.json", "is unreadable (JSONDecodeError"),
-])
-def test_a_damaged_token_shard_is_named_with_how_to_rebuild_it(tmp_path, tiny_shards, capsys, damage, file,
-                                                               expected):
+@pytest.mark.parametrize(
+    "damage, file, expected",
+    [
+        (truncate, "shard-00000.arrow", "bytes, the manifest says"),
+        (flip_a_byte, "shard-00000.arrow", "does not match its sha256 in the manifest (corrupted)"),
+        (garble, "manifest.json", "is unreadable (JSONDecodeError"),
+    ],
+)
+def test_a_damaged_token_shard_is_named_with_how_to_rebuild_it(tmp_path, tiny_shards, capsys, damage, file, expected):
     shards = shutil.copytree(tiny_shards, tmp_path / "shards")
     damage(shards / "train" / file)
     config = write_config(tiny_run(shards, "topk", max_steps=4), tmp_path / "run.yaml")
@@ -310,12 +348,15 @@ def finished_run(tmp_path, tiny_shards):
     return tmp_path / "run", write_config(cfg, tmp_path / "run.yaml")
 
 
-@pytest.mark.parametrize("damage, file, expected", [
-    (truncate, CHECKPOINT, "bytes but its manifest checkpoint.pt.manifest.json says"),
-    (flip_a_byte, CHECKPOINT, "does not match the sha256 in its manifest checkpoint.pt.manifest.json (corrupted)"),
-    (flip_a_byte, SATURATION_CHECKPOINT, "(corrupted)"),
-    (garble, CHECKPOINT + MANIFEST_SUFFIX, "checkpoint manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, file, expected",
+    [
+        (truncate, CHECKPOINT, "bytes but its manifest checkpoint.pt.manifest.json says"),
+        (flip_a_byte, CHECKPOINT, "does not match the sha256 in its manifest checkpoint.pt.manifest.json (corrupted)"),
+        (flip_a_byte, SATURATION_CHECKPOINT, "(corrupted)"),
+        (garble, CHECKPOINT + MANIFEST_SUFFIX, "checkpoint manifest"),
+    ],
+)
 def test_a_damaged_final_checkpoint_is_named_with_how_to_retrain(finished_run, capsys, damage, file, expected):
     run, _ = finished_run
     damage(run / file)
@@ -327,12 +368,16 @@ def test_a_damaged_final_checkpoint_is_named_with_how_to_retrain(finished_run, c
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (truncate, "bytes but its manifest checkpoint_last.pt.manifest.json says"),
-    (flip_a_byte, "does not match the sha256 in its manifest checkpoint_last.pt.manifest.json (corrupted)"),
-])
-def test_a_damaged_rolling_checkpoint_stops_the_resume_and_its_recovery_works(tmp_path, tiny_shards, capsys,
-                                                                              damage, expected):
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (truncate, "bytes but its manifest checkpoint_last.pt.manifest.json says"),
+        (flip_a_byte, "does not match the sha256 in its manifest checkpoint_last.pt.manifest.json (corrupted)"),
+    ],
+)
+def test_a_damaged_rolling_checkpoint_stops_the_resume_and_its_recovery_works(
+    tmp_path, tiny_shards, capsys, damage, expected
+):
     cfg = tiny_run(tiny_shards, "topk", max_steps=8, checkpoint_every=4)
     config, run = write_config(cfg, tmp_path / "run.yaml"), tmp_path / "run"
     train(cfg, run, stop_after=4)
@@ -379,7 +424,8 @@ def test_a_run_directory_under_proc_is_refused(tmp_path, tiny_shards, capsys):
     config = write_config(tiny_run(tiny_shards, "topk", max_steps=4), tmp_path / "run.yaml")
     assert main(["train", "--config", config, "--out", "/proc/gtmoe-results/run"]) == 2
     assert single_error_line(capsys.readouterr().err).startswith(
-        "error: cannot write the run directory /proc/gtmoe-results/run (")
+        "error: cannot write the run directory /proc/gtmoe-results/run ("
+    )
 
 
 def test_an_unwritable_evaluation_output_is_refused_before_evaluating(finished_run, tmp_path, capsys, monkeypatch):
@@ -399,13 +445,15 @@ def test_an_unwritable_evaluation_output_is_refused_before_evaluating(finished_r
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_asking_for_cuda_without_it_names_the_setting(finished_run, tiny_shards, tmp_path, capsys):
     run, _ = finished_run
-    assert main(["evaluate", "--run", str(run), "--split", "test", "--out", str(run / "e.json"), "--device",
-                 "cuda"]) == 2
+    assert (
+        main(["evaluate", "--run", str(run), "--split", "test", "--out", str(run / "e.json"), "--device", "cuda"]) == 2
+    )
     assert "error: --device = 'cuda': no CUDA device is available here" in capsys.readouterr().err
     config = write_config(tiny_run(tiny_shards, "topk", max_steps=4, device="cuda"), tmp_path / "cuda.yaml")
     assert main(["train", "--config", config, "--out", str(tmp_path / "cuda")]) == 2
     assert single_error_line(capsys.readouterr().err).startswith(
-        "error: config key 'train.device' = 'cuda': no CUDA device is available here")
+        "error: config key 'train.device' = 'cuda': no CUDA device is available here"
+    )
 
 
 DROP = object()  # in BAD_RUN_CONFIGS: remove this key from the valid run config
@@ -415,19 +463,30 @@ BAD_RUN_CONFIGS = {  # `train --config FILE`: FILE's YAML text, None for a direc
     "empty YAML": ("", "config key 'variant' is missing in run config"),
     "no router": ({"router": DROP}, "config key 'router' is missing in run config"),
     "no variant": ({"variant": DROP}, "config key 'variant' is missing in run config"),
-    "duplicate key": ("variant: topk\nrouter: {name: topk}\nvariant: rdesi\n",
-                      "run.yaml line 3: invalid YAML: duplicate key 'variant' (first on line 1)"),
-    "alias bomb": ("variant: topk\nrouter: {name: topk}\n" + ALIAS_BOMB.replace("colour", "junk"),
-                   "run.yaml line 4: invalid YAML: YAML anchor &a is not accepted"),
+    "duplicate key": (
+        "variant: topk\nrouter: {name: topk}\nvariant: rdesi\n",
+        "run.yaml line 3: invalid YAML: duplicate key 'variant' (first on line 1)",
+    ),
+    "alias bomb": (
+        "variant: topk\nrouter: {name: topk}\n" + ALIAS_BOMB.replace("colour", "junk"),
+        "run.yaml line 4: invalid YAML: YAML anchor &a is not accepted",
+    ),
     "binary file": (b"\x80\x81PK\x03\x04", "is not UTF-8 text"),
-    "duplicate JSON key": ('{"variant": "topk", "router": {"name": "topk"}, "variant": "x"}',
-                           "run.yaml: duplicate key 'variant' in a JSON object"),
+    "duplicate JSON key": (
+        '{"variant": "topk", "router": {"name": "topk"}, "variant": "x"}',
+        "run.yaml: duplicate key 'variant' in a JSON object",
+    ),
     "seed >= 2**63": ({"train": {"seed": 2**64}}, "'train.seed' = 18446744073709551616: must be an integer"),
     "inf lr": ({"train": {"lr": float("inf")}}, "'train.lr' = inf: must be a finite number"),
-    "nan router option": ({"router": {"name": "rdesi", "gamma": float("nan")}}, "'router.gamma' = nan: must be a finite"),
+    "nan router option": (
+        {"router": {"name": "rdesi", "gamma": float("nan")}},
+        "'router.gamma' = nan: must be a finite",
+    ),
     "100k experts": ({"model": {"n_experts": 100_000}}, "'model.n_experts' = 100000: must be <= 4096"),
-    "1e9 learned positions": ({"model": {"max_seq_len": 10**9, "positional": "learned"}},
-                              "'model.max_seq_len' = 1000000000: must be <= 1048576"),
+    "1e9 learned positions": (
+        {"model": {"max_seq_len": 10**9, "positional": "learned"}},
+        "'model.max_seq_len' = 1000000000: must be <= 1048576",
+    ),
 }
 
 
@@ -494,8 +553,17 @@ def test_a_missing_corpus_names_the_local_directory_and_the_hub(tmp_path):
     hermetic = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # no cache
     # Parse time lets source auto through (the hub may serve it); the corpus job fails naming both sources.
     check_like_the_snakefile(merged_config({"data": {"source": "auto", "local_dir": str(nowhere)}}))
-    done = gtmoe_cli("prepare", "corpus", "--source", "auto", "--local-dir", str(nowhere),
-                     "--out", str(tmp_path / "corpus"), env=hermetic)
+    done = gtmoe_cli(
+        "prepare",
+        "corpus",
+        "--source",
+        "auto",
+        "--local-dir",
+        str(nowhere),
+        "--out",
+        str(tmp_path / "corpus"),
+        env=hermetic,
+    )
     assert done.returncode == 2, done.stderr
     error = single_error_line(done.stderr)
     assert f"tried the local directory {nowhere}" in error and "the hub dataset Salesforce/wikitext" in error
@@ -506,8 +574,10 @@ def test_a_missing_corpus_names_the_local_directory_and_the_hub(tmp_path):
 def test_a_too_small_vocabulary_is_refused_by_the_tokenizer_stage(tmp_path, capsys):
     write_corpus({split: [" = Title = ", " some words here"] for split in SPLITS}, tmp_path / "corpus")
     out = tmp_path / "tokenizer.json"
-    assert main(["prepare", "tokenizer", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "100",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["prepare", "tokenizer", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "100", "--out", str(out)])
+        == 2
+    )
     error = single_error_line(capsys.readouterr().err)
     assert "vocab_size=100 is too small: a byte-level BPE needs at least 258" in error
     assert not out.exists()
@@ -515,8 +585,10 @@ def test_a_too_small_vocabulary_is_refused_by_the_tokenizer_stage(tmp_path, caps
 
 BAD_INPUTS_AT_PARSE_TIME = {  # rows the table of tests/test_workflow.py checks less strictly or not at all
     "empty seeds": ({"seeds": []}, ["[] should be non-empty", "On instance['seeds']"]),
-    "vocabulary too small": ({"data": {"vocab_size": 100}},
-                             ["100 is less than the minimum of 258", "On instance['data']['vocab_size']"]),
+    "vocabulary too small": (
+        {"data": {"vocab_size": 100}},
+        ["100 is less than the minimum of 258", "On instance['data']['vocab_size']"],
+    ),
     "empty corpus split": (None, ["'data.local_dir' = ", "the test split", "wiki.test.tokens is empty"]),
 }
 
@@ -553,15 +625,18 @@ def poison(monkeypatch, micro_batches: set[int], factor: float) -> None:
     monkeypatch.setattr(train_module.MoETransformer, "forward", poisoned)
 
 
-def test_cli_stops_on_a_nan_loss_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shards,
-                                                                                     monkeypatch, capsys):
+def test_cli_stops_on_a_nan_loss_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_shards, monkeypatch, capsys
+):
     cfg = tiny_run(tiny_shards, "rdesi", max_steps=12, checkpoint_every=4, log_every=2)
     config, run = write_config(cfg, tmp_path / "run.yaml"), tmp_path / "run"
     poison(monkeypatch, {6}, float("nan"))  # the 6th micro-batch is step 5 (0-based)
     assert main(["train", "--config", config, "--out", str(run)]) == 1
     error = single_error_line(capsys.readouterr().err)
-    assert error.startswith(f"error: non-finite loss at step 5 in {run}; the last good checkpoint "
-                            f"{run / RESUME_CHECKPOINT} (step 4) was kept")
+    assert error.startswith(
+        f"error: non-finite loss at step 5 in {run}; the last good checkpoint "
+        f"{run / RESUME_CHECKPOINT} (step 4) was kept"
+    )
     assert "train.nonfinite: skip" in error
     kept = load_checkpoint(run / RESUME_CHECKPOINT)  # verified against its manifest
     assert kept["step"] == 4 and all(torch.isfinite(v.float()).all() for v in kept["model"].values())
@@ -665,7 +740,8 @@ def test_train_and_evaluate_write_only_into_their_own_run_directory_and_json(tmp
     assert main(["evaluate", "--run", str(run), "--split", "test", "--out", str(run / "eval_test.json")]) == 0
     evaluated = files_below(tmp_path)
     assert {path for path, digest in evaluated.items() if trained.get(path) != digest} == {
-        tmp_path / run / "eval_test.json"}
+        tmp_path / run / "eval_test.json"
+    }
     assert set(trained) <= set(evaluated)
 
 
@@ -679,19 +755,70 @@ def prepared(tmp_path_factory) -> Path:
     from gtmoe.data import LOCAL_FILES
 
     root = tmp_path_factory.mktemp("prepared")
-    article = [" = Title = ", "", " the cat sat on the mat , and the dog sat on the log .", "",
-               " = = Part = = ", "", " a cat and a dog ; 1 @,@ 000 words of text @-@ like this .", ""]
+    article = [
+        " = Title = ",
+        "",
+        " the cat sat on the mat , and the dog sat on the log .",
+        "",
+        " = = Part = = ",
+        "",
+        " a cat and a dog ; 1 @,@ 000 words of text @-@ like this .",
+        "",
+    ]
     (root / "local").mkdir()
     for split, name in LOCAL_FILES.items():
         (root / "local" / name).write_text("\n".join(article * (40 if split == "train" else 8)) + "\n")
-    assert main(["prepare", "corpus", "--source", "local", "--local-dir", str(root / "local"), "--no-verify",
-                 "--out", str(root / "corpus")]) == 0
-    assert main(["prepare", "tokenizer", "--corpus", str(root / "corpus"), "--vocab-size", "300",
-                 "--out", str(root / "tokenizer.json")]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "corpus",
+                "--source",
+                "local",
+                "--local-dir",
+                str(root / "local"),
+                "--no-verify",
+                "--out",
+                str(root / "corpus"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                "tokenizer",
+                "--corpus",
+                str(root / "corpus"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(root / "tokenizer.json"),
+            ]
+        )
+        == 0
+    )
     for split in SPLITS:
-        assert main(["prepare", "shards", "--corpus", str(root / "corpus"), "--tokenizer",
-                     str(root / "tokenizer.json"), "--split", split, "--seq-len", "16",
-                     "--out", str(root / "shards" / split)]) == 0
+        assert (
+            main(
+                [
+                    "prepare",
+                    "shards",
+                    "--corpus",
+                    str(root / "corpus"),
+                    "--tokenizer",
+                    str(root / "tokenizer.json"),
+                    "--split",
+                    split,
+                    "--seq-len",
+                    "16",
+                    "--out",
+                    str(root / "shards" / split),
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -709,31 +836,74 @@ def _evaluate_command(request, tmp_path):
 
 def _baselines_command(request, tmp_path):
     shards = request.getfixturevalue("prepared") / "shards"
-    return main, ["baselines", "--shards", str(shards), "--out", str(tmp_path / "base" / "ngram.json")], \
-        tmp_path / "base"
+    return (
+        main,
+        ["baselines", "--shards", str(shards), "--out", str(tmp_path / "base" / "ngram.json")],
+        tmp_path / "base",
+    )
 
 
 def _corpus_command(request, tmp_path):
     local = request.getfixturevalue("prepared") / "local"
-    return main, ["prepare", "corpus", "--source", "local", "--local-dir", str(local), "--no-verify",
-                  "--out", str(tmp_path / "corpus")], tmp_path / "corpus"
+    return (
+        main,
+        [
+            "prepare",
+            "corpus",
+            "--source",
+            "local",
+            "--local-dir",
+            str(local),
+            "--no-verify",
+            "--out",
+            str(tmp_path / "corpus"),
+        ],
+        tmp_path / "corpus",
+    )
 
 
 def _tokenizer_command(request, tmp_path):
     corpus = request.getfixturevalue("prepared") / "corpus"
-    return main, ["prepare", "tokenizer", "--corpus", str(corpus), "--vocab-size", "300",
-                  "--out", str(tmp_path / "data" / "tokenizer.json")], tmp_path / "data"
+    return (
+        main,
+        [
+            "prepare",
+            "tokenizer",
+            "--corpus",
+            str(corpus),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(tmp_path / "data" / "tokenizer.json"),
+        ],
+        tmp_path / "data",
+    )
 
 
 def _shards_command(request, tmp_path):
     prepared = request.getfixturevalue("prepared")
-    return main, ["prepare", "shards", "--corpus", str(prepared / "corpus"), "--tokenizer",
-                  str(prepared / "tokenizer.json"), "--split", "validation", "--seq-len", "16",
-                  "--out", str(tmp_path / "shards" / "validation")], tmp_path / "shards" / "validation"
+    return (
+        main,
+        [
+            "prepare",
+            "shards",
+            "--corpus",
+            str(prepared / "corpus"),
+            "--tokenizer",
+            str(prepared / "tokenizer.json"),
+            "--split",
+            "validation",
+            "--seq-len",
+            "16",
+            "--out",
+            str(tmp_path / "shards" / "validation"),
+        ],
+        tmp_path / "shards" / "validation",
+    )
 
 
 def _analysis_study(tmp_path) -> list[str]:
-    from conftest_analysis import write_study
+    from helpers import write_study
 
     return [str(d) for d in write_study(tmp_path / "runs", variants=("dense", "topk"), seeds=(0, 1))]
 
@@ -742,8 +912,19 @@ def _aggregate_command(request, tmp_path):
     from analysis.__main__ import main as analysis_main
 
     summary = tmp_path / "summary"
-    return analysis_main, ["aggregate", "--run-dirs", *_analysis_study(tmp_path), "--out-table",
-                           str(summary / "runs.parquet"), "--out-status", str(summary / "run_status.csv")], summary
+    return (
+        analysis_main,
+        [
+            "aggregate",
+            "--run-dirs",
+            *_analysis_study(tmp_path),
+            "--out-table",
+            str(summary / "runs.parquet"),
+            "--out-status",
+            str(summary / "run_status.csv"),
+        ],
+        summary,
+    )
 
 
 def _figures_command(request, tmp_path):
@@ -751,15 +932,37 @@ def _figures_command(request, tmp_path):
 
     run_dirs = _analysis_study(tmp_path)
     table = tmp_path / "summary" / "runs.parquet"
-    assert analysis_main(["aggregate", "--run-dirs", *run_dirs, "--out-table", str(table),
-                          "--out-status", str(tmp_path / "summary" / "run_status.csv")]) == 0
-    return analysis_main, ["figures", "--table", str(table), "--run-dirs", *run_dirs,
-                           "--out-dir", str(tmp_path / "figures")], tmp_path / "figures"
+    assert (
+        analysis_main(
+            [
+                "aggregate",
+                "--run-dirs",
+                *run_dirs,
+                "--out-table",
+                str(table),
+                "--out-status",
+                str(tmp_path / "summary" / "run_status.csv"),
+            ]
+        )
+        == 0
+    )
+    return (
+        analysis_main,
+        ["figures", "--table", str(table), "--run-dirs", *run_dirs, "--out-dir", str(tmp_path / "figures")],
+        tmp_path / "figures",
+    )
 
 
-COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "baselines": _baselines_command,
-            "corpus": _corpus_command, "tokenizer": _tokenizer_command, "shards": _shards_command,
-            "aggregate": _aggregate_command, "figures": _figures_command}
+COMMANDS = {
+    "train": _train_command,
+    "evaluate": _evaluate_command,
+    "baselines": _baselines_command,
+    "corpus": _corpus_command,
+    "tokenizer": _tokenizer_command,
+    "shards": _shards_command,
+    "aggregate": _aggregate_command,
+    "figures": _figures_command,
+}
 
 
 def no_space() -> OSError:
@@ -792,6 +995,7 @@ def write_fails(monkeypatch, file: Path) -> None:
 
 def torch_save_fails(error: Exception):
     """torch.save of a resumable checkpoint raises `error` (torch wraps some failed writes in a RuntimeError)."""
+
     def inject(monkeypatch, file: Path) -> None:
         real = torch.save
 
@@ -801,6 +1005,7 @@ def torch_save_fails(error: Exception):
             return real(obj, f, *args, **kwargs)
 
         monkeypatch.setattr(torch, "save", save)
+
     return inject
 
 
@@ -830,8 +1035,12 @@ def savefig_fails(monkeypatch, file: Path) -> None:
 
 FULL_DISK = [  # (command, the file whose write fails, how, what the error says about why)
     ("train", RESUME_CHECKPOINT, torch_save_fails(no_space()), "No space left on device"),
-    ("train", RESUME_CHECKPOINT, torch_save_fails(RuntimeError(
-        "[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")), "unexpected pos 64 vs 0"),
+    (
+        "train",
+        RESUME_CHECKPOINT,
+        torch_save_fails(RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")),
+        "unexpected pos 64 vs 0",
+    ),
     ("train", "train_summary.json", rename_fails, "No space left on device"),
     ("evaluate", "eval_test.json", write_fails, "No space left on device"),
     ("baselines", "ngram.json", rename_fails, "No space left on device"),
@@ -844,10 +1053,12 @@ FULL_DISK = [  # (command, the file whose write fails, how, what the error says 
 ]
 
 
-@pytest.mark.parametrize("command, name, inject, reason", FULL_DISK,
-                         ids=[f"{c}-{n}-{r.split()[0]}" for c, n, _, r in FULL_DISK])
-def test_a_full_disk_is_one_error_line_naming_the_file(request, tmp_path, monkeypatch, capsys, command, name,
-                                                       inject, reason):
+@pytest.mark.parametrize(
+    "command, name, inject, reason", FULL_DISK, ids=[f"{c}-{n}-{r.split()[0]}" for c, n, _, r in FULL_DISK]
+)
+def test_a_full_disk_is_one_error_line_naming_the_file(
+    request, tmp_path, monkeypatch, capsys, command, name, inject, reason
+):
     cli, argv, where = COMMANDS[command](request, tmp_path)
     capsys.readouterr()
     inject(monkeypatch, where / name)
@@ -893,18 +1104,39 @@ def make_a_directory(path: Path) -> None:
     path.mkdir()
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (truncate, "is unreadable or corrupt"),
-    (garble, "is unreadable or corrupt"),
-    (lambda path: path.write_text('{"version": "1.0"}'), "is unreadable or corrupt"),
-    (make_a_directory, "is a directory, not a tokenizer file"),
-], ids=["truncated", "garbled", "not-a-tokenizer", "directory"])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (truncate, "is unreadable or corrupt"),
+        (garble, "is unreadable or corrupt"),
+        (lambda path: path.write_text('{"version": "1.0"}'), "is unreadable or corrupt"),
+        (make_a_directory, "is a directory, not a tokenizer file"),
+    ],
+    ids=["truncated", "garbled", "not-a-tokenizer", "directory"],
+)
 def test_a_corrupt_tokenizer_is_named_with_how_to_rebuild_it(prepared, tmp_path, capsys, damage, expected):
     tokenizer = Path(shutil.copy(prepared / "tokenizer.json", tmp_path / "tokenizer.json"))
     damage(tokenizer)
     out = tmp_path / "shards" / "validation"
-    assert main(["prepare", "shards", "--corpus", str(prepared / "corpus"), "--tokenizer", str(tokenizer),
-                 "--split", "validation", "--seq-len", "16", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "shards",
+                "--corpus",
+                str(prepared / "corpus"),
+                "--tokenizer",
+                str(tokenizer),
+                "--split",
+                "validation",
+                "--seq-len",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     error = single_error_line(capsys.readouterr().err)
     assert str(tokenizer) in error and expected in error and "rerun snakemake" in error, error
     assert f"rm {tokenizer}" in error or f"rm -r {tokenizer}" in error
@@ -985,8 +1217,9 @@ NON_FINITE_EVALUATIONS = [  # (variant, eval JSON key, value written, expected r
 ]
 
 
-@pytest.mark.parametrize("variant, key, value, status", NON_FINITE_EVALUATIONS,
-                         ids=[f"{v}-{k}-{x}" for v, k, x, _ in NON_FINITE_EVALUATIONS])
+@pytest.mark.parametrize(
+    "variant, key, value, status", NON_FINITE_EVALUATIONS, ids=[f"{v}-{k}-{x}" for v, k, x, _ in NON_FINITE_EVALUATIONS]
+)
 def test_a_non_finite_metric_marks_the_run_failed_in_the_status_table(tmp_path, variant, key, value, status):
     from analysis.__main__ import main as analysis_main
 
@@ -996,8 +1229,20 @@ def test_a_non_finite_metric_marks_the_run_failed_in_the_status_table(tmp_path, 
     evaluation[key] = value
     damaged.write_text(json.dumps(evaluation))  # Python's json writes NaN and Infinity as such
     summary = tmp_path / "summary"
-    assert analysis_main(["aggregate", "--run-dirs", *run_dirs, "--out-table", str(summary / "runs.parquet"),
-                          "--out-status", str(summary / "run_status.csv")]) == 0
+    assert (
+        analysis_main(
+            [
+                "aggregate",
+                "--run-dirs",
+                *run_dirs,
+                "--out-table",
+                str(summary / "runs.parquet"),
+                "--out-status",
+                str(summary / "run_status.csv"),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(summary / "run_status.csv").set_index(["variant", "seed"])
     assert table.loc[(variant, 1), "status"] == status
     if status == "failed":

@@ -17,8 +17,9 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from gtmoe import moe, routers
-from gtmoe.config import RouterConfig
+from gtmoe.config import RouterConfig, TrainConfig
 from gtmoe.model import MoETransformer
+from gtmoe.step import accumulate_gradients
 
 from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
 
@@ -43,9 +44,9 @@ def train_step_without_data(router: dict, dtype: torch.dtype = torch.float32) ->
         with default_dtype(dtype):
             model = MoETransformer(tiny_model(), RouterConfig.from_mapping(router).for_horizon(100)).train()
         idx = torch.randint(0, TINY_VOCAB, (2, TINY_SEQ))
-        out = model(idx, idx)
-        model.observe_token_loss(out.token_loss)
-        (out.loss + out.router_loss).backward()
+        # The trainer's micro-batch loop (gtmoe.step; the optimizer's own bookkeeping reads its step count
+        # on the host by design, so it is left out), then the routers' update its post-hook runs.
+        accumulate_gradients(model, model, [(idx, idx)], TrainConfig(grad_accum=1, grad_clip=1.0), idx.device)
         model.update_router_states()
 
 

@@ -9,8 +9,9 @@ import torch
 
 from gtmoe import routers
 from gtmoe.config import ConfigError, RouterConfig
+from gtmoe.ffn import SwiGLU
 from gtmoe.model import MoETransformer
-from gtmoe.moe import MoELayer, SwiGLU
+from gtmoe.moe import MoELayer
 from gtmoe.routers.base import balance_loss, expert_counts
 
 from conftest import tiny_model

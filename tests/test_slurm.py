@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import run_module
 from test_workflow import RUN_FILES, SMOKE, SUMMARY_FILES, copy_checkout
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
@@ -59,8 +60,19 @@ def slurm_study(tmp_path_factory):
     override = root / "longer.yaml"
     override.write_text(yaml.safe_dump(LONGER_TRAINING))
     # A short first status poll (the profile's 10 s suits real clusters; here it would dominate).
-    command = [sys.executable, "-m", "snakemake", "--profile", "slurm", "--configfile", SMOKE, str(override),
-               "--slurm-keep-successful-logs", "--slurm-init-seconds-before-status-checks", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "slurm",
+        "--configfile",
+        SMOKE,
+        str(override),
+        "--slurm-keep-successful-logs",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+    ]
     log = open(root / "snakemake.log", "w")
     process = subprocess.Popen(command, cwd=study, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -116,14 +128,35 @@ def test_preempted_training_resumes_and_matches_an_uninterrupted_run(slurm_study
     # (float reductions, so bitwise results, depend on the number of threads).
     reference = tmp_path / "uninterrupted"
     resources = yaml.safe_load((study / SMOKE).read_text())["resources"]
-    for args in (["train", "--config", str(run / "config.yaml"), "--out", str(reference),
-                  "--threads", str(resources["train"]["threads"])],
-                 ["evaluate", "--run", str(reference), "--split", "test", "--out", str(reference / "eval_test.json"),
-                  "--threads", str(resources["evaluate"]["threads"])]):
-        subprocess.run([sys.executable, "-m", "gtmoe", *args], cwd=study, check=True, capture_output=True)
+    for args in (
+        [
+            "train",
+            "--config",
+            str(run / "config.yaml"),
+            "--out",
+            str(reference),
+            "--threads",
+            str(resources["train"]["threads"]),
+        ],
+        [
+            "evaluate",
+            "--run",
+            str(reference),
+            "--split",
+            "test",
+            "--out",
+            str(reference / "eval_test.json"),
+            "--threads",
+            str(resources["evaluate"]["threads"]),
+        ],
+    ):
+        run_module("gtmoe", *args, cwd=study, check=True)
     resumed = json.loads((run / "eval_test.json").read_text())
     expected = json.loads((reference / "eval_test.json").read_text())
-    assert {k: v for k, v in resumed.items() if k not in TIMING_FIELDS} == \
-        {k: v for k, v in expected.items() if k not in TIMING_FIELDS}
-    final, uninterrupted = (torch.load(path / "checkpoint.pt", weights_only=False)["model"] for path in (run, reference))
+    assert {k: v for k, v in resumed.items() if k not in TIMING_FIELDS} == {
+        k: v for k, v in expected.items() if k not in TIMING_FIELDS
+    }
+    final, uninterrupted = (
+        torch.load(path / "checkpoint.pt", weights_only=False)["model"] for path in (run, reference)
+    )
     assert all(torch.equal(final[key], uninterrupted[key]) for key in final)

@@ -11,10 +11,13 @@ import torch
 from gtmoe import train as train_module
 from gtmoe.__main__ import main
 from gtmoe.config import save_run_config
+from gtmoe.contract import CHECKPOINT, RESUME_CHECKPOINT
 from gtmoe.evaluate import evaluate
-from gtmoe.train import CHECKPOINT, RESUME_CHECKPOINT, DataOrder, NonFiniteLossError, train
+from gtmoe.routers.topk import TopKRouter
+from gtmoe.runfiles import NonFiniteLossError
+from gtmoe.train import DataOrder, train
 
-from conftest import tiny_run
+from conftest import TINY_SEQ, tiny_run
 
 
 def final_weights(run_dir):
@@ -73,13 +76,83 @@ def test_training_lowers_the_loss_and_logs_router_state(tmp_path, tiny_shards):
     assert summary["n_active_params"] < summary["n_params"]
 
 
+class VisitCounter(TopKRouter):
+    """A toy stateful router, known to nothing but this test: it counts each expert's assignments."""
+
+    state_names = ("visits",)
+
+    def __init__(self, options, d_model, n_experts, top_k):
+        super().__init__(options, d_model, n_experts, top_k)
+        self.register_buffer("visits", torch.zeros(n_experts))
+
+    @torch.no_grad()
+    def update_state(self):
+        self.visits += self.step_counts
+        super().update_state()
+
+    def state_for_log(self):
+        return {"visits": self.visits}
+
+
+def test_a_new_stateful_routers_state_reaches_the_router_log_and_the_figure(tmp_path, tiny_shards, monkeypatch):
+    from analysis import collect, figures
+    from gtmoe.routers import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "visit_counter", VisitCounter)  # removed again after the test
+    VisitCounter.name = "visit_counter"
+    run = tmp_path / "visit_counter" / "seed0"
+    train(tiny_run(tiny_shards, "visit_counter", max_steps=6), run)
+    log = pd.read_parquet(run / "router_log.parquet")
+    assert list(log.columns) == ["step", "layer", "expert", "load", "visits"]
+    visits = log[(log["layer"] == 0)].groupby("step")["visits"].sum()
+    assert visits.is_monotonic_increasing and visits.iloc[-1] == 6 * 4 * TINY_SEQ * 2  # steps x tokens x top-2
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append([ax.get_title() for ax in fig.axes]))
+    figures.plot_router_state(collect.load_router_logs([run]), tmp_path / "state.png")
+    assert any("visit_counter — visits" in title for title in drawn[0])
+
+
+def test_a_router_must_declare_the_state_it_logs(tmp_path, tiny_shards, monkeypatch):
+    from gtmoe.routers import registry
+
+    class Undeclared(VisitCounter):
+        state_names = ()
+
+    monkeypatch.setitem(registry._REGISTRY, "undeclared", Undeclared)
+    Undeclared.name = "undeclared"
+    with pytest.raises(
+        TypeError,
+        match=r"router 'undeclared': state_for_log\(\) returns \['visits'\] but "
+        r"state_names declares \[\]",
+    ):
+        train(tiny_run(tiny_shards, "undeclared", max_steps=4), tmp_path)
+
+
 @pytest.mark.parametrize("router", ["topk", "switch", "expert_choice", "lossfree", "rdesi", "dense"])
 def test_evaluation_reports_every_metric(tmp_path, tiny_shards, router):
     train(tiny_run(tiny_shards, router, max_steps=4), tmp_path)
     result = evaluate(tmp_path, "test")
-    for key in ("variant", "seed", "split", "ppl", "word_ppl", "nll", "tokens", "gini", "load_entropy", "cv",
-                "maxvio_global", "maxvio_batch", "dead_experts", "drop_rate", "token_expert_mi", "n_params",
-                "n_active_params", "tokens_per_s", "per_layer"):
+    for key in (
+        "variant",
+        "seed",
+        "split",
+        "ppl",
+        "word_ppl",
+        "nll",
+        "tokens",
+        "gini",
+        "load_entropy",
+        "cv",
+        "maxvio_global",
+        "maxvio_batch",
+        "dead_experts",
+        "drop_rate",
+        "token_expert_mi",
+        "n_params",
+        "n_active_params",
+        "tokens_per_s",
+        "per_layer",
+    ):
         assert key in result, key
     assert result["tokens"] == 1000 + 50 - 1  # every token after the first is a target exactly once
     json.dumps(result, allow_nan=False)
@@ -146,8 +219,20 @@ def test_cli_train_and_evaluate(tmp_path, tiny_shards):
     cfg = tiny_run(tiny_shards, "rdesi", max_steps=4)
     save_run_config(cfg, tmp_path / "run.yaml")
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
-    assert main(["evaluate", "--run", str(tmp_path / "run"), "--split", "validation",
-                 "--out", str(tmp_path / "run" / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(tmp_path / "run"),
+                "--split",
+                "validation",
+                "--out",
+                str(tmp_path / "run" / "eval.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["variant"] == "rdesi" and result["split"] == "validation"
 

@@ -7,28 +7,61 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from helpers import run_module
+
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 SMOKE = "workflow/presets/smoke.yaml"
-FIGURES = ("perplexity", "pareto", "reference_forest", "load_balance", "load_heatmap", "training_balance",
-           "rdesi_internals", "ablation_forest", "flip_rates")
-RUN_FILES = ("checkpoint.pt", "config.yaml", "train_log.parquet", "router_log.parquet", "train_summary.json",
-             "eval_validation.json", "eval_test.json")
-SUMMARY_FILES = ("runs.parquet", "run_status.csv", "run_status.html", "summary.csv", "summary.html",
-                 "comparisons.csv", "comparisons.html", "ablations.csv", "ablations.html", "findings.html",
-                 "compute.csv", "compute.html")
+FIGURES = (
+    "perplexity",
+    "pareto",
+    "reference_forest",
+    "load_balance",
+    "load_heatmap",
+    "training_balance",
+    "router_state",
+    "ablation_forest",
+    "flip_rates",
+)
+RUN_FILES = (
+    "checkpoint.pt",
+    "config.yaml",
+    "train_log.parquet",
+    "router_log.parquet",
+    "train_summary.json",
+    "eval_validation.json",
+    "eval_test.json",
+)
+SUMMARY_FILES = (
+    "runs.parquet",
+    "run_status.csv",
+    "run_status.html",
+    "summary.csv",
+    "summary.html",
+    "comparisons.csv",
+    "comparisons.html",
+    "ablations.csv",
+    "ablations.html",
+    "findings.html",
+    "compute.csv",
+    "compute.html",
+    "sensitivity.csv",
+    "sensitivity.html",
+    "sensitivity_best.csv",
+    "sensitivity_best.html",
+)
+SMOKE_SWEEP = "rdesi_bonus"  # the smoke preset's sweep: rdesi's c at 0 and 30 beside its own value
+SMOKE_SWEEP_POINTS = ("rdesi-c0", "rdesi-c30")
 
 
 def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_module("snakemake", *args, cwd=cwd, timeout=timeout)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -36,7 +69,8 @@ def job_counts(output: str) -> dict[str, int]:
     table = output.split("Job stats:", 1)[1]
     counts = {}
     for line in table.splitlines()[3:]:
-        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        match = re.match(r"^([\w.-]+)\s+(\d+)$", line.strip())  # sweep points' names hold '.' and '-'
+
         if not match:
             break
         counts[match[1]] = int(match[2])
@@ -46,8 +80,9 @@ def job_counts(output: str) -> dict[str, int]:
 
 def copy_checkout(dest: Path) -> Path:
     """The checkout's files (tracked and untracked, not ignored) with the corpus path made absolute."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -79,16 +114,27 @@ def test_dry_run_trains_and_evaluates_every_variant_and_seed():
     counts = job_counts(done.stdout)
     assert counts["train"] == runs and "run_config" not in counts  # no job just to write a config
     assert counts["evaluate"] == runs  # one job per run evaluates validation and test
-    for shared in ("corpus", "tokenizer", "ngram_baselines", "aggregate", "statistics", "figures", "findings",
-                   "compute", "all"):
+    for shared in (
+        "corpus",
+        "tokenizer",
+        "ngram_baselines",
+        "aggregate",
+        "statistics",
+        "figures",
+        "findings",
+        "compute",
+        "all",
+    ):
         assert counts[shared] == 1, shared
     assert counts["shards"] == 3
 
 
 def test_adding_a_variant_or_a_seed_is_a_config_edit(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    override = {"seeds": [0, 1, 2, 3],
-                "variants": config["variants"] + [{"name": "rdesi_strong", "router": "rdesi", "beta": 1.0}]}
+    override = {
+        "seeds": [0, 1, 2, 3],
+        "variants": config["variants"] + [{"name": "rdesi_strong", "router": "rdesi", "beta": 1.0}],
+    }
     done = snakemake("--dry-run", "--forceall", "--configfile", write_override(tmp_path, override))
     assert done.returncode == 0, done.stderr
     assert job_counts(done.stdout)["train"] == 4 * (len(config["variants"]) + 1)
@@ -96,7 +142,8 @@ def test_adding_a_variant_or_a_seed_is_a_config_edit(tmp_path):
 
 
 ALIAS_BOMB = "colour:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"  {b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))  # 9**9 strings from 0.4 kB
+    f"  {b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+)  # 9**9 strings from 0.4 kB
 
 BAD_INPUTS = [
     ({"variants": [{"name": "a", "router": "topq"}]}, "'variants[0].router' = 'topq': unknown router"),
@@ -104,8 +151,10 @@ BAD_INPUTS = [
     ({"train": {"lr": 0.0}}, "'train.lr' = 0.0: must be > 0"),
     ({"train": {"lr": -1.0}}, "'train.lr' = -1.0: must be > 0"),
     ({"seeds": []}, "seeds"),
-    ({"variants": [{"name": "topk", "router": "topk"}, {"name": "topk", "router": "switch"}]},
-     "'variants[1].name' = 'topk': duplicate variant name"),
+    (
+        {"variants": [{"name": "topk", "router": "topk"}, {"name": "topk", "router": "switch"}]},
+        "'variants[1].name' = 'topk': duplicate variant name",
+    ),
     ({"train": {"max_stepz": 10}}, "'train.max_stepz' = 10: unknown key"),
     ({"colour": "blue"}, "colour"),
     ({"train": {"max_steps": "many"}}, "'train.max_steps' = 'many': must be of type int"),
@@ -114,14 +163,19 @@ BAD_INPUTS = [
     ({"data": {"seq_len": 128}}, "'data.seq_len' = 128: must be <= model.max_seq_len = 64"),
     ({"reference": "nonexistent"}, "'reference' = 'nonexistent': must be one of the variants"),
     ({"data": {"source": "local", "local_dir": "/nonexistent/wikitext"}}, "'data.local_dir' = '/nonexistent/wikitext'"),
-    ({"variants": [{"name": "sw", "router": "switch", "capacity_factor": 0}]},
-     "'variants[0].capacity_factor' = 0.0: must be > 0"),
+    (
+        {"variants": [{"name": "sw", "router": "switch", "capacity_factor": 0}]},
+        "'variants[0].capacity_factor' = 0.0: must be > 0",
+    ),
     ({"variants": [{"name": "r", "router": "rdesi", "betta": 1}]}, "'variants[0].betta' = 1: unknown key"),
     ({"statistics": {"primary": ["ppl", "perplexity"]}}, "'statistics.primary' = 'perplexity': unknown metric"),
     ({"statistics": {"alpha": 0.5, "power": 0.4}}, "'statistics.power' = 0.4: must exceed statistics.alpha = 0.5"),
     ({"statistics": {"alpha": 1.5}}, "alpha"),
     ({"findings": {"still_learning_slope": 0}}, "still_learning_slope"),
-    ({"findings": {"still_learning_slope": -1.0}}, "'findings.still_learning_slope' = -1.0: must be a finite number > 0"),
+    (
+        {"findings": {"still_learning_slope": -1.0}},
+        "'findings.still_learning_slope' = -1.0: must be a finite number > 0",
+    ),
     # Issue 13: every input bounded at parse time. A str is the --configfile's YAML text, read as common.smk does.
     ("train:\n  lr: 0.001\n  lr: 0.002\n", "override.yaml line 3: invalid YAML: duplicate key 'lr' (first on line 2)"),
     (ALIAS_BOMB, "override.yaml line 2: invalid YAML: YAML anchor &a is not accepted"),
@@ -134,21 +188,44 @@ BAD_INPUTS = [
     ({"train": {"grad_clip": float("nan")}}, "'train.grad_clip' = nan: must be a finite number"),
     ({"train": {"grad_clip": float("-inf")}}, "'train.grad_clip' = -inf: must be a finite number"),
     ({"model": {"dropout": float("nan")}}, "'model.dropout' = nan: must be a finite number"),
-    ({"variants": [{"name": "t", "router": "topk", "aux_loss_coef": float("inf")}]},
-     "'variants[0].aux_loss_coef' = inf: must be a finite number"),
-    ({"variants": [{"name": "r", "router": "rdesi", "beta": float("nan")}]}, "'variants[0].beta' = nan: must be a finite"),
+    (
+        {"variants": [{"name": "t", "router": "topk", "aux_loss_coef": float("inf")}]},
+        "'variants[0].aux_loss_coef' = inf: must be a finite number",
+    ),
+    (
+        {"variants": [{"name": "r", "router": "rdesi", "beta": float("nan")}]},
+        "'variants[0].beta' = nan: must be a finite",
+    ),
     ({"findings": {"still_learning_slope": float("inf")}}, "'findings.still_learning_slope' = inf: must be a finite"),
     ({"model": {"n_experts": 100_000}}, "'model.n_experts' = 100000: must be <= 4096"),
-    ({"model": {"max_seq_len": 10**9, "positional": "learned"}}, "'model.max_seq_len' = 1000000000: must be <= 1048576"),
+    (
+        {"model": {"max_seq_len": 10**9, "positional": "learned"}},
+        "'model.max_seq_len' = 1000000000: must be <= 1048576",
+    ),
     ({"model": {"vocab_size": 10**8}}, "'model.vocab_size' = 100000000: must be <= 1048576"),
     ({"model": {"d_model": 2**20, "n_heads": 4}}, "'model.d_model' = 1048576: must be <= 65536"),
     ({"train": {"batch_size": 10**6}}, "'train.batch_size' = 1000000: must be <= 65536"),
-    ({"model": {"max_seq_len": 2**63}}, "'model.max_seq_len' = 9223372036854775808: must be an integer in (-2**63, 2**63)"),
-    ({"model": {"vocab_size": 2**20, "d_model": 2**14, "n_heads": 128}}, "config key 'model' = '19,428,360,192 parameters': more than 8,589,934,592"),
-    ({"model": {"n_experts": 4096, "d_expert": 1024}}, "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated"),
+    (
+        {"model": {"max_seq_len": 2**63}},
+        "'model.max_seq_len' = 9223372036854775808: must be an integer in (-2**63, 2**63)",
+    ),
+    (
+        {"model": {"vocab_size": 2**20, "d_model": 2**14, "n_heads": 128}},
+        "config key 'model' = '19,428,360,192 parameters': more than 8,589,934,592",
+    ),
+    (
+        {"model": {"n_experts": 4096, "d_expert": 1024}},
+        "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated",
+    ),
     ({"train": {"batch_size": 4096}}, "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated"),
-    ({"resources": {"evaluate": {"mem_mb": 100}}}, "'resources.evaluate.mem_mb' = 100: variant 'topk' needs an estimated"),
-    ({"variants": [{"name": "topk\n", "router": "topk"}]}, "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'"),
+    (
+        {"resources": {"evaluate": {"mem_mb": 100}}},
+        "'resources.evaluate.mem_mb' = 100: variant 'topk' needs an estimated",
+    ),
+    (
+        {"variants": [{"name": "topk\n", "router": "topk"}]},
+        "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'",
+    ),
     ({"variants": [{"name": "a" * 65, "router": "topk"}]}, "'aaaaaaaaaa" + "a" * 55 + "' does not match"),
 ]
 
@@ -157,8 +234,11 @@ def test_statistics_settings_reach_the_analysis_commands(tmp_path):
     override = {"statistics": {"primary": ["ppl", "cv"], "alpha": 0.01, "power": 0.9}}
     done = snakemake("--dry-run", "--forceall", "--printshellcmds", "--configfile", write_override(tmp_path, override))
     assert done.returncode == 0, done.stderr
-    commands = [line for line in done.stdout.splitlines() if "python -m analysis stats" in line
-                or "python -m analysis figures" in line]
+    commands = [
+        line
+        for line in done.stdout.splitlines()
+        if "python -m analysis stats" in line or "python -m analysis figures" in line
+    ]
     assert len(commands) == 2
     for command in commands:
         assert "--primary ppl cv --alpha 0.01 --power 0.9" in command
@@ -227,14 +307,19 @@ def dry_run_too(*messages: str) -> list:
     return [case for case in BAD_INPUTS if case[1] in messages]
 
 
-@pytest.mark.parametrize("override, message", [BAD_INPUTS[0], BAD_INPUTS[5], BAD_INPUTS[7], BAD_INPUTS[13]] + dry_run_too(
-    "override.yaml line 3: invalid YAML: duplicate key 'lr' (first on line 2)",
-    "override.yaml line 2: invalid YAML: YAML anchor &a is not accepted",
-    "'train.lr' = inf: must be a finite number (not nan or inf)",
-    "'model.n_experts' = 100000: must be <= 4096",
-    "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated",
-    "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'",
-    "'aaaaaaaaaa" + "a" * 55 + "' does not match"))
+@pytest.mark.parametrize(
+    "override, message",
+    [BAD_INPUTS[0], BAD_INPUTS[5], BAD_INPUTS[7], BAD_INPUTS[13]]
+    + dry_run_too(
+        "override.yaml line 3: invalid YAML: duplicate key 'lr' (first on line 2)",
+        "override.yaml line 2: invalid YAML: YAML anchor &a is not accepted",
+        "'train.lr' = inf: must be a finite number (not nan or inf)",
+        "'model.n_experts' = 100000: must be <= 4096",
+        "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated",
+        "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'",
+        "'aaaaaaaaaa" + "a" * 55 + "' does not match",
+    ),
+)
 def test_bad_config_stops_snakemake_before_any_job(tmp_path, override, message):
     done = snakemake("--dry-run", "--configfile", write_override(tmp_path, override))
     assert done.returncode != 0
@@ -254,7 +339,8 @@ def smoke_study(tmp_path_factory):
 @pytest.mark.integration
 def test_smoke_study_writes_every_declared_output(smoke_study):
     smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
-    for variant in (v["name"] for v in smoke["variants"]):
+    variants = [*(v["name"] for v in smoke["variants"]), *SMOKE_SWEEP_POINTS]
+    for variant in variants:
         for seed in smoke["seeds"]:
             run = smoke_study / "results" / "runs" / variant / f"seed{seed}"
             for name in RUN_FILES:
@@ -266,7 +352,8 @@ def test_smoke_study_writes_every_declared_output(smoke_study):
     for name in SUMMARY_FILES:
         assert (smoke_study / "results" / "summary" / name).stat().st_size > 0, name
     status = (smoke_study / "results" / "summary" / "run_status.csv").read_text()
-    assert status.count(",ok") == len(smoke["variants"]) * len(smoke["seeds"])
+    assert status.count(",ok") == len(variants) * len(smoke["seeds"])
+    assert (smoke_study / "results" / "figures" / f"sensitivity_{SMOKE_SWEEP}.png").stat().st_size > 0
 
 
 def report_results(html: str) -> dict:
@@ -278,13 +365,13 @@ def report_results(html: str) -> dict:
 @pytest.mark.integration
 def test_report_embeds_every_figure(smoke_study):
     results = report_results((smoke_study / "results" / "report.html").read_text())
-    for figure in FIGURES:
+    for figure in (*FIGURES, f"sensitivity_{SMOKE_SWEEP}"):
         path = f"results/figures/{figure}.png"
         assert (smoke_study / path).stat().st_size > 0
         # The report carries each figure's PNG bytes (base64), not a link to the file.
         uri = results[path]["data_uri"]
         assert uri.startswith("data:image/png") and ";base64,iVBORw0KGgo" in uri, figure
-    for table in ("summary", "comparisons", "ablations", "run_status"):
+    for table in ("summary", "comparisons", "ablations", "run_status", "sensitivity", "sensitivity_best"):
         assert f"results/summary/{table}.html" in results, table
     # Every run's evaluation, labelled by variant, seed and split.
     smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
@@ -311,8 +398,9 @@ def test_findings_come_first_in_the_report(smoke_study):
         pytest.skip("node is not installed: cannot sort like the report's JavaScript")
     categories = list(report_variable(html, "categories"))
     script = "console.log(JSON.stringify(JSON.parse(process.argv[1]).sort((a, b) => a.localeCompare(b))))"
-    ordered = json.loads(subprocess.run([node, "-e", script, json.dumps(categories)], capture_output=True,
-                                        text=True, check=True).stdout)
+    ordered = json.loads(
+        subprocess.run([node, "-e", script, json.dumps(categories)], capture_output=True, text=True, check=True).stdout
+    )
     assert ordered[0] == "★ Findings", ordered
     # The landing page (workflow description) opens the findings in one click.
     assert "results['results/summary/findings.html'].data_uri" in report_variable(html, "workflow_desc")
@@ -332,16 +420,19 @@ def test_compute_breakdown_adds_up_the_benchmark_files(smoke_study):
 
 @pytest.mark.integration
 def test_report_shows_a_figure_in_a_browser(smoke_study, tmp_path):
-    from browser import find_chromium, screenshot
     from PIL import Image
+
+    from browser import find_chromium, screenshot
 
     if find_chromium() is None:
         pytest.skip("Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
     # Open the report as a reader would, then navigate its app to the load heatmap.
     html = (smoke_study / "results" / "report.html").read_text()
-    driver = ("<script>window.addEventListener('load', () => setTimeout(() => {"
-              "app.showCategory('Load balance'); app.setView({content: 'img', contentPath: "
-              "results['results/figures/load_heatmap.png'].data_uri}); }, 300));</script>")
+    driver = (
+        "<script>window.addEventListener('load', () => setTimeout(() => {"
+        "app.showCategory('Load balance'); app.setView({content: 'img', contentPath: "
+        "results['results/figures/load_heatmap.png'].data_uri}); }, 300));</script>"
+    )
     end = html.rfind("</body>")
     (tmp_path / "report.html").write_text(html[:end] + driver + html[end:])
     shot = screenshot(tmp_path / "report.html", tmp_path / "report.png", width=1400, height=1000, wait_ms=8000)
@@ -362,10 +453,11 @@ def test_second_run_has_nothing_to_do(smoke_study):
 def test_rerunning_one_target_runs_nothing_else(smoke_study):
     smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
     first, second = (v["name"] for v in smoke["variants"])
-    aggregates = {"aggregate": 1, "statistics": 1, "figures": 1, "findings": 1, "compute": 1}
+    aggregates = {"aggregate": 1, "statistics": 1, "figures": 1, "findings": 1, "compute": 1, "sensitivity": 1}
     # The file-target form: force one run's training; its evaluations and the aggregates follow.
-    forced = snakemake("--dry-run", "--forcerun", f"results/runs/{second}/seed0/checkpoint.pt",
-                       "--configfile", SMOKE, cwd=smoke_study)
+    forced = snakemake(
+        "--dry-run", "--forcerun", f"results/runs/{second}/seed0/checkpoint.pt", "--configfile", SMOKE, cwd=smoke_study
+    )
     assert job_counts(forced.stdout) == {"train": 1, "evaluate": 1, **aggregates, "all": 1}
     # A variant target after its runs were removed: those runs, the aggregates, nothing else.
     for seed in smoke["seeds"]:
@@ -392,14 +484,28 @@ HOSTILE_CASES = {
     "train.nonfinite": ({"train": {"nonfinite": HOSTILE}}, "must be 'stop' or 'skip'"),
     "variants[].name": ({"variants": [TOPK, {"name": HOSTILE, "router": "topk"}]}, "does not match"),
     "variants[].router": ({"variants": [TOPK, {"name": "r", "router": HOSTILE}]}, "unknown router"),
-    "variants[].performance": ({"variants": [TOPK, {"name": "r", "router": "rdesi", "performance": HOSTILE}]},
-                               "'variants[1].performance'"),
+    "variants[].performance": (
+        {"variants": [TOPK, {"name": "r", "router": "rdesi", "performance": HOSTILE}]},
+        "'variants[1].performance'",
+    ),
     "reference": ({"reference": HOSTILE}, "'reference'"),
     "ablation.base": ({"ablation": {"base": HOSTILE}}, "'ablation.base'"),
     "ablation.variants[]": ({"ablation": {"variants": [HOSTILE]}}, "'ablation.variants'"),
     "statistics.primary[]": ({"statistics": {"primary": [HOSTILE]}}, "'statistics.primary'"),
-    "resources.*.gpu_model": ({"resources": {"train": {"threads": 1, "mem_mb": 3000, "runtime": 30, "gpu": 1,
-                                                        "gpu_model": HOSTILE}}}, "does not match"),
+    "sweeps[].name": ({"sweeps": [{"name": HOSTILE, "base": "rdesi", "grid": {"c": [0]}}]}, "does not match"),
+    "sweeps[].base": ({"sweeps": [{"name": "s", "base": HOSTILE, "grid": {"c": [0]}}]}, "'sweeps[0].base'"),
+    "sweeps[].mode": (
+        {"sweeps": [{"name": "s", "base": "rdesi", "mode": HOSTILE, "grid": {"c": [0]}}]},
+        "is not one of ['one_at_a_time', 'full']",
+    ),
+    "sweeps[].grid.*[]": (
+        {"sweeps": [{"name": "s", "base": "rdesi", "grid": {"performance": [HOSTILE]}}]},
+        "is not of type 'number'",
+    ),
+    "resources.*.gpu_model": (
+        {"resources": {"train": {"threads": 1, "mem_mb": 3000, "runtime": 30, "gpu": 1, "gpu_model": HOSTILE}}},
+        "does not match",
+    ),
 }
 
 
@@ -473,8 +579,14 @@ def test_a_data_directory_with_shell_characters_is_read_and_runs_nothing(tmp_pat
     study = tmp_path / "a study; $(touch PWNED_STUDY)"
     copy_checkout(study)
     before = {path for path in study.rglob("*")}
-    done = snakemake("results/data/corpus/corpus.json", "--cores", "1", "--configfile",
-                     write_override(tmp_path, {"data": {"local_dir": str(local)}}), cwd=study)
+    done = snakemake(
+        "results/data/corpus/corpus.json",
+        "--cores",
+        "1",
+        "--configfile",
+        write_override(tmp_path, {"data": {"local_dir": str(local)}}),
+        cwd=study,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads((study / "results/data/corpus/corpus.json").read_text())
     created = {path for path in study.rglob("*") if path not in before}
@@ -497,7 +609,7 @@ def recorded_study(tmp_path_factory):
     outputs = [line.split("\t")[0] for line in summary.stdout.splitlines()[1:] if "\t" in line]
     plan = snakemake("--dry-run", "--forceall", "--printshellcmds", "--configfile", SMOKE, cwd=study).stdout
     compute = shlex.split(next(line for line in plan.splitlines() if "python -m analysis compute" in line))
-    benchmarks = compute[compute.index("--benchmarks") + 1: compute.index("--runs-root")]
+    benchmarks = compute[compute.index("--benchmarks") + 1 : compute.index("--runs-root")]
     for name in outputs + benchmarks:
         path = study / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -514,11 +626,20 @@ def recorded_study(tmp_path_factory):
     return study
 
 
-AFTER_EVALUATION = {"aggregate": 1, "statistics": 1, "figures": 1, "findings": 1, "compute": 1, "all": 1}
+AFTER_EVALUATION = {
+    "aggregate": 1,
+    "statistics": 1,
+    "figures": 1,
+    "findings": 1,
+    "compute": 1,
+    "sensitivity": 1,
+    "all": 1,
+}
+SMOKE_RUNS = 8  # (topk, rdesi and the sweep's two points) x 2 seeds
 # An edit of the smoke preset, and the jobs a dry run must plan: each kind of setting reruns what reads it.
 RERUN_CASES = [
-    ({"eval": {"max_blocks": {"validation": 128, "test": 256}}}, {"evaluate": 4, **AFTER_EVALUATION}),
-    ({"eval": {"saturation_blocks": 64}}, {"evaluate": 4, **AFTER_EVALUATION}),
+    ({"eval": {"max_blocks": {"validation": 128, "test": 256}}}, {"evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),
+    ({"eval": {"saturation_blocks": 64}}, {"evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),
     ({"train": {"log_every": 4}}, {}),
     ({"train": {"router_log_every": 5}}, {}),
     ({"train": {"checkpoint_every": 5}}, {}),
@@ -526,9 +647,17 @@ RERUN_CASES = [
     ({"findings": {"still_learning_slope": 2.0}}, {"findings": 1, "compute": 1, "all": 1}),
     ({"statistics": {"alpha": 0.01}}, {"statistics": 1, "figures": 1, "findings": 1, "compute": 1, "all": 1}),
     # Settings that do change the weights still retrain, and only the runs they concern.
-    ({"train": {"lr": 0.002}}, {"train": 4, "evaluate": 4, **AFTER_EVALUATION}),
-    ({"variants": [{"name": "topk", "router": "topk"}, {"name": "rdesi", "router": "rdesi", "beta": 0.2}]},
-     {"train": 2, "evaluate": 2, **AFTER_EVALUATION}),
+    ({"train": {"lr": 0.002}}, {"train": SMOKE_RUNS, "evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),
+    # rdesi and its sweep's points (rdesi with another c) change; topk does not.
+    (
+        {"variants": [{"name": "topk", "router": "topk"}, {"name": "rdesi", "router": "rdesi", "beta": 0.2}]},
+        {"train": 6, "evaluate": 6, **AFTER_EVALUATION},
+    ),
+    # A new sweep value trains only its point; only the sensitivity tables change otherwise.
+    (
+        {"sweeps": [{"name": "rdesi_bonus", "base": "rdesi", "grid": {"c": [0, 30, 300]}}]},
+        {"train": 2, "evaluate": 2, **AFTER_EVALUATION},
+    ),
 ]
 
 
@@ -545,3 +674,35 @@ def test_an_edit_reruns_only_what_depends_on_it(recorded_study, tmp_path, edit, 
     assert (job_counts(plan.stdout) if "Job stats" in plan.stdout else {}) == planned, output[-3000:]
     if not planned:
         assert "Nothing to be done" in output
+
+
+def test_a_sweep_target_builds_exactly_its_runs_and_the_aggregates(recorded_study, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(recorded_study, study, symlinks=True)  # keeps mtimes and Snakemake's records
+    for variant in SMOKE_SWEEP_POINTS:
+        shutil.rmtree(study / "results" / "runs" / variant)
+    plan = snakemake("--dry-run", SMOKE_SWEEP, "--configfile", SMOKE, cwd=study)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    aggregates = {rule: n for rule, n in AFTER_EVALUATION.items() if rule != "all"}
+    assert job_counts(plan.stdout) == {"train": 4, "evaluate": 4, **aggregates, SMOKE_SWEEP: 1}
+    # One point's own target: its runs (and the aggregates, which read every run).
+    point = snakemake("--dry-run", SMOKE_SWEEP_POINTS[1], "--configfile", SMOKE, cwd=study)
+    assert job_counts(point.stdout)["train"] == 4  # both points are missing, and the aggregates need both
+    assert f"results/runs/{SMOKE_SWEEP_POINTS[1]}/seed1/checkpoint.pt" in point.stdout
+
+
+@pytest.mark.parametrize("name, key", [("train", "variants[0].name"), ("compute", "sweeps[0].name")])
+def test_a_target_named_like_a_rule_stops_snakemake(tmp_path, name, key):
+    override = {
+        "variants": [{"name": "topk", "router": "topk"}, {"name": "rdesi", "router": "rdesi"}],
+        "ablation": {"base": "rdesi", "variants": []},
+        "reference": "topk",
+        "sweeps": [{"name": "s", "base": "rdesi", "grid": {"c": [0]}}],
+    }
+    if key.startswith("variants"):
+        override["variants"][0]["name"] = override["reference"] = name
+    else:
+        override["sweeps"][0]["name"] = name
+    done = snakemake("--dry-run", "--configfile", write_override(tmp_path, override))
+    assert done.returncode != 0
+    assert f"config key '{key}' = '{name}': is a workflow rule name" in done.stdout + done.stderr

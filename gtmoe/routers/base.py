@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gtmoe.config import check
+from gtmoe.checks import check
 
 
 @dataclass
@@ -40,6 +40,17 @@ class RouterOptions:
         here, so the resolved config states the number the run used.
         """
         return {}
+
+
+@dataclass
+class CapacityOptions(RouterOptions):
+    """Options of a router whose experts take at most capacity_factor x their balanced share of a group."""
+
+    capacity_factor: float = 1.0
+
+    def validate(self, prefix: str = "router") -> None:
+        super().validate(prefix)
+        check(self.capacity_factor > 0, f"{prefix}.capacity_factor", self.capacity_factor, "must be > 0")
 
 
 @dataclass
@@ -86,6 +97,12 @@ class Router(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type] = RouterOptions
+    # Option -> the selection term (a key of `selection_terms()`) it scales: a sensitivity sweep of the
+    # option reports that term's flip rate.
+    option_terms: ClassVar[dict[str, str]] = {}
+    # Names of the per-expert state `state_for_log()` returns: the router log's columns after
+    # gtmoe.contract.ROUTER_LOG_INDEX, and the panels of the router-state figure. None when stateless.
+    state_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: RouterOptions, d_model: int, n_experts: int, top_k: int):
         super().__init__()
@@ -97,13 +114,6 @@ class Router(nn.Module):
         self.register_buffer("step_counts", torch.zeros(n_experts), persistent=False)
         # The previous step's load fractions, kept for the training log.
         self.register_buffer("last_step_load", torch.zeros(n_experts), persistent=False)
-
-    @classmethod
-    def build_ffn(cls, options: RouterOptions, model_cfg) -> nn.Module:
-        from gtmoe.moe import MoELayer
-
-        router = cls(options, model_cfg.d_model, model_cfg.n_experts, model_cfg.top_k)
-        return MoELayer(router, model_cfg.d_model, model_cfg.d_expert, model_cfg.n_experts)
 
     def active_experts_per_token(self) -> float:
         """Mean experts a token is processed by (for the active-parameter count)."""
@@ -146,8 +156,18 @@ class Router(nn.Module):
         self.step_counts.zero_()
 
     def state_for_log(self) -> dict[str, Tensor]:
-        """Per-expert state tensors (E,) to log over training; empty for stateless routers."""
+        """Per-expert state tensors (E,) to log over training, one per name of `state_names`."""
         return {}
+
+    def logged_state(self) -> dict[str, Tensor]:
+        """`state_for_log()`, checked against `state_names`: undeclared state would miss the router log."""
+        state = self.state_for_log()
+        if tuple(state) != self.state_names:
+            raise TypeError(
+                f"router '{self.name}': state_for_log() returns {list(state)} but state_names "
+                f"declares {list(self.state_names)}; declare every logged state, in order"
+            )
+        return state
 
 
 def softmax_fp32(logits: Tensor) -> Tensor:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gtmoe.routers import register
+from gtmoe.ffn import SwiGLU
+from gtmoe.routers.registry import register
 
 
 @dataclass
@@ -28,6 +29,4 @@ class DenseFFNBlock:
 
     @classmethod
     def build_ffn(cls, options: DenseOptions, model_cfg) -> nn.Module:
-        from gtmoe.moe import SwiGLU
-
         return SwiGLU(model_cfg.d_model, model_cfg.top_k * model_cfg.d_expert)

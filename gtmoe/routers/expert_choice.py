@@ -15,20 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gtmoe.config import check
-from gtmoe.routers import register
-from gtmoe.routers.base import Router, RouterOptions, Routing
+from gtmoe.routers.base import CapacityOptions, Router, Routing
+from gtmoe.routers.registry import register
 
 
 @dataclass
-class ExpertChoiceOptions(RouterOptions):
+class ExpertChoiceOptions(CapacityOptions):
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     capacity_factor: float = 1.0
-
-    def validate(self, prefix: str = "router") -> None:
-        super().validate(prefix)
-        check(self.capacity_factor > 0, f"{prefix}.capacity_factor", self.capacity_factor, "must be > 0")
 
 
 @register("expert_choice")

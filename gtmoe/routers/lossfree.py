@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gtmoe.config import check
-from gtmoe.routers import register
-from gtmoe.routers.topk import TopKRouter
+from gtmoe.checks import check
 from gtmoe.routers.base import RouterOptions
+from gtmoe.routers.registry import register
+from gtmoe.routers.topk import TopKRouter
 
 
 @dataclass
@@ -33,10 +33,19 @@ class LossFreeOptions(RouterOptions):
     def validate(self, prefix: str = "router") -> None:
         super().validate(prefix)
         if self.bias_update_rate is not None:
-            check(math.isfinite(self.bias_update_rate) and self.bias_update_rate > 0, f"{prefix}.bias_update_rate",
-                  self.bias_update_rate, "must be > 0 (or unset: bias_travel / train.max_steps)")
-        check(math.isfinite(self.bias_travel) and self.bias_travel > 0, f"{prefix}.bias_travel", self.bias_travel,
-              "must be > 0")
+            # 0 is the ablation: the bias never moves, leaving top-k routing with no balancing at all.
+            check(
+                math.isfinite(self.bias_update_rate) and self.bias_update_rate >= 0,
+                f"{prefix}.bias_update_rate",
+                self.bias_update_rate,
+                "must be >= 0 (or unset: bias_travel / train.max_steps)",
+            )
+        check(
+            math.isfinite(self.bias_travel) and self.bias_travel > 0,
+            f"{prefix}.bias_travel",
+            self.bias_travel,
+            "must be > 0",
+        )
 
     def at_horizon(self, max_steps: int) -> dict:
         if self.bias_update_rate is not None:
@@ -47,11 +56,15 @@ class LossFreeOptions(RouterOptions):
 @register("lossfree")
 class LossFreeRouter(TopKRouter):
     Config = LossFreeOptions
+    option_terms = {"bias_update_rate": "bias", "bias_travel": "bias"}
+    state_names = ("bias",)
 
     def __init__(self, options: LossFreeOptions, d_model: int, n_experts: int, top_k: int):
         if options.bias_update_rate is None:
-            raise ValueError("lossfree: bias_update_rate is unset; resolve it for the run's length with "
-                             "options.at_horizon(max_steps) (RunConfig.validate does) or give it explicitly")
+            raise ValueError(
+                "lossfree: bias_update_rate is unset; resolve it for the run's length with "
+                "options.at_horizon(max_steps) (RunConfig.validate does) or give it explicitly"
+            )
         super().__init__(options, d_model, n_experts, top_k)
         self.register_buffer("bias", torch.zeros(n_experts))
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gtmoe.config import check
-from gtmoe.routers import register
+from gtmoe.checks import check
 from gtmoe.routers.base import expert_counts
+from gtmoe.routers.registry import register
 from gtmoe.routers.topk import TopKOptions, TopKRouter
 
 PERFORMANCE_SIGNALS = ("loss", "activation_norm")
@@ -46,13 +46,19 @@ class RDESIOptions(TopKOptions):
         check(0 < self.alpha <= 1, f"{prefix}.alpha", self.alpha, "must be in (0, 1]")
         check(0 <= self.rho <= 1, f"{prefix}.rho", self.rho, "must be in [0, 1]")
         check(0 <= self.lam < 1, f"{prefix}.lam", self.lam, "must be in [0, 1)")
-        check(self.performance in PERFORMANCE_SIGNALS, f"{prefix}.performance", self.performance,
-              f"must be one of {', '.join(PERFORMANCE_SIGNALS)}")
+        check(
+            self.performance in PERFORMANCE_SIGNALS,
+            f"{prefix}.performance",
+            self.performance,
+            f"must be one of {', '.join(PERFORMANCE_SIGNALS)}",
+        )
 
 
 @register("rdesi")
 class RDESIRouter(TopKRouter):
     Config = RDESIOptions
+    option_terms = {"beta": "reputation", "gamma": "load", "c": "bonus"}
+    state_names = ("reputation", "load_hat", "bonus")
 
     def __init__(self, options: RDESIOptions, d_model: int, n_experts: int, top_k: int):
         super().__init__(options, d_model, n_experts, top_k)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gtmoe.routers import register
 from gtmoe.routers.base import Router, RouterOptions, Routing
+from gtmoe.routers.registry import register
 
 
 @dataclass
@@ -54,8 +54,9 @@ class TopKRouter(Router):
         token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
         expert = choice.reshape(-1)
         self.record(expert, token)
-        return Routing(expert=expert, token=token, weight=weight.reshape(-1).to(x.dtype),
-                       loss=loss, metrics=metrics, choice=choice)
+        return Routing(
+            expert=expert, token=token, weight=weight.reshape(-1).to(x.dtype), loss=loss, metrics=metrics, choice=choice
+        )
 
     @torch.no_grad()
     def flip_rates(self, scores: Tensor, choice: Tensor, valid: Tensor | None) -> dict[str, Tensor]:

@@ -8,16 +8,22 @@ ABLATION_ARGS = (
     else ["--ablations"]
 )
 # Declared endpoints, test level and power (config.yaml `statistics`).
-STATISTICS_ARGS = ["--primary", *STUDY.statistics["primary"], "--alpha", str(STUDY.statistics["alpha"]),
-                   "--power", str(STUDY.statistics["power"])]
+STATISTICS_ARGS = [
+    "--primary",
+    *STUDY.statistics["primary"],
+    "--alpha",
+    str(STUDY.statistics["alpha"]),
+    "--power",
+    str(STUDY.statistics["power"]),
+]
 PAIR_ARGS = ["--reference", STUDY.reference, "--split", "test", *ABLATION_ARGS, *STATISTICS_ARGS]
 
 
 rule aggregate:
     input:
         evals=eval_files(),
-        train_logs=run_files("train_log.parquet"),
-        router_logs=run_files("router_log.parquet"),
+        train_logs=run_files(contract.TRAIN_LOG),
+        router_logs=run_files(contract.ROUTER_LOG),
     output:
         table=f"{SUMMARY}/runs.parquet",
         status=f"{SUMMARY}/run_status.csv",
@@ -26,17 +32,17 @@ rule aggregate:
         f"{LOGS}/aggregate.log",
     benchmark:
         f"{BENCHMARKS}/aggregate.tsv"
-    params:
-        run_dirs=run_dirs(),
-        variants=VARIANTS,
-        seeds=SEEDS,
+    localrule: True
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
-    localrule: True
-    conda:
-        CONDA_ENV
+    params:
+        run_dirs=run_dirs(),
+        variants=VARIANTS,
+        seeds=SEEDS,
     shell:
         "python -m analysis aggregate --run-dirs {params.run_dirs:q} --variants {params.variants:q} "
         "--seeds {params.seeds:q} --out-table {output.table:q} --out-status {output.status:q} "
@@ -51,24 +57,25 @@ rule statistics:
         summary=f"{SUMMARY}/summary.csv",
         summary_html=captioned(f"{SUMMARY}/summary.html", "summary", "Summary", table="per variant"),
         comparisons=f"{SUMMARY}/comparisons.csv",
-        comparisons_html=captioned(f"{SUMMARY}/comparisons.html", "comparisons", "Summary",
-                                   table=f"paired vs {STUDY.reference}"),
+        comparisons_html=captioned(
+            f"{SUMMARY}/comparisons.html", "comparisons", "Summary", table=f"paired vs {STUDY.reference}"
+        ),
         ablations=f"{SUMMARY}/ablations.csv",
         ablations_html=captioned(f"{SUMMARY}/ablations.html", "ablations", "Ablations", table="paired deltas"),
     log:
         f"{LOGS}/statistics.log",
     benchmark:
         f"{BENCHMARKS}/statistics.tsv"
-    params:
-        pairs=PAIR_ARGS,
-        out_dir=subpath(output.summary, parent=True),
+    localrule: True
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
-    localrule: True
-    conda:
-        CONDA_ENV
+    params:
+        pairs=PAIR_ARGS,
+        out_dir=subpath(output.summary, parent=True),
     shell:
         "python -m analysis stats --table {input.table:q} --baselines {input.baselines:q} "
         "--out-dir {params.out_dir:q} {params.pairs:q} > {log:q} 2>&1"
@@ -77,44 +84,91 @@ rule statistics:
 rule figures:
     input:
         table=rules.aggregate.output.table,
-        router_logs=run_files("router_log.parquet"),
-        train_logs=run_files("train_log.parquet"),
+        router_logs=run_files(contract.ROUTER_LOG),
+        train_logs=run_files(contract.TRAIN_LOG),
         baselines=NGRAM,
     output:
         perplexity=captioned(f"{FIGURES}/perplexity.png", "perplexity", "Perplexity", figure="per variant"),
         pareto=captioned(f"{FIGURES}/pareto.png", "pareto", "Perplexity", figure="perplexity vs Gini"),
-        reference_forest=captioned(f"{FIGURES}/reference_forest.png", "reference_forest", "Perplexity",
-                                   figure=f"paired vs {STUDY.reference}"),
-        load_balance=captioned(f"{FIGURES}/load_balance.png", "load_balance", "Load balance",
-                               figure="Gini and MaxVio"),
-        load_heatmap=captioned(f"{FIGURES}/load_heatmap.png", "load_heatmap", "Load balance",
-                               figure="expert x layer load"),
-        training_balance=captioned(f"{FIGURES}/training_balance.png", "training_balance", "Training dynamics",
-                                   figure="Gini and MaxVio over steps"),
-        rdesi_internals=captioned(f"{FIGURES}/rdesi_internals.png", "rdesi_internals", "RD-ESI internals",
-                                  figure="reputation, load, bonus"),
-        ablation_forest=captioned(f"{FIGURES}/ablation_forest.png", "ablation_forest", "Ablations",
-                                  figure="forest plot"),
-        flip_rates=captioned(f"{FIGURES}/flip_rates.png", "flip_rates", "RD-ESI internals",
-                             figure="flip rate per term"),
+        reference_forest=captioned(
+            f"{FIGURES}/reference_forest.png", "reference_forest", "Perplexity", figure=f"paired vs {STUDY.reference}"
+        ),
+        load_balance=captioned(f"{FIGURES}/load_balance.png", "load_balance", "Load balance", figure="Gini and MaxVio"),
+        load_heatmap=captioned(
+            f"{FIGURES}/load_heatmap.png", "load_heatmap", "Load balance", figure="expert x layer load"
+        ),
+        training_balance=captioned(
+            f"{FIGURES}/training_balance.png",
+            "training_balance",
+            "Training dynamics",
+            figure="Gini and MaxVio over steps",
+        ),
+        router_state=captioned(
+            f"{FIGURES}/router_state.png", "router_state", "Router internals", figure="router state per expert"
+        ),
+        ablation_forest=captioned(
+            f"{FIGURES}/ablation_forest.png", "ablation_forest", "Ablations", figure="forest plot"
+        ),
+        flip_rates=captioned(f"{FIGURES}/flip_rates.png", "flip_rates", "Router internals", figure="flip rate per term"),
     log:
         f"{LOGS}/figures.log",
     benchmark:
         f"{BENCHMARKS}/figures.tsv"
-    params:
-        run_dirs=run_dirs(),
-        pairs=PAIR_ARGS,
-        out_dir=subpath(output.perplexity, parent=True),
+    localrule: True
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
-    localrule: True
-    conda:
-        CONDA_ENV
+    params:
+        run_dirs=run_dirs(),
+        pairs=PAIR_ARGS,
+        out_dir=subpath(output.perplexity, parent=True),
     shell:
         "python -m analysis figures --table {input.table:q} --run-dirs {params.run_dirs:q} "
         "--baselines {input.baselines:q} --out-dir {params.out_dir:q} {params.pairs:q} > {log:q} 2>&1"
+
+
+# Dose-response of each sweep (config `sweeps`, gtmoe.sweeps): only when the config has sweeps.
+if SWEEPS:
+
+    rule sensitivity:
+        input:
+            table=rules.aggregate.output.table,
+        output:
+            table=f"{SUMMARY}/sensitivity.csv",
+            table_html=captioned(
+                f"{SUMMARY}/sensitivity.html", "sensitivity_table", "Sensitivity", table="dose-response"
+            ),
+            best=f"{SUMMARY}/sensitivity_best.csv",
+            best_html=captioned(
+                f"{SUMMARY}/sensitivity_best.html", "sensitivity_best", "Sensitivity", table="best value per option"
+            ),
+            figures=[
+                captioned(f"{FIGURES}/sensitivity_{sweep}.png", "sensitivity", "Sensitivity", figure=f"sweep {sweep}")
+                for sweep in SWEEPS
+            ],
+        log:
+            f"{LOGS}/sensitivity.log",
+        benchmark:
+            f"{BENCHMARKS}/sensitivity.tsv"
+        localrule: True
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            mem_mb=job("analysis", "mem_mb", 2000),
+            runtime=job("analysis", "runtime", 10),
+        params:
+            design=json.dumps(STUDY.sweep_design),
+            reference=STUDY.reference,
+            out_dir=subpath(output.table, parent=True),
+            figures_dir=lambda wildcards, output: Path(output.figures[0]).parent,
+        shell:
+            "python -m analysis sensitivity --table {input.table:q} --design-json {params.design:q} "
+            "--reference {params.reference:q} --split test --out-dir {params.out_dir:q} "
+            "--figures-dir {params.figures_dir:q} > {log:q} 2>&1"
 
 
 # The report's category menu is sorted alphabetically (localeCompare): the star puts the findings first.
@@ -128,25 +182,26 @@ rule findings:
         summary=rules.statistics.output.summary,
         status=rules.aggregate.output.status,
         baselines=NGRAM,
-        train_logs=run_files("train_log.parquet"),
+        train_logs=run_files(contract.TRAIN_LOG),
+        sensitivity=[rules.sensitivity.output.table, rules.sensitivity.output.best] if SWEEPS else [],
     output:
         captioned(f"{SUMMARY}/findings.html", "findings", FINDINGS_CATEGORY, table="findings in words"),
     log:
         f"{LOGS}/findings.log",
     benchmark:
         f"{BENCHMARKS}/findings.tsv"
+    localrule: True
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=job("analysis", "mem_mb", 2000),
+        runtime=job("analysis", "runtime", 10),
     params:
         run_dirs=run_dirs(),
         pairs=PAIR_ARGS,
         summary_dir=subpath(input.summary, parent=True),
         still_learning_slope=STUDY.still_learning_slope,
-    threads: 1
-    resources:
-        mem_mb=job("analysis", "mem_mb", 2000),
-        runtime=job("analysis", "runtime", 10),
-    localrule: True
-    conda:
-        CONDA_ENV
     shell:
         "python -m analysis findings --summary-dir {params.summary_dir:q} --baselines {input.baselines:q} "
         "--run-dirs {params.run_dirs:q} --still-learning-slope {params.still_learning_slope:q} --out {output:q} "
@@ -157,26 +212,32 @@ rule compute:
     input:
         # Benchmark files are outputs of their jobs, so they are valid inputs here.
         benchmarks=study_benchmarks(),
-        train_summaries=run_files("train_summary.json"),
+        train_summaries=run_files(contract.TRAIN_SUMMARY),
         evals=eval_files(),
     output:
         csv=f"{SUMMARY}/compute.csv",
         html=captioned(f"{SUMMARY}/compute.html", "compute", "Summary", table="compute breakdown"),
     log:
         f"{LOGS}/compute.log",
-    params:
-        runs_root=Path(RUN).parents[1],  # results/runs
+    localrule: True
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
-    localrule: True
-    conda:
-        CONDA_ENV
+    params:
+        runs_root=Path(RUN).parents[1],  # results/runs
     shell:
         "python -m analysis compute --benchmarks {input.benchmarks:q} --runs-root {params.runs_root:q}"
         " --out-csv {output.csv:q} --out-html {output.html:q} > {log:q} 2>&1"
 
 
-ANALYSIS_OUTPUTS = [*rules.statistics.output, *rules.figures.output, *rules.aggregate.output,
-                    *rules.findings.output, *rules.compute.output]
+ANALYSIS_OUTPUTS = [
+    *rules.statistics.output,
+    *rules.figures.output,
+    *rules.aggregate.output,
+    *rules.findings.output,
+    *rules.compute.output,
+    *(rules.sensitivity.output if SWEEPS else []),
+]

@@ -14,13 +14,13 @@ rule ngram_baselines:
         f"{LOGS}/ngram_baselines.log",
     benchmark:
         f"{BENCHMARKS}/ngram_baselines.tsv"
-    params:
-        shards=subpath(input[0], parent=True),
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=job("prepare", "mem_mb", 4000),
         runtime=job("prepare", "runtime", 20),
-    conda:
-        CONDA_ENV
+    params:
+        shards=subpath(input[0], parent=True),
     shell:
         "python -m gtmoe baselines --shards {params.shards:q} --out {output:q} > {log:q} 2>&1"

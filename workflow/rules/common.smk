@@ -3,6 +3,7 @@ import copy
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,9 +14,9 @@ sys.path.insert(0, workflow.basedir)  # import gtmoe from this checkout even whe
 
 from gtmoe.config import ConfigError, load_yaml
 from gtmoe.study import Study, corpus_problem
-from gtmoe.train import WEIGHT_NEUTRAL_KEYS
+from gtmoe import contract
+from gtmoe.contract import WEIGHT_NEUTRAL_KEYS
 from gtmoe.data import tokenizer_problem
-
 
 # Snakemake parsed the config files leniently (a duplicate key: the last wins; aliases expand once walked).
 # Read each again strictly before anything walks the values: duplicate keys, anchors/aliases, oversized files.
@@ -34,9 +35,11 @@ SUMMARY = "results/summary"
 FIGURES = "results/figures"
 LOGS = "results/logs"
 BENCHMARKS = "results/benchmarks"
-SPLITS = ["train", "validation", "test"]
-EVAL_SPLITS = ["validation", "test"]
+SPLITS = list(contract.SPLITS)
+EVAL_SPLITS = list(contract.EVAL_SPLITS)
 CONDA_ENV = "../envs/gtmoe.yaml"
+
+
 # Jobs' `python` is the interpreter running Snakemake (its venv), also when started by absolute path.
 envvars:
     "PATH",
@@ -56,10 +59,11 @@ if problem := tokenizer_problem(f"{DATA}/tokenizer.json"):
 
 VARIANTS = STUDY.variant_names
 SEEDS = STUDY.seeds
+SWEEPS = STUDY.sweeps  # sweep name -> its variants (gtmoe.sweeps)
 
 
 wildcard_constraints:
-    variant="|".join(VARIANTS),
+    variant="|".join(map(re.escape, VARIANTS)),  # sweep points hold '.' and '-'
     seed=r"\d+",
     split="|".join(SPLITS),
 
@@ -73,17 +77,28 @@ def run_files(name, variants=VARIANTS):
 
 
 def eval_files(variants=VARIANTS):
-    return [f"{d}/eval_{split}.json" for d in run_dirs(variants) for split in EVAL_SPLITS]
+    return [f"{d}/{contract.eval_file(split)}" for d in run_dirs(variants) for split in EVAL_SPLITS]
 
 
 def study_benchmarks():
     """The benchmark file of every job that runs before the `compute` rule (called after all rules are
     defined; `compute`'s own benchmark and the report are not counted)."""
     grid = dict(variant=VARIANTS, seed=SEEDS, split=EVAL_SPLITS)  # each rule takes the wildcards it has
-    files = [str(rules.corpus.benchmark), str(rules.tokenizer.benchmark),
-             *expand(str(rules.shards.benchmark), split=SPLITS)]
-    for name in ("ngram_baselines", "run_config", "train", "evaluate", "aggregate", "statistics", "figures",
-                 "findings"):
+    files = [
+        str(rules.corpus.benchmark),
+        str(rules.tokenizer.benchmark),
+        *expand(str(rules.shards.benchmark), split=SPLITS),
+    ]
+    for name in (
+        "ngram_baselines",
+        "train",
+        "evaluate",
+        "aggregate",
+        "statistics",
+        "figures",
+        "findings",
+        "sensitivity",
+    ):
         if rules.has(name):
             files += expand(str(getattr(rules, name).benchmark), **grid)
     return list(dict.fromkeys(files))
@@ -96,8 +111,9 @@ def job(stage, key, default=None):
 
 def captioned(path, caption, category, subcategory=None, **labels):
     """An output that appears in report.html, with its caption from workflow/report/."""
-    return report(path, caption=f"../report/{caption}.rst", category=category, subcategory=subcategory,
-                  labels=labels or None)
+    return report(
+        path, caption=f"../report/{caption}.rst", category=category, subcategory=subcategory, labels=labels or None
+    )
 
 
 def gpu_resources(stage):

@@ -9,18 +9,18 @@ rule corpus:
         f"{LOGS}/corpus.log",
     benchmark:
         f"{BENCHMARKS}/corpus.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=job("prepare", "mem_mb", 4000),
+        runtime=job("prepare", "runtime", 20),
     params:
         corpus=config["data"].get("corpus", "wikitext-2"),
         source=config["data"]["source"],
         # A list: `:q` quotes each element, so a path with spaces or shell characters stays one argument.
         local_dir=["--local-dir", config["data"]["local_dir"]] if config["data"].get("local_dir") else [],
         out_dir=subpath(output.meta, parent=True),
-    threads: 1
-    resources:
-        mem_mb=job("prepare", "mem_mb", 4000),
-        runtime=job("prepare", "runtime", 20),
-    conda:
-        CONDA_ENV
     shell:
         "python -m gtmoe prepare corpus --corpus {params.corpus:q} --source {params.source:q} {params.local_dir:q} "
         "--out {params.out_dir:q} > {log:q} 2>&1"
@@ -35,15 +35,15 @@ rule tokenizer:
         f"{LOGS}/tokenizer.log",
     benchmark:
         f"{BENCHMARKS}/tokenizer.tsv"
-    params:
-        corpus=subpath(input[0], parent=True),
-        vocab_size=config["data"]["vocab_size"],
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=job("prepare", "mem_mb", 4000),
         runtime=job("prepare", "runtime", 20),
-    conda:
-        CONDA_ENV
+    params:
+        corpus=subpath(input[0], parent=True),
+        vocab_size=config["data"]["vocab_size"],
     shell:
         "python -m gtmoe prepare tokenizer --corpus {params.corpus:q} --vocab-size {params.vocab_size:q} "
         "--out {output:q} > {log:q} 2>&1"
@@ -59,15 +59,15 @@ rule shards:
         f"{LOGS}/shards/{{split}}.log",
     benchmark:
         f"{BENCHMARKS}/shards/{{split}}.tsv"
-    params:
-        corpus=subpath(input.text, parent=True),
-        seq_len=config["data"]["seq_len"],
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=job("prepare", "mem_mb", 4000),
         runtime=job("prepare", "runtime", 20),
-    conda:
-        CONDA_ENV
+    params:
+        corpus=subpath(input.text, parent=True),
+        seq_len=config["data"]["seq_len"],
     shell:
         "python -m gtmoe prepare shards --corpus {params.corpus:q} --tokenizer {input.tokenizer:q} "
         "--split {wildcards.split:q} --seq-len {params.seq_len:q} --out {output:q} > {log:q} 2>&1"

@@ -5,13 +5,13 @@
 
 rule evaluate:
     input:
-        checkpoint=f"{RUN}/checkpoint.pt",
-        config=f"{RUN}/config.yaml",
+        checkpoint=rules.train.output.checkpoint,
+        config=rules.train.output.config,
         shards=expand(f"{SHARDS}/{{split}}", split=EVAL_SPLITS),
     output:
         **{
             split: captioned(
-                f"{RUN}/eval_{split}.json",
+                f"{RUN}/{contract.eval_file(split)}",
                 "run_evaluation",
                 "Summary",
                 "per-run evaluations",
@@ -25,17 +25,17 @@ rule evaluate:
         f"{LOGS}/evaluate/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/evaluate/{{variant}}/seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: job("evaluate", "threads", 1)
+    resources:
+        **gpu_resources("evaluate"),
+        mem_mb=job("evaluate", "mem_mb", 4000),
+        runtime=job("evaluate", "runtime", 30),
     params:
         run_dir=subpath(input.config, parent=True),
         splits=EVAL_SPLITS,
         eval_settings=lambda wc: json.dumps(resolved_run_config(wc.variant, wc.seed)["eval"], sort_keys=True),
-    threads: job("evaluate", "threads", 1)
-    resources:
-        mem_mb=job("evaluate", "mem_mb", 4000),
-        runtime=job("evaluate", "runtime", 30),
-        **gpu_resources("evaluate"),
-    conda:
-        CONDA_ENV
     shell:
         "python -m gtmoe evaluate --run {params.run_dir:q} --split {params.splits:q} --out {output:q} "
         "--eval-json {params.eval_settings:q} --threads {threads:q} > {log:q} 2>&1"

@@ -13,8 +13,19 @@ onsuccess:
         # The nested call must see exactly this run's config (presets, --config overrides included).
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
             yaml.safe_dump(dict(config), handle)
-        command = [sys.executable, "-m", "snakemake", "--snakefile", workflow.main_snakefile, "--configfile",
-                   handle.name, "--report", REPORT, "--quiet", "all"]
+        command = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            workflow.main_snakefile,
+            "--configfile",
+            handle.name,
+            "--report",
+            REPORT,
+            "--quiet",
+            "all",
+        ]
         print("Creating", REPORT, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         Path(handle.name).unlink()
@@ -23,5 +34,8 @@ onsuccess:
             raise WorkflowError(f"creating {REPORT} failed: {' '.join(command)}")
         print("Report:", REPORT, flush=True)
     else:
-        print(f"{REPORT} not updated: the study's summary and figures are not all built yet "
-              "(run `snakemake --cores all`)", flush=True)
+        print(
+            f"{REPORT} not updated: the study's summary and figures are not all built yet "
+            "(run `snakemake --cores all`)",
+            flush=True,
+        )

@@ -13,27 +13,27 @@ rule train:
     input:
         shards=f"{SHARDS}/train",
     output:
-        checkpoint=f"{RUN}/checkpoint.pt",
-        config=f"{RUN}/config.yaml",
-        train_log=f"{RUN}/train_log.parquet",
-        router_log=f"{RUN}/router_log.parquet",
-        summary=f"{RUN}/train_summary.json",
+        checkpoint=f"{RUN}/{contract.CHECKPOINT}",
+        config=f"{RUN}/{contract.RUN_CONFIG}",
+        train_log=f"{RUN}/{contract.TRAIN_LOG}",
+        router_log=f"{RUN}/{contract.ROUTER_LOG}",
+        summary=f"{RUN}/{contract.TRAIN_SUMMARY}",
     log:
         f"{LOGS}/train/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCHMARKS}/train/{{variant}}/seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: job("train", "threads", 1)
+    resources:
+        **gpu_resources("train"),
+        mem_mb=job("train", "mem_mb", 4000),
+        runtime=job("train", "runtime", 60),
     params:
         run_dir=subpath(output.summary, parent=True),
         # The trigger; sorted keys: reordering config.yaml changes nothing.
         weights=lambda wc: json.dumps(weight_settings(resolved_run_config(wc.variant, wc.seed)), sort_keys=True),
         run_config=lambda wc: NotATrigger(json.dumps(resolved_run_config(wc.variant, wc.seed))),
-    threads: job("train", "threads", 1)
-    resources:
-        mem_mb=job("train", "mem_mb", 4000),
-        runtime=job("train", "runtime", 60),
-        **gpu_resources("train"),
-    conda:
-        CONDA_ENV
     shell:
         # Appends: a resumed run's log keeps the interrupted attempt above it.
         "python -m gtmoe train --config-json {params.run_config:q} --out {params.run_dir:q} --threads {threads:q} "

@@ -1,0 +1,38 @@
+"""Configuration errors: one exception and one check that names the key and a bounded repr of the value.
+
+Dependency-free, so every layer (config, routers, study, sweeps) can raise the same one-line error
+without importing the others.
+"""
+
+from __future__ import annotations
+
+import reprlib
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+MAX_VALUE_CHARS = 80  # an error message shows at most this much of a value
+_VALUE_REPR = reprlib.Repr()  # bounded: never walks a whole (possibly huge or shared) nested value
+_VALUE_REPR.maxstring = _VALUE_REPR.maxother = MAX_VALUE_CHARS
+_VALUE_REPR.maxlevel = 3
+_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = _VALUE_REPR.maxset = 8
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) cut to MAX_VALUE_CHARS characters (with '...'), without formatting all of a large value."""
+    text = _VALUE_REPR.repr(value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
+
+
+def fail(key: str, value: Any, why: str) -> typing.NoReturn:
+    raise ConfigError(f"config key '{key}' = {short_repr(value)}: {why}")
+
+
+def check(ok: bool, key: str, value: Any, why: str) -> None:
+    """Raise a ConfigError naming `key` and `value` unless `ok`."""
+    if not ok:
+        fail(key, value, why)

@@ -1,0 +1,288 @@
+"""Run files: atomic writes, checkpoints with manifests, and the errors that say how to recover.
+
+Every checkpoint is written atomically (temporary sibling, fsync, rename) and has a manifest
+beside it, `<checkpoint>.manifest.json` (size and sha256), which `load_checkpoint` verifies, so a
+truncated or corrupted file is reported by name with the way to recover instead of being loaded.
+Every other run file goes through `gtmoe.files.write_atomic`. File names are gtmoe.contract's.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from gtmoe.config import RunConfig
+from gtmoe.contract import CHECKPOINT, RESUME_CHECKPOINT, SATURATION_CHECKPOINT, TRAIN_OUTPUTS, WEIGHT_NEUTRAL_KEYS
+from gtmoe.files import remove_stale_temporaries, sha256_file, temporary, write_atomic
+
+log = logging.getLogger("gtmoe.runfiles")
+
+MANIFEST_SUFFIX = ".manifest.json"  # checkpoint.pt -> checkpoint.pt.manifest.json
+# Every file `train` writes into a run directory (manifests are `<checkpoint>.manifest.json`):
+# their temporaries `.<name>.tmp-PID` are cleared when training starts.
+RUN_DIR_FILES = (*TRAIN_OUTPUTS, RESUME_CHECKPOINT, SATURATION_CHECKPOINT)
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint problem the user can fix; the message names the file and the fix."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+def manifest_path(checkpoint: Path) -> Path:
+    """The manifest of a checkpoint: `checkpoint.pt` -> `checkpoint.pt.manifest.json`."""
+    return checkpoint.with_name(checkpoint.name + MANIFEST_SUFFIX)
+
+
+class _HashingWriter:
+    """Write-only wrapper of a binary file that hashes what passes through.
+
+    `torch.save` writes its zip archive strictly sequentially, so the digest is
+    the file's sha256 without reading the file back.
+    """
+
+    def __init__(self, handle):
+        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unwritable(path: Path, exc: OSError, what: str) -> RunError:
+    """The RunError for an OSError writing `path`: names it (or the ancestor that is a file) and what to do.
+
+    Only "not a directory" / "exists" errors are blamed on a file in the way; a full disk
+    or a permission error over an existing file is reported as what it is.
+    """
+    reason = exc.strerror or str(exc)
+    ancestor = None
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        ancestor = next((p for p in (path, *path.parents) if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        reason = f"{ancestor} is a file, not a directory"
+    elif exc.filename and Path(exc.filename) != path:
+        reason = f"{reason}: {exc.filename}"
+    return RunError(f"cannot write {what} {path} ({reason}); {_WRITE_RECOVERY}")
+
+
+# How to get past a failed write (full disk, permissions): nothing finished is lost, a rerun continues.
+_WRITE_RECOVERY = "pass another --out, or free space or fix the permissions there and rerun"
+
+
+def prepare_run_dir(out_dir: Path) -> None:
+    """Create the run directory, or raise a RunError naming it (a file in the way, read-only, ...)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(out_dir, exc, "the run directory") from None
+    # Temporary files of a process killed mid-write (checkpoints, manifests, config, logs,
+    # summary): never valid, possibly checkpoint-sized.
+    remove_stale_temporaries(out_dir, *(f"{name}*" for name in RUN_DIR_FILES))
+
+
+def _write_manifest(checkpoint: Path, entry: dict, replaces: dict | None) -> None:
+    manifest = {"file": checkpoint.name, **entry, "replaces": replaces}
+    write_atomic(manifest_path(checkpoint), lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)), durable=True)
+
+
+def _read_manifest(checkpoint: Path) -> dict | None:
+    """The checkpoint's manifest, None if it has none; a RunError if it is unreadable."""
+    path = manifest_path(checkpoint)
+    try:
+        manifest = json.loads(path.read_text())
+        for entry in (manifest, manifest.get("replaces") or {"bytes": 0, "sha256": ""}):
+            if not (isinstance(entry["bytes"], int) and isinstance(entry["sha256"], str)):
+                raise ValueError("'bytes' must be an integer and 'sha256' a string")
+        return manifest
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RunError(
+            f"checkpoint manifest {path} is unreadable ({exc.__class__.__name__}: {exc}), so "
+            f"{checkpoint} cannot be verified; {_recovery(checkpoint)}"
+        ) from exc
+
+
+def _recovery(checkpoint: Path) -> str:
+    """How to get past a bad checkpoint: what to delete, and what reruns."""
+    run_dir, manifest = checkpoint.parent, manifest_path(checkpoint)
+    if checkpoint.name == RESUME_CHECKPOINT:
+        return (
+            f"delete it (`rm {checkpoint} {manifest}`) and rerun snakemake or `python -m gtmoe train "
+            f"--out {run_dir}`: the run restarts from step 0"
+        )
+    return (
+        f"retrain the run: delete {run_dir} and rerun snakemake (or `python -m gtmoe train --out {run_dir}`; "
+        f"`snakemake --forcerun {run_dir / CHECKPOINT}` also does it)"
+    )
+
+
+def save_checkpoint(obj, path: Path) -> dict:
+    """Write `obj` to `path` atomically, with its manifest. Returns the manifest entry (bytes, sha256).
+
+    Order: the checkpoint to a temporary sibling (hashed on the way) and fsync;
+    then the manifest, atomically, naming the new content and the one it
+    replaces; then the rename over `path`. A process killed at any point leaves
+    `path` holding the old or the new checkpoint, and the manifest matches
+    either. A failed write (disk full, ...) leaves the old checkpoint in place.
+    """
+    tmp = temporary(path)
+    try:
+        with open(tmp, "wb") as handle:
+            writer = _HashingWriter(handle)
+            torch.save(obj, writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        entry = {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
+        try:
+            previous = _read_manifest(path) if path.exists() else None
+        except RunError:  # an unreadable manifest describes nothing worth keeping
+            previous = None
+        replaces = {"bytes": previous["bytes"], "sha256": previous["sha256"]} if previous else None
+        _write_manifest(path, entry, replaces)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:  # torch.save may wrap a failed write in a RuntimeError
+        if isinstance(exc, RunError):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        kept = "the previous checkpoint is kept; " if path.exists() else ""
+        raise RunError(
+            f"cannot write checkpoint {path} ({reason}); {kept}free space or fix the "
+            "permissions there and rerun to resume"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return entry
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> None:
+    """Check `path` against its manifest (size, then sha256); a RunError naming the file and the fix if not.
+
+    A checkpoint without a manifest (written by an older gtmoe) is accepted with
+    a warning. A checkpoint that matches the content its manifest says it
+    *replaces* is the old one, left by a kill between the manifest's and the
+    checkpoint's renames: valid, and with `repair_manifest` the manifest is
+    rewritten to describe it (training does this before it writes again).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(
+            f"checkpoint {path} does not exist; train the run first (snakemake, or "
+            f"`python -m gtmoe train --out {path.parent}`)"
+        )
+    manifest = _read_manifest(path)
+    if manifest is None:
+        log.warning(
+            "checkpoint %s has no manifest %s (written by an older gtmoe?); loading it unverified",
+            path,
+            manifest_path(path).name,
+        )
+        return
+    candidates = [manifest] + ([manifest["replaces"]] if manifest.get("replaces") else [])
+    size = path.stat().st_size
+    if not any(entry["bytes"] == size for entry in candidates):
+        raise RunError(
+            f"checkpoint {path} has {size} bytes but its manifest {manifest_path(path).name} says "
+            f"{manifest['bytes']} (truncated or partly written); {_recovery(path)}"
+        )
+    digest = sha256_file(path)
+    match = next((entry for entry in candidates if entry["bytes"] == size and entry["sha256"] == digest), None)
+    if match is None:
+        raise RunError(
+            f"checkpoint {path} does not match the sha256 in its manifest {manifest_path(path).name} "
+            f"(corrupted); {_recovery(path)}"
+        )
+    if match is not manifest and repair_manifest:
+        _write_manifest(path, {"bytes": match["bytes"], "sha256": match["sha256"]}, None)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", *, repair_manifest: bool = False) -> dict:
+    """Verify a checkpoint against its manifest, then load it. Errors name the file and how to recover."""
+    path = Path(path)
+    verify_checkpoint(path, repair_manifest=repair_manifest)
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # unverified (no manifest) and unreadable: say which and how to recover
+        raise RunError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}: {exc}); {_recovery(path)}") from exc
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat or {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def _neutral(key: str) -> bool:
+    return any(key == neutral or key.startswith(neutral + ".") for neutral in WEIGHT_NEUTRAL_KEYS)
+
+
+def config_differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, stored value, current value) for every key that differs, weight-neutral keys aside."""
+    a, b = _flatten(stored), _flatten(current)
+    missing = object()
+    return [
+        (key, a.get(key, missing), b.get(key, missing))
+        for key in sorted(a.keys() | b.keys())
+        if not _neutral(key) and a.get(key, missing) != b.get(key, missing)
+    ]
+
+
+def _short(value, limit: int = 40) -> str:
+    text = "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_config_matches_checkpoint(config_path: Path, cfg: RunConfig, checkpoint: Path, stored: dict | None) -> None:
+    """A RunError naming the keys in which `config_path` differs from the config `checkpoint` was trained with."""
+    if stored is None:
+        log.warning(
+            "checkpoint %s records no run config (older gtmoe); cannot check it against %s", checkpoint, config_path
+        )
+        return
+    differences = config_differences(stored, cfg.to_dict())
+    if not differences:
+        return
+    shown = ", ".join(
+        f"{key} ({_short(old)} in the checkpoint, {_short(new)} in {config_path.name})"
+        for key, old, new in differences[:5]
+    )
+    more = f" and {len(differences) - 5} more" if len(differences) > 5 else ""
+    raise RunError(
+        f"{config_path} differs from the config {checkpoint} was trained with: {shown}{more}; "
+        f"restore {config_path.name} to the trained values, or retrain the run with the new ones "
+        f"(delete {checkpoint.parent} and rerun snakemake)"
+    )

@@ -1,0 +1,189 @@
+"""Test helpers: the one way tests run a command line, and synthetic run directories following the
+run-directory contract (gtmoe.contract) for the analysis tests. Imported by the tests; no fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gtmoe.metrics import gini
+from gtmoe.metrics import max_violation as maxvio
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(
+    module: str, *args: str, cwd: Path | str = REPO, env: dict | None = None, timeout: float = 600, check: bool = False
+) -> subprocess.CompletedProcess:
+    """`python -m module args...` in a fresh interpreter, as a user runs it: this checkout importable
+    (also from another working directory), output captured as text."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
+VARIANTS = ("dense", "topk", "switch", "rdesi", "rdesi_no_reputation", "rdesi_no_load", "rdesi_no_bonus")
+ROUTERS = {"rdesi_no_reputation": "rdesi", "rdesi_no_load": "rdesi", "rdesi_no_bonus": "rdesi"}
+
+
+def make_evaluation(
+    variant: str,
+    seed: int,
+    split: str,
+    *,
+    n_layers: int = 2,
+    n_experts: int = 4,
+    top_k: int = 2,
+    ppl: float | None = None,
+    status: str = "ok",
+    rng: np.random.Generator | None = None,
+) -> dict:
+    """An ``eval_{split}.json`` payload with consistent per-layer loads and metrics."""
+    rng = rng or np.random.default_rng(seed)
+    router = ROUTERS.get(variant, variant)
+    dense = variant == "dense"
+    ppl = float(ppl if ppl is not None else 100 + 10 * rng.random())
+    tokens, words = 10_000, 8_000
+    nll = math.log(ppl)
+    per_layer = []
+    for layer in range(0 if dense else n_layers):
+        counts = rng.integers(1_000, 6_000, size=n_experts)
+        f = counts / counts.sum()
+        per_layer.append(
+            dict(
+                layer=layer,
+                load=[int(c) for c in counts],
+                gini=float(gini(counts)),
+                load_entropy=float(-(f * np.log(f)).sum() / math.log(n_experts)),
+                cv=float(counts.std() / counts.mean()),
+                maxvio_global=float(maxvio(counts)),
+                maxvio_batch=float(maxvio(counts) * 1.2),
+                dead_experts=0,
+                drop_rate=0.0,
+                token_expert_mi=float(rng.random() * 0.3),
+            )
+        )
+
+    def layer_mean(key: str) -> float | None:
+        return None if dense else float(np.mean([entry[key] for entry in per_layer]))
+
+    return dict(
+        variant=variant,
+        seed=seed,
+        split=split,
+        router=router,
+        status=status,
+        ppl=ppl,
+        word_ppl=math.exp(nll * tokens / words),
+        nll=nll,
+        tokens=tokens,
+        words=words,
+        gini=layer_mean("gini"),
+        load_entropy=layer_mean("load_entropy"),
+        cv=layer_mean("cv"),
+        maxvio_global=layer_mean("maxvio_global"),
+        maxvio_batch=layer_mean("maxvio_batch"),
+        dead_experts=layer_mean("dead_experts"),
+        drop_rate=layer_mean("drop_rate"),
+        token_expert_mi=layer_mean("token_expert_mi"),
+        router_saturation=None,
+        n_params=1_000_000,
+        n_active_params=600_000,
+        tokens_per_s=5_000.0 + rng.random(),
+        wall_s=12.5,
+        peak_mem_mb=512.0,
+        n_experts=None if dense else n_experts,
+        top_k=None if dense else top_k,
+        train_step=200,
+        per_layer=per_layer,
+    )
+
+
+def make_train_log(seed: int, steps: Sequence[int] = (0, 50, 100, 150, 200)) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    steps = np.asarray(steps)
+    return pd.DataFrame(
+        dict(
+            step=steps,
+            loss=6.0 - steps / 100 + 0.05 * rng.random(len(steps)),
+            lr=np.full(len(steps), 1e-3),
+            aux_loss=np.full(len(steps), 0.01),
+            z_loss=np.full(len(steps), 0.001),
+            grad_norm=1 + rng.random(len(steps)),
+            tokens_per_s=4_000 + 100 * rng.random(len(steps)),
+            elapsed_s=steps * 0.1 + 1.0,
+        )
+    )
+
+
+def make_router_log(
+    variant: str, seed: int, *, n_layers: int = 2, n_experts: int = 4, steps: Sequence[int] = (0, 50, 100, 150, 200)
+) -> pd.DataFrame:
+    """Long router log; RD-ESI variants carry reputation/load_hat/bonus, others NaN."""
+    rng = np.random.default_rng(1000 + seed)
+    rows = []
+    rdesi = ROUTERS.get(variant, variant) == "rdesi"
+    for step in steps:
+        for layer in range(n_layers):
+            load = rng.dirichlet(np.full(n_experts, 2.0 + step / 50))
+            for expert in range(n_experts):
+                rows.append(
+                    dict(
+                        step=step,
+                        layer=layer,
+                        expert=expert,
+                        load=load[expert],
+                        reputation=rng.normal() * 0.1 if rdesi else math.nan,
+                        load_hat=n_experts * load[expert] - 1 if rdesi else math.nan,
+                        bonus=(0.0 if variant == "rdesi_no_bonus" else 0.1 * math.sqrt(math.log(step + 2) / (step + 1)))
+                        if rdesi
+                        else math.nan,
+                        bias=math.nan,
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def write_run(
+    root: Path,
+    variant: str,
+    seed: int,
+    *,
+    splits: Sequence[str] = ("validation", "test"),
+    train_log: bool = True,
+    router_log: bool = True,
+    **evaluation,
+) -> Path:
+    """Write one run directory ``root/{variant}/seed{seed}`` and return it."""
+    run_dir = Path(root) / variant / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, len(variant)])
+    for split in splits:
+        payload = make_evaluation(variant, seed, split, rng=rng, **evaluation)
+        (run_dir / f"eval_{split}.json").write_text(json.dumps(payload))
+    if train_log:
+        make_train_log(seed).to_parquet(run_dir / "train_log.parquet", index=False)
+    if router_log and variant != "dense":
+        make_router_log(variant, seed).to_parquet(run_dir / "router_log.parquet", index=False)
+    return run_dir
+
+
+def write_study(root: Path, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2)) -> list[Path]:
+    """Every variant x seed, all complete and ok."""
+    return [write_run(root, v, s) for v in variants for s in seeds]

@@ -1,0 +1,390 @@
+"""Sensitivity analysis (issue 14): design validation, dose-response statistics, best values,
+figures, tables and the `sensitivity` command, on synthetic tidy tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from analysis import sensitivity
+
+from helpers import run_module
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEEDS = (0, 1, 2)
+
+
+def point(
+    sweep="s", option="beta", value=0.3, variant="rdesi", term="reputation", fixed="", base="rdesi", router="rdesi"
+) -> dict:
+    return dict(
+        sweep=sweep, base=base, router=router, option=option, value=value, variant=variant, term=term, fixed=fixed
+    )
+
+
+def tidy_table(values: dict[str, dict[str, dict[int, float]]], split: str = "test") -> pd.DataFrame:
+    """Tidy rows from {variant: {metric: {seed: value}}}, model level, all ok."""
+    rows = [
+        dict(
+            variant=variant,
+            seed=seed,
+            split=split,
+            metric=metric,
+            layer="all",
+            value=value,
+            source="synthetic",
+            run_status="ok",
+        )
+        for variant, metrics in values.items()
+        for metric, by_seed in metrics.items()
+        for seed, value in by_seed.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def random_values(rng: np.random.Generator, ppl: float, gini: float, seeds=SEEDS) -> dict[str, dict[int, float]]:
+    return {
+        "ppl": {s: ppl + rng.normal(0, 2) for s in seeds},
+        "gini": {s: gini + rng.normal(0, 0.01) for s in seeds},
+        "maxvio_global": {s: 2 * gini + rng.normal(0, 0.02) for s in seeds},
+        "flip_rate_reputation": {s: 0.05 + rng.normal(0, 0.005) for s in seeds},
+    }
+
+
+def t_interval(values) -> tuple[float, float]:
+    """Independent reference: scipy's t.interval on the same values."""
+    x = np.asarray(values, dtype=float)
+    return sps.t.interval(0.95, df=x.size - 1, loc=x.mean(), scale=sps.sem(x))
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 2_000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------- design
+
+
+@pytest.mark.parametrize(
+    "design, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"sweep": "s"}', "must be a JSON list"),
+        (["rdesi"], "record 0 must be an object"),
+        ([point(), {k: v for k, v in point(value=1).items() if k != "variant"}], "record 1 lacks 'variant'"),
+        ([point(value="high")], r"record 0 \(s, beta\): value must be a finite number"),
+        ([point(value=True)], "value must be a finite number"),
+        ([point(value=float("nan"))], "value must be a finite number"),
+        ([point(option="")], "option must be a non-empty string"),
+        ([point(term=3)], "term must be a selection term name or null"),
+        ([point(fixed=1)], "fixed must be a string"),
+        ([point(value=1, variant="a"), point(value=1.0, variant="b")], r"several points at beta=1 .*\['a', 'b'\]"),
+    ],
+)
+def test_read_design_rejects_bad_designs(design, message):
+    with pytest.raises(ValueError, match=message):
+        sensitivity.read_design(design if isinstance(design, str) else json.dumps(design))
+
+
+def test_read_design_defaults_and_grid_duplicates():
+    record = {k: v for k, v in point(value=0).items() if k not in ("term", "fixed")}
+    design = sensitivity.read_design([record, point(value=1, term=None, fixed=None)])
+    assert list(design.columns) == sensitivity.DESIGN_COLUMNS
+    assert design["term"].isna().all() and (design["fixed"] == "").all()
+    assert design["value"].tolist() == [0.0, 1.0]
+    # The same value on two curves of a grid (different `fixed`) is two points, not a clash.
+    grid = sensitivity.read_design([point(value=1, fixed="gamma=0.3"), point(value=1, fixed="gamma=1")])
+    assert len(grid) == 2
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_dose_response_statistics_match_scipy():
+    rng = np.random.default_rng(1)
+    values = {
+        "topk": random_values(rng, 100, 0.2),
+        "rdesi": random_values(rng, 98, 0.1),
+        "rdesi-beta0": random_values(rng, 101, 0.15),
+    }
+    design = [point(value=0.3, variant="rdesi"), point(value=0, variant="rdesi-beta0")]
+    dose = sensitivity.dose_response(tidy_table(values), design, "test", "topk")
+    assert list(dose.columns) == sensitivity.DOSE_COLUMNS
+    assert dose["value"].tolist() == [0.0] * 4 + [0.3] * 4  # each curve by increasing value
+    for row in dose.itertuples():
+        source = "flip_rate_reputation" if row.metric == "flip_rate" else row.metric
+        x = list(values[row.variant][source].values())
+        assert row.n == 3 and row.mean == pytest.approx(np.mean(x))
+        assert (row.ci_low, row.ci_high) == pytest.approx(t_interval(x))
+        if row.metric == "flip_rate":  # no reference for a term the reference router lacks
+            assert math.isnan(row.ref_mean) and math.isnan(row.delta) and row.n_paired == 0
+            continue
+        ref = list(values["topk"][row.metric].values())
+        assert row.ref_mean == pytest.approx(np.mean(ref))
+        assert (row.ref_ci_low, row.ref_ci_high) == pytest.approx(t_interval(ref))
+        diff = np.subtract(x, ref)
+        assert row.delta == pytest.approx(diff.mean())
+        assert (row.delta_ci_low, row.delta_ci_high) == pytest.approx(t_interval(diff))
+
+
+def test_paired_delta_uses_only_common_seeds():
+    values = {
+        "topk": {"ppl": {0: 100.0, 1: 102.0, 2: 101.0, 3: 99.0}},
+        "rdesi": {"ppl": {1: 97.0, 2: 100.5, 3: 96.0, 4: 90.0, 5: float("nan")}},
+    }
+    dose = sensitivity.dose_response(tidy_table(values), [point(term=None)], "test", "topk")
+    ppl = dose[dose["metric"] == "ppl"].iloc[0]
+    assert ppl.n == 4 and ppl.ref_n == 4  # each side's own finite seeds
+    diff = np.array([97.0 - 102.0, 100.5 - 101.0, 96.0 - 99.0])  # seeds 1, 2, 3 only
+    assert ppl.n_paired == 3 and ppl.paired_seeds == "1,2,3"
+    assert ppl.delta == pytest.approx(diff.mean())
+    assert (ppl.delta_ci_low, ppl.delta_ci_high) == pytest.approx(t_interval(diff))
+
+
+def test_flip_rate_rows_follow_the_term():
+    values = {
+        "topk": random_values(np.random.default_rng(2), 100, 0.2),
+        "lossfree": {"ppl": {0: 99.0}, "gini": {0: 0.1}, "maxvio_global": {0: 0.3}},
+    }
+    design = [
+        point(
+            option="bias_update_rate", value=0.001, variant="lossfree", term="bias", router="lossfree", base="lossfree"
+        ),
+        point(option="other", value=1, variant="lossfree", term=None, router="lossfree", base="lossfree"),
+    ]
+    dose = sensitivity.dose_response(tidy_table(values), design, "test", "topk")
+    flips = dose[dose["metric"] == "flip_rate"]
+    assert flips["option"].tolist() == ["bias_update_rate"]  # none for the option without a term
+    assert flips.iloc[0].n == 0 and math.isnan(flips.iloc[0]["mean"])  # flip_rate_bias absent: n = 0
+    ppl = dose[(dose["metric"] == "ppl")].iloc[0]
+    assert ppl.n == 1 and math.isnan(ppl.ci_low) and ppl.n_paired == 1 and math.isnan(ppl.delta_ci_low)
+
+
+def test_dose_response_rejects_unknown_variants():
+    tidy = tidy_table({"topk": {"ppl": {0: 1.0}}, "rdesi": {"ppl": {0: 1.0}}})
+    with pytest.raises(ValueError, match="reference variant 'switch'"):
+        sensitivity.dose_response(tidy, [point()], "test", "switch")
+    with pytest.raises(ValueError, match=r"absent from the table: \['rdesi-beta9'\]"):
+        sensitivity.dose_response(tidy, [point(value=9, variant="rdesi-beta9")], "test", "topk")
+
+
+# --------------------------------------------------------------------------- best values
+
+
+def brute_force_best(values: dict, design: list[dict], reference: str = "topk") -> dict[tuple, float]:
+    """Per (sweep, option, fixed): the eligible value with the lowest mean Gini, from the raw seeds."""
+    curves: dict[tuple, list[tuple[float, float, float]]] = {}
+    for p in design:
+        ppl, ref = values[p["variant"]]["ppl"], values[reference]["ppl"]
+        common = sorted(set(ppl) & set(ref))
+        delta = np.mean([ppl[s] - ref[s] for s in common]) if common else math.nan
+        gini = np.mean(list(values[p["variant"]]["gini"].values()))
+        curves.setdefault((p["sweep"], p["option"], p["fixed"]), []).append((p["value"], delta, gini))
+    best = {}
+    for key, points in curves.items():
+        eligible = [(gini, value) for value, delta, gini in points if delta <= 0]
+        best[key] = min(eligible)[1] if eligible else math.nan
+    return best
+
+
+def test_best_values_match_brute_force_on_a_random_grid():
+    rng = np.random.default_rng(3)
+    design, values = [], {"topk": random_values(rng, 100, 0.2)}
+    for beta in (0, 0.1, 1):
+        for gamma in (0, 0.3, 3):
+            variant = f"g-b{beta}-g{gamma}"
+            values[variant] = random_values(rng, 100 + rng.normal(0, 3), 0.2 + rng.normal(0, 0.05))
+            design += [
+                point("grid", "beta", beta, variant, "reputation", f"gamma={gamma}"),
+                point("grid", "gamma", gamma, variant, "load", f"beta={beta}"),
+            ]
+    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
+    expected = brute_force_best(values, design)
+    assert len(best) == len(expected) == 6
+    for row in best.itertuples():
+        want = expected[(row.sweep, row.option, row.fixed)]
+        assert row.value == pytest.approx(want, nan_ok=True)
+        assert row.n_values_tried == 3
+
+
+def test_best_values_base_best_and_no_eligible():
+    values = {
+        "topk": {"ppl": {0: 100.0, 1: 101.0}, "gini": {0: 0.3, 1: 0.3}},
+        "rdesi": {"ppl": {0: 99.0, 1: 100.0}, "gini": {0: 0.10, 1: 0.12}},  # base: eligible, best
+        "rdesi-beta0": {"ppl": {0: 98.0, 1: 99.0}, "gini": {0: 0.20, 1: 0.22}},  # eligible, worse Gini
+        "rdesi-beta3": {"ppl": {0: 105.0, 1: 106.0}, "gini": {0: 0.05, 1: 0.05}},  # lowest Gini, PPL worse
+        "rdesi-c0": {"ppl": {0: 110.0, 1: 111.0}, "gini": {0: 0.1, 1: 0.1}},
+        "rdesi-c3": {"ppl": {2: 90.0}, "gini": {2: 0.1}},
+    }  # no paired seed
+    design = [
+        point(value=0, variant="rdesi-beta0"),
+        point(value=0.3, variant="rdesi"),
+        point(value=3, variant="rdesi-beta3"),
+        point(option="c", value=0, variant="rdesi-c0", term="bonus"),
+        point(option="c", value=1, variant="rdesi", term="bonus"),  # the base once per option
+        point(option="c", value=3, variant="rdesi-c3", term="bonus"),
+    ]
+    for values_of in values.values():
+        values_of["maxvio_global"] = {s: 2 * g for s, g in values_of["gini"].items()}
+    values["topk"]["ppl"][1] = 98.5  # topk's seed 1 is now below the base: base Δ = mean(−1, +1.5) > 0
+    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
+    assert list(best.columns) == sensitivity.BEST_COLUMNS
+    beta, c = best.iloc[0], best.iloc[1]
+    assert (beta.option, c.option) == ("beta", "c")
+    # beta: the base's Δ PPL is +0.25 (not eligible), beta0's is −0.75: beta0 wins despite its Gini.
+    assert beta.value == 0 and beta.variant == "rdesi-beta0" and beta.n_values_eligible == 1
+    assert beta.delta_ppl == pytest.approx(np.mean([98 - 100, 99 - 98.5]))
+    assert math.isnan(c.value) and c.variant == "" and c.n_values_eligible == 0 and c.n_values_tried == 3
+    assert c.note.startswith("no value keeps PPL at or below topk's") and "1 value(s) without seeds paired" in c.note
+
+    values["topk"]["ppl"][1] = 101.0  # back: the base (Δ −1) is eligible and has the lowest Gini among those
+    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
+    beta = best.iloc[0]
+    assert beta.value == 0.3 and beta.variant == "rdesi" and beta.n_values_eligible == 2 and beta.note == ""
+    assert beta.gini_mean == pytest.approx(0.11) and beta.n == 2
+    assert (beta.gini_ci_low, beta.gini_ci_high) == pytest.approx(t_interval([0.10, 0.12]))
+    assert beta.delta_ppl == pytest.approx(-1.0) and beta.ppl_mean == pytest.approx(99.5)
+
+
+def test_best_value_ties_go_to_the_smaller_value():
+    values = {
+        "topk": {"ppl": {0: 100.0}, "gini": {0: 0.3}, "maxvio_global": {0: 1.0}},
+        "a": {"ppl": {0: 99.0}, "gini": {0: 0.1}, "maxvio_global": {0: 1.0}},
+        "b": {"ppl": {0: 98.0}, "gini": {0: 0.1}, "maxvio_global": {0: 1.0}},
+    }
+    design = [point(value=3, variant="b"), point(value=1, variant="a")]
+    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
+    assert best.iloc[0].value == 1 and best.iloc[0].variant == "a"
+
+
+# --------------------------------------------------------------------------- figure, tables, command line
+
+
+def sweep_study() -> tuple[pd.DataFrame, list[dict]]:
+    """A one-at-a-time sweep (beta, and c with no term) and a 2 x 2 full grid (beta x gamma)."""
+    rng = np.random.default_rng(4)
+    design = [point("oat", "beta", v, "rdesi" if v == 0.3 else f"rdesi-beta{v:g}") for v in (0, 0.1, 0.3, 1)]
+    design += [point("oat", "c", v, "rdesi" if v == 1 else f"rdesi-c{v:g}", term=None) for v in (0, 1, 10)]
+    for beta in (0, 1):
+        for gamma in (0.3, 3):
+            variant = f"rdesi-beta{beta}-gamma{gamma:g}"
+            design += [
+                point("grid", "beta", beta, variant, "reputation", f"gamma={gamma:g}"),
+                point("grid", "gamma", gamma, variant, "load", f"beta={beta}"),
+            ]
+    variants = ["topk", *dict.fromkeys(p["variant"] for p in design)]
+    values = {v: random_values(rng, 100 + rng.normal(0, 3), 0.2 + rng.normal(0, 0.05)) for v in variants}
+    for v in variants:
+        values[v]["flip_rate_load"] = {s: 0.1 for s in SEEDS}
+    return tidy_table(values), design
+
+
+def test_figures_one_at_a_time_and_grid(tmp_path):
+    tidy, design = sweep_study()
+    dose = sensitivity.dose_response(tidy, design, "test", "topk")
+    for sweep in ("oat", "grid"):
+        assert is_png(sensitivity.plot_sensitivity(dose, tmp_path / f"{sweep}.png", sweep, "topk"))
+    # Nothing to show: a message figure, not an exception.
+    assert is_png(sensitivity.plot_sensitivity(dose, tmp_path / "absent.png", "absent", "topk"))
+    empty = dose.assign(mean=np.nan, ci_low=np.nan, ci_high=np.nan)
+    assert is_png(sensitivity.plot_sensitivity(empty, tmp_path / "empty.png", "oat", "topk"))
+
+
+def test_write_tables(tmp_path):
+    tidy, design = sweep_study()
+    dose = sensitivity.dose_response(tidy, design, "test", "topk")
+    best = sensitivity.best_values(dose)
+    written = sensitivity.write_tables(dose, best, tmp_path)
+    assert sorted(p.name for p in written) == [
+        "sensitivity.csv",
+        "sensitivity.html",
+        "sensitivity_best.csv",
+        "sensitivity_best.html",
+    ]
+    page = (tmp_path / "sensitivity.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page and 'class="reference"' in page
+    assert "Sweep: oat" in page and "Sweep: grid" in page and "other options" in page
+    assert "lowest mean Gini" in (tmp_path / "sensitivity_best.html").read_text()
+    assert len(pd.read_csv(tmp_path / "sensitivity.csv")) == len(dose)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_module("analysis", "sensitivity", *args, timeout=120)
+
+
+def test_cli_end_to_end(tmp_path):
+    tidy, design = sweep_study()
+    failed = tidy[tidy["variant"] == "rdesi-beta0"].assign(seed=9, value=1e9, run_status="failed")
+    table = tmp_path / "runs.parquet"
+    pd.concat([tidy, failed]).to_parquet(table, index=False)
+    summary, figures_dir = tmp_path / "summary", tmp_path / "figures"
+    result = run_cli(
+        "--table",
+        str(table),
+        "--design-json",
+        json.dumps(design),
+        "--reference",
+        "topk",
+        "--split",
+        "test",
+        "--out-dir",
+        str(summary),
+        "--figures-dir",
+        str(figures_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in summary.iterdir()) == [
+        "sensitivity.csv",
+        "sensitivity.html",
+        "sensitivity_best.csv",
+        "sensitivity_best.html",
+    ]
+    assert sorted(p.name for p in figures_dir.iterdir()) == ["sensitivity_grid.png", "sensitivity_oat.png"]
+    assert all(is_png(p) for p in figures_dir.iterdir())
+    dose = pd.read_csv(summary / "sensitivity.csv")
+    assert dose["n"].max() == 3 and dose["mean"].max() < 1e9  # the failed run is left out
+    best = pd.read_csv(summary / "sensitivity_best.csv")
+    assert len(best) == 2 + 4  # oat: beta, c; grid: two curves per option
+
+    # The design may also be a file.
+    design_file = tmp_path / "design.json"
+    design_file.write_text(json.dumps(design[:4]))
+    result = run_cli(
+        "--table",
+        str(table),
+        "--design-json",
+        str(design_file),
+        "--out-dir",
+        str(summary),
+        "--figures-dir",
+        str(tmp_path / "one"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["sensitivity_oat.png"]
+
+
+@pytest.mark.parametrize("design", [json.dumps([{"sweep": "oat", "option": "beta"}]), "missing.json"])
+def test_cli_bad_design_is_one_error_line(tmp_path, design):
+    table = tmp_path / "runs.parquet"
+    sweep_study()[0].to_parquet(table, index=False)
+    result = run_cli(
+        "--table",
+        str(table),
+        "--design-json",
+        design,
+        "--out-dir",
+        str(tmp_path / "s"),
+        "--figures-dir",
+        str(tmp_path / "f"),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: python -m analysis sensitivity: ")
+    assert not (tmp_path / "s").exists()
