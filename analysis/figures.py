@@ -26,13 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis import writing  # noqa: E402
 from analysis.collect import MODEL_LEVEL, variant_order  # noqa: E402
-from analysis.stats import (  # noqa: E402
-    CONFIDENCE,
-    metric_label,
-    router_balance_curves,
-    summarize,
-    t_confidence_interval,
-)
+from analysis.stats import CONFIDENCE, metric_label, router_balance_curves, summarize, t_confidence_interval  # noqa: E402
 from gtmoe.contract import FLIP_RATE_PREFIX, ROUTER_LOG_INDEX  # noqa: E402
 
 DPI = 150

@@ -36,16 +36,7 @@ import seaborn as sns  # noqa: E402
 from analysis.collect import MODEL_LEVEL, variant_order  # noqa: E402
 from analysis.figures import _message_figure, _save  # noqa: E402
 from analysis.stats import CONFIDENCE, describe, metric_label, paired_test, per_seed  # noqa: E402
-from analysis.tables import (  # noqa: E402
-    NA,
-    Markup,
-    format_interval,
-    format_number,
-    html_page,
-    html_table,
-    value_cell,
-    write_table,
-)
+from analysis.tables import NA, Markup, format_interval, format_number, html_page, html_table, value_cell, write_table  # noqa: E402
 
 FLIP_RATE = "flip_rate"  # metric name of the swept option's own term, flip_rate_<term> in the tidy table
 METRICS = ("gini", "maxvio_global", "ppl", FLIP_RATE)  # table order and figure columns

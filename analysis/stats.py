@@ -31,6 +31,7 @@ from scipy import optimize, stats
 
 from analysis.collect import MODEL_LEVEL, variant_order
 from gtmoe import metrics
+from gtmoe.contract import LOAD_METRICS
 
 CONFIDENCE = 0.95
 ALPHA = 0.05  # level of every test (config.yaml statistics.alpha)
@@ -40,20 +41,7 @@ PRIMARY, EXPLORATORY = "primary", "exploratory"
 # Wilcoxon's exact two-sided p is at least 2 / 2^n (all n signs agree). At n = 5 that is 0.0625,
 # so below 6 pairs the test cannot reject at alpha = 0.05 whatever the data: not reported.
 MIN_WILCOXON_N = 6
-SUMMARY_METRICS = (
-    "ppl",
-    "word_ppl",
-    "gini",
-    "load_entropy",
-    "cv",
-    "maxvio_global",
-    "maxvio_batch",
-    "dead_experts",
-    "drop_rate",
-    "token_expert_mi",
-    "router_saturation",
-    "tokens_per_s",
-)
+SUMMARY_METRICS = ("ppl", "word_ppl", *LOAD_METRICS, "router_saturation", "tokens_per_s")
 TRAIN_METRICS = ("final_loss", "mean_tokens_per_s", "train_wall_s")
 COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_batch", "dead_experts")
 ABLATION_BASE = "rdesi"
