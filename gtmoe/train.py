@@ -288,7 +288,7 @@ class Trainer:
         )
 
     def run(self, stop_after: int | None = None) -> dict:
-        tcfg, last = self.tcfg, self.step
+        tcfg = self.tcfg
         saturation_step = max(1, round(tcfg.saturation_checkpoint * tcfg.max_steps))
         self.model.train()
         progress = tqdm(
@@ -303,6 +303,7 @@ class Trainer:
             result = self.train_one_step()
             progress.update(1)
             step, last = self.step, self.step == tcfg.max_steps
+            stopping = stop_after is not None and step >= stop_after and not last
             if step % tcfg.log_every == 0 or last:
                 since = self.log_step(result, progress, since)
             if self.model.moe_layers and (step % tcfg.router_log_every == 0 or last):
@@ -310,12 +311,12 @@ class Trainer:
             if step == saturation_step:
                 self.check_finite()
                 save_checkpoint({"step": step, "model": self.model.state_dict()}, self.out_dir / SATURATION_CHECKPOINT)
-            if (step % tcfg.checkpoint_every == 0 or (stop_after is not None and step >= stop_after)) and not last:
+            if (step % tcfg.checkpoint_every == 0 and not last) or stopping:
                 self.check_finite()
                 self.save(self.checkpoint_path)
-                if stop_after is not None and step >= stop_after:
-                    progress.close()
-                    return {"stopped_at": step}
+            if stopping:
+                progress.close()
+                return {"stopped_at": step}
         progress.close()
         return self.finish()
 
