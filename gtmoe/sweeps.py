@@ -78,7 +78,7 @@ def _identity(router: str, resolved: Any) -> tuple:
 
 
 def _points(mode: str, grid: dict[str, list[Any]]):
-    """(option -> value) assignments and the option each belongs to in the design (None: every option)."""
+    """The (option -> value) assignments of a sweep: one option at a time, or every combination."""
     if mode == "one_at_a_time":
         for option, values in grid.items():
             for value in values:
