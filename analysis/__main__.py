@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,22 +109,18 @@ def run_stats(args: argparse.Namespace) -> int:
     )
     tables.write_summary(summary, out / "summary.csv", out / "summary.html")
     reference, ablation = _pairs(tidy, args)
-    tables.write_comparisons(
-        _compare(tidy, reference, args),
-        out / "comparisons.csv",
-        out / "comparisons.html",
-        f"Paired comparisons against {args.reference}",
-        alpha=args.alpha,
-        power=args.power,
-    )
-    tables.write_comparisons(
-        _compare(tidy, ablation, args),
-        out / "ablations.csv",
-        out / "ablations.html",
-        f"RD-ESI ablations: each ablation against {args.ablation_base}",
-        alpha=args.alpha,
-        power=args.power,
-    )
+    for name, pairs, title in (
+        ("comparisons", reference, f"Paired comparisons against {args.reference}"),
+        ("ablations", ablation, f"RD-ESI ablations: each ablation against {args.ablation_base}"),
+    ):
+        tables.write_comparisons(
+            _compare(tidy, pairs, args),
+            out / f"{name}.csv",
+            out / f"{name}.html",
+            title,
+            alpha=args.alpha,
+            power=args.power,
+        )
     _log(f"tables -> {out}")
     return 0
 
@@ -151,15 +147,11 @@ def run_figures(args: argparse.Namespace) -> int:
 
 
 def run_findings(args: argparse.Namespace) -> int:
-    tables_dir = Path(args.summary_dir)
     inputs = findings.load_inputs(
-        comparisons=tables_dir / "comparisons.csv",
-        ablations=tables_dir / "ablations.csv",
-        summary=tables_dir / "summary.csv",
-        status=tables_dir / "run_status.csv",
-        baselines=args.baselines,
-        run_dirs=args.run_dirs,
-        reference=args.reference,
+        Path(args.summary_dir),
+        args.baselines,
+        args.run_dirs,
+        args.reference,
         split=args.split,
         alpha=args.alpha,
         power=args.power,
@@ -216,7 +208,31 @@ def run_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+TABLE_HELP = "tidy table written by aggregate"  # --table of stats, figures and sensitivity
+
+
+def _add_values(
+    parser: argparse.ArgumentParser, flag: str, default: Sequence[str], metavar: str, help: str, nargs: str = "+"
+) -> None:
+    """An option of several values whose default, a constant of the analysis, is listed in its help."""
+    parser.add_argument(
+        flag, nargs=nargs, default=list(default), metavar=metavar, help=f"{help} (default: %(default)s)"
+    )
+
+
+def _add_run_dirs(parser: argparse.ArgumentParser, purpose: str) -> None:
+    parser.add_argument("--run-dirs", nargs="*", default=[], metavar="DIR", help=purpose)
+
+
 def _add_pair_options(parser: argparse.ArgumentParser) -> None:
+    """The paired comparisons' settings, shared by every sub-command that compares variants."""
     parser.add_argument(
         "--reference", default="topk", help="reference variant; every other variant is compared with it (default: topk)"
     )
@@ -226,32 +242,28 @@ def _add_pair_options(parser: argparse.ArgumentParser) -> None:
         choices=collect.EVAL_SPLITS,
         help="evaluation split of the comparisons and figures (default: test)",
     )
-    parser.add_argument(
-        "--metrics",
-        nargs="+",
-        default=list(stats.COMPARISON_METRICS),
-        metavar="METRIC",
-        help="metrics of the paired comparisons (default: %(default)s)",
-    )
+    _add_values(parser, "--metrics", stats.COMPARISON_METRICS, "METRIC", "metrics of the paired comparisons")
     parser.add_argument(
         "--ablation-base",
         default=stats.ABLATION_BASE,
         help="variant the ablations are compared with (default: %(default)s)",
     )
-    parser.add_argument(
+    _add_values(
+        parser,
         "--ablations",
+        stats.ABLATIONS,
+        "VARIANT",
+        "ablation variants; those absent from the table are skipped",
         nargs="*",
-        default=list(stats.ABLATIONS),
-        metavar="VARIANT",
-        help="ablation variants; those absent from the table are skipped (default: %(default)s)",
     )
-    parser.add_argument(
+    _add_values(
+        parser,
         "--primary",
+        stats.PRIMARY_METRICS,
+        "METRIC",
+        "primary (confirmatory) endpoints; other metrics are marked exploratory, and "
+        "primary ones absent from --metrics are compared too",
         nargs="*",
-        default=list(stats.PRIMARY_METRICS),
-        metavar="METRIC",
-        help="primary (confirmatory) endpoints; other metrics are marked exploratory, and "
-        "primary ones absent from --metrics are compared too (default: %(default)s)",
     )
     parser.add_argument(
         "--alpha", type=_probability, default=stats.ALPHA, help="level of the tests, in (0, 1) (default: %(default)s)"
@@ -271,93 +283,42 @@ def _add_pair_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+def _add_csv_output(parser: argparse.ArgumentParser, flag: str, html_flag: str, table: str) -> None:
+    """A table written as CSV, with its HTML view beside it unless `html_flag` places it elsewhere."""
+    parser.add_argument(flag, required=True, help=f"{table} to write (.csv)")
+    parser.add_argument(html_flag, help=f"HTML view of the {table} (default: {flag} with .html)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    aggregate = commands.add_parser(
-        "aggregate",
-        help="collect run directories into a tidy table",
-        description="Read every run directory into one tidy table "
-        "(parquet) and write the run status table (CSV + HTML).",
-    )
-    aggregate.add_argument(
-        "--run-dirs",
-        nargs="*",
-        default=[],
-        metavar="DIR",
-        help="run directories results/runs/{variant}/seed{seed}; absent ones are reported as missing",
-    )
-    aggregate.add_argument(
+def _aggregate_options(parser: argparse.ArgumentParser) -> None:
+    _add_run_dirs(parser, "run directories results/runs/{variant}/seed{seed}; absent ones are reported as missing")
+    parser.add_argument(
         "--variants", nargs="+", metavar="V", help="expected variants in study order (default: those of --run-dirs)"
     )
-    aggregate.add_argument(
+    parser.add_argument(
         "--seeds", nargs="+", type=int, metavar="S", help="expected seeds (default: those of --run-dirs)"
     )
-    aggregate.add_argument("--out-table", required=True, help="tidy table to write (.parquet)")
-    aggregate.add_argument("--out-status", required=True, help="run status table to write (.csv)")
-    aggregate.add_argument("--out-status-html", help="HTML view of the run status (default: --out-status with .html)")
-    aggregate.set_defaults(handler=run_aggregate)
+    parser.add_argument("--out-table", required=True, help="tidy table to write (.parquet)")
+    _add_csv_output(parser, "--out-status", "--out-status-html", "run status table")
 
-    stats_cmd = commands.add_parser(
-        "stats",
-        help="summary, paired comparison and ablation tables",
-        description="Write summary, comparisons and ablations as CSV and HTML into --out-dir, from ok runs only.",
-    )
-    stats_cmd.add_argument("--table", required=True, help="tidy table written by aggregate")
-    stats_cmd.add_argument("--out-dir", required=True, help="directory for the tables")
-    stats_cmd.add_argument(
-        "--summary-metrics",
-        nargs="+",
-        default=list(stats.SUMMARY_METRICS),
-        metavar="METRIC",
-        help="metrics of the summary table (default: %(default)s)",
-    )
-    _add_pair_options(stats_cmd)
-    stats_cmd.set_defaults(handler=run_stats)
 
-    figures_cmd = commands.add_parser(
-        "figures",
-        help="report figures (PNG)",
-        description="Write the report figures into --out-dir: " + ", ".join(FIGURE_FILES) + ".",
-    )
-    figures_cmd.add_argument("--table", required=True, help="tidy table written by aggregate")
-    figures_cmd.add_argument(
-        "--run-dirs",
-        nargs="*",
-        default=[],
-        metavar="DIR",
-        help="run directories, for the router logs (training curves, RD-ESI state)",
-    )
-    figures_cmd.add_argument("--out-dir", required=True, help="directory for the figures")
-    _add_pair_options(figures_cmd)
-    figures_cmd.set_defaults(handler=run_figures)
+def _stats_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--table", required=True, help=TABLE_HELP)
+    parser.add_argument("--out-dir", required=True, help="directory for the tables")
+    _add_values(parser, "--summary-metrics", stats.SUMMARY_METRICS, "METRIC", "metrics of the summary table")
+    _add_pair_options(parser)
 
-    findings_cmd = commands.add_parser(
-        "findings",
-        help="the findings in words (HTML)",
-        description="Write the study's findings in words from the tables of `stats` and `aggregate` in "
-        "--summary-dir (comparisons, ablations, summary, run_status .csv), the n-gram "
-        "baselines and the training logs.",
-    )
-    findings_cmd.add_argument("--summary-dir", required=True, help="directory of the statistics tables")
-    findings_cmd.add_argument(
-        "--run-dirs",
-        nargs="*",
-        default=[],
-        metavar="DIR",
-        help="run directories, for the training logs (final loss slope)",
-    )
-    findings_cmd.add_argument(
+
+def _figures_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--table", required=True, help=TABLE_HELP)
+    _add_run_dirs(parser, "run directories, for the router logs (training curves, RD-ESI state)")
+    parser.add_argument("--out-dir", required=True, help="directory for the figures")
+    _add_pair_options(parser)
+
+
+def _findings_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--summary-dir", required=True, help="directory of the statistics tables")
+    _add_run_dirs(parser, "run directories, for the training logs (final loss slope)")
+    parser.add_argument(
         "--still-learning-slope",
         type=float,
         default=1.0,
@@ -365,55 +326,104 @@ def build_parser() -> argparse.ArgumentParser:
         help="flag a variant as still learning when its training loss falls faster "
         "than this many nats per 1000 steps at the end (default: %(default)s)",
     )
-    findings_cmd.add_argument("--out", required=True, help="HTML file to write")
-    _add_pair_options(findings_cmd)
-    findings_cmd.set_defaults(handler=run_findings)
+    parser.add_argument("--out", required=True, help="HTML file to write")
+    _add_pair_options(parser)
 
-    compute_cmd = commands.add_parser(
-        "compute",
-        help="job-seconds per stage from the benchmark files",
-        description="Sum Snakemake's benchmark files per stage and split training and evaluation jobs "
-        "into in-process compute and start-up + per-job overhead (CSV + HTML).",
-    )
-    compute_cmd.add_argument(
+
+def _compute_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--benchmarks", nargs="+", required=True, metavar="TSV", help="benchmark files of the jobs to count"
     )
-    compute_cmd.add_argument(
+    parser.add_argument(
         "--benchmark-root",
         help="directory the benchmark paths are relative to; their first component "
         "names the rule (default: the files' common directory)",
     )
-    compute_cmd.add_argument(
+    parser.add_argument(
         "--runs-root", required=True, help="root of the run directories {variant}/seed{seed}, for the in-process times"
     )
-    compute_cmd.add_argument("--out-csv", required=True, help="breakdown table to write (.csv)")
-    compute_cmd.add_argument("--out-html", help="HTML view (default: --out-csv with .html)")
-    compute_cmd.set_defaults(handler=run_compute)
+    _add_csv_output(parser, "--out-csv", "--out-html", "breakdown table")
 
-    sensitivity_cmd = commands.add_parser(
-        "sensitivity",
-        help="dose-response of the router options of each sweep",
-        description="Write the dose-response table (sensitivity.csv/.html), the best value per swept option "
-        "(sensitivity_best.csv/.html) into --out-dir and one figure sensitivity_{sweep}.png per "
-        "sweep into --figures-dir, from ok runs only.",
-    )
-    sensitivity_cmd.add_argument("--table", required=True, help="tidy table written by aggregate")
-    sensitivity_cmd.add_argument(
+
+def _sensitivity_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--table", required=True, help=TABLE_HELP)
+    parser.add_argument(
         "--design-json",
         required=True,
         metavar="JSON",
         help="the sweep design: a JSON list of records {sweep, base, router, option, "
         "value, variant, term, fixed}, inline or the path of a file holding it",
     )
-    sensitivity_cmd.add_argument(
+    parser.add_argument(
         "--reference", default="topk", help="variant whose mean and CI band each curve is read against (default: topk)"
     )
-    sensitivity_cmd.add_argument(
-        "--split", default="test", choices=collect.EVAL_SPLITS, help="evaluation split (default: test)"
+    parser.add_argument("--split", default="test", choices=collect.EVAL_SPLITS, help="evaluation split (default: test)")
+    parser.add_argument("--out-dir", required=True, help="directory for the tables")
+    parser.add_argument("--figures-dir", required=True, help="directory for the figures")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    run: Callable[[argparse.Namespace], int]
+    add_options: Callable[[argparse.ArgumentParser], None]
+    summary: str  # one line in the list of sub-commands
+    description: str  # the sub-command's own --help
+
+
+SUBCOMMANDS = {
+    "aggregate": Subcommand(
+        run_aggregate,
+        _aggregate_options,
+        "collect run directories into a tidy table",
+        "Read every run directory into one tidy table (parquet) and write the run status table (CSV + HTML).",
+    ),
+    "stats": Subcommand(
+        run_stats,
+        _stats_options,
+        "summary, paired comparison and ablation tables",
+        "Write summary, comparisons and ablations as CSV and HTML into --out-dir, from ok runs only.",
+    ),
+    "figures": Subcommand(
+        run_figures,
+        _figures_options,
+        "report figures (PNG)",
+        "Write the report figures into --out-dir: " + ", ".join(FIGURE_FILES) + ".",
+    ),
+    "findings": Subcommand(
+        run_findings,
+        _findings_options,
+        "the findings in words (HTML)",
+        "Write the study's findings in words from the tables of `stats` and `aggregate` in "
+        "--summary-dir (comparisons, ablations, summary, run_status .csv), the n-gram "
+        "baselines and the training logs.",
+    ),
+    "compute": Subcommand(
+        run_compute,
+        _compute_options,
+        "job-seconds per stage from the benchmark files",
+        "Sum Snakemake's benchmark files per stage and split training and evaluation jobs "
+        "into in-process compute and start-up + per-job overhead (CSV + HTML).",
+    ),
+    "sensitivity": Subcommand(
+        run_sensitivity,
+        _sensitivity_options,
+        "dose-response of the router options of each sweep",
+        "Write the dose-response table (sensitivity.csv/.html), the best value per swept option "
+        "(sensitivity_best.csv/.html) into --out-dir and one figure sensitivity_{sweep}.png per "
+        "sweep into --figures-dir, from ok runs only.",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sensitivity_cmd.add_argument("--out-dir", required=True, help="directory for the tables")
-    sensitivity_cmd.add_argument("--figures-dir", required=True, help="directory for the figures")
-    sensitivity_cmd.set_defaults(handler=run_sensitivity)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=command.summary, description=command.description)
+        command.add_options(sub)
+        sub.set_defaults(handler=command.run)
     return parser
 
 

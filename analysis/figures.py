@@ -52,7 +52,7 @@ def variant_palette(variants: Sequence[str]) -> dict[str, tuple]:
     return dict(zip(variants, colours))
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     try:
         with writing(path):
@@ -63,19 +63,44 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def _message_figure(path: str | Path, title: str, message: str) -> Path:
+def finish_figure(fig: plt.Figure, path: str | Path, title: str) -> Path:
+    """Give a multi-panel figure its overall title, lay it out tightly and save it."""
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def message_figure(path: str | Path, title: str, message: str) -> Path:
     """A small figure that states why there is nothing to plot."""
     fig, ax = plt.subplots(figsize=(6, 2.5))
     ax.set_axis_off()
     ax.set_title(title)
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, color="0.35")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _t_band(values: pd.Series) -> tuple[float, float]:
     """Seaborn ``errorbar`` callable: Student t CI across seeds (NaN for one seed, no band)."""
     x = values.to_numpy(dtype=float)
     return t_confidence_interval(x[np.isfinite(x)])
+
+
+def _seed_mean_lines(
+    ax: plt.Axes, curves: pd.DataFrame, y: str, variants: Sequence[str], palette: dict[str, tuple]
+) -> None:
+    """One line per variant over ``step``: the mean across seeds with its t CI band."""
+    sns.lineplot(
+        data=curves,
+        x="step",
+        y=y,
+        hue="variant",
+        hue_order=variants,
+        palette=palette,
+        errorbar=_t_band,
+        estimator="mean",
+        ax=ax,
+        lw=1.5,
+    )
 
 
 def _baseline_lines(ax: plt.Axes, baselines: pd.DataFrame | None, metric: str, split: str) -> None:
@@ -204,13 +229,12 @@ def _metric_panels(
         ax.set_ylabel(metric_label(metric))
         _baseline_lines(ax, baselines, metric, split)
     has_lines = baselines is not None and not baselines.empty
-    fig.suptitle(
+    return finish_figure(
+        fig,
+        path,
         f"{title} ({split}; dots: seeds, diamond: mean with "
         f"{int(CONFIDENCE * 100)}% t CI" + ("; lines: n-gram reference baselines" if has_lines else "") + ")",
-        fontsize=11,
     )
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 def plot_perplexity(
@@ -264,7 +288,7 @@ def plot_load_heatmap(tidy: pd.DataFrame, path: str | Path, split: str = "test",
     variant; experts ranked by load within each run and layer unless ``by_rank=False``."""
     load = relative_expert_load(tidy, split, by_rank)
     if load.empty:
-        return _message_figure(path, "Expert load per layer", "no routed variant with per-layer loads")
+        return message_figure(path, "Expert load per layer", "no routed variant with per-layer loads")
     slot = "rank" if by_rank else "expert"
     variants = [v for v in variant_order(tidy) if v in set(load["variant"])]
     n_experts = int(load[slot].nunique())
@@ -307,7 +331,7 @@ def plot_load_heatmap(tidy: pd.DataFrame, path: str | Path, split: str = "test",
     fig.set_layout_engine("constrained")
     fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.8, label="relative load E·f (1 = balanced)")
     fig.suptitle(f"Expert load per layer ({split} split, mean over seeds)", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- training curves
@@ -318,36 +342,22 @@ def plot_training_balance(router_log: pd.DataFrame, path: str | Path) -> Path:
     with a 95% t band across seeds (no band where a variant has one seed)."""
     curves = router_balance_curves(router_log)
     if curves.empty:
-        return _message_figure(path, "Load balance during training", "no router logs (no routed variant)")
+        return message_figure(path, "Load balance during training", "no router logs (no routed variant)")
     study = variant_order(router_log)
     palette = variant_palette(study)
     curves = curves.assign(variant=curves["variant"].astype(str))
     variants = [v for v in study if v in set(curves["variant"])]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, metric in zip(axes, ["gini", "maxvio_batch"]):
-        sns.lineplot(
-            data=curves,
-            x="step",
-            y=metric,
-            hue="variant",
-            hue_order=variants,
-            palette=palette,
-            errorbar=_t_band,
-            estimator="mean",
-            ax=ax,
-            lw=1.5,
-        )
+        _seed_mean_lines(ax, curves, metric, variants, palette)
         ax.set_ylabel(f"{metric_label(metric)} (training batch)")
         ax.set_title(metric_label(metric))
         if ax is not axes[-1]:
             ax.get_legend().remove()
     axes[-1].legend(title="variant", fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.suptitle(
-        f"Load balance during training (mean over layers; band: {int(CONFIDENCE * 100)}% t CI across seeds)",
-        fontsize=11,
+    return finish_figure(
+        fig, path, f"Load balance during training (mean over layers; band: {int(CONFIDENCE * 100)}% t CI across seeds)"
     )
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- Pareto view
@@ -368,7 +378,7 @@ def plot_pareto(
     variants = variant_order(tidy)
     palette = variant_palette(variants)
     if runs.empty or "ppl" not in runs:
-        return _message_figure(path, "Perplexity vs imbalance", "no perplexity values")
+        return message_figure(path, "Perplexity vs imbalance", "no perplexity values")
     if imbalance not in runs:
         runs[imbalance] = np.nan
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
@@ -418,7 +428,7 @@ def plot_pareto(
     ax.set_ylabel(f"perplexity ({split})")
     ax.set_title("Perplexity vs load imbalance (dots: seeds; markers: mean ± 95% t CI)", fontsize=11)
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pareto_front(points: np.ndarray) -> np.ndarray:
@@ -453,7 +463,7 @@ def plot_router_state(
     columns = router_state_columns(router_log)
     state = router_log[router_log[columns].notna().any(axis=1)] if columns else router_log.iloc[:0]
     if state.empty:
-        return _message_figure(
+        return message_figure(
             path, "Router state", "no stateful router in this study (topk, switch and expert choice keep no state)"
         )
     present = set(state["variant"].astype(str))
@@ -494,9 +504,7 @@ def plot_router_state(
                 sns.move_legend(
                     ax, "upper left", bbox_to_anchor=(1.02, 1), title="expert", fontsize=7, ncol=1 + n_experts // 9
                 )
-    fig.suptitle("Router state per expert over training", fontsize=11)
-    fig.tight_layout()
-    return _save(fig, path)
+    return finish_figure(fig, path, "Router state per expert over training")
 
 
 TERM_LABELS = {
@@ -527,7 +535,7 @@ def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
     mean over seeds with a 95% t band across seeds, one panel per term, one line per variant."""
     curves = flip_rate_curves(train_log)
     if curves.empty:
-        return _message_figure(
+        return message_figure(
             path,
             "Flip rate of the selection terms",
             "no router with selection terms in this study\n(flip rates are logged by rdesi and lossfree variants)",
@@ -541,30 +549,18 @@ def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
     for ax, term in zip(axes[0], terms):
         part = curves[curves["term"] == term]
         shown = [v for v in variants if v in set(part["variant"])]
-        sns.lineplot(
-            data=part,
-            x="step",
-            y="flip_rate",
-            hue="variant",
-            hue_order=shown,
-            palette=palette,
-            errorbar=_t_band,
-            estimator="mean",
-            ax=ax,
-            lw=1.5,
-        )
+        _seed_mean_lines(ax, part, "flip_rate", shown, palette)
         name = term.removeprefix(FLIP_RATE_PREFIX)
         ax.set_title(f"without the {TERM_LABELS.get(name, name + ' term')}", fontsize=10)
         ax.set_ylabel("tokens whose top-k set flips (%)")
         ax.set_ylim(0, min(100, ax.get_ylim()[1]))  # a rate: the t band of few seeds can overshoot 0–100%
         sns.move_legend(ax, "best", title="variant", fontsize=8)
-    fig.suptitle(
+    return finish_figure(
+        fig,
+        path,
         f"Flip rate per selection term during training (mean over MoE layers; band: "
         f"{int(CONFIDENCE * 100)}% t CI across seeds)",
-        fontsize=11,
     )
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- forest plots
@@ -573,7 +569,7 @@ def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
 def _forest(comparisons: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Mean paired difference (b − a) with its 95% t CI, one panel per metric."""
     if comparisons.empty:
-        return _message_figure(path, title, "no comparison (variants absent)")
+        return message_figure(path, title, "no comparison (variants absent)")
     metrics = list(dict.fromkeys(comparisons["metric"]))
     labels = list(dict.fromkeys(comparisons["variant_b"] + " − " + comparisons["variant_a"]))
     columns = min(3, len(metrics))
@@ -619,7 +615,7 @@ def _forest(comparisons: pd.DataFrame, path: str | Path, title: str) -> Path:
     fig.suptitle(
         f"{title} (mean paired difference, {int(CONFIDENCE * 100)}% t CI; p: Holm-adjusted paired t-test)", fontsize=11
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ablation_forest(comparisons: pd.DataFrame, path: str | Path) -> Path:

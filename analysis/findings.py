@@ -517,29 +517,24 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def load_inputs(
-    comparisons: str,
-    ablations: str,
-    summary: str,
-    status: str,
-    baselines: str | None,
-    run_dirs: Sequence[str],
-    reference: str,
-    **settings,
+    tables_dir: str | Path, baselines: str | None, run_dirs: Sequence[str], reference: str, **settings
 ) -> FindingsInputs:
-    """Read every input file of the findings page (the sensitivity tables beside `summary`, if any)."""
+    """Read every input file of the findings page: the tables of `stats` and `aggregate` in
+    ``tables_dir`` (comparisons, ablations, summary, run_status .csv; the sensitivity tables
+    too, if any), the n-gram baselines and the training logs of the ok runs."""
     from analysis import collect
 
-    tables_dir = Path(summary).parent
+    tables_dir = Path(tables_dir)
     dose, best = tables_dir / "sensitivity.csv", tables_dir / "sensitivity_best.csv"
     if dose.exists() and best.exists():
         settings.update(sensitivity=read_table(dose), sensitivity_best=read_table(best))
-    status_table = read_table(status)
+    status_table = read_table(tables_dir / "run_status.csv")
     ok = status_table[status_table["status"] == RUN_OK]
     keep = set(zip(ok["variant"].astype(str), ok["seed"].astype(int)))
     return FindingsInputs(
-        comparisons=read_table(comparisons),
-        ablations=read_table(ablations),
-        summary=read_table(summary),
+        comparisons=read_table(tables_dir / "comparisons.csv"),
+        ablations=read_table(tables_dir / "ablations.csv"),
+        summary=read_table(tables_dir / "summary.csv"),
         status=status_table,
         train_logs=collect.load_train_logs(run_dirs, keep=keep),
         baselines=collect.read_baselines(baselines),

@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analysis.collect import MODEL_LEVEL, variant_order  # noqa: E402
-from analysis.figures import _message_figure, _save  # noqa: E402
+from analysis.figures import finish_figure, message_figure  # noqa: E402
 from analysis.stats import CONFIDENCE, describe, metric_label, paired_test, per_seed  # noqa: E402
 from analysis.tables import NA, Markup, format_interval, format_number, html_page, html_table, value_cell, write_table  # noqa: E402
 
@@ -379,9 +379,9 @@ def plot_sensitivity(dose: pd.DataFrame, path: str | Path, sweep: str, reference
     title = f"Sensitivity: {sweep}"
     rows = dose[dose["sweep"] == sweep]
     if rows.empty:
-        return _message_figure(path, title, "no point of this sweep in the dose-response table")
+        return message_figure(path, title, "no point of this sweep in the dose-response table")
     if not np.isfinite(rows["mean"].to_numpy(dtype=float)).any():
-        return _message_figure(path, title, "no usable run of this sweep's variants (see the run status)")
+        return message_figure(path, title, "no usable run of this sweep's variants (see the run status)")
     options = list(dict.fromkeys(rows["option"]))
     split = rows["split"].iloc[0]
     groups = list(dict.fromkeys(rows["fixed"]))
@@ -443,13 +443,12 @@ def plot_sensitivity(dose: pd.DataFrame, path: str | Path, sweep: str, reference
                 title_fontsize=7,
             )
     first = rows.iloc[0]
-    fig.suptitle(
+    return finish_figure(
+        fig,
+        path,
         f"{title} — {first['router']} router around {first['base']}, {split} split (mean over seeds; "
         f"band: {int(CONFIDENCE * 100)}% t CI across seeds; dashed and grey: {reference}; symlog x)",
-        fontsize=11,
     )
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- tables
@@ -527,6 +526,7 @@ def _best_rows(best: pd.DataFrame) -> tuple[list[dict], list[str]]:
         "values eligible",
         "note",
     ]
+    text_columns = ("sweep", "option", "other options", "variant", "note")  # every other column is right-aligned
     rows = []
     for r in best.itertuples():
         chosen = math.isfinite(r.value)
@@ -544,18 +544,7 @@ def _best_rows(best: pd.DataFrame) -> tuple[list[dict], list[str]]:
                 "values tried": str(r.n_values_tried),
                 "values eligible": str(r.n_values_eligible),
                 "note": r.note,
-                "_class": {
-                    c: "num"
-                    for c in (
-                        "best value",
-                        "Gini",
-                        "MaxVio global",
-                        "PPL",
-                        "Δ PPL vs reference",
-                        "values tried",
-                        "values eligible",
-                    )
-                },
+                "_class": {c: "num" for c in columns if c not in text_columns},
             }
         )
     return rows, columns

@@ -257,10 +257,12 @@ def comparison_rows(
         "Hedges' g",
         "note",
     ]
+    label_columns = ("comparison (b − a)", "metric", "note")  # text; the numbers are right-aligned
     rows = []
     for r in comparisons.itertuples():
         significant = not math.isnan(r.p_ttest_holm) and r.p_ttest_holm < alpha
         delta_class = _delta_class(r.metric, r.ci_low, r.ci_high)
+        own_classes = {"Δ = b − a": delta_class, "95% CI of Δ": delta_class, "endpoint": "endpoint"}
         row_classes = (["significant"] if significant else []) + (["exploratory"] if r.endpoint == EXPLORATORY else [])
         rows.append(
             {
@@ -280,21 +282,7 @@ def comparison_rows(
                 "Hedges' g": format_number(r.hedges_g, digits=3),
                 "note": r.note or "",
                 "_row_class": " ".join(row_classes),
-                "_class": {
-                    c: "num"
-                    for c in (
-                        "n",
-                        "mean a",
-                        "mean b",
-                        mdd_column,
-                        "p t-test",
-                        "p t (Holm)",
-                        "p Wilcoxon",
-                        "p Wilcoxon (Holm)",
-                        "Hedges' g",
-                    )
-                }
-                | {"Δ = b − a": delta_class, "95% CI of Δ": delta_class, "endpoint": "endpoint"},
+                "_class": {c: "num" for c in columns if c not in label_columns} | own_classes,
             }
         )
     return rows, columns

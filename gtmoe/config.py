@@ -12,6 +12,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,15 @@ def check_numbers(options: Any, prefix: str) -> None:
         check_number(getattr(options, f.name), f"{prefix}.{f.name}")
 
 
+def check_counts(options: Any, prefix: str, names: Iterable[str], limits: Mapping[str, int]) -> None:
+    """Each named field of `options` is > 0, and at most its bound where `limits` gives one."""
+    for name in names:
+        value = getattr(options, name)
+        check(value > 0, f"{prefix}.{name}", value, "must be > 0")
+        if name in limits:
+            check(value <= limits[name], f"{prefix}.{name}", value, f"must be <= {limits[name]}")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192
@@ -194,20 +204,7 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         check_numbers(self, prefix)
-        for name in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "max_seq_len",
-            "moe_every",
-            "n_experts",
-            "top_k",
-            "d_expert",
-        ):
-            value = getattr(self, name)
-            check(value > 0, f"{prefix}.{name}", value, "must be > 0")
-            check(value <= MODEL_LIMITS[name], f"{prefix}.{name}", value, f"must be <= {MODEL_LIMITS[name]}")
+        check_counts(self, prefix, MODEL_LIMITS, MODEL_LIMITS)  # every size of the model has a bound
         check(
             self.vocab_size >= 258,
             f"{prefix}.vocab_size",
@@ -311,19 +308,20 @@ class TrainConfig:
             "must be an integer in [0, 2**63)",
         )
         check_numbers(self, prefix)
-        for name in (
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "checkpoint_every",
-            "log_every",
-            "router_log_every",
-            "max_skipped_steps",
-        ):
-            value = getattr(self, name)
-            check(value > 0, f"{prefix}.{name}", value, "must be > 0")
-            if name in TRAIN_LIMITS:
-                check(value <= TRAIN_LIMITS[name], f"{prefix}.{name}", value, f"must be <= {TRAIN_LIMITS[name]}")
+        check_counts(
+            self,
+            prefix,
+            (
+                "batch_size",
+                "grad_accum",
+                "max_steps",
+                "checkpoint_every",
+                "log_every",
+                "router_log_every",
+                "max_skipped_steps",
+            ),
+            TRAIN_LIMITS,
+        )
         check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         check(

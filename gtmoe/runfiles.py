@@ -1,15 +1,15 @@
 """Run files: atomic writes, checkpoints with manifests, and the errors that say how to recover.
 
 Every checkpoint is written atomically (temporary sibling, fsync, rename) and has a manifest
-beside it, `<checkpoint>.manifest.json` (size and sha256), which `load_checkpoint` verifies, so a
-truncated or corrupted file is reported by name with the way to recover instead of being loaded.
-Every other run file goes through `gtmoe.files.write_atomic`. File names are gtmoe.contract's.
+beside it, `<checkpoint>.manifest.json` (size and sha256, written and checked by `gtmoe.files`), which
+`load_checkpoint` verifies, so a truncated or corrupted file is reported by name with the way to
+recover instead of being loaded. Every other run file goes through `gtmoe.files.write_atomic`. File
+names are gtmoe.contract's.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +19,14 @@ import torch
 
 from gtmoe.config import RunConfig
 from gtmoe.contract import CHECKPOINT, RESUME_CHECKPOINT, SATURATION_CHECKPOINT, TRAIN_OUTPUTS, WEIGHT_NEUTRAL_KEYS
-from gtmoe.files import remove_stale_temporaries, sha256_file, temporary, write_atomic
+from gtmoe.files import (
+    HashingWriter,
+    ManifestMismatch,
+    remove_stale_temporaries,
+    temporary,
+    verify_file,
+    write_manifest,
+)
 
 log = logging.getLogger("gtmoe.runfiles")
 
@@ -40,25 +47,6 @@ class NonFiniteLossError(RuntimeError):
 def manifest_path(checkpoint: Path) -> Path:
     """The manifest of a checkpoint: `checkpoint.pt` -> `checkpoint.pt.manifest.json`."""
     return checkpoint.with_name(checkpoint.name + MANIFEST_SUFFIX)
-
-
-class _HashingWriter:
-    """Write-only wrapper of a binary file that hashes what passes through.
-
-    `torch.save` writes its zip archive strictly sequentially, so the digest is
-    the file's sha256 without reading the file back.
-    """
-
-    def __init__(self, handle):
-        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += memoryview(data).nbytes
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -106,8 +94,7 @@ def prepare_run_dir(out_dir: Path) -> None:
 
 
 def _write_manifest(checkpoint: Path, entry: dict, replaces: dict | None) -> None:
-    manifest = {"file": checkpoint.name, **entry, "replaces": replaces}
-    write_atomic(manifest_path(checkpoint), lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)), durable=True)
+    write_manifest(manifest_path(checkpoint), {"file": checkpoint.name, **entry, "replaces": replaces}, durable=True)
 
 
 def _read_manifest(checkpoint: Path) -> dict | None:
@@ -154,11 +141,11 @@ def save_checkpoint(obj, path: Path) -> dict:
     tmp = temporary(path)
     try:
         with open(tmp, "wb") as handle:
-            writer = _HashingWriter(handle)
+            writer = HashingWriter(handle)  # torch.save writes its zip archive strictly sequentially
             torch.save(obj, writer)
             handle.flush()
             os.fsync(handle.fileno())
-        entry = {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
+        entry = writer.entry()
         try:
             previous = _read_manifest(path) if path.exists() else None
         except RunError:  # an unreadable manifest describes nothing worth keeping
@@ -210,19 +197,10 @@ def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> None:
         )
         return
     candidates = [manifest] + ([manifest["replaces"]] if manifest.get("replaces") else [])
-    size = path.stat().st_size
-    if not any(entry["bytes"] == size for entry in candidates):
-        raise RunError(
-            f"checkpoint {path} has {size} bytes but its manifest {manifest_path(path).name} says "
-            f"{manifest['bytes']} (truncated or partly written); {_recovery(path)}"
-        )
-    digest = sha256_file(path)
-    match = next((entry for entry in candidates if entry["bytes"] == size and entry["sha256"] == digest), None)
-    if match is None:
-        raise RunError(
-            f"checkpoint {path} does not match the sha256 in its manifest {manifest_path(path).name} "
-            f"(corrupted); {_recovery(path)}"
-        )
+    try:
+        match = verify_file(path, manifest_path(path), candidates)
+    except ManifestMismatch as exc:
+        raise RunError(f"checkpoint {exc}; {_recovery(path)}") from None
     if match is not manifest and repair_manifest:
         _write_manifest(path, {"bytes": match["bytes"], "sha256": match["sha256"]}, None)
 

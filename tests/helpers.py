@@ -26,11 +26,10 @@ def run_module(
 ) -> subprocess.CompletedProcess:
     """`python -m module args...` in a fresh interpreter, as a user runs it: this checkout importable
     (also from another working directory), output captured as text."""
-    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
         cwd=cwd,
-        env=environment,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -56,7 +55,6 @@ def make_evaluation(
 ) -> dict:
     """An ``eval_{split}.json`` payload with consistent per-layer loads and metrics."""
     rng = rng or np.random.default_rng(seed)
-    router = ROUTERS.get(variant, variant)
     dense = variant == "dense"
     ppl = float(ppl if ppl is not None else 100 + 10 * rng.random())
     tokens, words = 10_000, 8_000
@@ -87,7 +85,7 @@ def make_evaluation(
         variant=variant,
         seed=seed,
         split=split,
-        router=router,
+        router=ROUTERS.get(variant, variant),
         status=status,
         ppl=ppl,
         word_ppl=math.exp(nll * tokens / words),

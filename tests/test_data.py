@@ -153,9 +153,13 @@ def test_write_and_read_corpus_round_trip(wikitext_dir, tmp_path):
 
 def test_read_corpus_split_detects_modified_file(wikitext_dir, tmp_path):
     write_corpus(load_corpus(wikitext_dir, source="local", verify=False), tmp_path)
-    with open(tmp_path / "test.txt", "a") as f:
+    path = tmp_path / "test.txt"
+    with open(path, "a") as f:
         f.write(" extra line \n")
-    with pytest.raises(DataError, match="test.txt.*sha256"):
+    with pytest.raises(DataError, match=r"test\.txt has \d+ bytes but its manifest corpus\.json says .*modified"):
+        read_corpus_split(tmp_path, "test")
+    path.write_bytes(path.read_bytes()[: -len(" extra line \n")].replace(b"a", b"b", 1))  # same size
+    with pytest.raises(DataError, match=r"test\.txt does not match the sha256 in its manifest corpus\.json"):
         read_corpus_split(tmp_path, "test")
 
 

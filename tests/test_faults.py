@@ -324,8 +324,8 @@ def garble(path: Path) -> None:
 @pytest.mark.parametrize(
     "damage, file, expected",
     [
-        (truncate, "shard-00000.arrow", "bytes, the manifest says"),
-        (flip_a_byte, "shard-00000.arrow", "does not match its sha256 in the manifest (corrupted)"),
+        (truncate, "shard-00000.arrow", "bytes but its manifest manifest.json says"),
+        (flip_a_byte, "shard-00000.arrow", "does not match the sha256 in its manifest manifest.json (corrupted"),
         (garble, "manifest.json", "is unreadable (JSONDecodeError"),
     ],
 )
@@ -352,8 +352,8 @@ def finished_run(tmp_path, tiny_shards):
     "damage, file, expected",
     [
         (truncate, CHECKPOINT, "bytes but its manifest checkpoint.pt.manifest.json says"),
-        (flip_a_byte, CHECKPOINT, "does not match the sha256 in its manifest checkpoint.pt.manifest.json (corrupted)"),
-        (flip_a_byte, SATURATION_CHECKPOINT, "(corrupted)"),
+        (flip_a_byte, CHECKPOINT, "does not match the sha256 in its manifest checkpoint.pt.manifest.json (corrupted"),
+        (flip_a_byte, SATURATION_CHECKPOINT, "(corrupted"),
         (garble, CHECKPOINT + MANIFEST_SUFFIX, "checkpoint manifest"),
     ],
 )
@@ -372,7 +372,7 @@ def test_a_damaged_final_checkpoint_is_named_with_how_to_retrain(finished_run, c
     "damage, expected",
     [
         (truncate, "bytes but its manifest checkpoint_last.pt.manifest.json says"),
-        (flip_a_byte, "does not match the sha256 in its manifest checkpoint_last.pt.manifest.json (corrupted)"),
+        (flip_a_byte, "does not match the sha256 in its manifest checkpoint_last.pt.manifest.json (corrupted"),
     ],
 )
 def test_a_damaged_rolling_checkpoint_stops_the_resume_and_its_recovery_works(

@@ -11,7 +11,7 @@ import torch
 from gtmoe import train as train_module
 from gtmoe.__main__ import main
 from gtmoe.config import save_run_config
-from gtmoe.contract import CHECKPOINT, RESUME_CHECKPOINT
+from gtmoe.contract import CHECKPOINT, LOAD_METRICS, RESUME_CHECKPOINT
 from gtmoe.evaluate import evaluate
 from gtmoe.routers.topk import TopKRouter
 from gtmoe.runfiles import NonFiniteLossError
@@ -107,7 +107,7 @@ def test_a_new_stateful_routers_state_reaches_the_router_log_and_the_figure(tmp_
     visits = log[(log["layer"] == 0)].groupby("step")["visits"].sum()
     assert visits.is_monotonic_increasing and visits.iloc[-1] == 6 * 4 * TINY_SEQ * 2  # steps x tokens x top-2
     drawn = []
-    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append([ax.get_title() for ax in fig.axes]))
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.append([ax.get_title() for ax in fig.axes]))
     figures.plot_router_state(collect.load_router_logs([run]), tmp_path / "state.png")
     assert any("visit_counter — visits" in title for title in drawn[0])
 
@@ -140,14 +140,7 @@ def test_evaluation_reports_every_metric(tmp_path, tiny_shards, router):
         "word_ppl",
         "nll",
         "tokens",
-        "gini",
-        "load_entropy",
-        "cv",
-        "maxvio_global",
-        "maxvio_batch",
-        "dead_experts",
-        "drop_rate",
-        "token_expert_mi",
+        *LOAD_METRICS,
         "n_params",
         "n_active_params",
         "tokens_per_s",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from gtmoe.contract import SPLITS
 from gtmoe.data.errors import DataError
-from gtmoe.data.files import _atomic_path, _write_json, _writing
-from gtmoe.files import remove_stale_temporaries
+from gtmoe.data.files import _atomic_path, _write_manifest, _writing
+from gtmoe.files import HashingWriter, ManifestMismatch, remove_stale_temporaries, verify_file
 
 LOCAL_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 HUB_ID, HUB_CONFIG = "Salesforce/wikitext", "wikitext-2-v1"
@@ -248,24 +248,20 @@ def write_corpus(
             raise DataError(f"split {split!r} is missing or empty; nothing to write to {out / f'{split}.txt'}")
         if any("\n" in line for line in lines):
             raise ValueError(f"split {split!r}: lines must not contain newlines")
-        digest, n_bytes = hashlib.sha256(), 0
         with _atomic_path(out / f"{split}.txt") as tmp:
             with open(tmp, "wb") as f:
+                writer = HashingWriter(f)
                 # In slices, so WikiText-103's ~540 MB train split is never one more string in memory.
                 for lo in range(0, len(lines), _WRITE_LINES):
-                    data = "".join(line + "\n" for line in lines[lo : lo + _WRITE_LINES]).encode("utf-8")
-                    f.write(data)
-                    digest.update(data)
-                    n_bytes += len(data)
+                    writer.write("".join(line + "\n" for line in lines[lo : lo + _WRITE_LINES]).encode("utf-8"))
         summary[split] = {
             "lines": len(lines),
             "words": count_words(lines),
-            "bytes": n_bytes,
-            "sha256": digest.hexdigest(),
+            **writer.entry(),
             "source": (sources or {}).get(split, "unspecified"),
             **(extra or {}).get(split, {}),
         }
-    _write_json(out / CORPUS_META, summary)
+    _write_manifest(out / CORPUS_META, summary)
     return summary
 
 
@@ -282,11 +278,8 @@ def read_corpus_split(corpus_dir: str | Path, split: str) -> list[str]:
         raise DataError(f"{meta_path} has no entry for split {split!r}; {rebuild}")
     path = corpus_dir / f"{split}.txt"
     try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path} not found; {rebuild}") from exc
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DataError(f"{path} does not match its sha256 in {meta_path} (modified or partly written); {rebuild}")
-    text = data.decode("utf-8")
-    del data  # never the bytes, the text and the lines of a large split at once
-    return _split_lines(text)
+        verify_file(path, meta_path, [entry])
+    except ManifestMismatch as exc:
+        raise DataError(f"{exc}; {rebuild}") from None
+    # The bytes go once decoded: never the bytes, the text and the lines of a large split in memory at once.
+    return _split_lines(path.read_bytes().decode("utf-8"))

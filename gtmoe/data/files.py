@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from gtmoe.data.errors import DataError
-from gtmoe.files import atomic_path
+from gtmoe.files import atomic_path, write_manifest
 
 
 def _cannot_write(path: Path, exc: OSError) -> DataError:
@@ -39,6 +38,8 @@ def _atomic_path(path: Path) -> Iterator[Path]:
             yield tmp
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_bytes((json.dumps(obj, indent=2) + "\n").encode())
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """:func:`gtmoe.files.write_manifest`, into a directory created if need be; a failed write is a DataError."""
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_manifest(path, manifest)

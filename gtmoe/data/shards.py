@@ -12,8 +12,8 @@ import pyarrow as pa
 import torch
 
 from gtmoe.data.errors import DataError
-from gtmoe.data.files import _atomic_path, _write_json, _writing
-from gtmoe.files import remove_stale_temporaries, sha256_file
+from gtmoe.data.files import _atomic_path, _write_manifest, _writing
+from gtmoe.files import ManifestMismatch, file_entry, remove_stale_temporaries, verify_file
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
@@ -82,7 +82,7 @@ def write_shards(
         with _atomic_path(path) as tmp:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 writer.write_batch(batch)
-            shards.append({"name": path.name, "rows": hi - lo, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)})
+            shards.append({"name": path.name, "rows": hi - lo, **file_entry(tmp)})
 
     # Shards left by an earlier, longer run would never be read but would confuse anyone listing the folder.
     current = {shard["name"] for shard in shards}
@@ -102,7 +102,7 @@ def write_shards(
         raise ValueError(f"meta must not override computed manifest keys: {sorted(clash)}")
     manifest.update(meta or {})
     manifest["shards"] = shards
-    _write_json(out / MANIFEST, manifest)
+    _write_manifest(out / MANIFEST, manifest)
     return manifest
 
 
@@ -150,15 +150,10 @@ class TokenBlocks:
         )
 
     def _open_shard(self, path: Path, entry: dict, verify: bool) -> None:
-        if not path.is_file():
-            raise DataError(f"{path} is missing; {self._rebuild_hint()}")
-        if (size := path.stat().st_size) != entry["bytes"]:
-            raise DataError(
-                f"{path} has {size} bytes, the manifest says {entry['bytes']} (truncated or "
-                f"partly written); {self._rebuild_hint()}"
-            )
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise DataError(f"{path} does not match its sha256 in the manifest (corrupted); {self._rebuild_hint()}")
+        try:
+            verify_file(path, self.shard_dir / MANIFEST, [entry], sha256=verify)  # sizes always: cheap
+        except ManifestMismatch as exc:
+            raise DataError(f"{exc}; {self._rebuild_hint()}") from None
         expected = _shard_schema(self.seq_len)
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
