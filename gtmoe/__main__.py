@@ -19,7 +19,11 @@ from gtmoe.config import ConfigError
 from gtmoe.data.errors import DataError
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_up_compute(threads: int | None) -> None:
+    """Before a verb that runs the model: torch's CPU threads, and the allocator's page reuse."""
+    from gtmoe.device import retain_freed_memory
+
+    retain_freed_memory()
     if threads:
         import torch
 
@@ -30,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from gtmoe.config import load_run_config, parse_run_config
     from gtmoe.train import train
 
-    _set_threads(args.threads)
+    _set_up_compute(args.threads)
     cfg = load_run_config(args.config) if args.config else parse_run_config(args.config_json, "--config-json")
     summary = train(cfg, args.out, stop_after=args.stop_after)
     logging.getLogger("gtmoe").info("train: %s", json.dumps(summary))
@@ -41,7 +45,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from gtmoe.files import remove_stale_temporaries, write_atomic
     from gtmoe.runfiles import RunError, unwritable
 
-    _set_threads(args.threads)
+    _set_up_compute(args.threads)
     if len(args.out) != len(args.split):
         raise RunError(
             f"--split names {len(args.split)} split(s) but --out {len(args.out)} file(s); "

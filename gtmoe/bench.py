@@ -22,6 +22,11 @@ kernels the worse, so the report prints the load average to judge a run by.
 (d) model FLOP/s as a fraction of the fp32 GEMM peak the benchmark measures on
     this device at this thread count (an n x n @ n x n matmul, 2 n^3 FLOPs);
     on CUDA also model FLOP utilisation against the device's dense bf16 peak.
+    On CPU, the share of the step spent in matmul kernels (torch.profiler,
+    a few profiled steps) splits the gap to the peak in two: the fraction the
+    step would reach if it were its matmuls alone (small matrices run below
+    the n x n peak), and the time outside them (elementwise ops, routing,
+    dispatch, the optimizer).
 
 With `--config`, the sizes come from a study config, resolved as the workflow
 resolves it (gtmoe.study.Study.from_config, then Study.run_config per variant;
@@ -56,7 +61,7 @@ from gtmoe.config import (
     TrainConfig,
     load_yaml,
 )
-from gtmoe.device import autocast_context, resolve_device
+from gtmoe.device import autocast_context, resolve_device, retain_freed_memory
 from gtmoe.evaluate import LayerStats
 from gtmoe.ffn import SwiGLU
 from gtmoe.model import IGNORE_INDEX, MoETransformer, build_model
@@ -492,6 +497,20 @@ def flops_per_token(model: MoETransformer, seq_len: int) -> int:
     return 6 * model.parameter_counts()[1] + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
+# Matmul kernels in torch.profiler's CPU trace (F.grouped_mm runs an aten::mm per expert on CPU).
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def matmul_share(step: Callable[[], None], n_steps: int = 5) -> float:
+    """Fraction of a CPU step's operator self time spent in matmul kernels, over `n_steps` profiled steps."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(n_steps):
+            step()
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    return sum(event.self_cpu_time_total for event in events if event.key in MATMUL_OPS) / total
+
+
 def bench_train_steps(args: argparse.Namespace, device: torch.device, gemm_peak: float) -> dict:
     """(b), (c), (d): step time, tokens/s and FLOP rates of every variant, eager and optionally compiled,
     and its evaluation tokens/s."""
@@ -527,6 +546,9 @@ def bench_train_steps(args: argparse.Namespace, device: torch.device, gemm_peak:
             "eval_tokens_per_s": evals[name].tokens / eval_s,
             "eval_to_train": (evals[name].tokens / eval_s) / (tokens / seconds[name]),
         }
+        if device.type == "cpu":
+            row["matmul_share"] = share = matmul_share(step)
+            row["matmul_only_gemm_fraction"] = row["gemm_fraction"] / share
         if args.reference == "topk":
             row["ratio_to_topk"] = row["ratio_to_reference"]
         if args.compile:
@@ -589,7 +611,7 @@ def format_report(result: dict) -> str:
     ref = f"/ {train['reference']}"
     header = (
         f"{'variant':<20}{'step ms':>10}{ref:>{max(9, len(ref) + 2)}}{'tokens/s':>11}{'GFLOP/s':>9}"
-        f"{'/ GEMM':>8}{'MFU':>8}{'eval tok/s':>12}{'eval/train':>12}"
+        f"{'/ GEMM':>8}{'MFU':>8}{'eval tok/s':>12}{'eval/train':>12}{'in matmul':>11}{'matmuls / GEMM':>16}"
     )
     if compiled:
         header += f"{'compiled ms':>13}{'tokens/s':>11}{'speedup':>9}{'/ GEMM':>8}"
@@ -603,6 +625,7 @@ def format_report(result: dict) -> str:
             f"{name:<20}{row['step_s'] * 1e3:>10.1f}{row['ratio_to_reference']:>{max(9, len(ref) + 2)}.3f}"
             f"{row['tokens_per_s']:>11.0f}{row['flops_per_s'] / 1e9:>9.2f}{percent(row['gemm_fraction']):>8}"
             f"{percent(row['mfu']):>8}{row['eval_tokens_per_s']:>12.0f}{row['eval_to_train']:>12.2f}"
+            f"{percent(row.get('matmul_share')):>11}{percent(row.get('matmul_only_gemm_fraction')):>16}"
         )
         if compiled:
             line += (
@@ -624,6 +647,7 @@ def json_value(value):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device, "--device")
+    retain_freed_memory()  # as `python -m gtmoe train|evaluate` run
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]

@@ -22,6 +22,10 @@ RUN_CONFIG = "config.yaml"
 TRAIN_LOG = "train_log.parquet"
 ROUTER_LOG = "router_log.parquet"
 TRAIN_SUMMARY = "train_summary.json"
+# The layout of the weights a checkpoint holds, for the model code that reads them. 2: rotary embeddings
+# turn adjacent pairs of head dimensions (1: the two halves), so a format-1 model would load without
+# error and compute a different function.
+MODEL_FORMAT = 2
 # What a finished `train` job leaves, in the order the workflow declares it.
 TRAIN_OUTPUTS = (CHECKPOINT, RUN_CONFIG, TRAIN_LOG, ROUTER_LOG, TRAIN_SUMMARY)
 

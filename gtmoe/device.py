@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import resource
 
 import torch
@@ -26,6 +28,29 @@ def autocast_context(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed activation memory in the process instead of handing it back to the OS (glibc only).
+
+    By default glibc serves blocks above its mmap threshold with fresh mmaps and returns the heap's free
+    top beyond its trim threshold; a training or evaluation step that frees and re-allocates its
+    activations then faults in every 4 KiB page again, in kernel time (the default study spent 12% of
+    its user time in the kernel). Fixed thresholds (which also stop glibc's adjusting them) keep the
+    pages mapped: blocks up to 32 MiB come from the heap, and the heap is not trimmed below 1 GiB.
+    Returns whether the settings took (False off glibc).
+    """
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -17,23 +17,26 @@ from torch import Tensor, nn
 from gtmoe import routers
 from gtmoe.config import ModelConfig, RouterConfig, RunConfig
 from gtmoe.ffn import SwiGLU
+from gtmoe.loss import IGNORE_INDEX, linear_cross_entropy
 from gtmoe.moe import MoELayer
 
-IGNORE_INDEX = -100
 
-
-def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rotary_table(seq_len: int, head_dim: int, base: float = 10000.0) -> Tensor:
+    """(seq_len, head_dim / 2) complex unit rotations: position p turns pair i by p * base^(-2i / head_dim)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of a (B, H, S, D) tensor by position-dependent angles."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+def apply_rotary(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate the adjacent pairs (x[..., 2i], x[..., 2i + 1]) of x (B, S, ..., D) by `rotation` (S, D / 2).
+
+    One complex multiply (Llama's form) instead of the half-split form's slices, four products and a
+    concatenation: a fifth of the attention block's time (forward and backward) at the study's size.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # complex32 has no bf16 form: rotate in fp32
+    rotation = rotation[: x.shape[1]].view(x.shape[1], *([1] * (x.dim() - 3)), -1)
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,16 +48,25 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.rotary = cfg.positional == "rope"
         if self.rotary:
-            cos, sin = rotary_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads)
-            self.register_buffer("cos", cos, persistent=False)
-            self.register_buffer("sin", sin, persistent=False)
+            self.register_buffer(
+                "rotation", rotary_table(cfg.max_seq_len, cfg.d_model // cfg.n_heads), persistent=False
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         batch, seq, d_model = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, d_model // self.n_heads).permute(2, 0, 3, 1, 4)
-        if self.rotary:
-            q, k = apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        # split, not indexing: its gradient is one concatenation, where two slices' would be two zero-filled
+        # copies of the whole projection added together.
+        qk, v = self.qkv(x).view(batch, seq, 3, self.n_heads, d_model // self.n_heads).split([2, 1], dim=2)
+        if self.rotary:  # queries and keys in one op
+            qk = apply_rotary(qk, self.rotation)
+        q, k = qk.unbind(2)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.squeeze(2).transpose(1, 2),
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.proj(y.transpose(1, 2).reshape(batch, seq, d_model))
 
 
@@ -74,7 +86,7 @@ class Block(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: Tensor  # (B, S, V)
+    logits: Tensor | None  # (B, S, V); None when targets are given (the loss op never materialises them)
     loss: Tensor | None  # mean token cross-entropy over non-ignored targets
     token_loss: Tensor | None  # (B*S,) per-token cross-entropy (0 at ignored targets)
     router_loss: Tensor  # sum over MoE layers of the routers' weighted auxiliary losses
@@ -131,20 +143,17 @@ class MoETransformer(nn.Module):
         valid = None if targets is None else targets != IGNORE_INDEX
         for block in self.blocks:
             x = block(x, valid)
-        logits = self.lm_head(self.norm(x))
-
-        loss = token_loss = None
-        if targets is not None:
-            token_loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
+        hidden = self.norm(x)
+        logits = loss = token_loss = None
+        if targets is None:
+            logits = self.lm_head(hidden)
+        else:  # the LM head and the loss in one op: training never needs the (B, S, V) logits
+            token_loss = linear_cross_entropy(
+                hidden.view(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1)
             )
-            n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1)
-            loss = token_loss.sum() / n_valid
+            loss = token_loss.sum() / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
-        router_loss = logits.new_zeros((), dtype=torch.float32)
+        router_loss = hidden.new_zeros((), dtype=torch.float32)
         metrics: dict[str, list[Tensor]] = {}
         for layer in self.moe_layers:
             routing = layer.last_routing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from gtmoe.routers.base import Router, Routing, expert_counts
 
@@ -51,16 +52,20 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """Rows x[offsets[e-1]:offsets[e]] times weight[e], for every expert e; offsets[-1] must be len(x).
 
     torch's grouped GEMM where it exists (one kernel, offsets stay on the
-    device, so no host sync): bf16 goes to F.grouped_mm itself, which
-    torch.compile can lower; other CPU dtypes through the opaque op above.
-    Elsewhere (fp32 on CUDA, old torch) a loop over the experts' contiguous
-    slices, which reads the offsets on the host.
+    device, so no host sync): F.grouped_mm itself for bf16 and for eager CPU
+    fp32; the opaque op above where fp32 is traced (torch.compile, fake
+    tensors), since aten's shape rule would reject it. Elsewhere (fp32 on CUDA,
+    old torch) a loop over the experts' contiguous slices, which reads the
+    offsets on the host.
     """
     weight, offsets = weight.to(x.dtype), offsets.to(torch.int32)
     if _has_grouped_mm() and x.dtype == torch.bfloat16:
         return F.grouped_mm(x, weight, offs=offsets)
     if _has_grouped_mm() and x.device.type == "cpu":
-        return _grouped_mm_opaque(x, weight, offsets)
+        if torch.compiler.is_compiling() or is_fake(x):
+            return _grouped_mm_opaque(x, weight, offsets)
+        # Eager: the aten op directly, without the custom op's Python dispatch (a tenth of its time here).
+        return F.grouped_mm(x, weight, offs=offsets)
     ends = offsets.tolist()
     starts = [0] + ends[:-1]
     return torch.cat([x[s:e] @ weight[i] for i, (s, e) in enumerate(zip(starts, ends))])

@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from gtmoe.config import RunConfig
-from gtmoe.contract import CHECKPOINT, RESUME_CHECKPOINT, SATURATION_CHECKPOINT, TRAIN_OUTPUTS, WEIGHT_NEUTRAL_KEYS
+from gtmoe.contract import (
+    CHECKPOINT,
+    MODEL_FORMAT,
+    RESUME_CHECKPOINT,
+    SATURATION_CHECKPOINT,
+    TRAIN_OUTPUTS,
+    WEIGHT_NEUTRAL_KEYS,
+)
 from gtmoe.files import (
     HashingWriter,
     ManifestMismatch,
@@ -129,8 +136,9 @@ def _recovery(checkpoint: Path) -> str:
     )
 
 
-def save_checkpoint(obj, path: Path) -> dict:
-    """Write `obj` to `path` atomically, with its manifest. Returns the manifest entry (bytes, sha256).
+def save_checkpoint(obj: dict, path: Path) -> dict:
+    """Write `obj` (and the model format) to `path` atomically, with its manifest. Returns the manifest
+    entry (bytes, sha256).
 
     Order: the checkpoint to a temporary sibling (hashed on the way) and fsync;
     then the manifest, atomically, naming the new content and the one it
@@ -142,7 +150,7 @@ def save_checkpoint(obj, path: Path) -> dict:
     try:
         with open(tmp, "wb") as handle:
             writer = HashingWriter(handle)  # torch.save writes its zip archive strictly sequentially
-            torch.save(obj, writer)
+            torch.save({**obj, "model_format": MODEL_FORMAT}, writer)
             handle.flush()
             os.fsync(handle.fileno())
         entry = writer.entry()
@@ -210,9 +218,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", *, repair_ma
     path = Path(path)
     verify_checkpoint(path, repair_manifest=repair_manifest)
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:  # unverified (no manifest) and unreadable: say which and how to recover
         raise RunError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}: {exc}); {_recovery(path)}") from exc
+    found = state.get("model_format", 1)
+    if found != MODEL_FORMAT:
+        raise RunError(
+            f"checkpoint {path} holds a model of format {found}, and this version of GT-MoE reads format "
+            f"{MODEL_FORMAT} (see gtmoe.contract.MODEL_FORMAT); {_recovery(path)}"
+        )
+    return state
 
 
 def _flatten(value, prefix: str = "") -> dict:

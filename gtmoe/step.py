@@ -34,7 +34,8 @@ def build_optimizer(model: MoETransformer, cfg) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    # fused: one kernel per parameter group instead of a dozen foreach passes over the optimizer state.
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     optimizer.register_step_post_hook(lambda *_: model.update_router_states())
     return optimizer
 

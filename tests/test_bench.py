@@ -51,6 +51,8 @@ STEP_KEYS = {
     "eval_s",
     "eval_tokens_per_s",
     "eval_to_train",
+    "matmul_share",  # CPU only, as these tests run
+    "matmul_only_gemm_fraction",
 }
 COMPILED_KEYS = {
     "compiled_step_s",
@@ -90,6 +92,9 @@ def test_cli_times_every_router_and_writes_json(tmp_path):
         assert row.keys() == STEP_KEYS | {"ratio_to_topk"}, name
         assert row["mfu"] is None  # no bf16 peak on CPU
         assert row["tokens_per_s"] > 0 and row["eval_tokens_per_s"] > 0 and row["gemm_fraction"] > 0
+        # The step's matmuls are part of it, and alone would reach a larger fraction of the peak.
+        assert 0 < row["matmul_share"] < 1
+        assert row["matmul_only_gemm_fraction"] == pytest.approx(row["gemm_fraction"] / row["matmul_share"])
     assert variants["topk"]["ratio_to_topk"] == 1.0
     assert "n/a" in stdout and all(name in stdout for name in variants)
 

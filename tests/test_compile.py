@@ -1,8 +1,8 @@
 """torch.compile of the model (the `train.compile` switch) for every router.
 
-Two steps of forward, backward and router bookkeeping (as gtmoe/train.py,
-without the optimizer) must give eager mode's logits, losses, gradients and
-router buffers. `aot_eager` traces exactly what inductor receives (one graph,
+Two of the trainer's optimizer steps (gtmoe.step.train_step: forward,
+backward, clipping, the AdamW update and the routers' update) must give eager
+mode's losses, updated weights and router buffers. `aot_eager` traces exactly what inductor receives (one graph,
 no breaks: no host reads, state kept in buffers) and must match bit for bit;
 inductor adds code generation, so it matches within float tolerance. Inductor
 compiles C++ kernels per router, minutes on a cold cache, hence `slow`.
@@ -18,14 +18,15 @@ import torch
 from gtmoe import routers
 from gtmoe.config import RouterConfig, TrainConfig
 from gtmoe.model import MoETransformer
-from gtmoe.step import accumulate_gradients
+from gtmoe.step import build_optimizer, train_step
 
 from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
 
 
 def two_steps(model: MoETransformer, forward, batches: list[torch.Tensor]):
-    """Two steps of the trainer's micro-batch loop (gtmoe.step), each followed by the routers' update."""
+    """Two of the trainer's optimizer steps (gtmoe.step.train_step); the last micro-batch's outputs."""
     tcfg = TrainConfig(grad_accum=1, grad_clip=1.0)
+    optimizer = build_optimizer(model, tcfg)
     outputs = []
 
     def recorded(x, y):
@@ -33,8 +34,7 @@ def two_steps(model: MoETransformer, forward, batches: list[torch.Tensor]):
         return outputs[-1]
 
     for idx in batches:
-        accumulate_gradients(model, recorded, [(idx, idx)], tcfg, torch.device("cpu"))
-        model.update_router_states()
+        train_step(model, recorded, optimizer, [(idx, idx)], tcfg, torch.device("cpu"))
     return outputs[-1]
 
 
@@ -48,12 +48,12 @@ def assert_compiled_matches_eager(name: str, backend: str, **tolerance) -> None:
     expected = two_steps(eager, eager, batches)
     got = two_steps(twin, torch.compile(twin, backend=backend, fullgraph=True), batches)
 
-    for field in ("logits", "loss", "router_loss"):
+    for field in ("token_loss", "loss", "router_loss"):
         torch.testing.assert_close(
             getattr(got, field), getattr(expected, field), **tolerance, msg=lambda m, f=field: f"{f}: {m}"
         )
     for (param, a), b in zip(eager.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, **tolerance, msg=lambda m, p=param: f"grad of {p}: {m}")
+        torch.testing.assert_close(b, a, **tolerance, msg=lambda m, p=param: f"{p} after the updates: {m}")
     for (buffer, a), b in zip(eager.named_buffers(), twin.buffers()):
         torch.testing.assert_close(b, a, **tolerance, msg=lambda m, b=buffer: f"{b}: {m}")
 
@@ -66,4 +66,6 @@ def test_compiled_graph_is_whole_and_exact(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", routers.known())
 def test_inductor_matches_eager(name):
-    assert_compiled_matches_eager(name, "inductor", rtol=1e-4, atol=1e-5)
+    # AdamW divides by sqrt(v): where a gradient is near zero, inductor's float rounding (1e-7) moves the
+    # update by a visible fraction of lr (3e-3), so the updated weights agree to about lr / 30.
+    assert_compiled_matches_eager(name, "inductor", rtol=1e-4, atol=1e-4)

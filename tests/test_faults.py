@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 
+from gtmoe import runfiles
 from gtmoe import train as train_module
 from gtmoe.__main__ import main
 from gtmoe.config import save_run_config
@@ -402,6 +403,22 @@ def test_a_checkpoint_without_a_manifest_loads_unverified_with_a_warning(finishe
     truncate(run / CHECKPOINT)  # unverifiable, but torch's own error is still reported with the recovery
     with pytest.raises(RunError, match=r"is unreadable .*retrain the run: delete"):
         load_checkpoint(run / CHECKPOINT)
+
+
+def test_a_checkpoint_of_an_older_model_format_is_refused_with_how_to_retrain(finished_run, capsys, monkeypatch):
+    # Format 1 (rotary over the two halves of a head) would load into today's model without error and
+    # evaluate as a different function.
+    run, _ = finished_run
+    state = load_checkpoint(run / CHECKPOINT)
+    monkeypatch.setattr(runfiles, "MODEL_FORMAT", 1)
+    runfiles.save_checkpoint({key: value for key, value in state.items() if key != "model_format"}, run / CHECKPOINT)
+    monkeypatch.undo()
+    out = run / "eval_test.json"
+    assert main(["evaluate", "--run", str(run), "--split", "test", "--out", str(out)]) == 2
+    error = single_error_line(capsys.readouterr().err)
+    assert f"checkpoint {run / CHECKPOINT} holds a model of format 1" in error and "reads format 2" in error
+    assert f"retrain the run: delete {run} and rerun snakemake" in error
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- unwritable results

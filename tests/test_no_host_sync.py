@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from gtmoe import moe, routers
 from gtmoe.config import RouterConfig, TrainConfig
 from gtmoe.model import MoETransformer
-from gtmoe.step import accumulate_gradients
+from gtmoe.step import build_optimizer, train_step
 
 from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
 
@@ -39,15 +39,16 @@ def default_dtype(dtype: torch.dtype):
 
 
 def train_step_without_data(router: dict, dtype: torch.dtype = torch.float32) -> None:
-    """Forward, backward, then the routers' per-step bookkeeping (as gtmoe/train.py), on fake tensors."""
+    """Two of the trainer's optimizer steps (gtmoe.step.train_step: micro-batches, clipping, the fused
+    AdamW update and the routers' update its post-hook runs), on fake tensors."""
     with FakeTensorMode():
         with default_dtype(dtype):
             model = MoETransformer(tiny_model(), RouterConfig.from_mapping(router).for_horizon(100)).train()
+        tcfg = TrainConfig(grad_accum=1, grad_clip=1.0)
+        optimizer = build_optimizer(model, tcfg)
         idx = torch.randint(0, TINY_VOCAB, (2, TINY_SEQ))
-        # The trainer's micro-batch loop (gtmoe.step; the optimizer's own bookkeeping reads its step count
-        # on the host by design, so it is left out), then the routers' update its post-hook runs.
-        accumulate_gradients(model, model, [(idx, idx)], TrainConfig(grad_accum=1, grad_clip=1.0), idx.device)
-        model.update_router_states()
+        for _ in range(2):  # the first step also creates the optimizer state
+            train_step(model, model, optimizer, [(idx, idx)], tcfg, idx.device)
 
 
 def test_the_harness_catches_a_host_read():

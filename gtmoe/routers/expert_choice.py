@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from gtmoe.routers.base import CapacityOptions, Router, Routing
+from gtmoe.routers.base import CapacityOptions, Router, Routing, softmax
 from gtmoe.routers.registry import register
 
 
@@ -38,7 +37,7 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Routing:
         logits = self.gate(x).float()
-        probs = F.softmax(logits, dim=-1)  # (T, E)
+        probs = softmax(logits)  # (T, E)
         capacity = self.capacity(x.shape[0])
         # Padding ranks below every real token (probabilities are >= 0), and is dropped if still chosen.
         priority = probs if valid is None else torch.where(valid.unsqueeze(-1), probs, -1.0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gtmoe.routers.base import CapacityOptions, Router, Routing
+from gtmoe.routers.base import CapacityOptions, Router, Routing, softmax
 from gtmoe.routers.registry import register
 
 
@@ -36,7 +36,7 @@ class SwitchRouter(Router):
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Routing:
         logits = self.gate(x).float()
-        probs = F.softmax(logits, dim=-1)
+        probs = softmax(logits)
         choice = logits.argmax(dim=-1, keepdim=True)  # (T, 1)
         weight = probs.gather(-1, choice).squeeze(-1)  # the gate value itself, as in Switch
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from gtmoe.routers.base import Router, RouterOptions, Routing
+from gtmoe.routers.base import Router, RouterOptions, Routing, softmax
 from gtmoe.routers.registry import register
 
 
@@ -46,8 +45,8 @@ class TopKRouter(Router):
         bias = self.selection_bias()
         scores = logits if bias is None else logits + bias
         choice = scores.topk(self.top_k, dim=-1).indices  # (T, k)
-        weight = F.softmax(logits.gather(-1, choice), dim=-1)
-        loss, metrics = self.aux_losses(logits, F.softmax(logits, dim=-1), choice)
+        weight = softmax(logits.gather(-1, choice))
+        loss, metrics = self.aux_losses(logits, None, choice)
         metrics.update(self.flip_rates(scores, choice, valid))
 
         n_tokens = x.shape[0]
