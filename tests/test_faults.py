@@ -925,23 +925,24 @@ def _analysis_study(tmp_path) -> list[str]:
     return [str(d) for d in write_study(tmp_path / "runs", variants=("dense", "topk"), seeds=(0, 1))]
 
 
+def _aggregate_argv(run_dirs: list[str], summary: Path) -> list[str]:
+    """`python -m analysis aggregate` of `run_dirs` into the tidy table and run status under `summary`."""
+    return [
+        "aggregate",
+        "--run-dirs",
+        *run_dirs,
+        "--out-table",
+        str(summary / "runs.parquet"),
+        "--out-status",
+        str(summary / "run_status.csv"),
+    ]
+
+
 def _aggregate_command(request, tmp_path):
     from analysis.__main__ import main as analysis_main
 
     summary = tmp_path / "summary"
-    return (
-        analysis_main,
-        [
-            "aggregate",
-            "--run-dirs",
-            *_analysis_study(tmp_path),
-            "--out-table",
-            str(summary / "runs.parquet"),
-            "--out-status",
-            str(summary / "run_status.csv"),
-        ],
-        summary,
-    )
+    return analysis_main, _aggregate_argv(_analysis_study(tmp_path), summary), summary
 
 
 def _figures_command(request, tmp_path):
@@ -949,20 +950,7 @@ def _figures_command(request, tmp_path):
 
     run_dirs = _analysis_study(tmp_path)
     table = tmp_path / "summary" / "runs.parquet"
-    assert (
-        analysis_main(
-            [
-                "aggregate",
-                "--run-dirs",
-                *run_dirs,
-                "--out-table",
-                str(table),
-                "--out-status",
-                str(tmp_path / "summary" / "run_status.csv"),
-            ]
-        )
-        == 0
-    )
+    assert analysis_main(_aggregate_argv(run_dirs, table.parent)) == 0
     return (
         analysis_main,
         ["figures", "--table", str(table), "--run-dirs", *run_dirs, "--out-dir", str(tmp_path / "figures")],
@@ -1246,20 +1234,7 @@ def test_a_non_finite_metric_marks_the_run_failed_in_the_status_table(tmp_path, 
     evaluation[key] = value
     damaged.write_text(json.dumps(evaluation))  # Python's json writes NaN and Infinity as such
     summary = tmp_path / "summary"
-    assert (
-        analysis_main(
-            [
-                "aggregate",
-                "--run-dirs",
-                *run_dirs,
-                "--out-table",
-                str(summary / "runs.parquet"),
-                "--out-status",
-                str(summary / "run_status.csv"),
-            ]
-        )
-        == 0
-    )
+    assert analysis_main(_aggregate_argv(run_dirs, summary)) == 0
     table = pd.read_csv(summary / "run_status.csv").set_index(["variant", "seed"])
     assert table.loc[(variant, 1), "status"] == status
     if status == "failed":
