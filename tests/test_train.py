@@ -254,6 +254,11 @@ from gtmoe.config import DataConfig, EvalConfig, ModelConfig, RouterConfig, RunC
 from gtmoe.device import retain_freed_memory
 if sys.argv[1] == "retain" and not retain_freed_memory():
     sys.exit(3)
+if sys.argv[1] == "churn":  # glibc's starting thresholds (128 KiB), frozen: every large block is a fresh mmap
+    import ctypes, ctypes.util
+    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+    if mallopt is None or not (mallopt(-3, 128 * 1024) and mallopt(-1, 128 * 1024)):
+        sys.exit(3)
 torch.set_num_threads(1)
 model = ModelConfig(vocab_size=2048, d_model=64, n_layers=1, n_heads=2, max_seq_len=32, n_experts=4, top_k=2,
                     d_expert=64)
@@ -279,7 +284,11 @@ def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
         assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
 
-    # glibc's defaults hand the freed activations back to the OS and fault them in again every step (the
-    # harness sees that); with the thresholds `python -m gtmoe train|evaluate` sets, the pages stay mapped.
-    assert faults("default") > 1000
-    assert faults("retain") < 200
+    # With small thresholds glibc hands the freed activations back to the OS and faults them in again every
+    # step, and the harness sees it. glibc's own defaults move those thresholds as the process runs, so how many
+    # faults they cost varies from run to run and machine to machine (782 to 7,983 seen); the frozen 128 KiB
+    # start is the reproducible form of that churn. With the thresholds `python -m gtmoe train|evaluate` sets,
+    # the pages stay mapped.
+    # (the retained count is 14-16 on most runs, with rare outliers to ~180 from one-off growth.)
+    assert faults("churn") > 10_000
+    assert faults("retain") < 1_000
