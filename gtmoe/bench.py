@@ -13,7 +13,9 @@ kernels the worse, so the report prints the load average to judge a run by.
 
 (a) MoE layer (top-k router) forward + backward against a dense SwiGLU of
     hidden k * d_expert on the same tokens: equal active FLOPs, since each
-    token runs through k experts of hidden d_expert.
+    token runs through k experts of hidden d_expert. The layer's cost is then
+    split: its experts alone on rows already sorted by expert, and the layer
+    replaying a routing computed beforehand (everything but the router).
 (b) train step of a MoETransformer per variant, relative to the reference
     (`topk`, or the study config's `reference`);
 (c) the same steps as tokens/s, and evaluation tokens/s: a no-grad forward of
@@ -66,6 +68,7 @@ from gtmoe.evaluate import LayerStats
 from gtmoe.ffn import SwiGLU
 from gtmoe.model import IGNORE_INDEX, MoETransformer, build_model
 from gtmoe.moe import MoELayer
+from gtmoe.routers.base import Routing, expert_counts
 from gtmoe.step import build_optimizer, lr_lambda, train_step
 
 # Flags that set sizes by hand; with --config the config sets them, so giving them too is an error.
@@ -335,39 +338,76 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+class _ReplayRouter(torch.nn.Module):
+    """Returns one routing, computed once, on every call: the MoE layer's work without the router's."""
+
+    def __init__(self, routing: Routing, n_experts: int):
+        super().__init__()
+        self.routing, self.n_experts = routing, n_experts
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> Routing:
+        return self.routing
+
+
 def bench_layer(args: argparse.Namespace, device: torch.device) -> dict:
-    """(a) MoE layer with the top-k router against the dense SwiGLU of equal active FLOPs."""
+    """(a) MoE layer with the top-k router against the dense SwiGLU of equal active FLOPs, and where its time goes.
+
+    Two more candidates split the MoE layer's cost: `experts`, its grouped SwiGLU experts alone on rows
+    already sorted by expert (the arithmetic, as the dense FFN is), and `fixed_routing`, the whole layer
+    replaying one routing computed beforehand (the experts plus sorting, the row permutations and the
+    weighted combination, without the router's own gate, top-k and losses).
+    """
     torch.manual_seed(args.seed)
     router_cls = routers.get("topk")
     router = router_cls(RouterConfig.from_mapping({"name": "topk"}).resolve(), args.d_model, args.experts, args.top_k)
-    layers = {
-        "moe": MoELayer(router, args.d_model, args.d_expert, args.experts).to(device).train(),
-        "dense": SwiGLU(args.d_model, args.top_k * args.d_expert).to(device).train(),
-    }
+    moe = MoELayer(router, args.d_model, args.d_expert, args.experts).to(device).train()
+    dense = SwiGLU(args.d_model, args.top_k * args.d_expert).to(device).train()
     x = torch.randn(args.tokens, args.d_model, device=device, requires_grad=True)
     grad_out = torch.randn(args.tokens, args.d_model, device=device)
 
-    def forward_backward(layer: torch.nn.Module) -> Callable[[], None]:
+    with torch.no_grad():
+        routing = router(x)
+    # The combine weights stay differentiable, as the gate's are: their gradient is part of the layer's work.
+    routing.weight = routing.weight.detach().clone().requires_grad_()
+    replay = MoELayer(_ReplayRouter(routing, args.experts), args.d_model, args.d_expert, args.experts)
+    replay.experts = moe.experts
+    order = torch.argsort(routing.expert, stable=True)
+    offsets = expert_counts(routing.expert[order], args.experts).cumsum(0)
+    sorted_rows = x.detach().index_select(0, routing.token[order]).requires_grad_()
+    grad_sorted = torch.randn_like(sorted_rows)
+
+    def layer_pass(layer: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
             layer.zero_grad(set_to_none=True)
             x.grad = None
             with autocast_context(device):
                 y = layer(x)
             outputs, grads = [y], [grad_out.to(y.dtype)]
-            if isinstance(layer, MoELayer):  # the router's auxiliary losses are part of its cost
-                outputs.append(layer.last_routing.loss)
+            if isinstance(layer, MoELayer) and layer.last_routing.loss.requires_grad:
+                outputs.append(layer.last_routing.loss)  # the router's auxiliary losses are part of its cost
                 grads.append(torch.ones_like(outputs[-1]))
             torch.autograd.backward(outputs, grads)
 
         return run
 
-    seconds = interleaved_medians(
-        {name: forward_backward(layer) for name, layer in layers.items()}, device, args.warmup, args.repeats
-    )
+    def experts_pass() -> None:
+        moe.experts.zero_grad(set_to_none=True)
+        sorted_rows.grad = None
+        with autocast_context(device):
+            y = moe.experts(sorted_rows, offsets)
+        y.backward(grad_sorted.to(y.dtype))
+
+    candidates = {"moe": layer_pass(moe), "dense": layer_pass(dense)}
+    candidates |= {"fixed_routing": layer_pass(replay), "experts": experts_pass}
+    seconds = interleaved_medians(candidates, device, args.warmup, args.repeats)
     return {
         "moe_s": seconds["moe"],
         "dense_s": seconds["dense"],
         "ratio": seconds["moe"] / seconds["dense"],
+        "experts_s": seconds["experts"],
+        "experts_ratio": seconds["experts"] / seconds["dense"],
+        "fixed_routing_s": seconds["fixed_routing"],
+        "fixed_routing_ratio": seconds["fixed_routing"] / seconds["dense"],
         "d_expert": args.d_expert,
         "dense_hidden": args.top_k * args.d_expert,
     }
@@ -598,7 +638,8 @@ def format_report(result: dict) -> str:
             f"(a) MoE layer forward+backward, {cfg['tokens']} tokens, d_model {cfg['d_model']}: "
             f"topk E={cfg['experts']} k={cfg['top_k']} d_expert={layer['d_expert']} {layer['moe_s'] * 1e3:.2f} ms, "
             f"dense SwiGLU hidden {layer['dense_hidden']} {layer['dense_s'] * 1e3:.2f} ms, "
-            f"ratio {layer['ratio']:.3f}"
+            f"ratio {layer['ratio']:.3f}; its experts alone (rows sorted by expert) {layer['experts_ratio']:.3f}, "
+            f"with a routing replayed (sorting, permutations, combine; no router) {layer['fixed_routing_ratio']:.3f}"
         ),
         (
             f"(b-d) train step ({source}), {cfg['layers']} layers, {train['tokens_per_step']} tokens per step "

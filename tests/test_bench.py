@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from gtmoe import routers
+from gtmoe import bench, routers
 from gtmoe.bench import build_parser, merge_configs, parse_args
+from gtmoe.config import RouterConfig
+from gtmoe.moe import MoELayer
 
 from helpers import run_module
 
@@ -84,7 +87,13 @@ def run_cli(tmp_path, *extra: str) -> tuple[dict, str]:
 def test_cli_times_every_router_and_writes_json(tmp_path):
     result, stdout = run_cli(tmp_path)
     assert TOP_KEYS <= result.keys()
-    assert result["moe_layer"].keys() == {"moe_s", "dense_s", "ratio", "d_expert", "dense_hidden"}
+    layer = result["moe_layer"]
+    assert layer.keys() == {"moe_s", "dense_s", "ratio", "d_expert", "dense_hidden"} | {
+        f"{part}_{unit}" for part in ("experts", "fixed_routing") for unit in ("s", "ratio")
+    }
+    for part in ("experts", "fixed_routing"):  # ratios of the medians the JSON holds
+        assert layer[f"{part}_ratio"] == pytest.approx(layer[f"{part}_s"] / layer["dense_s"])
+    assert "its experts alone (rows sorted by expert)" in stdout and "with a routing replayed" in stdout
     assert result["moe_layer"]["dense_hidden"] == 2 * result["moe_layer"]["d_expert"] == 2 * 64  # k * (4 d / k)
     variants = result["train_step"]["variants"]
     assert set(variants) == set(routers.known())
@@ -197,3 +206,15 @@ def test_merge_configs_like_snakemake():
     merged = merge_configs(base, {"model": {"d_model": 32}, "seeds": [0]})
     assert merged == {"model": {"d_model": 32, "positional": "rope"}, "seeds": [0], "variants": [{"name": "a"}]}
     assert base["model"]["d_model"] == 128  # inputs untouched
+
+
+def test_replayed_routing_computes_the_layer_the_router_computed():
+    """The benchmark's fixed-routing candidate is the same layer, less the router's work."""
+    torch.manual_seed(0)
+    router = routers.get("topk")(RouterConfig.from_mapping({"name": "topk"}).resolve(), 32, 4, 2)
+    layer = MoELayer(router, 32, 16, 4).train()
+    x = torch.randn(64, 32)
+    routed = layer(x)
+    replay = MoELayer(bench._ReplayRouter(layer.last_routing, 4), 32, 16, 4)
+    replay.experts = layer.experts
+    assert torch.equal(replay(x), routed)
