@@ -385,6 +385,35 @@ def _at(curve: pd.DataFrame, metric: str, value: float) -> pd.Series:
     return curve[(curve["metric"] == metric) & (curve["value"] == value)].iloc[0]
 
 
+def _ppl_resolution(curve: pd.DataFrame, reference: str) -> str:
+    """Which values' perplexity the seeds separate from the reference's (paired Δ PPL CI excluding 0).
+
+    The best-value rule compares mean Δ PPL with 0; where the interval contains 0 that comparison is
+    within the seeds' noise, and the reader should know how much of the curve that is.
+    """
+    ppl = curve[(curve["metric"] == "ppl") & np.isfinite(curve["delta_ci_low"]) & np.isfinite(curve["delta_ci_high"])]
+    if ppl.empty:
+        return ""
+    sides = [
+        f"{side} it at {', '.join(f'{v:g}' for v in rows['value'])}"
+        for side, rows in (("below", ppl[ppl["delta_ci_high"] < 0]), ("above", ppl[ppl["delta_ci_low"] > 0]))
+        if len(rows)
+    ]
+    unresolved = int(((ppl["delta_ci_low"] <= 0) & (ppl["delta_ci_high"] >= 0)).sum())
+    if not sides:
+        return _span(
+            f"No value's Δ PPL interval excludes 0: these seeds do not separate any value's perplexity from "
+            f"{reference}'s, so which values count as no worse is within noise.",
+            "caution",
+        )
+    rest = (
+        f"; at the other {unresolved} the Δ PPL interval contains 0, so whether they are no worse is within noise"
+        if unresolved
+        else ""
+    )
+    return f"Perplexity differs from {_e(reference)}'s beyond the seeds' noise {' and '.join(sides)}{rest}."
+
+
 def _curve_sentence(curve: pd.DataFrame, best: pd.Series | None) -> str:
     """One dose-response curve in words: both ends against the reference, the best value, the term's reach."""
     first = curve.iloc[0]
@@ -410,6 +439,7 @@ def _curve_sentence(curve: pd.DataFrame, best: pd.Series | None) -> str:
             f"{format_number(best['delta_ppl'])} "
             f"{format_interval(best['delta_ppl_ci_low'], best['delta_ppl_ci_high'])})."
         )
+    parts.append(_ppl_resolution(curve, reference))
     flips = curve[curve["metric"] == "flip_rate"]
     if len(flips) and np.isfinite(flips["mean"]).any():
         top = flips.loc[flips["mean"].idxmax()]
@@ -420,7 +450,7 @@ def _curve_sentence(curve: pd.DataFrame, best: pd.Series | None) -> str:
 def sensitivity_section(dose: pd.DataFrame, best: pd.DataFrame) -> str:
     """Every sweep's curves in words (sensitivity.csv, sensitivity_best.csv)."""
     # A CSV reads the one-at-a-time curves' empty `fixed` label back as NaN, which groupby would drop.
-    dose, best = dose.fillna({"fixed": ""}), best.fillna({"fixed": ""})
+    dose, best = (table.assign(fixed=table["fixed"].astype(object).fillna("")) for table in (dose, best))
     items = []
     for (sweep, option, fixed), curve in dose.groupby(["sweep", "option", "fixed"], sort=False):
         match = best[(best["sweep"] == sweep) & (best["option"] == option) & (best["fixed"] == fixed)]

@@ -553,5 +553,26 @@ def test_sensitivity_curves_in_words(tmp_path):
     assert "Gini 0.3100 → 0.06000 (topk: 0.2000). PPL 100.0 → 121.0 (topk: 101.0)." in text  # seed means
     assert "Lowest Gini with perplexity no worse than topk's: beta = 1 (Gini 0.1100 [0.08516, 0.1348]" in text
     assert "flips up to 60.0% of top-k sets (at 3)" in text
+    # Every seed moves with topk's here, so every paired interval is a point and excludes 0.
+    assert "Perplexity differs from topk's beyond the seeds' noise below it at 0, 0.1, 1 and above it at 3." in text
+
+    # Seeds that disagree: beta 0.1 and 1 now straddle topk's perplexity (their intervals contain 0).
+    for variant, shifts in (("rdesi", (-3.0, 2.0, 1.0)), ("rdesi-beta1", (2.0, -2.5, 0.0))):
+        values[variant]["ppl"] = {s: 101.0 + s + shifts[s] for s in (0, 1, 2)}
+    dose = sensitivity.dose_response(tidy_table(values), design)
+    text = text_of(findings.sensitivity_section(dose, sensitivity.best_values(dose)))
+    assert (
+        "beyond the seeds' noise below it at 0 and above it at 3; at the other 2 the Δ PPL interval contains 0, "
+        "so whether they are no worse is within noise." in text
+    )
+    for variant in ("rdesi", "rdesi-beta1", "rdesi-beta0"):  # nothing separated: the sentence says so
+        values[variant]["ppl"] = {s: 101.0 + s + (-1.0, 1.0, 0.5)[s] for s in (0, 1, 2)}
+    dose = sensitivity.dose_response(tidy_table(values), design)
+    text = text_of(findings.sensitivity_section(dose, sensitivity.best_values(dose)))
+    assert "No value's Δ PPL interval excludes 0" not in text  # beta 3 is still far above
+    values["rdesi-beta3"]["ppl"] = {s: 101.0 + s + (1.0, -1.0, 0.5)[s] for s in (0, 1, 2)}
+    dose = sensitivity.dose_response(tidy_table(values), design)
+    text = text_of(findings.sensitivity_section(dose, sensitivity.best_values(dose)))
+    assert "No value's Δ PPL interval excludes 0: these seeds do not separate any value's perplexity" in text
     # Without sweeps there is no such section.
     assert "Sensitivity" not in text_of(findings.render(inputs_for(tmp_path)))
