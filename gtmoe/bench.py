@@ -397,8 +397,12 @@ def bench_layer(args: argparse.Namespace, device: torch.device) -> dict:
             y = moe.experts(sorted_rows, offsets)
         y.backward(grad_sorted.to(y.dtype))
 
-    candidates = {"moe": layer_pass(moe), "dense": layer_pass(dense)}
-    candidates |= {"fixed_routing": layer_pass(replay), "experts": experts_pass}
+    candidates = {
+        "moe": layer_pass(moe),
+        "dense": layer_pass(dense),
+        "fixed_routing": layer_pass(replay),
+        "experts": experts_pass,
+    }
     seconds = interleaved_medians(candidates, device, args.warmup, args.repeats)
     return {
         "moe_s": seconds["moe"],

@@ -35,14 +35,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 
 
-def retain_freed_memory() -> bool:
-    """Keep freed activation memory in the process instead of handing it back to the OS (glibc only).
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """Fix glibc's mmap and trim thresholds (which also stops glibc adjusting them as the process runs).
 
-    By default glibc serves blocks above its mmap threshold with fresh mmaps and returns the heap's free
-    top beyond its trim threshold; a training or evaluation step that frees and re-allocates its
-    activations then faults in every 4 KiB page again, in kernel time (the default study spent 12% of
-    its user time in the kernel). Fixed thresholds (which also stop glibc's adjusting them) keep the
-    pages mapped: blocks up to 32 MiB come from the heap, and the heap is not trimmed below 1 GiB.
     Returns whether the settings took (False off glibc).
     """
     libc_name = ctypes.util.find_library("c")
@@ -50,7 +45,19 @@ def retain_freed_memory() -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_bytes))
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed activation memory in the process instead of handing it back to the OS (glibc only).
+
+    By default glibc serves blocks above its mmap threshold with fresh mmaps and returns the heap's free
+    top beyond its trim threshold; a training or evaluation step that frees and re-allocates its
+    activations then faults in every 4 KiB page again, in kernel time (the default study spent 12% of
+    its user time in the kernel). Fixed thresholds keep the pages mapped: blocks up to 32 MiB come from
+    the heap, and the heap is not trimmed below 1 GiB. Returns whether the settings took.
+    """
+    return set_malloc_thresholds(_MMAP_THRESHOLD_MAX, 2**30)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -251,14 +251,10 @@ FAULTS_PER_20_STEPS = """
 import resource, sys, torch
 from gtmoe.bench import TrainStep
 from gtmoe.config import DataConfig, EvalConfig, ModelConfig, RouterConfig, RunConfig, TrainConfig
-from gtmoe.device import retain_freed_memory
-if sys.argv[1] == "retain" and not retain_freed_memory():
+from gtmoe.device import retain_freed_memory, set_malloc_thresholds
+# churn: glibc's starting thresholds (128 KiB), frozen, so every large block is a fresh mmap
+if not (retain_freed_memory() if sys.argv[1] == "retain" else set_malloc_thresholds(128 * 1024, 128 * 1024)):
     sys.exit(3)
-if sys.argv[1] == "churn":  # glibc's starting thresholds (128 KiB), frozen: every large block is a fresh mmap
-    import ctypes, ctypes.util
-    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
-    if mallopt is None or not (mallopt(-3, 128 * 1024) and mallopt(-1, 128 * 1024)):
-        sys.exit(3)
 torch.set_num_threads(1)
 model = ModelConfig(vocab_size=2048, d_model=64, n_layers=1, n_heads=2, max_seq_len=32, n_experts=4, top_k=2,
                     d_expert=64)
