@@ -1,25 +1,30 @@
-"""Analysis stage of GT-MoE: collect run outputs, compute statistics, write tables and figures.
+"""Analysis stage of GT-MoE: collect run outputs, compute statistics, write tables, figures and findings.
+
+Every step reads the study record (``study.json``, written by the workflow) and the files under the
+study's root; the command line (``python -m analysis --help``) is in ``__main__``.
 
 Modules
 -------
-collect  -- read run directories into a tidy table and a run-status table.
-stats    -- per-variant summaries (Student t CIs) and seed-paired comparisons.
-tables   -- CSV and self-contained HTML tables for the report.
-figures  -- seaborn figures (PNG) for the report.
-
-The command line interface (``python -m analysis --help``) is in ``__main__``.
+record    -- read and check the study record: variants, routers, seeds, settings, sweeps, the root.
+outputs   -- names of the files the analysis writes (the workflow declares them from here).
+collect   -- read run directories into a tidy table and a run-status table; join each variant's
+             router and options; read the n-gram baselines and the run logs.
+stats     -- per-variant summaries (Student t CIs) and seed-paired comparisons;
+             ``stats.sensitivity``: dose-response statistics of the sweeps.
+tables    -- parquet, CSV and self-contained HTML tables for the report (the sensitivity tables too).
+figures   -- seaborn figures (PNG) for the report; ``figures.forest``: forest plots of the
+             comparisons; ``figures.sensitivity``: dose-response figures of the sweeps.
+findings  -- the findings in words, rendered from ``templates/findings.html.j2`` (Jinja2).
+compute   -- job-seconds per stage from Snakemake's benchmark files.
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from gtmoe.contract import RUN_FAILED, RUN_MISSING, RUN_OK  # the run-directory contract (torch-free)
+from gtmoe.errors import OutputError  # the analysis's write error, one of gtmoe's
 
 __all__ = ["RUN_OK", "RUN_MISSING", "RUN_FAILED", "OutputError", "writing"]
-
-
-class OutputError(RuntimeError):
-    """An output file could not be written (full disk, permissions); the message names it and the fix."""
 
 
 @contextmanager

@@ -1,417 +1,207 @@
-"""Command line of the analysis stage, called by the Snakemake rules.
+"""Command line of the analysis stage, called by the Snakemake rules (workflow/rules/analysis.smk).
 
-    python -m analysis aggregate --run-dirs DIR... --variants V... --seeds S... \\
-        --out-table results/summary/runs.parquet --out-status results/summary/run_status.csv
-    python -m analysis stats --table results/summary/runs.parquet --reference topk \\
-        --split test --primary ppl gini maxvio_global --alpha 0.05 --power 0.8 \\
-        --baselines results/baselines/ngram.json --out-dir results/summary
-    python -m analysis figures --table results/summary/runs.parquet --run-dirs DIR... \\
-        --baselines results/baselines/ngram.json --out-dir results/figures
-    python -m analysis findings --summary-dir results/summary --baselines results/baselines/ngram.json \
-        --run-dirs DIR... --reference topk --out results/summary/findings.html
-    python -m analysis compute --benchmarks TSV... --benchmark-root results/benchmarks \
-        --runs-root results/runs --out-csv results/summary/compute.csv
-    python -m analysis sensitivity --table results/summary/runs.parquet --design-json JSON \
-        --reference topk --split test --out-dir results/summary --figures-dir results/figures
+Every step reads the study record that snakemake writes when it parses the config, and nothing else
+about the study; its inputs and outputs lie under the study's root (gtmoe.contract.StudyLayout):
+
+    python -m analysis aggregate   --study results/default/study.json
+    python -m analysis stats       --study results/default/study.json
+    python -m analysis figures     --study results/default/study.json
+    python -m analysis findings    --study results/default/study.json
+    python -m analysis compute     --study results/default/study.json
+    python -m analysis sensitivity --study results/default/study.json   (a study with sweeps)
+
+A problem the user can fix (a bad record, an unreadable input, a full disk) is one `error:` line and
+exit status 2; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from analysis import RUN_OK, OutputError, collect, compute, figures, findings, sensitivity, stats, tables, writing
-
-# Fixed output names (the workflow declares them as rule outputs).
-STATUS_HTML_SUFFIX = ".html"
-TABLE_FILES = ("summary", "comparisons", "ablations")  # each as .csv and .html
-
-
-@dataclass(frozen=True)
-class FigureInputs:
-    tidy: pd.DataFrame  # usable rows of the tidy table
-    router_log: pd.DataFrame  # router logs of the usable runs
-    reference: pd.DataFrame  # paired comparisons against the reference variant
-    ablations: pd.DataFrame  # paired comparisons of rdesi against its ablations
-    split: str
-    baselines: pd.DataFrame  # n-gram reference models (collect.read_baselines), maybe empty
-    train_log: pd.DataFrame | None = None  # training logs of the usable runs (flip rates)
-
-
-FIGURES = {
-    "perplexity.png": lambda d, path: figures.plot_perplexity(d.tidy, path, d.split, d.baselines),
-    "load_balance.png": lambda d, path: figures.plot_load_balance(d.tidy, path, d.split),
-    "load_heatmap.png": lambda d, path: figures.plot_load_heatmap(d.tidy, path, d.split),
-    "training_balance.png": lambda d, path: figures.plot_training_balance(d.router_log, path),
-    "pareto.png": lambda d, path: figures.plot_pareto(d.tidy, path, d.split, baselines=d.baselines),
-    "router_state.png": lambda d, path: figures.plot_router_state(d.router_log, path),
-    "ablation_forest.png": lambda d, path: figures.plot_ablation_forest(d.ablations, path),
-    "reference_forest.png": lambda d, path: figures.plot_reference_forest(d.reference, path),
-    "flip_rates.png": lambda d, path: figures.plot_flip_rates(d.train_log, path),
-}
-FIGURE_FILES = tuple(FIGURES)
+from analysis import RUN_OK, collect, compute, figures, findings, outputs, record, stats, tables, writing
+from analysis.record import Record
+from analysis.stats import sensitivity
+from gtmoe.contract import EVAL_SPLITS
+from gtmoe.errors import ConfigError, GtmoeError
 
 
 def _log(message: str) -> None:
     print(f"[analysis] {message}", file=sys.stderr)
 
 
-def _pairs(tidy: pd.DataFrame, args: argparse.Namespace) -> tuple[list, list]:
-    """Reference and ablation pairs over the study's variants."""
-    variants = collect.variant_order(tidy)
-    return (
-        stats.reference_pairs(variants, args.reference),
-        stats.ablation_pairs(variants, args.ablation_base, args.ablations),
-    )
+def _summary_path(study: Record, name: str) -> Path:
+    return Path(study.layout.summary) / name
 
 
-def run_aggregate(args: argparse.Namespace) -> int:
-    tidy, status = collect.collect_runs(args.run_dirs, args.variants, args.seeds)
-    out_table = Path(args.out_table)
+def _tidy(study: Record) -> pd.DataFrame:
+    """The usable rows of the tidy table `aggregate` wrote."""
+    return collect.usable(pd.read_parquet(_summary_path(study, outputs.TIDY)))
+
+
+def _statistics(study: Record, name: str) -> pd.DataFrame:
+    """A table the `stats` (or `sensitivity`) step wrote, as it wrote it."""
+    return pd.read_parquet(_summary_path(study, f"{name}.parquet"))
+
+
+def _baselines(study: Record) -> pd.DataFrame:
+    return collect.read_baselines(study.layout.baselines)
+
+
+def run_aggregate(study: Record) -> int:
+    """Read every run directory of the study into one tidy table (parquet), with each variant's router and
+    resolved options as columns, and write the run status table (parquet, CSV, HTML)."""
+    variants = collect.variant_columns(study, reserved=stats.SUMMARY_COLUMNS)
+    tidy, status = collect.collect_runs(study.run_dirs(), study.variants, study.seeds, routed=study.routed())
+    out_table = _summary_path(study, outputs.TIDY)
     with writing(out_table):
         out_table.parent.mkdir(parents=True, exist_ok=True)
-        tidy.to_parquet(out_table, index=False)
-    status_html = args.out_status_html or Path(args.out_status).with_suffix(STATUS_HTML_SUFFIX)
-    tables.write_status(status, args.out_status, status_html)
+        collect.join_variants(tidy, variants).to_parquet(out_table, index=False)
+    tables.write_status(status, _summary_path(study, outputs.STATUS))
     for row in status[status["status"] != RUN_OK].itertuples():
         _log(f"{row.variant}/seed{row.seed}: {row.status} ({row.detail})")
     _log(f"{(status['status'] == RUN_OK).sum()}/{len(status)} runs ok; {len(tidy)} values -> {out_table}")
     return 0
 
 
-def _compare(tidy: pd.DataFrame, pairs: list, args: argparse.Namespace) -> pd.DataFrame:
-    """Paired comparisons on the comparison metrics plus any primary endpoint not among them."""
-    metrics = list(dict.fromkeys([*args.metrics, *args.primary]))
-    return stats.paired_comparisons(
-        tidy, pairs, metrics, args.split, primary=args.primary, alpha=args.alpha, power=args.power
-    )
-
-
-def run_stats(args: argparse.Namespace) -> int:
-    tidy = collect.usable(pd.read_parquet(args.table))
-    out = Path(args.out_dir)
-    eval_splits = [args.split] + [s for s in collect.EVAL_SPLITS if s != args.split]
+def run_stats(study: Record) -> int:
+    """Write the summary per variant (with its router and options), the paired comparisons against the
+    reference and the ablations as parquet, CSV and HTML, from ok runs only, with the record's settings."""
+    tidy = _tidy(study)
+    settings = study.statistics
+    split = study.split
+    eval_splits = [split] + [s for s in EVAL_SPLITS if s != split]
     summary = pd.concat(
         [
-            stats.summarize(tidy, args.summary_metrics, eval_splits),
+            stats.summarize(tidy, stats.SUMMARY_METRICS, eval_splits),
             stats.summarize(tidy, stats.TRAIN_METRICS, ["train"]),
-            # Test split only: the evaluation may score a fixed subset of validation
+            # The comparison split only: the evaluation may score a fixed subset of validation
             # blocks (eval.max_blocks), while the baselines score whole splits.
-            stats.baseline_summary(collect.read_baselines(args.baselines), [args.split]),
+            stats.baseline_summary(_baselines(study), [split]),
         ],
         ignore_index=True,
     )
-    tables.write_summary(summary, out / "summary.csv", out / "summary.html")
-    reference, ablation = _pairs(tidy, args)
+    variants = collect.variant_columns(study, reserved=stats.SUMMARY_COLUMNS)
+    tables.write_summary(collect.join_variants(summary, variants), _summary_path(study, "summary"))
+    order = collect.variant_order(tidy)
+    metrics = list(dict.fromkeys([*stats.COMPARISON_METRICS, *settings["primary"]]))
+    base = study.ablation_base
     for name, pairs, title in (
-        ("comparisons", reference, f"Paired comparisons against {args.reference}"),
-        ("ablations", ablation, f"RD-ESI ablations: each ablation against {args.ablation_base}"),
+        ("comparisons", stats.reference_pairs(order, study.reference), f"Paired comparisons against {study.reference}"),
+        ("ablations", stats.ablation_pairs(order, base, study.ablations), f"Ablations: each against {base or '-'}"),
     ):
-        tables.write_comparisons(
-            _compare(tidy, pairs, args),
-            out / f"{name}.csv",
-            out / f"{name}.html",
-            title,
-            alpha=args.alpha,
-            power=args.power,
+        table = stats.paired_comparisons(
+            tidy, pairs, metrics, split, primary=settings["primary"], alpha=settings["alpha"], power=settings["power"]
         )
-    _log(f"tables -> {out}")
+        tables.write_comparisons(
+            table, _summary_path(study, name), title, alpha=settings["alpha"], power=settings["power"]
+        )
+    _log(f"tables -> {study.layout.summary}")
     return 0
 
 
-def run_figures(args: argparse.Namespace) -> int:
-    tidy = collect.usable(pd.read_parquet(args.table))
+def run_figures(study: Record) -> int:
+    """Write the report figures from the tidy table, the tables of `stats` (never recomputed), the run logs
+    and the n-gram baselines."""
+    tidy = _tidy(study)
+    split = study.split
+    order = collect.variant_order(tidy)
     ok_runs = set(zip(tidy["variant"].astype(str), tidy["seed"]))
-    router_log = collect.load_router_logs(args.run_dirs, keep=ok_runs, variants=collect.variant_order(tidy))
-    reference, ablation = _pairs(tidy, args)
-    inputs = FigureInputs(
-        tidy=tidy,
-        router_log=router_log,
-        split=args.split,
-        reference=_compare(tidy, reference, args),
-        ablations=_compare(tidy, ablation, args),
-        baselines=collect.read_baselines(args.baselines),
-        train_log=collect.load_train_logs(args.run_dirs, keep=ok_runs, variants=collect.variant_order(tidy)),
-    )
-    out = Path(args.out_dir)
-    for name, draw in FIGURES.items():
-        draw(inputs, out / name)
-    _log(f"{len(FIGURES)} figures -> {out}")
+    run_dirs = study.run_dirs()
+    router_log = collect.load_router_logs(run_dirs, keep=ok_runs, variants=order)
+    train_log = collect.load_train_logs(run_dirs, keep=ok_runs, variants=order)
+    summary, baselines = _statistics(study, "summary"), _baselines(study)
+    states = {v: study.state_labels(v) for v in study.variants}
+    draw: dict[str, Callable[[Path], Path]] = {
+        "perplexity": lambda path: figures.plot_perplexity(tidy, path, split, baselines, summary),
+        "load_balance": lambda path: figures.plot_load_balance(tidy, path, split, summary),
+        "load_heatmap": lambda path: figures.plot_load_heatmap(tidy, path, split),
+        "training_balance": lambda path: figures.plot_training_balance(router_log, path),
+        "pareto": lambda path: figures.plot_pareto(tidy, path, split, baselines=baselines, summary=summary),
+        "router_state": lambda path: figures.plot_router_state(router_log, path, state_labels=states),
+        "ablation_forest": lambda path: figures.plot_ablation_forest(_statistics(study, "ablations"), path),
+        "reference_forest": lambda path: figures.plot_reference_forest(_statistics(study, "comparisons"), path),
+        "flip_rates": lambda path: figures.plot_flip_rates(train_log, path, study.term_labels()),
+    }
+    out = Path(study.layout.figures)
+    for name in outputs.FIGURES:
+        draw[name](out / f"{name}.png")
+    _log(f"{len(outputs.FIGURES)} figures -> {out}")
     return 0
 
 
-def run_findings(args: argparse.Namespace) -> int:
-    inputs = findings.load_inputs(
-        Path(args.summary_dir),
-        args.baselines,
-        args.run_dirs,
-        args.reference,
-        split=args.split,
-        alpha=args.alpha,
-        power=args.power,
-        still_learning_slope=args.still_learning_slope,
+def run_findings(study: Record) -> int:
+    """Write the study's findings in words (HTML) from the tables of `stats`, `aggregate` and, for a study
+    with sweeps, `sensitivity`, the n-gram baselines and the training logs."""
+    status = _statistics(study, outputs.STATUS)
+    ok = status[status["status"] == RUN_OK]
+    dose, best = outputs.SENSITIVITY
+    swept = (
+        dict(sensitivity=_statistics(study, dose), sensitivity_best=_statistics(study, best)) if study.sweeps else {}
     )
-    _log(f"findings -> {findings.write_findings(inputs, args.out)}")
+    inputs = findings.FindingsInputs(
+        comparisons=_statistics(study, "comparisons"),
+        ablations=_statistics(study, "ablations"),
+        summary=_statistics(study, "summary"),
+        status=status,
+        train_logs=collect.load_train_logs(study.run_dirs(), keep=set(zip(ok["variant"].astype(str), ok["seed"]))),
+        baselines=_baselines(study),
+        reference=study.reference,
+        split=study.split,
+        alpha=study.statistics["alpha"],
+        power=study.statistics["power"],
+        still_learning_slope=study.still_learning_slope,
+        group_routed={v: study.describe(v)["label"] for v in study.balanced_by_construction()},
+        **swept,
+    )
+    _log(f"findings -> {findings.write_findings(inputs, _summary_path(study, outputs.FINDINGS))}")
     return 0
 
 
-def run_compute(args: argparse.Namespace) -> int:
-    root = args.benchmark_root or os.path.commonpath(
-        [os.path.dirname(os.path.abspath(path)) for path in args.benchmarks]
-    )
-    jobs = compute.jobs_table(
-        [os.path.abspath(path) for path in args.benchmarks], os.path.abspath(root), args.runs_root
-    )
+def run_compute(study: Record) -> int:
+    """Sum the benchmark files of the study's jobs per stage and split training and evaluation jobs into
+    in-process compute and start-up + per-job overhead (CSV + HTML)."""
+    files = compute.study_benchmarks(study)
+    jobs = compute.jobs_table(files, study.layout.benchmarks, study.layout.runs)
     table = compute.breakdown(jobs)
-    html_out = args.out_html or Path(args.out_csv).with_suffix(STATUS_HTML_SUFFIX)
-    compute.write_compute(table, args.out_csv, html_out)
-    _log(f"{len(jobs)} jobs, {table['seconds'].iloc[-1]:.0f} job-seconds -> {args.out_csv}")
+    written = compute.write_compute(table, _summary_path(study, outputs.COMPUTE))
+    _log(f"{len(jobs)} jobs, {table['seconds'].iloc[-1]:.0f} job-seconds -> {written[0]}")
     return 0
 
 
-def _design_text(argument: str) -> str:
-    """The design given inline (a JSON list, as the workflow passes it) or as a file."""
-    if argument.lstrip().startswith("["):
-        return argument
+def run_sensitivity(study: Record) -> int:
+    """Write the dose-response table and the best value per swept option (parquet, CSV, HTML) and one
+    figure per sweep, from ok runs only, for the sweeps of the study record."""
+    if not study.sweeps:
+        raise ConfigError(f"study '{study.name}' has no sweeps ({study.path}: sweeps is empty): nothing to analyse")
     try:
-        return Path(argument).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ValueError(
-            f"--design-json is neither a JSON list nor a readable file: {argument!r} ({error.strerror or error})"
-        ) from None
-
-
-def run_sensitivity(args: argparse.Namespace) -> int:
-    design = sensitivity.read_design(_design_text(args.design_json))
-    tidy = collect.usable(pd.read_parquet(args.table))
-    dose = sensitivity.dose_response(tidy, design, args.split, args.reference)
+        design = sensitivity.read_design(study.sweeps)
+    except ConfigError as error:
+        raise ConfigError(f"study record {study.path}: {error}") from None
+    dose = sensitivity.dose_response(_tidy(study), design, study.split, study.reference)
     best = sensitivity.best_values(dose)
-    written = sensitivity.write_tables(dose, best, args.out_dir)
+    written = tables.write_sensitivity(dose, best, study.layout.summary)
     sweeps = list(dict.fromkeys(design["sweep"]))
     for sweep in sweeps:
-        sensitivity.plot_sensitivity(
-            dose, Path(args.figures_dir) / sensitivity.figure_name(sweep), sweep, args.reference
-        )
+        figures.plot_sensitivity(dose, Path(study.layout.figures) / outputs.sensitivity_figure(sweep), sweep)
     for row in best.itertuples():
         if row.note:
             _log(f"{row.sweep}/{row.option}{f' ({row.fixed})' if row.fixed else ''}: {row.note}")
-    _log(
-        f"{len(design)} points of {len(sweeps)} sweep(s): tables -> {Path(written[0]).parent}, "
-        f"figures -> {args.figures_dir}"
-    )
+    _log(f"{len(design)} points of {len(sweeps)} sweep(s): tables -> {Path(written[0]).parent}")
     return 0
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-TABLE_HELP = "tidy table written by aggregate"  # --table of stats, figures and sensitivity
-
-
-def _add_values(
-    parser: argparse.ArgumentParser, flag: str, default: Sequence[str], metavar: str, help: str, nargs: str = "+"
-) -> None:
-    """An option of several values whose default, a constant of the analysis, is listed in its help."""
-    parser.add_argument(
-        flag, nargs=nargs, default=list(default), metavar=metavar, help=f"{help} (default: %(default)s)"
-    )
-
-
-def _add_run_dirs(parser: argparse.ArgumentParser, purpose: str) -> None:
-    parser.add_argument("--run-dirs", nargs="*", default=[], metavar="DIR", help=purpose)
-
-
-def _add_pair_options(parser: argparse.ArgumentParser) -> None:
-    """The paired comparisons' settings, shared by every sub-command that compares variants."""
-    parser.add_argument(
-        "--reference", default="topk", help="reference variant; every other variant is compared with it (default: topk)"
-    )
-    parser.add_argument(
-        "--split",
-        default="test",
-        choices=collect.EVAL_SPLITS,
-        help="evaluation split of the comparisons and figures (default: test)",
-    )
-    _add_values(parser, "--metrics", stats.COMPARISON_METRICS, "METRIC", "metrics of the paired comparisons")
-    parser.add_argument(
-        "--ablation-base",
-        default=stats.ABLATION_BASE,
-        help="variant the ablations are compared with (default: %(default)s)",
-    )
-    _add_values(
-        parser,
-        "--ablations",
-        stats.ABLATIONS,
-        "VARIANT",
-        "ablation variants; those absent from the table are skipped",
-        nargs="*",
-    )
-    _add_values(
-        parser,
-        "--primary",
-        stats.PRIMARY_METRICS,
-        "METRIC",
-        "primary (confirmatory) endpoints; other metrics are marked exploratory, and "
-        "primary ones absent from --metrics are compared too",
-        nargs="*",
-    )
-    parser.add_argument(
-        "--alpha", type=_probability, default=stats.ALPHA, help="level of the tests, in (0, 1) (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--power",
-        type=_probability,
-        default=stats.POWER,
-        help="power at which the minimum detectable difference is quoted, in (alpha, 1) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--baselines",
-        default=None,
-        metavar="JSON",
-        help="n-gram reference models from `python -m gtmoe baselines`, shown as reference "
-        "rows and lines (default: none)",
-    )
-
-
-def _add_csv_output(parser: argparse.ArgumentParser, flag: str, html_flag: str, table: str) -> None:
-    """A table written as CSV, with its HTML view beside it unless `html_flag` places it elsewhere."""
-    parser.add_argument(flag, required=True, help=f"{table} to write (.csv)")
-    parser.add_argument(html_flag, help=f"HTML view of the {table} (default: {flag} with .html)")
-
-
-def _aggregate_options(parser: argparse.ArgumentParser) -> None:
-    _add_run_dirs(parser, "run directories results/runs/{variant}/seed{seed}; absent ones are reported as missing")
-    parser.add_argument(
-        "--variants", nargs="+", metavar="V", help="expected variants in study order (default: those of --run-dirs)"
-    )
-    parser.add_argument(
-        "--seeds", nargs="+", type=int, metavar="S", help="expected seeds (default: those of --run-dirs)"
-    )
-    parser.add_argument("--out-table", required=True, help="tidy table to write (.parquet)")
-    _add_csv_output(parser, "--out-status", "--out-status-html", "run status table")
-
-
-def _stats_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--table", required=True, help=TABLE_HELP)
-    parser.add_argument("--out-dir", required=True, help="directory for the tables")
-    _add_values(parser, "--summary-metrics", stats.SUMMARY_METRICS, "METRIC", "metrics of the summary table")
-    _add_pair_options(parser)
-
-
-def _figures_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--table", required=True, help=TABLE_HELP)
-    _add_run_dirs(parser, "run directories, for the router logs (training curves, RD-ESI state)")
-    parser.add_argument("--out-dir", required=True, help="directory for the figures")
-    _add_pair_options(parser)
-
-
-def _findings_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--summary-dir", required=True, help="directory of the statistics tables")
-    _add_run_dirs(parser, "run directories, for the training logs (final loss slope)")
-    parser.add_argument(
-        "--still-learning-slope",
-        type=float,
-        default=1.0,
-        metavar="NATS",
-        help="flag a variant as still learning when its training loss falls faster "
-        "than this many nats per 1000 steps at the end (default: %(default)s)",
-    )
-    parser.add_argument("--out", required=True, help="HTML file to write")
-    _add_pair_options(parser)
-
-
-def _compute_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--benchmarks", nargs="+", required=True, metavar="TSV", help="benchmark files of the jobs to count"
-    )
-    parser.add_argument(
-        "--benchmark-root",
-        help="directory the benchmark paths are relative to; their first component "
-        "names the rule (default: the files' common directory)",
-    )
-    parser.add_argument(
-        "--runs-root", required=True, help="root of the run directories {variant}/seed{seed}, for the in-process times"
-    )
-    _add_csv_output(parser, "--out-csv", "--out-html", "breakdown table")
-
-
-def _sensitivity_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--table", required=True, help=TABLE_HELP)
-    parser.add_argument(
-        "--design-json",
-        required=True,
-        metavar="JSON",
-        help="the sweep design: a JSON list of records {sweep, base, router, option, "
-        "value, variant, term, fixed}, inline or the path of a file holding it",
-    )
-    parser.add_argument(
-        "--reference", default="topk", help="variant whose mean and CI band each curve is read against (default: topk)"
-    )
-    parser.add_argument("--split", default="test", choices=collect.EVAL_SPLITS, help="evaluation split (default: test)")
-    parser.add_argument("--out-dir", required=True, help="directory for the tables")
-    parser.add_argument("--figures-dir", required=True, help="directory for the figures")
-
-
-@dataclass(frozen=True)
-class Subcommand:
-    run: Callable[[argparse.Namespace], int]
-    add_options: Callable[[argparse.ArgumentParser], None]
-    summary: str  # one line in the list of sub-commands
-    description: str  # the sub-command's own --help
-
-
-SUBCOMMANDS = {
-    "aggregate": Subcommand(
-        run_aggregate,
-        _aggregate_options,
-        "collect run directories into a tidy table",
-        "Read every run directory into one tidy table (parquet) and write the run status table (CSV + HTML).",
-    ),
-    "stats": Subcommand(
-        run_stats,
-        _stats_options,
-        "summary, paired comparison and ablation tables",
-        "Write summary, comparisons and ablations as CSV and HTML into --out-dir, from ok runs only.",
-    ),
-    "figures": Subcommand(
-        run_figures,
-        _figures_options,
-        "report figures (PNG)",
-        "Write the report figures into --out-dir: " + ", ".join(FIGURE_FILES) + ".",
-    ),
-    "findings": Subcommand(
-        run_findings,
-        _findings_options,
-        "the findings in words (HTML)",
-        "Write the study's findings in words from the tables of `stats` and `aggregate` in "
-        "--summary-dir (comparisons, ablations, summary, run_status .csv), the n-gram "
-        "baselines and the training logs.",
-    ),
-    "compute": Subcommand(
-        run_compute,
-        _compute_options,
-        "job-seconds per stage from the benchmark files",
-        "Sum Snakemake's benchmark files per stage and split training and evaluation jobs "
-        "into in-process compute and start-up + per-job overhead (CSV + HTML).",
-    ),
-    "sensitivity": Subcommand(
-        run_sensitivity,
-        _sensitivity_options,
-        "dose-response of the router options of each sweep",
-        "Write the dose-response table (sensitivity.csv/.html), the best value per swept option "
-        "(sensitivity_best.csv/.html) into --out-dir and one figure sensitivity_{sweep}.png per "
-        "sweep into --figures-dir, from ok runs only.",
-    ),
+VERBS = {  # the command line: one line per step, each reads only --study
+    "aggregate": (run_aggregate, "collect the run directories into the tidy table"),
+    "stats": (run_stats, "summary, paired comparison and ablation tables"),
+    "figures": (run_figures, "report figures (PNG)"),
+    "findings": (run_findings, "the findings in words (HTML)"),
+    "compute": (run_compute, "job-seconds per stage from the benchmark files"),
+    "sensitivity": (run_sensitivity, "dose-response of the router options of each sweep"),
 }
 
 
@@ -419,22 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, command in SUBCOMMANDS.items():
-        sub = commands.add_parser(name, help=command.summary, description=command.description)
-        command.add_options(sub)
-        sub.set_defaults(handler=command.run)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="STEP")
+    for name, (run, summary) in VERBS.items():
+        sub = commands.add_parser(name, help=summary, description=run.__doc__)
+        sub.add_argument("--study", required=True, metavar="JSON", help="the study record results/<name>/study.json")
+        sub.set_defaults(run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if hasattr(args, "power") and args.power <= args.alpha:
-        parser.error(f"--power {args.power} must exceed --alpha {args.alpha} (power is alpha at no difference)")
+    args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
-    except (ValueError, OutputError) as error:  # configuration errors (unknown reference, stray run dir), writes
+        return args.run(record.load(args.study))
+    except GtmoeError as error:  # a problem the user can fix; anything else is a bug, with its traceback
         print(f"error: python -m analysis {args.command}: {error}", file=sys.stderr)
         return 2
 

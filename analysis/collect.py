@@ -11,6 +11,10 @@ the column and step for the training log), so every number can be traced back.
 
 Every readable value of every run is kept, whatever the run's status; the statistics
 select ``run_status == "ok"`` explicitly, and the status table says why a run is out.
+
+``variant_columns`` turns the study record's variants into one row per variant with its
+``router`` and one column per resolved router option; ``join_variants`` adds them to the tidy
+table (``runs.parquet``) and to the summary, so every option is a column of every table.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -38,11 +43,15 @@ from gtmoe.contract import (
     TRAIN_LOG,
     eval_file,
 )
+from gtmoe.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from analysis.record import Record
 
 TIDY_COLUMNS = ["variant", "seed", "split", "metric", "layer", "value", "source", "run_status"]
 STATUS_COLUMNS = ["variant", "seed", "status", "detail", "router", "run_dir"]
 MODEL_LEVEL = "all"
-DENSE_ROUTER = "dense"
+ROUTER = "router"  # column of each variant's router name, beside its options
 
 # Eval-JSON keys that identify a run rather than measure it (everything else numeric is kept), and the
 # model-level load metrics every routed run's JSON must hold as finite numbers: gtmoe.contract's.
@@ -56,7 +65,7 @@ def parse_run_dir(run_dir: str | Path) -> tuple[str, int]:
     path = Path(run_dir)
     match = _SEED_DIR.match(path.name)
     if match is None or not path.parent.name:
-        raise ValueError(f"run directory {str(run_dir)!r} does not end in '{{variant}}/seed{{seed}}'")
+        raise ConfigError(f"run directory {str(run_dir)!r} does not end in '{{variant}}/seed{{seed}}'")
     return path.parent.name, int(match.group(1))
 
 
@@ -66,7 +75,7 @@ def _is_number(value: object) -> bool:
 
 
 def _as_float(value: object) -> float:
-    """JSON null (metric undefined, e.g. load metrics of ``dense``) becomes NaN, kept as a row."""
+    """JSON null (metric undefined, e.g. load metrics of an unrouted model) becomes NaN, kept as a row."""
     return float(value) if _is_number(value) else math.nan
 
 
@@ -157,7 +166,12 @@ class RunReading:
         return "; ".join(parts)
 
 
-def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, split: str) -> list[str]:
+def _evaluates_routing(evaluation: dict) -> bool:
+    """Whether an eval JSON is of a routed model: it has experts (an unrouted one has none, 0 or null)."""
+    return bool(evaluation.get("n_experts"))
+
+
+def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, split: str, routed: bool) -> list[str]:
     """Reasons why a parsed eval JSON cannot be trusted (empty list when it can)."""
     problems = []
     if evaluation.get("status") != RUN_OK:
@@ -165,7 +179,7 @@ def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, spli
     ppl = evaluation.get("ppl")
     if not _is_number(ppl) or not math.isfinite(ppl):
         problems.append(f"{name}: non-finite ppl ({ppl!r})")
-    if evaluation.get("router") != DENSE_ROUTER and evaluation.get("n_experts") != 0:
+    if routed:
         for metric in LOAD_METRICS:
             value = evaluation.get(metric)
             if not _is_number(value) or not math.isfinite(value):
@@ -178,8 +192,13 @@ def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, spli
     return problems
 
 
-def read_run(run_dir: str | Path, variant: str, seed: int) -> RunReading:
-    """Read every file of one run; never raises for absent or corrupt files."""
+def read_run(run_dir: str | Path, variant: str, seed: int, routed: bool | None = None) -> RunReading:
+    """Read every file of one run; never raises for absent or corrupt files.
+
+    ``routed``: whether the variant's router routes (the study record says; a routed run needs its
+    router log and finite load metrics). None: as its eval JSONs say (experts or none), routed
+    when neither can be read.
+    """
     path = Path(run_dir)
     reading = RunReading(variant=variant, seed=seed, run_dir=str(run_dir))
     if not path.is_dir():
@@ -198,7 +217,9 @@ def read_run(run_dir: str | Path, variant: str, seed: int) -> RunReading:
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             reading.failures.append(f"{name}: unreadable ({type(error).__name__}: {error})")
             continue
-        reading.failures += _check_evaluation(evaluation, name, variant, seed, split)
+        if routed is None:
+            routed = _evaluates_routing(evaluation)
+        reading.failures += _check_evaluation(evaluation, name, variant, seed, split, routed)
         reading.router = reading.router or evaluation.get("router")
 
     file = path / TRAIN_LOG
@@ -214,11 +235,9 @@ def read_run(run_dir: str | Path, variant: str, seed: int) -> RunReading:
         except Exception as error:  # pyarrow raises several unrelated types for corrupt files
             reading.failures.append(f"{TRAIN_LOG}: unreadable ({type(error).__name__}: {error})")
 
-    # The dense baseline has no router, hence no router log; the eval JSON says which
-    # router ran, the variant name is the fallback when both eval files are absent.
-    is_dense = (reading.router or variant) == DENSE_ROUTER
+    # An unrouted variant has no router log.
     file = path / ROUTER_LOG
-    if not is_dense:
+    if routed is None or routed:
         if not file.is_file():
             reading.missing.append(ROUTER_LOG)
         else:
@@ -244,23 +263,27 @@ def expected_runs(
     for run_dir in run_dirs:
         key = parse_run_dir(run_dir)
         if key in by_run:
-            raise ValueError(f"two run directories for {key}: {by_run[key]!r} and {str(run_dir)!r}")
+            raise ConfigError(f"two run directories for {key}: {by_run[key]!r} and {str(run_dir)!r}")
         by_run[key] = str(run_dir)
     variants = list(variants) if variants else list(dict.fromkeys(v for v, _ in by_run))
     seeds = list(seeds) if seeds else sorted({s for _, s in by_run})
     unexpected = sorted(set(by_run) - {(v, s) for v in variants for s in seeds})
     if unexpected:
-        raise ValueError(f"run directories outside the variants x seeds grid: {unexpected}")
+        raise ConfigError(f"run directories outside the variants x seeds grid: {unexpected}")
     return [(v, s, by_run.get((v, s))) for v in variants for s in seeds]
 
 
 def collect_runs(
-    run_dirs: Sequence[str | Path], variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None
+    run_dirs: Sequence[str | Path],
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    routed: Mapping[str, bool] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(tidy, status)`` for the expected runs.
 
     ``tidy.variant`` is an ordered categorical over all expected variants, so a variant
-    without any usable run still appears (with n = 0) in the summaries.
+    without any usable run still appears (with n = 0) in the summaries. ``routed``: variant ->
+    whether its router routes (``Record.routed``); without it each run's eval JSONs say.
     """
     runs = expected_runs(run_dirs, variants, seeds)
     variant_order = list(dict.fromkeys(v for v, _, _ in runs))
@@ -278,7 +301,7 @@ def collect_runs(
                 )
             )
             continue
-        reading = read_run(run_dir, variant, seed)
+        reading = read_run(run_dir, variant, seed, None if routed is None else routed[variant])
         for record in reading.records:
             record["run_status"] = reading.status
         records += reading.records
@@ -328,7 +351,7 @@ def _in_study_order(logs: pd.DataFrame, variants: Sequence[str] | None, what: st
     if variants is not None:
         unknown = set(logs["variant"]) - set(variants)
         if unknown:
-            raise ValueError(f"{what} of variants outside {list(variants)}: {sorted(unknown)}")
+            raise ConfigError(f"{what} of variants outside {list(variants)}: {sorted(unknown)}")
         logs["variant"] = pd.Categorical(logs["variant"], categories=list(variants), ordered=True)
     return logs
 
@@ -375,7 +398,7 @@ def load_router_logs(
 ) -> pd.DataFrame:
     """Concatenate the router logs of the given runs, with ``variant`` and ``seed`` columns.
 
-    Runs without a router log (``dense``, or missing) contribute nothing; ``keep``
+    Runs without a router log (unrouted, or missing) contribute nothing; ``keep``
     restricts the result to the listed ``(variant, seed)`` runs (e.g. the ok ones);
     ``variants`` makes ``variant`` an ordered categorical in study order (figure colours
     and legends then match the other figures).
@@ -411,8 +434,8 @@ def read_baselines(path: str | Path | None) -> pd.DataFrame:
     path = Path(path)
     try:
         models = json.loads(path.read_text())["models"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(
             f"{path}: not an n-gram baseline file ({exc.__class__.__name__}: {exc}); "
             "rebuild it with `python -m gtmoe baselines`"
         ) from exc
@@ -431,3 +454,56 @@ def read_baselines(path: str | Path | None) -> pd.DataFrame:
         if _is_number(value)
     ]
     return pd.DataFrame(rows, columns=BASELINE_COLUMNS)
+
+
+# --------------------------------------------------------------------------- each variant's router and options
+
+
+def _option_column(values: list[object]) -> pd.Series:
+    """One option over the variants: numbers as float (None as NaN), booleans or strings as they are; a
+    column whose values mix types (across routers) as strings (JSON for a number, a boolean or a list)."""
+    given = [v for v in values if v is not None]
+    kinds = {"number" if _is_number(v) else type(v).__name__ for v in given}
+    if kinds <= {"number"}:
+        return pd.Series([math.nan if v is None else float(v) for v in values], dtype="float64")
+    if kinds == {"bool"}:
+        return pd.Series(values, dtype="boolean")
+    if kinds == {"str"}:
+        return pd.Series(values, dtype="object")
+    return pd.Series([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], dtype="object")
+
+
+def variant_columns(record: Record, reserved: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per variant of the study record, in study order: ``variant``, ``router`` and one column per
+    router option any variant has (its resolved value; missing for a router without the option).
+
+    An option named like a column of the tables it joins (the tidy table, ``reserved``) would overwrite
+    it: a ConfigError naming the option and the variant.
+    """
+    taken = {*TIDY_COLUMNS, ROUTER, *reserved}
+    names: list[str] = []
+    for variant in record.variants:
+        for name in record.options(variant):
+            if name in taken:
+                raise ConfigError(
+                    f"router option '{name}' of variant '{variant}' ({record.router(variant)}) has the name of a "
+                    f"column of the analysis tables ({', '.join(sorted(taken))}); the tables would lose it. "
+                    "Rename the option in the router's Config"
+                )
+            if name not in names:
+                names.append(name)
+    table = pd.DataFrame(
+        {"variant": pd.Series(record.variants, dtype="object"), ROUTER: [record.router(v) for v in record.variants]}
+    )
+    for name in names:
+        table[name] = _option_column([record.options(v).get(name) for v in record.variants])
+    return table
+
+
+def join_variants(frame: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the columns of ``variant_columns`` looked up by its ``variant`` (missing for a row of
+    no variant, e.g. a reference baseline of the summary); ``frame``'s rows, order and dtypes unchanged."""
+    table = variants.set_index("variant")
+    keys = frame["variant"].astype(str)
+    columns = {name: keys.map(table[name]).astype(table[name].dtype) for name in table.columns}
+    return frame.assign(**columns)

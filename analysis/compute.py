@@ -1,9 +1,11 @@
 """Where the study's compute went: job-seconds per stage from Snakemake's benchmark files.
 
-Every job of the workflow writes ``results/benchmarks/<rule>[/...].tsv`` (Snakemake's
+Every job of the workflow writes ``results/<name>/benchmarks/<rule>[/...].tsv`` (Snakemake's
 ``benchmark:`` directive; column ``s`` is the job's wall time in seconds, measured around
 the whole job: interpreter start-up, imports, loading, the work itself). Jobs are grouped
-into stages by the first component of that path (``STAGES``).
+into stages by the first component of that path (``STAGES``). ``study_benchmarks`` lists the
+benchmark files of a study's jobs: those under its root whose run, if any, is one of the study
+record's (variant, seed) runs, and the sensitivity job's only when the record has sweeps.
 
 Training and evaluation jobs also time their own work in-process: ``train_summary.json``
 ``wall_s`` (the training loop) and each ``eval_{split}.json`` ``wall_s`` (forward passes).
@@ -19,10 +21,15 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from analysis.tables import format_number, html_page, html_table, write_table
+from gtmoe.errors import DataError
+
+if TYPE_CHECKING:
+    from analysis.record import Record
 
 # Rule (first path component under results/benchmarks/) -> stage, in report order.
 STAGES = {
@@ -56,7 +63,7 @@ def job_seconds(benchmark: str | Path) -> float:
     """Wall seconds of one job: the sum of column ``s`` (one row per repeat of the job)."""
     table = pd.read_csv(benchmark, sep="\t")
     if "s" not in table.columns or table.empty:
-        raise ValueError(f"{benchmark}: not a Snakemake benchmark file (no 's' column or no row)")
+        raise DataError(f"{benchmark}: not a Snakemake benchmark file (no 's' column or no row)")
     return float(table["s"].sum())
 
 
@@ -80,6 +87,26 @@ def in_process_seconds(rule: str, relative: str, runs_root: Path) -> tuple[str |
     files = [run_dir / f"eval_{split}.json"] if split else sorted(run_dir.glob("eval_*.json"))
     seconds = [_wall_s(file) for file in files]
     return variant, seed, (math.fsum(seconds) if seconds else math.nan)
+
+
+def study_benchmarks(record: Record) -> list[Path]:
+    """The benchmark files of the study's jobs, sorted: every ``*.tsv`` under its benchmarks directory except
+    a training or evaluation job of a run the study record does not have (a variant or seed since removed)
+    and the sensitivity job of a study without sweeps."""
+    root = Path(record.layout.benchmarks)
+    runs = {(v, s) for v in record.variants for s in record.seeds}
+    kept = []
+    for path in sorted(root.rglob("*.tsv")):
+        relative = path.relative_to(root).as_posix()
+        rule, _, rest = relative.partition("/")
+        rule = rule.removesuffix(".tsv")
+        match = _RUN_JOB.match(rest)
+        if rule in ("train", "evaluate") and (match is None or (match["variant"], int(match["seed"])) not in runs):
+            continue
+        if rule == "sensitivity" and not record.sweeps:
+            continue
+        kept.append(path)
+    return kept
 
 
 def jobs_table(benchmarks: Sequence[str | Path], benchmark_root: str | Path, runs_root: str | Path) -> pd.DataFrame:
@@ -158,7 +185,7 @@ def breakdown(jobs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=BREAKDOWN_COLUMNS)
 
 
-def write_compute(table: pd.DataFrame, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
+def write_compute(table: pd.DataFrame, stem: str | Path) -> list[Path]:
     """The breakdown as CSV (full precision) and as a captioned HTML table."""
     rows = []
     for r in table.itertuples():
@@ -175,7 +202,7 @@ def write_compute(table: pd.DataFrame, csv_path: str | Path, html_path: str | Pa
             }
         )
     caption = (
-        "Job-seconds of the study by stage, from Snakemake's benchmark files (results/benchmarks/, "
+        "Job-seconds of the study by stage, from Snakemake's benchmark files (results/<name>/benchmarks/, "
         "column s: each job's wall time, start-up included). Training and evaluation jobs split into "
         "the compute they time in-process (train_summary.json wall_s: the training loop; eval JSON "
         "wall_s: forward passes) and the rest, interpreter start-up, imports, loading and per-job "
@@ -186,4 +213,4 @@ def write_compute(table: pd.DataFrame, csv_path: str | Path, html_path: str | Pa
         caption,
         [("", html_table(rows, ["stage", "part", "jobs", "job-seconds", "share of total"]))],
     )
-    return write_table(table, page, csv_path, html_path)
+    return write_table(table, page, stem, parquet=False)

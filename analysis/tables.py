@@ -1,8 +1,10 @@
-"""CSV and self-contained HTML tables.
+"""Parquet, CSV and self-contained HTML tables.
 
-CSV files keep full precision and leave undefined values empty (NaN) for machines. The
-HTML pages are what the Snakemake report shows (it only links CSVs): inline CSS, a
-caption, "n/a" for undefined values and numbers rounded to four significant digits.
+Parquet files are for machines (the figures and findings read the statistics tables from them, with
+their types: no NaN or empty-string round trip); CSV files keep full precision and leave undefined
+values empty for people and spreadsheets. The HTML pages are what the Snakemake report shows (it only
+links CSVs): inline CSS, a caption, "n/a" for undefined values and numbers rounded to four
+significant digits. Tables: run status, summary, paired comparisons, and the sensitivity tables.
 """
 
 from __future__ import annotations
@@ -15,20 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import RUN_FAILED, RUN_MISSING, RUN_OK, writing
-from analysis.stats import (
-    ALPHA,
-    CONFIDENCE,
-    EXPLORATORY,
-    HIGHER_IS_BETTER,
-    LOWER_IS_BETTER,
-    POWER,
-    REFERENCE_BASELINE,
-    metric_label,
-)
+from analysis.outputs import SENSITIVITY
+from analysis.stats import CONFIDENCE, EXPLORATORY, HIGHER_IS_BETTER, LOWER_IS_BETTER, REFERENCE_BASELINE, metric_label
+from analysis.stats.sensitivity import FLIP_RATE
+from analysis.stats.sensitivity import METRICS as SENSITIVITY_METRICS
 
 NA = "n/a"
 
-_CSS = """
+CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
        color: #1d2330; background: #fff; }
 h1 { font-size: 1.35em; margin: 0 0 6px 0; }
@@ -130,22 +126,26 @@ def html_page(title: str, caption: str, sections: Sequence[tuple[str, str]]) -> 
         parts.append(table)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head>"
         f"<body>{''.join(parts)}</body></html>\n"
     )
 
 
-def write_table(frame: pd.DataFrame, page: str, csv_path: str | Path, html_path: str | Path) -> tuple[Path, Path]:
-    """`frame` as CSV (full precision) and `page` (its HTML rendering) beside it; errors name the file."""
-    csv_path, html_path = Path(csv_path), Path(html_path)
-    for path in (csv_path, html_path):
+def write_table(frame: pd.DataFrame, page: str, stem: str | Path, parquet: bool = True) -> list[Path]:
+    """`frame` as ``stem.parquet`` (unless ``parquet`` is false) and ``stem.csv`` (full precision), and
+    `page`, its HTML rendering, as ``stem.html``; errors name the file. Returns the paths written."""
+    stem = Path(stem)
+    paths = [stem.with_name(f"{stem.name}.{suffix}") for suffix in (("parquet",) if parquet else ()) + ("csv", "html")]
+    for path in paths:
         with writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-    with writing(csv_path):
-        frame.to_csv(csv_path, index=False)
-    with writing(html_path):
-        html_path.write_text(page, encoding="utf-8")
-    return csv_path, html_path
+            if path.suffix == ".parquet":
+                frame.to_parquet(path, index=False)
+            elif path.suffix == ".csv":
+                frame.to_csv(path, index=False)
+            else:
+                path.write_text(page, encoding="utf-8")
+    return paths
 
 
 def value_cell(value: float, detail: str) -> Markup:
@@ -192,24 +192,24 @@ def summary_rows(summary: pd.DataFrame, split: str) -> tuple[list[dict], list[st
     return rows, columns
 
 
-def write_summary(
-    summary: pd.DataFrame, csv_path: str | Path, html_path: str | Path, caption: str = ""
-) -> tuple[Path, Path]:
-    """Summary per variant (output of ``stats.summarize``): long CSV, one HTML table per split."""
+def write_summary(summary: pd.DataFrame, stem: str | Path, caption: str = "") -> list[Path]:
+    """Summary per variant (output of ``stats.summarize``, with each variant's router and options):
+    long parquet and CSV, one HTML table per split."""
     level = int(round(CONFIDENCE * 100))
     caption = caption or (
         f"Mean over seeds with the {level}% Student t confidence interval "
         "and the number of seeds n. n/a: undefined (fewer than two seeds for "
         "an interval; a metric the variant does not have, e.g. load metrics "
-        "of the dense baseline). Shaded rows at the bottom: reference baselines "
+        "of an unrouted variant). Shaded rows at the bottom: reference baselines "
         "(unigram and interpolated bigram counted on the train split), not "
-        "variants of the study; they have perplexities only."
+        "variants of the study; they have perplexities only. The CSV also has each variant's router and "
+        "its resolved router options, one column per option."
     )
     sections = []
     for split in dict.fromkeys(summary["split"]):
         rows, columns = summary_rows(summary, split)
         sections.append((f"Split: {split}", html_table(rows, columns)))
-    return write_table(summary, html_page("Summary per variant", caption, sections), csv_path, html_path)
+    return write_table(summary, html_page("Summary per variant", caption, sections), stem)
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -235,9 +235,7 @@ def format_mdd(mdd: float, mean_a: float) -> str | Markup:
     return Markup(f'{html.escape(text)}<br><span class="sub">{abs(mdd / mean_a):.0%} of a</span>')
 
 
-def comparison_rows(
-    comparisons: pd.DataFrame, alpha: float = ALPHA, power: float = POWER
-) -> tuple[list[dict], list[str]]:
+def comparison_rows(comparisons: pd.DataFrame, alpha: float, power: float) -> tuple[list[dict], list[str]]:
     """Rows for the HTML view of ``stats.paired_comparisons`` output."""
     mdd_column = f"MDD ({power:.0%} power)"
     columns = [
@@ -289,15 +287,9 @@ def comparison_rows(
 
 
 def write_comparisons(
-    comparisons: pd.DataFrame,
-    csv_path: str | Path,
-    html_path: str | Path,
-    title: str,
-    caption: str = "",
-    alpha: float = ALPHA,
-    power: float = POWER,
-) -> tuple[Path, Path]:
-    """Paired comparisons (output of ``stats.paired_comparisons``) as CSV and HTML."""
+    comparisons: pd.DataFrame, stem: str | Path, title: str, *, alpha: float, power: float, caption: str = ""
+) -> list[Path]:
+    """Paired comparisons (output of ``stats.paired_comparisons``) as parquet, CSV and HTML."""
     primary = (
         ", ".join(
             metric_label(m) for m in dict.fromkeys(comparisons.loc[comparisons["endpoint"] != EXPLORATORY, "metric"])
@@ -320,16 +312,14 @@ def write_comparisons(
     rows, columns = comparison_rows(comparisons, alpha, power)
     note = f"Split: {', '.join(dict.fromkeys(comparisons['split']))}" if len(comparisons) else ""
     page = html_page(title, caption, [("", html_table(rows, columns, note))])
-    return write_table(comparisons, page, csv_path, html_path)
+    return write_table(comparisons, page, stem)
 
 
 # --------------------------------------------------------------------------- run status
 
 
-def write_status(
-    status: pd.DataFrame, csv_path: str | Path, html_path: str | Path, caption: str = ""
-) -> tuple[Path, Path]:
-    """The runs table (output of ``collect.collect_runs``) as CSV and HTML."""
+def write_status(status: pd.DataFrame, stem: str | Path, caption: str = "") -> list[Path]:
+    """The runs table (output of ``collect.collect_runs``) as parquet, CSV and HTML."""
     counts = status["status"].value_counts()
     caption = caption or (
         f"Every expected (variant, seed) run: {counts.get(RUN_OK, 0)} ok, "
@@ -351,4 +341,149 @@ def write_status(
         for r in status.itertuples()
     ]
     page = html_page("Run status", caption, [("", html_table(rows, columns))])
-    return write_table(status, page, csv_path, html_path)
+    return write_table(status, page, stem)
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def _interval_cell(mean: float, low: float, high: float, n: int, scale: float = 1.0) -> str | Markup:
+    """A mean (or mean difference) with its CI and n beneath; n/a without a value."""
+    if n == 0 or not math.isfinite(mean):
+        return NA
+    return value_cell(scale * mean, f"{format_interval(scale * low, scale * high)} · n={n}")
+
+
+def _dose_rows(part: pd.DataFrame) -> tuple[list[dict], list[str]]:
+    """One HTML row per point (mean [CI] · n per metric, Δ PPL), then the reference's row."""
+    labels = {m: metric_label(m) for m in ("gini", "maxvio_global", "ppl")} | {FLIP_RATE: "flip rate (%)"}
+    delta = "Δ PPL vs reference"
+    columns = [
+        "option",
+        *(["other options"] if part["fixed"].ne("").any() else []),
+        "value",
+        "variant",
+        *(labels[m] for m in SENSITIVITY_METRICS[:3]),
+        delta,
+        labels[FLIP_RATE],
+    ]
+    rows = []
+    for (option, fixed, value, variant), point in part.groupby(["option", "fixed", "value", "variant"], sort=False):
+        by_metric = point.set_index("metric")
+        row = {
+            "option": option,
+            "other options": fixed,
+            "value": f"{value:g}",
+            "variant": variant,
+            "_class": {c: "num" for c in [*labels.values(), delta, "value"]},
+        }
+        for metric in SENSITIVITY_METRICS:
+            if metric not in by_metric.index:
+                row[labels[metric]] = NA
+                continue
+            r = by_metric.loc[metric]
+            row[labels[metric]] = _interval_cell(
+                r["mean"], r["ci_low"], r["ci_high"], int(r["n"]), scale=100 if metric == FLIP_RATE else 1
+            )
+        ppl = by_metric.loc["ppl"]
+        row[delta] = _interval_cell(ppl["delta"], ppl["delta_ci_low"], ppl["delta_ci_high"], int(ppl["n_paired"]))
+        rows.append(row)
+    reference = part.drop_duplicates("metric").set_index("metric")
+    ref_row = {
+        "option": "",
+        "other options": "",
+        "value": "",
+        "variant": f"{reference['reference'].iloc[0]} (reference)",
+        "_row_class": "reference",
+        "_class": {labels[m]: "num" for m in SENSITIVITY_METRICS[:3]},
+    }
+    for metric in SENSITIVITY_METRICS[:3]:
+        r = reference.loc[metric]
+        ref_row[labels[metric]] = _interval_cell(r["ref_mean"], r["ref_ci_low"], r["ref_ci_high"], int(r["ref_n"]))
+    rows.append(ref_row)
+    return rows, columns
+
+
+def _best_rows(best: pd.DataFrame) -> tuple[list[dict], list[str]]:
+    columns = [
+        "sweep",
+        "option",
+        *(["other options"] if best["fixed"].ne("").any() else []),
+        "best value",
+        "variant",
+        "Gini",
+        "MaxVio global",
+        "PPL",
+        "Δ PPL vs reference",
+        "values tried",
+        "values eligible",
+        "note",
+    ]
+    text_columns = ("sweep", "option", "other options", "variant", "note")  # every other column is right-aligned
+    rows = []
+    for r in best.itertuples():
+        chosen = math.isfinite(r.value)
+        rows.append(
+            {
+                "sweep": r.sweep,
+                "option": r.option,
+                "other options": r.fixed,
+                "best value": f"{r.value:g}" if chosen else NA,
+                "variant": r.variant or NA,
+                "Gini": _interval_cell(r.gini_mean, r.gini_ci_low, r.gini_ci_high, int(r.n)),
+                "MaxVio global": format_number(r.maxvio_global_mean),
+                "PPL": format_number(r.ppl_mean),
+                "Δ PPL vs reference": _interval_cell(
+                    r.delta_ppl, r.delta_ppl_ci_low, r.delta_ppl_ci_high, int(r.n_paired)
+                ),
+                "values tried": str(r.n_values_tried),
+                "values eligible": str(r.n_values_eligible),
+                "note": r.note,
+                "_class": {c: "num" for c in columns if c not in text_columns},
+            }
+        )
+    return rows, columns
+
+
+def write_sensitivity(dose: pd.DataFrame, best: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """The dose-response table (``stats.sensitivity.dose_response``) and the best value per curve
+    (``best_values``), each as parquet, CSV and HTML: ``sensitivity.*`` and ``sensitivity_best.*``."""
+    out = Path(out_dir)
+    level = int(round(CONFIDENCE * 100))
+    reference = str(dose["reference"].iloc[0]) if len(dose) else "the reference"  # html_page escapes
+    dose_caption = (
+        f"Dose-response of each sweep on the {', '.join(dict.fromkeys(dose['split'])) or 'test'} split. One row "
+        "per point of a curve: the swept option, the values of the other options of a full-grid sweep "
+        "(other options), the option's value and the variant that ran there (the base variant is the point "
+        "at its own value). Gini, MaxVio global, PPL and flip rate: mean over the seeds with a finite value, "
+        f"with its {level}% Student t confidence interval mean ± t(0.975, n − 1) · s / √n and the number of "
+        "seeds n. Flip rate: the share of tokens whose top-k expert set changes when the option's selection "
+        "term is removed from the score (n/a when the option scales no term). Δ PPL vs reference: mean "
+        f"seed-paired difference point − {reference} over the seeds both completed, with its t CI; ≤ 0 means "
+        f"no worse than {reference}. Shaded last row: {reference}'s mean and CI, the band each curve is read "
+        "against. n/a: undefined (fewer than two seeds for an interval, no value). The CSV has one row per "
+        "(point, metric) with the reference's statistics and the paired difference for every metric."
+    )
+    sections = [
+        (f"Sweep: {sweep} ({part['router'].iloc[0]} around {part['base'].iloc[0]})", html_table(*_dose_rows(part)))
+        for sweep, part in dose.groupby("sweep", sort=False)
+    ]
+    best_caption = (
+        "Per dose-response curve (sweep, option and, in a full grid, the other options' values): among the "
+        "values whose mean seed-paired PPL difference to the reference is ≤ 0 (eligible: PPL no worse than "
+        f"{reference}'s), the one with the lowest mean Gini; ties go to the smaller value. Gini: mean with "
+        f"its {level}% t CI and n seeds; MaxVio global and PPL: means over seeds; Δ PPL: mean paired "
+        f"difference best − {reference} with its t CI over n paired seeds. Values tried: points on the "
+        "curve; values eligible: those with Δ PPL ≤ 0 (a point without paired seeds is not eligible). "
+        "When none is eligible the row has no value and the note says so. A choice among noisy means: "
+        "check the CI of Δ PPL and of Gini before adopting a value."
+    )
+    best_rows, best_columns = _best_rows(best)
+    pages = {
+        "sensitivity": (dose, html_page("Sensitivity: dose-response of the router options", dose_caption, sections)),
+        "sensitivity_best": (
+            best,
+            html_page("Sensitivity: best value per option", best_caption, [("", html_table(best_rows, best_columns))]),
+        ),
+    }
+    return [path for name in SENSITIVITY for path in write_table(*pages[name], out / name)]

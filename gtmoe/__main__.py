@@ -15,8 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from gtmoe.config import ConfigError
-from gtmoe.data.errors import DataError
+from gtmoe.errors import GtmoeError, NonFiniteLossError, RunError
 
 
 def _set_up_compute(threads: int | None) -> None:
@@ -31,11 +30,17 @@ def _set_up_compute(threads: int | None) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from gtmoe.config import load_run_config, parse_run_config
+    from gtmoe.config import load_run_config
+    from gtmoe.study import read_record, run_config_from_record
     from gtmoe.train import train
 
+    if args.config:
+        cfg = load_run_config(args.config)
+    else:
+        if args.variant is None or args.seed is None:
+            raise RunError("--study needs --variant and --seed: the run of the study to train")
+        cfg = run_config_from_record(read_record(args.study), args.variant, args.seed)
     _set_up_compute(args.threads)
-    cfg = load_run_config(args.config) if args.config else parse_run_config(args.config_json, "--config-json")
     summary = train(cfg, args.out, stop_after=args.stop_after)
     logging.getLogger("gtmoe").info("train: %s", json.dumps(summary))
 
@@ -43,7 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from gtmoe.evaluate import evaluate_splits
     from gtmoe.files import remove_stale_temporaries, write_atomic
-    from gtmoe.runfiles import RunError, unwritable
+    from gtmoe.runfiles import unwritable
 
     _set_up_compute(args.threads)
     if len(args.out) != len(args.split):
@@ -59,8 +64,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         except OSError as exc:
             raise unwritable(out, exc, "the evaluation output") from None
         remove_stale_temporaries(out.parent, out.name)
-    settings = _eval_settings(args.eval_json) if args.eval_json is not None else None
-    results = evaluate_splits(args.run, args.split, device=args.device, eval_settings=settings)
+    study = _study_run(args.study, args.run) if args.study is not None else None
+    results = evaluate_splits(args.run, args.split, device=args.device, study_run=study)
     for split, out in zip(args.split, args.out):
         result = results[split]
         text = json.dumps(result, indent=2)
@@ -73,20 +78,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         )
 
 
-def _eval_settings(text: str):
-    """--eval-json: the `eval` section of a run config (gtmoe.config.EvalConfig), validated."""
-    from gtmoe.config import EvalConfig, from_dict
+def _study_run(study: Path, run_dir: Path):
+    """The run config the study asks for in `run_dir` (its last two components name the variant and seed)."""
+    import re
 
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(
-            f"--eval-json is not valid JSON ({exc}); pass the run config's eval section, "
-            'e.g. \'{"max_blocks": {"test": 0}}\''
-        ) from None
-    settings = from_dict(EvalConfig, raw, "eval")
-    settings.validate()
-    return settings
+    from gtmoe.study import read_record, run_config_from_record
+
+    match = re.fullmatch(r"seed(\d+)", run_dir.name)
+    if match is None:
+        raise RunError(f"--run {run_dir} does not end in <variant>/seed<N>, so --study cannot name its run")
+    return run_config_from_record(read_record(study), run_dir.parent.name, int(match.group(1)))
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
@@ -122,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="run config YAML (as `config.yaml` of a run directory)")
-    source.add_argument("--config-json", help="the run config as one JSON object (how the workflow passes it)")
+    source.add_argument(
+        "--study", type=Path, help="study record results/<name>/study.json (how the workflow passes it)"
+    )
+    train.add_argument("--variant", help="with --study: the variant to train")
+    train.add_argument("--seed", type=int, help="with --study: the seed to train")
     train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, summary")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     train.add_argument(
@@ -153,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="device (default: the run's train.device; auto = CUDA when available)",
     )
     evaluate.add_argument(
-        "--eval-json",
+        "--study",
+        type=Path,
         default=None,
-        metavar="JSON",
-        help="evaluation settings as JSON, replacing the run config's `eval` section "
-        "(how the workflow passes the current ones; default: the run's config.yaml)",
+        help="study record results/<name>/study.json: evaluate with its `eval` settings, and only if the run "
+        "is the one the study asks for (how the workflow calls it; default: the run's config.yaml)",
     )
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     evaluate.set_defaults(func=_cmd_evaluate)
@@ -192,11 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from gtmoe.runfiles import NonFiniteLossError, RunError
-
     try:
         args.func(args)
-    except (ConfigError, DataError, RunError, NonFiniteLossError) as exc:
+    except GtmoeError as exc:
         if args.verbose:  # the one-line error stays last; the traceback is for debugging gtmoe itself
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

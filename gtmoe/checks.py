@@ -6,14 +6,12 @@ without importing the others.
 
 from __future__ import annotations
 
+import re
 import reprlib
 import typing
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
-
+from gtmoe.errors import ConfigError  # noqa: F401  (re-exported: the error every check raises)
 
 MAX_VALUE_CHARS = 80  # an error message shows at most this much of a value
 _VALUE_REPR = reprlib.Repr()  # bounded: never walks a whole (possibly huge or shared) nested value
@@ -36,3 +34,18 @@ def check(ok: bool, key: str, value: Any, why: str) -> None:
     """Raise a ConfigError naming `key` and `value` unless `ok`."""
     if not ok:
         fail(key, value, why)
+
+
+# Study, variant and sweep names: they become directories, rule names and file names. Matched with fullmatch
+# (`$` alone would also accept a trailing newline); <= 64 characters keeps paths far below file-system limits.
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+def check_name(value: Any, key: str) -> None:
+    """Raise a ConfigError naming `key` unless `value` is a NAME."""
+    check(
+        isinstance(value, str) and bool(NAME.fullmatch(value)),
+        key,
+        value,
+        "must start with a letter, contain only letters, digits and '_', and be at most 64 characters",
+    )

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from gtmoe.checks import ConfigError, check, fail, short_repr  # noqa: F401  (ConfigError, short_repr: re-exported)
+from gtmoe.checks import ConfigError, check, check_name, fail, short_repr  # noqa: F401  (re-exported)
+from gtmoe.contract import weight_config  # noqa: F401  (re-exported: the one definition of "the same run")
 
 # ------------------------------------------------------------------ strict YAML
 
@@ -188,7 +189,7 @@ def check_counts(options: Any, prefix: str, names: Iterable[str], limits: Mappin
             check(value <= limits[name], f"{prefix}.{name}", value, f"must be <= {limits[name]}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
     d_model: int = 128
@@ -238,7 +239,7 @@ class ModelConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouterConfig:
     """The router's registered name plus its own options (validated by the router's Config dataclass)."""
 
@@ -266,17 +267,17 @@ class RouterConfig:
         return options
 
     def for_horizon(self, max_steps: int) -> RouterConfig:
-        """Resolve options that depend on the run's length (e.g. the loss-free bias rate) to numbers, so the
-        run config records what the run used; returns self."""
-        self.options.update(self.resolve().at_horizon(max_steps))
-        self.resolve()
-        return self
+        """A copy whose options that depend on the run's length (e.g. the loss-free bias rate) are resolved to
+        numbers, so the run config records what the run used. Leaves self unchanged."""
+        resolved = RouterConfig(self.name, {**self.options, **self.resolve().at_horizon(max_steps)})
+        resolved.resolve()
+        return resolved
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self.resolve())}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # sequences per micro-batch
@@ -346,7 +347,7 @@ class TrainConfig:
         check(self.nonfinite in ("stop", "skip"), f"{prefix}.nonfinite", self.nonfinite, "must be 'stop' or 'skip'")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     shards: str = "results/data/shards"  # directory holding one shard directory per split
 
@@ -354,7 +355,7 @@ class DataConfig:
         check(bool(self.shards), f"{prefix}.shards", self.shards, "must be a directory path")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     # Blocks evaluated per split (0 = all): evenly spaced over the split, the same for every run.
     # Routing groups are always the training micro-batch (train.batch_size blocks).
@@ -381,7 +382,7 @@ class EvalConfig:
         check(self.saturation_blocks >= 0, f"{prefix}.saturation_blocks", self.saturation_blocks, "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     variant: str = "topk"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -390,11 +391,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def at_horizon(self) -> RunConfig:
+        """A copy with the router's horizon-dependent options resolved for train.max_steps (see
+        RouterConfig.for_horizon); a run config read from a file or built from the study goes through this once."""
+        return dataclasses.replace(self, router=self.router.for_horizon(self.train.max_steps))
+
     def validate(self) -> RunConfig:
+        """Check every section; raises ConfigError naming the key, changes nothing, returns self."""
         check(bool(self.variant) and isinstance(self.variant, str), "variant", self.variant, "must be a non-empty name")
         self.model.validate()
         self.train.validate()
-        self.router.for_horizon(self.train.max_steps)
+        self.router.resolve()
         self.data.validate()
         self.eval.validate()
         params = parameter_count(self)
@@ -411,6 +418,10 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["router"] = self.router.to_dict()
         return out
+
+    def weights(self) -> dict[str, Any]:
+        """The part of this run config that can change the trained weights: "the same run" (weight_config)."""
+        return weight_config(self.to_dict())
 
 
 RUNTIME_OVERHEAD_MB = 500  # Python + PyTorch + pandas/pyarrow resident before the model (torch alone: ~300 MB)
@@ -535,7 +546,7 @@ def _run_config(raw: Any, origin: str) -> RunConfig:
                 "its router explicitly (e.g. variant: topk and router: {name: topk}); "
                 "write the run config the workflow writes (results/runs/VARIANT/seedN/config.yaml)"
             )
-    return from_dict(RunConfig, raw, "").validate()
+    return from_dict(RunConfig, raw, "").at_horizon().validate()
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -1,6 +1,18 @@
-"""The run-directory contract between the engine, the analysis and the workflow.
+"""The study's file layout and the run-directory contract between the engine, the analysis and the workflow.
 
-    results/runs/{variant}/seed{seed}/
+Every study writes under its own root, results/<name>/ (config key `name`), laid out by StudyLayout:
+
+    results/<name>/study.json            the resolved study record (gtmoe.study, written at parse time)
+    results/<name>/data/                 corpus, tokenizer.json, shards/{split}/
+    results/<name>/baselines/ngram.json  n-gram reference models
+    results/<name>/runs/{variant}/seed{seed}/   one run (below)
+    results/<name>/summary/, figures/    the analysis' tables and figures
+    results/<name>/logs/, benchmarks/    Snakemake job logs and benchmark files
+    results/<name>/report.html
+
+A run directory holds:
+
+    runs/{variant}/seed{seed}/
         checkpoint.pt (+ .manifest.json)   the trained model        (gtmoe.train)
         config.yaml                        the resolved run config  (gtmoe.train)
         train_log.parquet                  per logged step          (gtmoe.train)
@@ -14,6 +26,13 @@ needs torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+RESULTS = "results"  # every study's root is RESULTS/<name>
+STUDY_RECORD = "study.json"
+STUDY_RECORD_FORMAT = 1  # the layout of study.json, for the code that reads it
 
 CHECKPOINT = "checkpoint.pt"  # the finished run
 RESUME_CHECKPOINT = "checkpoint_last.pt"  # rolling, while training; not a workflow output
@@ -30,12 +49,78 @@ MODEL_FORMAT = 2
 TRAIN_OUTPUTS = (CHECKPOINT, RUN_CONFIG, TRAIN_LOG, ROUTER_LOG, TRAIN_SUMMARY)
 
 SPLITS = ("train", "validation", "test")
+IGNORE_INDEX = -100  # target of a padded position in the shards: torch cross_entropy's default ignore_index
 EVAL_SPLITS = ("validation", "test")
 
 
 def eval_file(split: str) -> str:
     """File name of the evaluation summary of one split."""
     return f"eval_{split}.json"
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """Where every file of one study lives, relative to the workflow directory (posix paths as strings)."""
+
+    root: str
+
+    @classmethod
+    def for_study(cls, name: str) -> StudyLayout:
+        return cls(f"{RESULTS}/{name}")
+
+    def _under(self, *parts: str) -> str:
+        return str(PurePosixPath(self.root, *parts))
+
+    @property
+    def record(self) -> str:
+        return self._under(STUDY_RECORD)
+
+    @property
+    def data(self) -> str:
+        return self._under("data")
+
+    @property
+    def corpus(self) -> str:
+        return self._under("data", "corpus")
+
+    @property
+    def tokenizer(self) -> str:
+        return self._under("data", "tokenizer.json")
+
+    @property
+    def shards(self) -> str:
+        return self._under("data", "shards")
+
+    @property
+    def baselines(self) -> str:
+        return self._under("baselines", "ngram.json")
+
+    @property
+    def runs(self) -> str:
+        return self._under("runs")
+
+    @property
+    def summary(self) -> str:
+        return self._under("summary")
+
+    @property
+    def figures(self) -> str:
+        return self._under("figures")
+
+    @property
+    def logs(self) -> str:
+        return self._under("logs")
+
+    @property
+    def benchmarks(self) -> str:
+        return self._under("benchmarks")
+
+    @property
+    def report(self) -> str:
+        return self._under("report.html")
+
+    def run_dir(self, variant: str, seed: int | str) -> str:
+        return self._under("runs", str(variant), f"seed{seed}")
 
 
 # Run status: in every evaluation JSON ("ok") and in the analysis's run-status table.
@@ -63,7 +148,26 @@ FLIP_RATE_PREFIX = "flip_rate_"  # + a router's selection term: in the training 
 # declares (`Router.state_names`: rdesi reputation, load_hat, bonus; lossfree bias; none for topk).
 ROUTER_LOG_INDEX = ("step", "layer", "expert", "load")
 
-# Run-config keys that cannot change the trained weights (a top-level section, or a dotted key):
-# `evaluate` accepts a run whose config.yaml differs from its checkpoint's config only in these, and
-# the workflow's `train` rule does not rerun for them.
-WEIGHT_NEUTRAL_KEYS = ("eval", "train.log_every", "train.router_log_every")
+# Run-config keys that cannot change the trained weights (a top-level section, or a dotted key), the one
+# definition of "the same run" (gtmoe.config.weight_config): resume continues a run whose config differs
+# only in these, `evaluate` accepts such a run, and the workflow's `train` rule does not rerun for them.
+# checkpoint_every only says when a checkpoint is written: saving changes no computation, and a resumed
+# run ends with the weights of an uninterrupted one.
+WEIGHT_NEUTRAL_KEYS = ("eval", "train.log_every", "train.router_log_every", "train.checkpoint_every")
+
+
+def weight_config(run_config: dict) -> dict:
+    """The run config (as `RunConfig.to_dict()` writes it) without WEIGHT_NEUTRAL_KEYS: the one definition of
+    "the same run", used by resume, by evaluate's check of a run directory and by the workflow's train trigger.
+    Returns a new mapping; the argument is not changed."""
+
+    def keep(value, prefix: str):
+        if not isinstance(value, dict):
+            return value
+        return {
+            key: keep(item, f"{prefix}{key}.")
+            for key, item in value.items()
+            if f"{prefix}{key}" not in WEIGHT_NEUTRAL_KEYS
+        }
+
+    return keep(run_config, "")

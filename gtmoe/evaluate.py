@@ -14,6 +14,7 @@ kept.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gtmoe import metrics
-from gtmoe.config import EvalConfig, load_run_config
+from gtmoe.config import RunConfig, load_run_config
 from gtmoe.contract import (
     CHECKPOINT,
     FLIP_RATE_PREFIX,
@@ -38,7 +39,13 @@ from gtmoe.contract import (
 from gtmoe.data.shards import TokenBlocks
 from gtmoe.device import autocast_context, peak_memory_mb, resolve_device
 from gtmoe.model import IGNORE_INDEX, MoETransformer, build_model
-from gtmoe.runfiles import RunError, check_config_matches_checkpoint, load_checkpoint
+from gtmoe.runfiles import (
+    RunError,
+    check_config_matches_checkpoint,
+    config_differences,
+    describe_differences,
+    load_checkpoint,
+)
 
 EVAL_ORDER_SEED = 0  # fixed: every run evaluates the same blocks in the same groups
 
@@ -142,12 +149,13 @@ def evaluate(run_dir: str | Path, split: str, *, device: str | None = None) -> d
 
 @torch.no_grad()
 def evaluate_splits(
-    run_dir: str | Path, splits: list[str], *, device: str | None = None, eval_settings: EvalConfig | None = None
+    run_dir: str | Path, splits: list[str], *, device: str | None = None, study_run: RunConfig | None = None
 ) -> dict[str, dict]:
     """Perplexity and load metrics of a finished run on each split, from a single load of the model.
 
-    `eval_settings` replaces the run config's `eval` section (the workflow passes the current one, so
-    editing it needs no retraining); by default the run's config.yaml gives them.
+    `study_run` is the run config the study asks for (the workflow passes the one of study.json): the run
+    must be that run (gtmoe.contract.weight_config), and its `eval` section replaces the run's own, so
+    editing it needs no retraining. By default the run's config.yaml gives the settings.
 
     Routing groups are the training micro-batch (train.batch_size blocks of seq_len tokens), so
     capacities, expert choice's look-ahead and MaxVio_batch mean what they meant in training.
@@ -165,8 +173,15 @@ def evaluate_splits(
             f"{run_dir / CHECKPOINT} is from step {checkpoint['step']} of {cfg.train.max_steps}: "
             f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first"
         )
-    if eval_settings is not None:
-        cfg.eval = eval_settings
+    if study_run is not None:
+        differences = config_differences(cfg.to_dict(), study_run.to_dict())
+        if differences:
+            raise RunError(
+                f"{run_dir} is not the run the study asks for: "
+                f"{describe_differences(differences, run_dir / RUN_CONFIG, 'the study')}; "
+                f"retrain it (delete {run_dir} and rerun snakemake)"
+            )
+        cfg = dataclasses.replace(cfg, eval=study_run.eval)
     model = build_model(cfg).to(dev)
     model.load_state_dict(checkpoint["model"])
     model.eval()

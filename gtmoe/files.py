@@ -93,8 +93,7 @@ def write_manifest(path: Path, manifest: dict, *, durable: bool = False) -> None
     )
 
 
-class ManifestMismatch(Exception):
-    """A file is missing or differs from its manifest entry; the message names the file and its manifest."""
+from gtmoe.errors import ManifestMismatch  # noqa: E402,F401  (re-exported)
 
 
 def verify_file(path: Path, manifest: Path, entries: Sequence[Mapping], *, sha256: bool = True) -> Mapping:

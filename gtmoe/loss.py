@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from gtmoe.contract import IGNORE_INDEX  # noqa: E402  (the shards write it)
 
 
 def _log_softmax_loss_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:

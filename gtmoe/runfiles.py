@@ -24,7 +24,7 @@ from gtmoe.contract import (
     RESUME_CHECKPOINT,
     SATURATION_CHECKPOINT,
     TRAIN_OUTPUTS,
-    WEIGHT_NEUTRAL_KEYS,
+    weight_config,
 )
 from gtmoe.files import (
     HashingWriter,
@@ -43,12 +43,7 @@ MANIFEST_SUFFIX = ".manifest.json"  # checkpoint.pt -> checkpoint.pt.manifest.js
 RUN_DIR_FILES = (*TRAIN_OUTPUTS, RESUME_CHECKPOINT, SATURATION_CHECKPOINT)
 
 
-class RunError(RuntimeError):
-    """A run directory or checkpoint problem the user can fix; the message names the file and the fix."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+from gtmoe.errors import NonFiniteLossError, RunError  # noqa: E402,F401  (re-exported)
 
 
 def manifest_path(checkpoint: Path) -> Path:
@@ -239,19 +234,22 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix[:-1]: value}
 
 
-def _neutral(key: str) -> bool:
-    return any(key == neutral or key.startswith(neutral + ".") for neutral in WEIGHT_NEUTRAL_KEYS)
-
-
 def config_differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(dotted key, stored value, current value) for every key that differs, weight-neutral keys aside."""
-    a, b = _flatten(stored), _flatten(current)
+    """(dotted key, stored value, current value) for every key in which two run configs (as `to_dict` writes
+    them) differ as runs: compared through weight_config, the one definition of "the same run"."""
+    a, b = _flatten(weight_config(stored)), _flatten(weight_config(current))
     missing = object()
     return [
         (key, a.get(key, missing), b.get(key, missing))
         for key in sorted(a.keys() | b.keys())
-        if not _neutral(key) and a.get(key, missing) != b.get(key, missing)
+        if a.get(key, missing) != b.get(key, missing)
     ]
+
+
+def describe_differences(differences: list[tuple[str, object, object]], old: str, new: str) -> str:
+    """At most five differing keys with both values, for an error message."""
+    shown = ", ".join(f"{key} ({_short(a)} in {old}, {_short(b)} in {new})" for key, a, b in differences[:5])
+    return shown + (f" and {len(differences) - 5} more" if len(differences) > 5 else "")
 
 
 def _short(value, limit: int = 40) -> str:
@@ -269,13 +267,9 @@ def check_config_matches_checkpoint(config_path: Path, cfg: RunConfig, checkpoin
     differences = config_differences(stored, cfg.to_dict())
     if not differences:
         return
-    shown = ", ".join(
-        f"{key} ({_short(old)} in the checkpoint, {_short(new)} in {config_path.name})"
-        for key, old, new in differences[:5]
-    )
-    more = f" and {len(differences) - 5} more" if len(differences) > 5 else ""
+    shown = describe_differences(differences, "the checkpoint", config_path.name)
     raise RunError(
-        f"{config_path} differs from the config {checkpoint} was trained with: {shown}{more}; "
+        f"{config_path} differs from the config {checkpoint} was trained with: {shown}; "
         f"restore {config_path.name} to the trained values, or retrain the run with the new ones "
         f"(delete {checkpoint.parent} and rerun snakemake)"
     )

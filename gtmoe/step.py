@@ -27,8 +27,10 @@ def lr_lambda(cfg) -> callable:
 
 def build_optimizer(model: MoETransformer, cfg) -> torch.optim.Optimizer:
     """AdamW; matrices decay, vectors (norms) do not (nanoGPT). Every `step()` is followed by the
-    stateful routers' update (a post-hook, as torchtitan attaches its expert-bias update), so no loop
-    that steps the optimizer can forget it."""
+    stateful routers' update (an optimizer step post-hook), so no loop that steps the optimizer can
+    forget it. torchtitan attaches its expert-bias update to the optimizer too, but as a step
+    *pre*-hook (`build_optimizers_with_moe_load_balancing`); either way the update consumes the
+    statistics of the step's own forward passes and the next forward sees the new state."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -9,8 +9,10 @@ before any job runs, naming the key and the value.
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import dataclass, field
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +20,57 @@ from gtmoe import routers, sweeps
 from gtmoe.config import (
     INT64_LIMIT,
     ConfigError,
+    DataConfig,
+    RouterConfig,
     RunConfig,
-    TrainConfig,
     check,
-    check_numbers,
+    check_name,
     from_dict,
+    load_yaml,
     memory_estimate_mb,
 )
-from gtmoe.contract import LOAD_METRICS
+from gtmoe.contract import EVAL_SPLITS, LOAD_METRICS, STUDY_RECORD_FORMAT, StudyLayout
+from gtmoe.files import write_atomic
 
-STILL_LEARNING_SLOPE = 1.0  # default of config.yaml findings.still_learning_slope
-# Matched with fullmatch (`$` alone would also accept a trailing newline); <= 64 characters keeps run
-# directories, rule names and file names far below file-system limits.
-VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
-# config.yaml `statistics` defaults: the declared primary endpoints, test level and power of the MDD.
-STATISTICS_DEFAULTS = {"primary": ["ppl", "gini", "maxvio_global"], "alpha": 0.05, "power": 0.8}
+DEFAULT_STUDY_NAME = "default"
+# config.yaml `statistics` defaults: the declared primary endpoints, test level and power of the MDD, and the
+# split the comparisons are made on.
+STATISTICS_DEFAULTS = {"primary": ["ppl", "gini", "maxvio_global"], "alpha": 0.05, "power": 0.8, "split": "test"}
+# config.yaml `findings` defaults: the final training-loss slope (nats per 1000 steps) above which a variant
+# is flagged "still learning".
+FINDINGS_DEFAULTS = {"still_learning_slope": 1.0}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Study:
-    raw: dict[str, Any]
-    variants: dict[str, dict[str, Any]]  # name -> router mapping (name + options)
-    seeds: list[int]
+    """The study, resolved once from the config into typed, frozen values: what `study.json` records."""
+
+    name: str
+    layout: StudyLayout
+    variants: Mapping[str, RouterConfig]  # name -> router and its options, resolved for the run's horizon
+    seeds: tuple[int, ...]
     reference: str
     ablation_base: str | None
-    ablations: list[str]
-    statistics: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(STATISTICS_DEFAULTS))
-    sweeps: dict[str, list[str]] = field(default_factory=dict)  # sweep name -> its variants (base first)
-    sweep_design: list[dict[str, Any]] = field(default_factory=list)  # one row per (sweep, option, value)
+    ablations: tuple[str, ...]
+    statistics: Mapping[str, Any]
+    findings: Mapping[str, Any]
+    sweeps: Mapping[str, tuple[str, ...]]  # sweep name -> its variants (base first)
+    sweep_design: tuple[Mapping[str, Any], ...]  # one row per (sweep, option, value)
+    sweep_of: Mapping[str, str]  # sweep point variant -> its sweep
+    run: RunConfig  # the sections every run shares (model, train, data, eval); router and seed vary
     # Every name that becomes a target of the workflow -> the config key that set it.
-    target_keys: dict[str, str] = field(default_factory=dict)
+    target_keys: Mapping[str, str]
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], shards_dir: str = "results/data/shards") -> Study:
-        variants: dict[str, dict[str, Any]] = {}
+    def from_config(cls, config: dict[str, Any]) -> Study:
+        """Resolve and check the whole config (after its JSON schema), naming the key of any problem."""
+        name = config.get("name", DEFAULT_STUDY_NAME)
+        check_name(name, "name")
+        layout = StudyLayout.for_study(name)
+        shared = _shared_sections(config, layout)
+
+        variants: dict[str, RouterConfig] = {}
+        raw_variants: dict[str, dict[str, Any]] = {}
         target_keys: dict[str, str] = {}
         entries = config.get("variants")
         check(isinstance(entries, list) and len(entries) > 0, "variants", entries, "must be a non-empty list")
@@ -59,29 +78,25 @@ class Study:
             key = f"variants[{i}]"
             check(isinstance(entry, dict), key, entry, "must be a mapping with 'name' and 'router'")
             entry = dict(entry)
-            name = entry.pop("name", None)
-            check(
-                isinstance(name, str) and bool(VARIANT_NAME.fullmatch(name)),
-                f"{key}.name",
-                name,
-                "must start with a letter, contain only letters, digits and '_', and be at most 64 characters",
-            )
-            check(name not in variants, f"{key}.name", name, "duplicate variant name")
+            variant = entry.pop("name", None)
+            check_name(variant, f"{key}.name")
+            check(variant not in raw_variants, f"{key}.name", variant, "duplicate variant name")
             router = entry.pop("router", None)
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
-            options = from_dict(routers.get(router, key=f"{key}.router").Config, entry, key)
-            check_numbers(options, key)
-            options.validate(key)
-            variants[name] = {"name": router, **entry}
-            target_keys[name] = f"{key}.name"
-        # Sweep points are resolved for the run's length (e.g. the loss-free bias rate), so the horizon is
-        # needed here; an invalid max_steps is reported by the run-config check below.
-        max_steps = (config.get("train") or {}).get("max_steps", TrainConfig.max_steps)
-        expansion = sweeps.expand(
-            config.get("sweeps"), variants, max_steps if isinstance(max_steps, int) and max_steps > 0 else 1
-        )
-        variants.update(expansion.variants)
-        target_keys.update({name: f"sweeps[{i}].name" for i, name in enumerate(expansion.members)})
+            routers.get(router, key=f"{key}.router")
+            raw_variants[variant] = {"name": router, **entry}
+            variants[variant] = _router_config(router, entry, shared.train.max_steps, key)
+            target_keys[variant] = f"{key}.name"
+        expansion = sweeps.expand(config.get("sweeps"), raw_variants, shared.train.max_steps)
+        sweep_of = {}
+        for sweep, members in expansion.members.items():
+            for member in members:
+                if member in expansion.variants:
+                    sweep_of[member] = sweep
+        for variant, mapping in expansion.variants.items():
+            options = {k: v for k, v in mapping.items() if k != "name"}
+            variants[variant] = _router_config(mapping["name"], options, shared.train.max_steps, "sweeps")
+        target_keys.update({sweep: f"sweeps[{i}].name" for i, sweep in enumerate(expansion.members)})
 
         seeds = config.get("seeds")
         check(isinstance(seeds, list) and len(seeds) > 0, "seeds", seeds, "must be a non-empty list of integers")
@@ -94,36 +109,32 @@ class Study:
             )
         check(len(set(seeds)) == len(seeds), "seeds", seeds, "seeds must be unique")
 
+        known = ", ".join(variants)
         reference = config.get("reference", "topk")
-        check(reference in variants, "reference", reference, f"must be one of the variants: {', '.join(variants)}")
+        check(reference in variants, "reference", reference, f"must be one of the variants: {known}")
         ablation = config.get("ablation") or {}
         base = ablation.get("base")
         members = list(ablation.get("variants", []))
         if base is not None:
-            check(base in variants, "ablation.base", base, f"must be one of the variants: {', '.join(variants)}")
-        for name in members:
-            check(name in variants, "ablation.variants", name, f"must be one of the variants: {', '.join(variants)}")
-
-        findings = config.get("findings") or {}
-        slope = findings.get("still_learning_slope", STILL_LEARNING_SLOPE)
-        check(
-            isinstance(slope, (int, float)) and not isinstance(slope, bool) and 0 < slope < float("inf"),
-            "findings.still_learning_slope",
-            slope,
-            "must be a finite number > 0 (nats per 1000 steps)",
-        )
+            check(base in variants, "ablation.base", base, f"must be one of the variants: {known}")
+        for member in members:
+            check(member in variants, "ablation.variants", member, f"must be one of the variants: {known}")
 
         study = cls(
-            config,
-            variants,
-            list(seeds),
-            reference,
-            base,
-            members,
-            statistics_settings(config),
-            expansion.members,
-            expansion.design,
-            target_keys,
+            name=name,
+            layout=layout,
+            variants=variants,
+            seeds=tuple(seeds),
+            reference=reference,
+            ablation_base=base,
+            ablations=tuple(members),
+            statistics=statistics_settings(config),
+            findings=findings_settings(config),
+            sweeps={sweep: tuple(members) for sweep, members in expansion.members.items()},
+            sweep_design=tuple(expansion.design),
+            sweep_of=sweep_of,
+            run=shared,
+            target_keys=target_keys,
         )
         data = config.get("data", {})
         from gtmoe.data.corpus import CORPORA, DEFAULT_CORPUS
@@ -131,21 +142,24 @@ class Study:
         corpus = data.get("corpus", DEFAULT_CORPUS)
         check(corpus in CORPORA, "data.corpus", corpus, f"must be one of {', '.join(CORPORA)}")
         seq_len = data.get("seq_len")
-        for name in variants:  # validate every run config before any job starts
-            cfg = study.run_config(name, seeds[0], shards_dir)
-            check(
-                seq_len <= cfg.model.max_seq_len,
-                "data.seq_len",
-                seq_len,
-                f"must be <= model.max_seq_len = {cfg.model.max_seq_len}",
-            )
-            check(
-                data.get("vocab_size") <= cfg.model.vocab_size,
-                "data.vocab_size",
-                data.get("vocab_size"),
-                f"must be <= model.vocab_size = {cfg.model.vocab_size} (the embedding table)",
-            )
-            check_memory(cfg, seq_len, config.get("resources") or {}, name)
+        model = shared.model
+        check(
+            seq_len <= model.max_seq_len, "data.seq_len", seq_len, f"must be <= model.max_seq_len = {model.max_seq_len}"
+        )
+        check(
+            data.get("vocab_size") <= model.vocab_size,
+            "data.vocab_size",
+            data.get("vocab_size"),
+            f"must be <= model.vocab_size = {model.vocab_size} (the embedding table)",
+        )
+        for variant in variants:  # every run config is valid before any job starts: checked here, once
+            cfg = study.run_config(variant, seeds[0])
+            try:
+                cfg.validate()
+            except ConfigError as exc:
+                # Name the variant: its router options came from variants[...], the rest from the shared sections.
+                raise ConfigError(f"variant '{variant}': {exc}") from None
+            check_memory(cfg, seq_len, config.get("resources") or {}, variant)
         return study
 
     @property
@@ -155,23 +169,108 @@ class Study:
     @property
     def still_learning_slope(self) -> float:
         """Final training-loss slope (nats per 1000 steps) above which the findings flag "still learning"."""
-        return float((self.raw.get("findings") or {}).get("still_learning_slope", STILL_LEARNING_SLOPE))
+        return float(self.findings["still_learning_slope"])
 
-    def run_config(self, variant: str, seed: int, shards_dir: str) -> RunConfig:
-        raw = self.raw
-        resolved = {
-            "variant": variant,
-            "model": copy.deepcopy(raw.get("model", {})),
-            "router": copy.deepcopy(self.variants[variant]),
-            "train": {**copy.deepcopy(raw.get("train", {})), "seed": seed},
-            "data": {"shards": str(shards_dir)},
-            "eval": copy.deepcopy(raw.get("eval", {})),
+    def run_config(self, variant: str, seed: int) -> RunConfig:
+        """The run config of (variant, seed): the shared sections, the variant's router, the seed."""
+        return dataclasses.replace(
+            self.run,
+            variant=variant,
+            router=self.variants[variant],
+            train=dataclasses.replace(self.run.train, seed=seed),
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The study as `study.json` records it (gtmoe.contract.STUDY_RECORD_FORMAT; docs/configuration.md)."""
+        shared = self.run.to_dict()
+        del shared["train"]["seed"], shared["variant"], shared["router"]
+        variants = {}
+        for variant, router in self.variants.items():
+            entry = {"router": router.name, "options": dataclasses.asdict(router.resolve())}
+            if variant in self.sweep_of:
+                entry["sweep"] = self.sweep_of[variant]
+            variants[variant] = entry
+        return {
+            "format": STUDY_RECORD_FORMAT,
+            "name": self.name,
+            "root": self.layout.root,
+            "seeds": list(self.seeds),
+            "reference": self.reference,
+            "ablation": {"base": self.ablation_base, "variants": list(self.ablations)},
+            "statistics": copy.deepcopy(dict(self.statistics)),
+            "findings": dict(self.findings),
+            "routers": {name: routers.describe(name) for name in dict.fromkeys(r.name for r in self.variants.values())},
+            "variants": variants,
+            "sweeps": [dict(row) for row in self.sweep_design],
+            "run": shared,
         }
-        try:
-            return from_dict(RunConfig, resolved, "").validate()
-        except ConfigError as exc:
-            # Name the variant: its router options came from variants[...], the rest from the shared sections.
-            raise ConfigError(f"variant '{variant}': {exc}") from None
+
+
+def _shared_sections(config: dict[str, Any], layout: StudyLayout) -> RunConfig:
+    """model, train, data and eval as every run shares them, typed and checked (router and seed vary per run)."""
+    train = config.get("train")
+    check(train is None or isinstance(train, dict), "train", train, "must be a mapping")
+    shared = from_dict(
+        RunConfig,
+        {
+            "variant": "shared",
+            "model": copy.deepcopy(config.get("model", {})),
+            "train": copy.deepcopy(train or {}),
+            "eval": copy.deepcopy(config.get("eval", {})),
+        },
+        "",
+    )
+    shared = dataclasses.replace(shared, data=DataConfig(shards=layout.shards))
+    shared.model.validate()
+    shared.train.validate()
+    shared.eval.validate()
+    return shared
+
+
+def _router_config(router: str, options: dict[str, Any], max_steps: int, key: str) -> RouterConfig:
+    """A variant's router with its options typed, checked and resolved for the run's horizon."""
+    config = RouterConfig(router, dict(options))
+    config.resolve(key)
+    return config.for_horizon(max_steps)
+
+
+def run_config_from_record(record: Mapping[str, Any], variant: str, seed: int) -> RunConfig:
+    """The run config of (variant, seed) from a study record (`read_record`), typed and checked."""
+    check(variant in record["variants"], "--variant", variant, f"not a variant of study '{record['name']}'")
+    check(seed in record["seeds"], "--seed", seed, f"not a seed of study '{record['name']}'")
+    entry = record["variants"][variant]
+    run = copy.deepcopy(record["run"])
+    raw = {
+        **run,
+        "variant": variant,
+        "router": {"name": entry["router"], **entry["options"]},
+        "train": {**run["train"], "seed": seed},
+    }
+    return from_dict(RunConfig, raw, "").validate()
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """Read a `study.json` the workflow wrote; a missing, malformed or foreign file is a ConfigError naming it."""
+    path = Path(path)
+    record = load_yaml(path, f"study record {path}")  # JSON is YAML; the strict, bounded reader
+    check(
+        isinstance(record, dict) and record.get("format") == STUDY_RECORD_FORMAT,
+        str(path),
+        record.get("format") if isinstance(record, dict) else record,
+        f"is not a study record of format {STUDY_RECORD_FORMAT}; rerun snakemake to write it again",
+    )
+    return record
+
+
+def write_record(study: Study) -> Path:
+    """Write `study.json` into the study's root, atomically and only when its content changed (its mtime
+    moves only when the study did, so the analysis reruns exactly then)."""
+    path = Path(study.layout.record)
+    text = json.dumps(study.record(), indent=2, ensure_ascii=False) + "\n"
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
 
 
 def check_memory(cfg: RunConfig, seq_len: int, resources: dict[str, Any], variant: str) -> None:
@@ -206,6 +305,12 @@ def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
             f"unknown key; expected {', '.join(STATISTICS_DEFAULTS)}",
         )
     settings = {**copy.deepcopy(STATISTICS_DEFAULTS), **given}
+    check(
+        settings["split"] in EVAL_SPLITS,
+        "statistics.split",
+        settings["split"],
+        f"must be an evaluation split: {', '.join(EVAL_SPLITS)}",
+    )
     known = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
     primary = settings["primary"]
     check(isinstance(primary, list), "statistics.primary", primary, "must be a list of metric names")
@@ -225,6 +330,28 @@ def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
         "statistics.power",
         settings["power"],
         f"must exceed statistics.alpha = {settings['alpha']} (the power of a test at no difference)",
+    )
+    return settings
+
+
+def findings_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The `findings` section with defaults filled in, checked."""
+    given = config.get("findings") or {}
+    check(isinstance(given, dict), "findings", given, "must be a mapping")
+    for key in given:
+        check(
+            key in FINDINGS_DEFAULTS,
+            f"findings.{key}",
+            given[key],
+            f"unknown key; expected {', '.join(FINDINGS_DEFAULTS)}",
+        )
+    settings = {**FINDINGS_DEFAULTS, **given}
+    slope = settings["still_learning_slope"]
+    check(
+        isinstance(slope, (int, float)) and not isinstance(slope, bool) and 0 < slope < float("inf"),
+        "findings.still_learning_slope",
+        slope,
+        "must be a finite number > 0 (nats per 1000 steps)",
     )
     return settings
 

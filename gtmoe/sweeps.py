@@ -25,18 +25,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from gtmoe import routers
-from gtmoe.config import ConfigError, RouterConfig, check
+from gtmoe.config import ConfigError, RouterConfig, check, check_name
 
 MODES = ("one_at_a_time", "full")
 MAX_VALUES = 32  # per option
 MAX_POINTS = 512  # per sweep: each point is a variant x every seed of training
 MAX_NAME_CHARS = 128  # generated variant names: run directories and target rules stay short
-SWEEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 
 @dataclass
@@ -110,12 +108,7 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
             entry.get("mode", "one_at_a_time"),
             entry.get("grid"),
         )
-        check(
-            isinstance(name, str) and bool(SWEEP_NAME.fullmatch(name)),
-            f"{key}.name",
-            name,
-            "must start with a letter, contain only letters, digits and '_', and be at most 64 characters",
-        )
+        check_name(name, f"{key}.name")
         check(
             name not in variants and name not in result.members,
             f"{key}.name",

@@ -39,11 +39,14 @@ from gtmoe.contract import (
 )
 from gtmoe.data.shards import TokenBlocks
 from gtmoe.device import peak_memory_mb, resolve_device
+from gtmoe.errors import ConfigError, DataError
 from gtmoe.files import write_atomic
 from gtmoe.model import MoETransformer, build_model
 from gtmoe.runfiles import (
     NonFiniteLossError,
     RunError,
+    config_differences,
+    describe_differences,
     load_checkpoint,
     manifest_path,
     prepare_run_dir,
@@ -64,7 +67,7 @@ class DataOrder:
 
     def __init__(self, n_blocks: int, batch_size: int, seed: int):
         if n_blocks < 1:
-            raise ValueError("the training split has no full block; lower data.seq_len or check the corpus")
+            raise DataError("the training split has no full block; lower data.seq_len or check the corpus")
         self.n_blocks, self.batch_size, self.seed = n_blocks, batch_size, seed
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
@@ -138,7 +141,7 @@ class Trainer:
             raise unwritable(out_dir, exc, "the run directory") from None
         self.data = TokenBlocks(Path(cfg.data.shards) / "train")
         if self.data.seq_len > cfg.model.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'model.max_seq_len' = {cfg.model.max_seq_len}: shorter than the shards' "
                 f"sequence length {self.data.seq_len}"
             )
@@ -162,10 +165,13 @@ class Trainer:
         if not path.exists():
             return
         state = load_checkpoint(path, self.device, repair_manifest=True)
-        if state["config"] != self.cfg.to_dict():
+        # The same run (gtmoe.contract.weight_config): a new logging or checkpoint interval resumes.
+        differences = config_differences(state["config"], self.cfg.to_dict())
+        if differences:
             raise RunError(
-                f"{path} was written by a different run config; delete {self.out_dir} "
-                "(or use another --out) to start this run afresh"
+                f"{path} was written by a different run: "
+                f"{describe_differences(differences, path.name, 'this config')}; "
+                f"delete {self.out_dir} (or use another --out) to start this run afresh"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -59,4 +59,4 @@ def tiny_run(shards, router: str = "topk", seed: int = 0, **train) -> RunConfig:
         train=TrainConfig(**values),
         data=DataConfig(shards=str(shards)),
         eval=EvalConfig(),
-    ).validate()
+    ).at_horizon().validate()

@@ -1,5 +1,7 @@
-"""Test helpers: the one way tests run a command line, and synthetic run directories following the
-run-directory contract (gtmoe.contract) for the analysis tests. Imported by the tests; no fixtures.
+"""Test helpers: the one way tests run a command line; the workflow's shared constants and builders
+(a checkout copy, a --configfile, the config merged and checked as the Snakefile does); synthetic run
+directories following the run-directory contract (gtmoe.contract) and tidy tables for the analysis tests.
+Imported by the tests, which never import each other; fixtures live in conftest.py.
 """
 
 from __future__ import annotations
@@ -7,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from gtmoe.metrics import gini
 from gtmoe.metrics import max_violation as maxvio
@@ -36,6 +40,96 @@ def run_module(
         check=check,
     )
 
+
+# --------------------------------------------------------------------------- the workflow
+
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+SMOKE = "workflow/presets/smoke.yaml"
+RUN_FILES = (
+    "checkpoint.pt",
+    "config.yaml",
+    "train_log.parquet",
+    "router_log.parquet",
+    "train_summary.json",
+    "eval_validation.json",
+    "eval_test.json",
+)
+SUMMARY_FILES = (
+    "runs.parquet",
+    "run_status.csv",
+    "run_status.html",
+    "summary.csv",
+    "summary.html",
+    "comparisons.csv",
+    "comparisons.html",
+    "ablations.csv",
+    "ablations.html",
+    "findings.html",
+    "compute.csv",
+    "compute.html",
+    "sensitivity.csv",
+    "sensitivity.html",
+    "sensitivity_best.csv",
+    "sensitivity_best.html",
+)
+ALIAS_BOMB = "colour:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  {b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+)  # 9**9 strings from 0.4 kB
+
+
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    return run_module("snakemake", *args, cwd=cwd, timeout=timeout)
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The checkout's files (tracked and untracked, not ignored) with the corpus path made absolute."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    config = yaml.safe_load((dest / "config.yaml").read_text())
+    config["data"]["local_dir"] = str(WIKITEXT)
+    (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
+def write_override(tmp_path: Path, override: dict | str) -> str:
+    """A --configfile: `override` dumped as YAML, or written as is when it is YAML text."""
+    path = tmp_path / "override.yaml"
+    path.write_text(override if isinstance(override, str) else yaml.safe_dump(override))
+    return str(path)
+
+
+def merged_config(override: dict | str) -> dict:
+    """config.yaml with `override` merged as Snakemake merges a --configfile (mappings recursively); YAML text
+    is first read strictly, as workflow/rules/common.smk rereads every config file."""
+    from snakemake.utils import update_config
+
+    from gtmoe.config import load_yaml
+
+    if isinstance(override, str):
+        override = load_yaml(override, "override.yaml")
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(config, override)
+    return config
+
+
+def check_like_the_snakefile(config: dict) -> None:
+    """The two checks workflow/rules/common.smk runs at parse time: the JSON schema, then gtmoe.study."""
+    from snakemake.utils import validate
+
+    from gtmoe.study import Study, corpus_problem
+
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    Study.from_config(config)
+    if problem := corpus_problem(config["data"], REPO):
+        raise ValueError(problem)
+
+
+# --------------------------------------------------------------------------- synthetic run directories
 
 VARIANTS = ("dense", "topk", "switch", "rdesi", "rdesi_no_reputation", "rdesi_no_load", "rdesi_no_bonus")
 ROUTERS = {"rdesi_no_reputation": "rdesi", "rdesi_no_load": "rdesi", "rdesi_no_bonus": "rdesi"}
@@ -185,3 +279,35 @@ def write_run(
 def write_study(root: Path, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2)) -> list[Path]:
     """Every variant x seed, all complete and ok."""
     return [write_run(root, v, s) for v in variants for s in seeds]
+
+
+# --------------------------------------------------------------------------- synthetic tidy tables
+
+
+def point(
+    sweep="s", option="beta", value=0.3, variant="rdesi", term="reputation", fixed="", base="rdesi", router="rdesi"
+) -> dict:
+    """One sweep-design record, as the sensitivity analysis reads it."""
+    return dict(
+        sweep=sweep, base=base, router=router, option=option, value=value, variant=variant, term=term, fixed=fixed
+    )
+
+
+def tidy_table(values: dict[str, dict[str, dict[int, float]]], split: str = "test") -> pd.DataFrame:
+    """Tidy rows from {variant: {metric: {seed: value}}}, model level, all ok."""
+    rows = [
+        dict(
+            variant=variant,
+            seed=seed,
+            split=split,
+            metric=metric,
+            layer="all",
+            value=value,
+            source="synthetic",
+            run_status="ok",
+        )
+        for variant, metrics in values.items()
+        for metric, by_seed in metrics.items()
+        for seed, value in by_seed.items()
+    ]
+    return pd.DataFrame(rows)

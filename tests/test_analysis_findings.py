@@ -17,7 +17,7 @@ from analysis import collect, compute, figures, findings, stats
 from analysis.__main__ import main
 from analysis.tables import format_interval, format_number, format_p
 
-from helpers import write_run
+from helpers import point, tidy_table, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -516,8 +516,6 @@ def test_a_file_that_is_not_a_benchmark_is_rejected(tmp_path):
 
 def test_sensitivity_curves_in_words(tmp_path):
     from analysis import sensitivity
-
-    from test_analysis_sensitivity import point, tidy_table
 
     # beta: Gini falls with the value; PPL stays below topk's up to 1, not at 3: the best value is 1.
     gini = {0: 0.30, 0.1: 0.25, 1: 0.10, 3: 0.05}

@@ -15,39 +15,10 @@ from scipy import stats as sps
 
 from analysis import sensitivity
 
-from helpers import run_module
+from helpers import point, run_module, tidy_table
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
-
-
-def point(
-    sweep="s", option="beta", value=0.3, variant="rdesi", term="reputation", fixed="", base="rdesi", router="rdesi"
-) -> dict:
-    return dict(
-        sweep=sweep, base=base, router=router, option=option, value=value, variant=variant, term=term, fixed=fixed
-    )
-
-
-def tidy_table(values: dict[str, dict[str, dict[int, float]]], split: str = "test") -> pd.DataFrame:
-    """Tidy rows from {variant: {metric: {seed: value}}}, model level, all ok."""
-    rows = [
-        dict(
-            variant=variant,
-            seed=seed,
-            split=split,
-            metric=metric,
-            layer="all",
-            value=value,
-            source="synthetic",
-            run_status="ok",
-        )
-        for variant, metrics in values.items()
-        for metric, by_seed in metrics.items()
-        for seed, value in by_seed.items()
-    ]
-    return pd.DataFrame(rows)
 
 
 def random_values(rng: np.random.Generator, ppl: float, gini: float, seeds=SEEDS) -> dict[str, dict[int, float]]:

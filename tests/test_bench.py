@@ -1,4 +1,5 @@
-"""The benchmark CLI end to end at a tiny size: it runs and writes the documented JSON (timings are not checked)."""
+"""The benchmark CLI end to end at a tiny size: it runs and writes the documented JSON (timings are not checked),
+and reads a study config exactly as the workflow does."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from snakemake.common.configfile import load_configfile
+from snakemake.utils import update_config
 
-from gtmoe import bench, routers
-from gtmoe.bench import build_parser, merge_configs, parse_args
+from gtmoe import routers
+from gtmoe.bench import ReplayRouter
+from gtmoe.bench.__main__ import build_parser, main, parse_args
 from gtmoe.config import RouterConfig
 from gtmoe.moe import MoELayer
+from gtmoe.study import Study
 
 from helpers import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = [ROOT / "config.yaml", ROOT / "workflow/presets/smoke.yaml"]
 TINY = [
     "--device",
     "cpu",
@@ -188,7 +194,7 @@ def test_config_measures_every_variant_at_the_study_size(tmp_path):
 
 
 def test_config_rejects_size_flags_and_unknown_variants(capsys):
-    smoke = [str(ROOT / "config.yaml"), str(ROOT / "workflow/presets/smoke.yaml")]
+    smoke = list(map(str, SMOKE))
     for extra, message in (
         (["--d-model", "64"], "--d-model: the sizes come from --config"),
         (["--routers", "nope"], "unknown variant(s) nope"),
@@ -201,11 +207,41 @@ def test_config_rejects_size_flags_and_unknown_variants(capsys):
     assert list(args.runs) == ["topk", "rdesi"] and args.threads == 1  # the reference is always added
 
 
-def test_merge_configs_like_snakemake():
-    base = {"model": {"d_model": 128, "positional": "rope"}, "seeds": [0, 1, 2], "variants": [{"name": "a"}]}
-    merged = merge_configs(base, {"model": {"d_model": 32}, "seeds": [0]})
-    assert merged == {"model": {"d_model": 32, "positional": "rope"}, "seeds": [0], "variants": [{"name": "a"}]}
-    assert base["model"]["d_model"] == 128  # inputs untouched
+def test_config_gives_the_workflows_run_configs():
+    """`--config FILES` resolves to the run configs the workflow's jobs get from `snakemake --configfile FILES`:
+    Snakemake's loader and merge, then the study resolver."""
+    config: dict = {}
+    for path in SMOKE:
+        update_config(config, load_configfile(str(path)))
+    study = Study.from_config(config)
+    args = parse_args(["--device", "cpu", "--seed", "3", "--config", *map(str, SMOKE)])
+    assert set(args.runs) == set(study.variant_names) and args.reference == study.reference
+    for name, cfg in args.runs.items():
+        assert cfg == study.run_config(name, 3), name
+    assert args.seq_len == config["data"]["seq_len"] and args.d_model == config["model"]["d_model"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    (
+        ({"reference": "nope"}, "config key 'reference' = 'nope': must be one of the variants"),
+        (["not", "a", "mapping"], "must be a mapping of config sections"),
+        ("seeds: [0]\nseeds: [1]\n", "duplicate key"),  # strict, as the workflow re-reads every file
+        (None, "does not exist"),
+    ),
+)
+def test_bad_config_is_one_error_line(tmp_path, capsys, content, message):
+    """A config problem is one `error:` line and exit status 2, not a traceback or argparse's usage."""
+    overlay = tmp_path / "overlay.yaml"
+    if content is not None:
+        overlay.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--config", *map(str, SMOKE), str(overlay)])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+    assert captured.out == ""
 
 
 def test_replayed_routing_computes_the_layer_the_router_computed():
@@ -215,6 +251,6 @@ def test_replayed_routing_computes_the_layer_the_router_computed():
     layer = MoELayer(router, 32, 16, 4).train()
     x = torch.randn(64, 32)
     routed = layer(x)
-    replay = MoELayer(bench._ReplayRouter(layer.last_routing, 4), 32, 16, 4)
+    replay = MoELayer(ReplayRouter(layer.last_routing, 4), 32, 16, 4)
     replay.experts = layer.experts
     assert torch.equal(replay(x), routed)

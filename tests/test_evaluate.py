@@ -4,6 +4,7 @@ bias rate scaled to the run length."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import yaml
 
 from gtmoe import metrics, routers
 from gtmoe.__main__ import main
-from gtmoe.config import RouterConfig
+from gtmoe import contract
+from gtmoe.config import EvalConfig, RouterConfig
 from gtmoe.evaluate import LayerStats, SaturationStats, evaluate_splits, evaluation_blocks
 from gtmoe.train import train
 
@@ -100,8 +102,11 @@ def test_default_rdesi_terms_each_change_selections_in_training(tmp_path, tiny_s
     # 300 steps: long enough for the UCB bonus to shrink as sqrt(ln N / N); SPEC's starting c = 0.1 flips
     # only 0.1% of the sets by then, so this test fails on it.
     cfg = tiny_run(tiny_shards, "rdesi", max_steps=300, log_every=10)
-    cfg.router = RouterConfig.from_mapping(
-        {"name": "rdesi", **{k: v for k, v in options.items() if k not in ("name", "router")}}
+    cfg = dataclasses.replace(
+        cfg,
+        router=RouterConfig.from_mapping(
+            {"name": "rdesi", **{k: v for k, v in options.items() if k not in ("name", "router")}}
+        ),
     )
     train(cfg.validate(), tmp_path)
     log = pd.read_parquet(tmp_path / "train_log.parquet")
@@ -163,7 +168,7 @@ def test_saturation_stats_match_the_metric_on_valid_tokens():
 
 def test_one_job_evaluates_both_splits_in_training_sized_groups(tmp_path, tiny_shards):
     cfg = tiny_run(tiny_shards, "switch", max_steps=4)
-    cfg.eval.max_blocks = {"validation": 10, "test": 0}
+    cfg = dataclasses.replace(cfg, eval=EvalConfig(max_blocks={"validation": 10, "test": 0}))
     train(cfg, tmp_path)
     out = [tmp_path / "v.json", tmp_path / "t.json"]
     assert main(["evaluate", "--run", str(tmp_path), "--split", "validation", "test", "--out", *map(str, out)]) == 0
@@ -201,28 +206,47 @@ def test_lossfree_bias_rate_scales_with_the_run_length_and_is_recorded(tiny_shar
 # --------------------------------------------------------------------------- current eval settings
 
 
-def test_eval_json_replaces_the_run_configs_eval_settings_and_a_bad_one_is_one_error_line(
-    tmp_path, tiny_shards, capsys
-):
-    """The workflow passes the current `eval` settings (--eval-json), so editing them needs no retraining;
-    without the flag the run's config.yaml gives them."""
+def _study_record(cfg, path: Path, **eval_settings) -> Path:
+    """A study record (study.json) whose one run is `cfg`'s, with `eval_settings` as its eval section."""
+    run = cfg.to_dict()
+    router = run.pop("router")
+    run.pop("variant")
+    run["train"].pop("seed")
+    run["eval"] = {**run["eval"], **eval_settings}
+    record = {
+        "format": contract.STUDY_RECORD_FORMAT,
+        "name": "t",
+        "seeds": [cfg.train.seed],
+        "variants": {cfg.variant: {"router": router.pop("name"), "options": router}},
+        "run": run,
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_the_study_records_eval_settings_replace_the_runs_and_a_foreign_run_is_refused(tmp_path, tiny_shards, capsys):
+    """The workflow passes the study record (--study): its `eval` settings apply, so editing them needs no
+    retraining, and a run that is not the study's (gtmoe.contract.weight_config) is refused naming the key."""
     cfg = tiny_run(tiny_shards, "topk", max_steps=3)
-    cfg.eval.max_blocks = {"validation": 0, "test": 0}
-    train(cfg, tmp_path)
+    cfg = dataclasses.replace(cfg, eval=EvalConfig(max_blocks={"validation": 0, "test": 0}))
+    run_dir = tmp_path / "topk" / "seed0"
+    train(cfg, run_dir)
     out = tmp_path / "t.json"
-    args = ["evaluate", "--run", str(tmp_path), "--split", "test", "--out", str(out)]
+    args = ["evaluate", "--run", str(run_dir), "--split", "test", "--out", str(out)]
     assert main(args) == 0
     whole = json.loads(out.read_text())
     assert whole["eval_blocks"] == whole["split_blocks"] > 6
-    assert main([*args, "--eval-json", json.dumps({"max_blocks": {"test": 6}, "saturation_blocks": 4})]) == 0
+    study = _study_record(cfg, tmp_path / "study.json", max_blocks={"test": 6}, saturation_blocks=4)
+    assert main([*args, "--study", str(study)]) == 0
     assert json.loads(out.read_text())["eval_blocks"] == 6
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["eval"]["max_blocks"]["test"] == 0  # untouched
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["max_blocks"]["test"] == 0  # untouched
     capsys.readouterr()
-    for bad, message in (
-        ("{", "--eval-json is not valid JSON"),
-        ('{"max_blocks": {"test": -1}}', "'eval.max_blocks.test' = -1"),
-        ('{"batch_size": 8}', "'eval.batch_size' = 8: unknown key"),
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5))
+    for record, message in (
+        (_study_record(other, tmp_path / "other.json"), "is not the run the study asks for: train.lr (0.003"),
+        (_study_record(cfg, tmp_path / "bad.json", max_blocks={"test": -1}), "'eval.max_blocks.test' = -1"),
+        (_study_record(cfg, tmp_path / "unknown.json", batch_size=8), "'eval.batch_size' = 8: unknown key"),
     ):
-        assert main([*args, "--eval-json", bad]) == 2
+        assert main([*args, "--study", str(record)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err

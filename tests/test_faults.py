@@ -38,8 +38,7 @@ from gtmoe.runfiles import MANIFEST_SUFFIX, RunError, load_checkpoint, manifest_
 from gtmoe.train import train
 
 from conftest import tiny_run
-from helpers import run_module
-from test_workflow import (
+from helpers import (
     ALIAS_BOMB,
     REPO,
     SMOKE,
@@ -47,6 +46,7 @@ from test_workflow import (
     check_like_the_snakefile,
     copy_checkout,
     merged_config,
+    run_module,
     snakemake,
     write_override,
 )
@@ -445,15 +445,33 @@ def test_a_run_directory_under_proc_is_refused(tmp_path, tiny_shards, capsys):
     )
 
 
-def test_an_unwritable_evaluation_output_is_refused_before_evaluating(finished_run, tmp_path, capsys, monkeypatch):
+def test_a_bad_evaluation_output_stops_the_cli_before_it_evaluates(finished_run, tmp_path, capsys, monkeypatch):
+    # `python -m gtmoe evaluate` evaluates through gtmoe.evaluate.evaluate_splits, looked up when the command
+    # runs: a stand-in that fails the test makes any evaluation before the --out checks a failure.
     run, _ = finished_run
-    (tmp_path / "evals").write_text("")
-    monkeypatch.setattr("gtmoe.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated despite a bad --out"))
-    assert main(["evaluate", "--run", str(run), "--split", "test", "--out", str(tmp_path / "evals" / "e.json")]) == 2
-    error = single_error_line(capsys.readouterr().err)
-    assert f"cannot write the evaluation output {tmp_path / 'evals' / 'e.json'}" in error
-    assert main(["evaluate", "--run", str(run), "--split", "test", "--out", str(run)]) == 2
-    assert f"--out {run} is a directory" in single_error_line(capsys.readouterr().err)
+    evaluated = []
+
+    def no_evaluation(*args, **kwargs):
+        evaluated.append(args)
+        pytest.fail("gtmoe evaluate evaluated before refusing its --out")
+
+    monkeypatch.setattr("gtmoe.evaluate.evaluate_splits", no_evaluation)
+    with pytest.raises(pytest.fail.Exception, match="evaluated before"):  # the stand-in is what the CLI calls
+        main(["evaluate", "--run", str(run), "--split", "test", "--out", str(tmp_path / "good" / "e.json")])
+    assert len(evaluated) == 1
+    evaluated.clear()
+    capsys.readouterr()
+
+    (tmp_path / "evals").write_text("")  # a file where the output's directory should be
+    unwritable = tmp_path / "evals" / "e.json"
+    for out, expected in (
+        (unwritable, f"error: cannot write the evaluation output {unwritable} ({tmp_path / 'evals'} is a file"),
+        (run, f"error: --out {run} is a directory"),
+    ):
+        assert main(["evaluate", "--run", str(run), "--split", "test", "--out", str(out)]) == 2
+        assert single_error_line(capsys.readouterr().err).startswith(expected)
+    assert evaluated == []
+    assert not list(run.glob("eval_*.json"))
 
 
 # --------------------------------------------------------------------------- bad input

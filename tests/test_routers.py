@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -30,6 +31,72 @@ def test_registry_lists_every_router_and_rejects_unknown_names():
     assert set(routers.known()) >= {"topk", "switch", "expert_choice", "lossfree", "rdesi", "dense"}
     with pytest.raises(ConfigError, match=r"'router.name' = 'topq'.*known routers: dense, expert_choice"):
         routers.get("topq")
+
+
+LABELS = {
+    "topk": "top-k",
+    "switch": "Switch (top-1)",
+    "expert_choice": "expert choice",
+    "lossfree": "loss-free",
+    "rdesi": "RD-ESI",
+    "dense": "dense",
+}
+
+
+def test_describe_gives_each_routers_own_names_for_the_analysis():
+    described = {name: routers.describe(name) for name in routers.known()}
+    assert json.loads(json.dumps(described)) == described  # goes into study.json as it is
+    assert {name: entry["label"] for name, entry in described.items() if name in LABELS} == LABELS
+    for entry in described.values():
+        assert set(entry) == {"label", "routed", "balanced_by_construction", "terms", "states"}
+    assert [name for name, entry in described.items() if not entry["routed"]] == ["dense"]
+    assert [name for name, entry in described.items() if entry["balanced_by_construction"]] == ["expert_choice"]
+    assert described["rdesi"]["terms"] == {
+        "reputation": "reputation β·R",
+        "load": "load penalty γ·L̂",
+        "bonus": "exploration bonus",
+    }
+    assert described["rdesi"]["states"] == {
+        "reputation": "reputation R",
+        "load_hat": "load L̂ = L − 1",
+        "bonus": "exploration bonus",
+    }
+    assert described["lossfree"]["terms"] == described["lossfree"]["states"] == {"bias": "loss-free bias b"}
+    assert described["topk"]["terms"] == described["topk"]["states"] == described["dense"]["terms"] == {}
+
+
+@pytest.mark.parametrize("name", MOE_ROUTERS)
+def test_every_term_and_state_a_router_can_report_has_a_label(name):
+    entry, router = routers.get(name), make_router(name)
+    terms = getattr(router, "selection_terms", dict)()
+    assert set(terms) | set(entry.option_terms.values()) <= set(entry.term_labels)
+    routed = router(torch.randn(8, D_MODEL))
+    flips = {key.removeprefix("flip_rate_") for key in routed.metrics if key.startswith("flip_rate_")}
+    assert flips <= set(entry.term_labels)
+    assert list(routers.describe(name)["states"]) == list(entry.state_names) == list(router.logged_state())
+    assert set(entry.state_names) <= set(entry.state_labels)
+
+
+def test_registering_refuses_unlabelled_terms_and_states_and_taken_names(monkeypatch):
+    from gtmoe.routers.registry import _REGISTRY, register
+    from gtmoe.routers.topk import TopKRouter
+
+    routers.known()  # the package's routers register in the real registry before it is swapped for a copy
+    monkeypatch.setattr("gtmoe.routers.registry._REGISTRY", dict(_REGISTRY))
+
+    class Unlabelled(TopKRouter):
+        option_terms = {"strength": "push"}
+        state_names = ("visits",)
+
+    with pytest.raises(
+        ConfigError, match=r"'unlabelled' .*term_labels lacks \['push'\]; state_labels lacks \['visits'\]"
+    ):
+        register("unlabelled")(Unlabelled)
+    with pytest.raises(ConfigError, match=r"router name 'topk' registered twice: gtmoe.routers.topk.TopKRouter and"):
+        register("topk")(type("Again", (TopKRouter,), {}))
+
+    Plain = register("plain")(type("Plain", (TopKRouter,), {}))  # no label: the registered name
+    assert routers.describe("plain")["label"] == "plain" and Plain.label == "plain"
 
 
 def test_unknown_router_option_names_the_key():

@@ -16,8 +16,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import run_module
-from test_workflow import RUN_FILES, SMOKE, SUMMARY_FILES, copy_checkout
+from helpers import RUN_FILES, SMOKE, SUMMARY_FILES, copy_checkout, run_module
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 

@@ -42,9 +42,9 @@ def test_one_at_a_time_expands_each_option_around_the_base():
         [{"name": "terms", "base": "rdesi", "grid": {"beta": [0, 0.1, 1], "c": [0.3, 3, 30]}}], variants=[TOPK, RDESI]
     )
     assert study.variant_names == ["topk", "rdesi", "rdesi-beta0", "rdesi-beta1", "rdesi-c0.3", "rdesi-c30"]
-    assert study.sweeps == {"terms": ["rdesi", "rdesi-beta0", "rdesi-beta1", "rdesi-c0.3", "rdesi-c30"]}
+    assert study.sweeps == {"terms": ("rdesi", "rdesi-beta0", "rdesi-beta1", "rdesi-c0.3", "rdesi-c30")}
     # A generated variant is the base with one option changed, and runs like any other.
-    cfg = study.run_config("rdesi-beta1", 0, "shards")
+    cfg = study.run_config("rdesi-beta1", 0)
     assert (cfg.router.name, cfg.router.options) == ("rdesi", {"beta": 1, "gamma": 0.3, "c": 3.0})
     curves = {(row["option"], row["value"]): row["variant"] for row in study.sweep_design}
     assert curves == {
@@ -79,8 +79,8 @@ def test_a_point_equal_to_an_existing_variant_reuses_it():
             {"name": "again", "base": "rdesi", "grid": {"beta": [1]}},
         ]
     )
-    assert study.sweeps["terms"] == ["rdesi", "rdesi_no_reputation", "rdesi-beta1"]
-    assert study.sweeps["again"] == ["rdesi", "rdesi-beta1"]
+    assert study.sweeps["terms"] == ("rdesi", "rdesi_no_reputation", "rdesi-beta1")
+    assert study.sweeps["again"] == ("rdesi", "rdesi-beta1")
     assert study.variant_names.count("rdesi-beta1") == 1
 
 
@@ -100,7 +100,7 @@ def test_a_full_grid_is_every_combination():
             and row["fixed"] == f"gamma={format_value(gamma)}, c={format_value(c)}"
         ]
         assert len(rows) == 1
-        options = study.run_config(rows[0]["variant"], 0, "shards").router.options
+        options = study.run_config(rows[0]["variant"], 0).router.options
         assert (options["beta"], options["gamma"], options["c"]) == (beta, gamma, c)
     assert len(study.sweep_design) == 3 * 8  # one row per option and point
 
@@ -112,7 +112,7 @@ def test_sweep_variants_can_be_ablations_and_the_reference():
         ablation={"base": "rdesi", "variants": ["rdesi-beta0"]},
         reference="rdesi-beta0",
     )
-    assert study.ablations == ["rdesi-beta0"] and study.reference == "rdesi-beta0"
+    assert study.ablations == ("rdesi-beta0",) and study.reference == "rdesi-beta0"
 
 
 def test_the_preset_is_large_enough_and_sweeps_every_term():
@@ -200,6 +200,6 @@ def test_a_generated_name_taken_by_a_different_variant_is_an_error():
     assert "rdesi-beta1" in study.variant_names
     # User variant names cannot hold '-', so only a second sweep point could clash; equal points are merged.
     config["sweeps"].append({"name": "t", "base": "rdesi", "grid": {"beta": [1.0]}})
-    assert Study.from_config(config).sweeps["t"] == ["rdesi", "rdesi-beta1"]
+    assert Study.from_config(config).sweeps["t"] == ("rdesi", "rdesi-beta1")
     with pytest.raises(ConfigError, match="must start with a letter"):
         Study.from_config({**config, "variants": [TOPK, RDESI, taken]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from gtmoe.config import save_run_config
 from gtmoe.contract import CHECKPOINT, LOAD_METRICS, RESUME_CHECKPOINT
 from gtmoe.evaluate import evaluate
 from gtmoe.routers.topk import TopKRouter
-from gtmoe.runfiles import NonFiniteLossError
+from gtmoe.runfiles import NonFiniteLossError, RunError
 from gtmoe.train import DataOrder, train
 
 from conftest import TINY_SEQ, tiny_run
@@ -167,7 +168,8 @@ def test_evaluation_reports_every_metric(tmp_path, tiny_shards, router):
 
 def test_router_saturation_on_a_prefix_of_the_split(tmp_path, tiny_shards):
     cfg = tiny_run(tiny_shards, "topk", max_steps=4)
-    cfg.eval.saturation_blocks = 8  # fewer than the split's blocks: early and final must see the same ones
+    # fewer than the split's blocks: early and final must see the same ones
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, saturation_blocks=8))
     train(cfg, tmp_path)
     result = evaluate(tmp_path, "validation")
     assert 0.0 <= result["router_saturation"] <= 1.0
@@ -241,8 +243,20 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
 
 def test_checkpoint_of_another_config_is_refused(tmp_path, tiny_shards):
     train(tiny_run(tiny_shards, "topk", max_steps=4), tmp_path)
-    with pytest.raises(RuntimeError, match="different run config"):
+    with pytest.raises(RunError, match=r"written by a different run: train.lr \(0.003 in checkpoint.pt, 0.01 in"):
         train(tiny_run(tiny_shards, "topk", max_steps=4, lr=1e-2), tmp_path)
+
+
+def test_a_killed_run_resumes_after_an_edit_that_cannot_change_the_weights(tmp_path, tiny_shards):
+    """The one definition of "the same run" (gtmoe.contract.weight_config): new logging and checkpoint
+    intervals resume the run, and it ends with the weights of an uninterrupted one."""
+    whole = train(tiny_run(tiny_shards, "rdesi", max_steps=8), tmp_path / "whole")
+    train(tiny_run(tiny_shards, "rdesi", max_steps=8), tmp_path / "edited", stop_after=4)
+    edited = tiny_run(tiny_shards, "rdesi", max_steps=8, log_every=3, router_log_every=5, checkpoint_every=2)
+    resumed = train(edited, tmp_path / "edited")
+    assert resumed["final_loss"] == whole["final_loss"]
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"] for run in ("whole", "edited"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # Twenty of the trainer's steps (the benchmark's TrainStep: gtmoe.step.train_step on a model whose logits

@@ -7,17 +7,25 @@ import re
 import shlex
 import shutil
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from helpers import run_module
+from helpers import (
+    ALIAS_BOMB,
+    REPO,
+    RUN_FILES,
+    SMOKE,
+    SUMMARY_FILES,
+    WIKITEXT,
+    check_like_the_snakefile,
+    copy_checkout,
+    merged_config,
+    snakemake,
+    write_override,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
-SMOKE = "workflow/presets/smoke.yaml"
 FIGURES = (
     "perplexity",
     "pareto",
@@ -29,39 +37,8 @@ FIGURES = (
     "ablation_forest",
     "flip_rates",
 )
-RUN_FILES = (
-    "checkpoint.pt",
-    "config.yaml",
-    "train_log.parquet",
-    "router_log.parquet",
-    "train_summary.json",
-    "eval_validation.json",
-    "eval_test.json",
-)
-SUMMARY_FILES = (
-    "runs.parquet",
-    "run_status.csv",
-    "run_status.html",
-    "summary.csv",
-    "summary.html",
-    "comparisons.csv",
-    "comparisons.html",
-    "ablations.csv",
-    "ablations.html",
-    "findings.html",
-    "compute.csv",
-    "compute.html",
-    "sensitivity.csv",
-    "sensitivity.html",
-    "sensitivity_best.csv",
-    "sensitivity_best.html",
-)
 SMOKE_SWEEP = "rdesi_bonus"  # the smoke preset's sweep: rdesi's c at 0 and 30 beside its own value
 SMOKE_SWEEP_POINTS = ("rdesi-c0", "rdesi-c30")
-
-
-def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run_module("snakemake", *args, cwd=cwd, timeout=timeout)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -76,28 +53,6 @@ def job_counts(output: str) -> dict[str, int]:
         counts[match[1]] = int(match[2])
     counts.pop("total", None)
     return counts
-
-
-def copy_checkout(dest: Path) -> Path:
-    """The checkout's files (tracked and untracked, not ignored) with the corpus path made absolute."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    config = yaml.safe_load((dest / "config.yaml").read_text())
-    config["data"]["local_dir"] = str(WIKITEXT)
-    (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return dest
-
-
-def write_override(tmp_path: Path, override: dict | str) -> str:
-    """A --configfile: `override` dumped as YAML, or written as is when it is YAML text."""
-    path = tmp_path / "override.yaml"
-    path.write_text(override if isinstance(override, str) else yaml.safe_dump(override))
-    return str(path)
 
 
 def test_lint_is_clean():
@@ -140,10 +95,6 @@ def test_adding_a_variant_or_a_seed_is_a_config_edit(tmp_path):
     assert job_counts(done.stdout)["train"] == 4 * (len(config["variants"]) + 1)
     assert "rdesi_strong" in snakemake("--list-rules", "--configfile", write_override(tmp_path, override)).stdout
 
-
-ALIAS_BOMB = "colour:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"  {b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
-)  # 9**9 strings from 0.4 kB
 
 BAD_INPUTS = [
     ({"variants": [{"name": "a", "router": "topq"}]}, "'variants[0].router' = 'topq': unknown router"),
@@ -243,32 +194,6 @@ def test_statistics_settings_reach_the_analysis_commands(tmp_path):
     for command in commands:
         assert "--primary ppl cv --alpha 0.01 --power 0.9" in command
         assert "--baselines results/baselines/ngram.json" in command
-
-
-def merged_config(override: dict | str) -> dict:
-    """config.yaml with `override` merged as Snakemake merges a --configfile (mappings recursively); YAML text
-    is first read strictly, as workflow/rules/common.smk rereads every config file."""
-    from snakemake.utils import update_config
-
-    from gtmoe.config import load_yaml
-
-    if isinstance(override, str):
-        override = load_yaml(override, "override.yaml")
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    update_config(config, override)
-    return config
-
-
-def check_like_the_snakefile(config: dict) -> None:
-    """The two checks workflow/rules/common.smk runs at parse time: the JSON schema, then gtmoe.study."""
-    from snakemake.utils import validate
-
-    from gtmoe.study import Study, corpus_problem
-
-    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
-    Study.from_config(config)
-    if problem := corpus_problem(config["data"], REPO):
-        raise ValueError(problem)
 
 
 def test_the_default_config_is_valid():

@@ -11,11 +11,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from gtmoe.contract import IGNORE_INDEX  # noqa: E402,F401  (re-exported)
 from gtmoe.data.errors import DataError
 from gtmoe.data.files import _atomic_path, _write_manifest, _writing
 from gtmoe.files import ManifestMismatch, file_entry, remove_stale_temporaries, verify_file
-
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 MANIFEST = "manifest.json"
 TOKENS_COLUMN, N_VALID_COLUMN = "tokens", "n_valid"

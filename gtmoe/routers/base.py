@@ -97,6 +97,15 @@ class Router(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type] = RouterOptions
+    # How the analysis names this router and its parts (`registry.describe`, the study record's `routers`):
+    # `label`, its display name (default: the registered name); `term_labels`, a readable label for every
+    # key `selection_terms()` can return; `state_labels`, one for every entry of `state_names`. The
+    # registry refuses a router whose `option_terms` or `state_names` lack a label.
+    label: ClassVar[str]
+    term_labels: ClassVar[dict[str, str]] = {}
+    state_labels: ClassVar[dict[str, str]] = {}
+    # True where every expert takes exactly its capacity, so its load Gini is 0 by construction (not a finding).
+    balanced_by_construction: ClassVar[bool] = False
     # Option -> the selection term (a key of `selection_terms()`) it scales: a sensitivity sweep of the
     # option reports that term's flip rate.
     option_terms: ClassVar[dict[str, str]] = {}

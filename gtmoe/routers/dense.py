@@ -26,6 +26,11 @@ class DenseFFNBlock:
     """Registry entry, not a router: builds the block's plain feed-forward module."""
 
     Config = DenseOptions
+    # How the analysis names it (see Router): no selection terms, no state, not routed.
+    label = "dense"
+    term_labels: dict[str, str] = {}
+    state_labels: dict[str, str] = {}
+    balanced_by_construction = False
 
     @classmethod
     def build_ffn(cls, options: DenseOptions, model_cfg) -> nn.Module:

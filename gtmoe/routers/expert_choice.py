@@ -28,6 +28,8 @@ class ExpertChoiceOptions(CapacityOptions):
 @register("expert_choice")
 class ExpertChoiceRouter(Router):
     Config = ExpertChoiceOptions
+    label = "expert choice"
+    balanced_by_construction = True  # every expert takes exactly its capacity C: load Gini 0 by construction
 
     def capacity(self, n_tokens: int) -> int:
         return min(n_tokens, math.ceil(self.options.capacity_factor * n_tokens * self.top_k / self.n_experts))

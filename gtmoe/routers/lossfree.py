@@ -56,14 +56,17 @@ class LossFreeOptions(RouterOptions):
 @register("lossfree")
 class LossFreeRouter(TopKRouter):
     Config = LossFreeOptions
+    label = "loss-free"
     option_terms = {"bias_update_rate": "bias", "bias_travel": "bias"}
+    term_labels = {"bias": "loss-free bias b"}
     state_names = ("bias",)
+    state_labels = {"bias": "loss-free bias b"}
 
     def __init__(self, options: LossFreeOptions, d_model: int, n_experts: int, top_k: int):
         if options.bias_update_rate is None:
             raise ValueError(
                 "lossfree: bias_update_rate is unset; resolve it for the run's length with "
-                "options.at_horizon(max_steps) (RunConfig.validate does) or give it explicitly"
+                "options.at_horizon(max_steps) (RunConfig.at_horizon does) or give it explicitly"
             )
         super().__init__(options, d_model, n_experts, top_k)
         self.register_buffer("bias", torch.zeros(n_experts))

@@ -57,8 +57,11 @@ class RDESIOptions(TopKOptions):
 @register("rdesi")
 class RDESIRouter(TopKRouter):
     Config = RDESIOptions
+    label = "RD-ESI"
     option_terms = {"beta": "reputation", "gamma": "load", "c": "bonus"}
+    term_labels = {"reputation": "reputation β·R", "load": "load penalty γ·L̂", "bonus": "exploration bonus"}
     state_names = ("reputation", "load_hat", "bonus")
+    state_labels = {"reputation": "reputation R", "load_hat": "load L̂ = L − 1", "bonus": "exploration bonus"}
 
     def __init__(self, options: RDESIOptions, d_model: int, n_experts: int, top_k: int):
         super().__init__(options, d_model, n_experts, top_k)

@@ -27,6 +27,7 @@ class SwitchOptions(CapacityOptions):
 @register("switch")
 class SwitchRouter(Router):
     Config = SwitchOptions
+    label = "Switch (top-1)"
 
     def active_experts_per_token(self) -> float:
         return 1.0

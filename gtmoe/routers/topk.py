@@ -30,6 +30,7 @@ class TopKRouter(Router):
     """
 
     Config = TopKOptions
+    label = "top-k"
 
     def selection_terms(self) -> dict[str, Tensor]:
         """Named per-expert terms (E,) whose sum is added to the logits for selection only."""

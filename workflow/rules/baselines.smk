@@ -2,8 +2,6 @@
 # train, interpolation weight tuned on validation. The tables and figures show them as reference rows
 # and lines, so a reader sees at once whether the trained models beat a bigram.
 
-NGRAM = "results/baselines/ngram.json"
-
 
 rule ngram_baselines:
     input:

@@ -1,5 +1,4 @@
-# Config validation (schema, then gtmoe's typed checks) and the paths every stage shares.
-import copy
+# Config validation (schema, then gtmoe's typed checks) into the one study record, and the paths every stage shares.
 import functools
 import json
 import os
@@ -13,9 +12,8 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)  # import gtmoe from this checkout even when it is not installed
 
 from gtmoe.config import ConfigError, load_yaml
-from gtmoe.study import Study, corpus_problem
+from gtmoe.study import Study, corpus_problem, write_record
 from gtmoe import contract
-from gtmoe.contract import WEIGHT_NEUTRAL_KEYS
 from gtmoe.data import tokenizer_problem
 
 # Snakemake parsed the config files leniently (a duplicate key: the last wins; aliases expand once walked).
@@ -28,13 +26,6 @@ for _configfile in workflow.configfiles:
 
 validate(config, "../schemas/config.schema.yaml")
 
-DATA = "results/data"
-SHARDS = f"{DATA}/shards"
-RUN = "results/runs/{variant}/seed{seed}"
-SUMMARY = "results/summary"
-FIGURES = "results/figures"
-LOGS = "results/logs"
-BENCHMARKS = "results/benchmarks"
 SPLITS = list(contract.SPLITS)
 EVAL_SPLITS = list(contract.EVAL_SPLITS)
 CONDA_ENV = "../envs/gtmoe.yaml"
@@ -48,14 +39,30 @@ envvars:
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 try:
-    STUDY = Study.from_config(config, shards_dir=SHARDS)
+    STUDY = Study.from_config(config)
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 if problem := corpus_problem(config["data"], workflow.basedir):
     raise WorkflowError(f"invalid configuration: {problem}")
+
+# Every path of the study, under its own root results/<name>/ (gtmoe.contract.StudyLayout).
+LAYOUT = STUDY.layout
+STUDY_RECORD = LAYOUT.record
+DATA = LAYOUT.data
+SHARDS = LAYOUT.shards
+NGRAM = LAYOUT.baselines
+RUN = LAYOUT.run_dir("{variant}", "{seed}")
+SUMMARY = LAYOUT.summary
+FIGURES = LAYOUT.figures
+LOGS = LAYOUT.logs
+BENCHMARKS = LAYOUT.benchmarks
+REPORT = LAYOUT.report
+
 # Before any job: a corrupt tokenizer newer than the shards would make Snakemake delete them first.
-if problem := tokenizer_problem(f"{DATA}/tokenizer.json"):
+if problem := tokenizer_problem(LAYOUT.tokenizer):
     raise WorkflowError(problem)
+# The resolved study: what every job and the analysis read. Rewritten only when its content changes.
+write_record(STUDY)
 
 VARIANTS = STUDY.variant_names
 SEEDS = STUDY.seeds
@@ -127,36 +134,12 @@ def gpu_resources(stage):
     return extra
 
 
-# The train rule's rerun trigger and the evaluate rule's settings (see workflow/rules/train.smk).
-TRAIN_NOT_TRIGGERS = (*WEIGHT_NEUTRAL_KEYS, "train.checkpoint_every")
-
-
 @functools.lru_cache(maxsize=None)
-def resolved_run_config(variant, seed):
-    return STUDY.run_config(variant, int(seed), SHARDS).to_dict()
+def run_weights(variant, seed):
+    """The train rule's rerun trigger: the part of the run config that can change the trained weights
+    (gtmoe.contract.weight_config, the one definition of "the same run"), as sorted JSON."""
+    return json.dumps(STUDY.run_config(variant, int(seed)).weights(), sort_keys=True)
 
 
-def weight_settings(run_config):
-    """The run config without the keys of TRAIN_NOT_TRIGGERS (a section, or a dotted key)."""
-    kept = copy.deepcopy(run_config)
-    for key in TRAIN_NOT_TRIGGERS:
-        *sections, name = key.split(".")
-        parent = kept
-        for section in sections:
-            parent = parent.get(section, {})
-        parent.pop(name, None)
-    return kept
-
-
-class NotATrigger:
-    """A params value the job gets but Snakemake's params trigger ignores: the trigger records only
-    plain Python values (str, numbers, containers) and skips any other object. Formats as its text."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def __str__(self):
-        return self.text
-
-    def __format__(self, spec):
-        return format(self.text, spec)
+# The evaluate rule's rerun trigger: the study's evaluation settings.
+EVAL_SETTINGS = json.dumps(STUDY.record()["run"]["eval"], sort_keys=True)

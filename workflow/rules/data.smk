@@ -3,8 +3,8 @@
 
 rule corpus:
     output:
-        splits=expand(f"{DATA}/corpus/{{split}}.txt", split=SPLITS),
-        meta=f"{DATA}/corpus/corpus.json",
+        splits=expand(f"{LAYOUT.corpus}/{{split}}.txt", split=SPLITS),
+        meta=f"{LAYOUT.corpus}/corpus.json",
     log:
         f"{LOGS}/corpus.log",
     benchmark:
@@ -28,9 +28,9 @@ rule corpus:
 
 rule tokenizer:
     input:
-        f"{DATA}/corpus/train.txt",
+        f"{LAYOUT.corpus}/train.txt",
     output:
-        f"{DATA}/tokenizer.json",
+        LAYOUT.tokenizer,
     log:
         f"{LOGS}/tokenizer.log",
     benchmark:
@@ -51,7 +51,7 @@ rule tokenizer:
 
 rule shards:
     input:
-        text=f"{DATA}/corpus/{{split}}.txt",
+        text=f"{LAYOUT.corpus}/{{split}}.txt",
         tokenizer=rules.tokenizer.output[0],
     output:
         directory(f"{SHARDS}/{{split}}"),

@@ -1,6 +1,6 @@
 # Every metric of SPEC §5 for one run, on the validation and test splits from one model load
-# (CUDA when the job has a GPU). The `eval` settings are this job's own params, not read from the
-# run's config.yaml: editing them reruns the evaluations (Snakemake's params trigger), never training.
+# (CUDA when the job has a GPU). The `eval` settings come from the study record, not the run's
+# config.yaml, and are this job's params trigger: editing them reruns the evaluations, never training.
 
 
 rule evaluate:
@@ -8,6 +8,7 @@ rule evaluate:
         checkpoint=rules.train.output.checkpoint,
         config=rules.train.output.config,
         shards=expand(f"{SHARDS}/{{split}}", split=EVAL_SPLITS),
+        study=ancient(STUDY_RECORD),
     output:
         **{
             split: captioned(
@@ -35,7 +36,7 @@ rule evaluate:
     params:
         run_dir=subpath(input.config, parent=True),
         splits=EVAL_SPLITS,
-        eval_settings=lambda wc: json.dumps(resolved_run_config(wc.variant, wc.seed)["eval"], sort_keys=True),
+        eval_settings=EVAL_SETTINGS,
     shell:
-        "python -m gtmoe evaluate --run {params.run_dir:q} --split {params.splits:q} --out {output:q} "
-        "--eval-json {params.eval_settings:q} --threads {threads:q} > {log:q} 2>&1"
+        "python -m gtmoe evaluate --run {params.run_dir:q} --study {input.study:q} --split {params.splits:q} "
+        "--out {output:q} --threads {threads:q} > {log:q} 2>&1"

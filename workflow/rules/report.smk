@@ -5,8 +5,6 @@ import tempfile
 
 import yaml
 
-REPORT = "results/report.html"
-
 
 onsuccess:
     if all(Path(path).exists() for path in ANALYSIS_OUTPUTS):

@@ -1,17 +1,15 @@
-# One training run per (variant, seed). The resolved run config is a parameter of the job (no job of
-# its own writes it); the job records it as config.yaml in the run directory. Snakemake's params
-# trigger sees only the part that can change the trained weights (`weights`): editing a variant's
-# router, the model or the optimiser retrains exactly the runs concerned, while `eval` and how often
-# training logs or checkpoints (TRAIN_NOT_TRIGGERS) retrain nothing: `evaluate` takes the current
-# `eval` settings as its own params, and a new logging or checkpoint interval applies to runs trained
-# from then on. checkpoint_every is left out because saving a checkpoint changes no computation: an
-# uninterrupted run ends with the same weights whatever the interval (on CPU a resumed one does too).
-# TRAIN_NOT_TRIGGERS, weight_settings and NotATrigger are in common.smk.
+# One training run per (variant, seed), its run config taken from the study record (study.json). The
+# record is an `ancient` input: its mtime moves whenever anything in the study changes, so the trigger is
+# the params value `weights` instead, the part of this run's config that can change the trained weights
+# (gtmoe.contract.weight_config, the one definition of "the same run"). Editing a variant's router, the
+# model or the optimiser retrains exactly the runs concerned; editing `eval` or a logging or checkpoint
+# interval retrains nothing (a new interval applies to runs trained from then on).
 
 
 rule train:
     input:
         shards=f"{SHARDS}/train",
+        study=ancient(STUDY_RECORD),
     output:
         checkpoint=f"{RUN}/{contract.CHECKPOINT}",
         config=f"{RUN}/{contract.RUN_CONFIG}",
@@ -32,9 +30,8 @@ rule train:
     params:
         run_dir=subpath(output.summary, parent=True),
         # The trigger; sorted keys: reordering config.yaml changes nothing.
-        weights=lambda wc: json.dumps(weight_settings(resolved_run_config(wc.variant, wc.seed)), sort_keys=True),
-        run_config=lambda wc: NotATrigger(json.dumps(resolved_run_config(wc.variant, wc.seed))),
+        weights=lambda wc: run_weights(wc.variant, wc.seed),
     shell:
         # Appends: a resumed run's log keeps the interrupted attempt above it.
-        "python -m gtmoe train --config-json {params.run_config:q} --out {params.run_dir:q} --threads {threads:q} "
-        ">> {log:q} 2>&1"
+        "python -m gtmoe train --study {input.study:q} --variant {wildcards.variant:q} --seed {wildcards.seed:q} "
+        "--out {params.run_dir:q} --threads {threads:q} >> {log:q} 2>&1"

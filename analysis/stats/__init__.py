@@ -1,12 +1,13 @@
-"""Statistics over seeds: per-variant summaries and seed-paired comparisons.
+"""Statistics over seeds: per-variant summaries and seed-paired comparisons (``analysis.stats.sensitivity``:
+the dose-response curves of the sweeps).
 
 Conventions
 -----------
 * Confidence intervals are two-sided 95% Student t intervals, ``mean ± t_{0.975, n-1} · s/√n``
   with the sample standard deviation ``s`` (ddof = 1).
 * With fewer than two values, std and CI are NaN (rendered "n/a"), never 0.
-* Paired differences are ``b − a`` per seed, where ``a`` is the reference (``topk``) or
-  ``rdesi`` and ``b`` the other variant. For perplexity and imbalance metrics a positive
+* Paired differences are ``b − a`` per seed, where ``a`` is the reference variant or the
+  ablation base and ``b`` the other variant. For perplexity and imbalance metrics a positive
   difference therefore means ``b`` is worse than ``a``; for an ablation it means that
   removing the term hurt, i.e. the term helped.
 * Holm's step-down adjustment runs per family: one family per (metric, split) of a table,
@@ -15,6 +16,8 @@ Conventions
   is not pooled with the reference comparisons).
 * Endpoints are declared before the data: metrics in the primary set (config.yaml
   ``statistics.primary``) are confirmatory, every other metric is exploratory.
+* The level ``alpha``, the ``power`` of the MDD and the primary endpoints are the study's (its record,
+  ``statistics``): every function that uses them takes them as arguments, without a default.
 * Every comparison carries its minimum detectable difference (MDD): the smallest |mean
   difference| a two-sided paired t-test at level ``alpha`` detects with probability
   ``power``, given n and the observed sd of the differences (noncentral t).
@@ -32,20 +35,13 @@ from scipy import optimize, stats
 from analysis.collect import MODEL_LEVEL, variant_order
 from gtmoe import metrics
 from gtmoe.contract import LOAD_METRICS
+from gtmoe.errors import ConfigError
 
-CONFIDENCE = 0.95
-ALPHA = 0.05  # level of every test (config.yaml statistics.alpha)
-POWER = 0.8  # power at which the minimum detectable difference is quoted (statistics.power)
-PRIMARY_METRICS = ("ppl", "gini", "maxvio_global")  # confirmatory endpoints (statistics.primary)
+CONFIDENCE = 0.95  # level of every confidence interval
 PRIMARY, EXPLORATORY = "primary", "exploratory"
-# Wilcoxon's exact two-sided p is at least 2 / 2^n (all n signs agree). At n = 5 that is 0.0625,
-# so below 6 pairs the test cannot reject at alpha = 0.05 whatever the data: not reported.
-MIN_WILCOXON_N = 6
 SUMMARY_METRICS = ("ppl", "word_ppl", *LOAD_METRICS, "router_saturation", "tokens_per_s")
 TRAIN_METRICS = ("final_loss", "mean_tokens_per_s", "train_wall_s")
 COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_batch", "dead_experts")
-ABLATION_BASE = "rdesi"
-ABLATIONS = ("rdesi_no_reputation", "rdesi_no_load", "rdesi_no_bonus")
 # Display names, and the direction of "better" where one exists (token-expert MI and
 # router saturation describe routing, they are not better high or low).
 METRIC_LABELS = {
@@ -154,7 +150,7 @@ def summarize(
     """Per (variant, split, metric): n, mean, std, 95% t CI over seeds.
 
     ``n`` counts seeds with a finite value, so a metric undefined for a variant
-    (load metrics of ``dense``) shows n = 0 and NaN statistics instead of vanishing.
+    (load metrics of an unrouted variant) shows n = 0 and NaN statistics instead of vanishing.
     Rows follow the study's variant order, then ``splits``, then ``metrics``.
     """
     metrics, splits = list(metrics), list(splits)
@@ -214,13 +210,13 @@ def holm_adjust(pvalues: Sequence[float]) -> np.ndarray:
     return adjusted
 
 
-def wilcoxon_min_n(alpha: float = ALPHA) -> int:
+def wilcoxon_min_n(alpha: float) -> int:
     """Fewest pairs at which the exact two-sided Wilcoxon signed-rank test can reach ``p ≤ alpha``:
-    its smallest p is ``2 / 2^n``."""
+    its smallest p is ``2 / 2^n`` (all n signs agree), so at alpha = 0.05 it needs 6 pairs."""
     return max(1, math.ceil(math.log2(2 / alpha)))
 
 
-def paired_t_power(effect: float, n: int, alpha: float = ALPHA) -> float:
+def paired_t_power(effect: float, n: int, alpha: float) -> float:
     """Power of the two-sided paired t-test with n pairs at standardised effect ``mean(d) / sd(d)``.
 
     Under the alternative ``t = mean(d) / (sd(d) / √n)`` follows a noncentral t with n − 1 degrees
@@ -233,7 +229,7 @@ def paired_t_power(effect: float, n: int, alpha: float = ALPHA) -> float:
     return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.sf(critical, df, -noncentrality))
 
 
-def minimum_detectable_difference(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+def minimum_detectable_difference(sd: float, n: int, alpha: float, power: float) -> float:
     """Smallest |mean difference| a two-sided paired t-test at ``alpha`` detects with ``power``.
 
     Solves ``paired_t_power(δ / sd, n, alpha) = power`` for δ ≥ 0 (the power rises monotonically
@@ -269,9 +265,27 @@ def hedges_g(differences: Sequence[float]) -> tuple[float, str]:
     return float(d.mean() / sd * correction), ""
 
 
-def paired_test(
-    a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE, alpha: float = ALPHA, power: float = POWER
-) -> dict:
+def _common_seeds(a: pd.Series, b: pd.Series) -> pd.DataFrame:
+    """Columns a and b on the seeds where both are finite, by seed."""
+    joined = pd.concat({"a": a, "b": b}, axis=1, join="inner").dropna()
+    return joined[np.isfinite(joined).all(axis=1)].sort_index()
+
+
+def paired_difference(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE) -> dict:
+    """n, seeds, the mean difference ``b − a`` and its t CI over the seeds both have finite values for."""
+    joined = _common_seeds(a, b)
+    diff = (joined["b"] - joined["a"]).to_numpy()
+    low, high = t_confidence_interval(diff, confidence)
+    return dict(
+        n=len(joined),
+        seeds=",".join(str(s) for s in joined.index),
+        mean_diff=float(diff.mean()) if len(diff) else math.nan,
+        ci_low=low,
+        ci_high=high,
+    )
+
+
+def paired_test(a: pd.Series, b: pd.Series, *, alpha: float, power: float, confidence: float = CONFIDENCE) -> dict:
     """Compare two per-seed series (index = seed) on their common seeds with finite values.
 
     Returns n, seeds, means, mean difference ``b − a`` with its t CI, paired t-test p,
@@ -279,8 +293,7 @@ def paired_test(
     the minimum detectable difference ``mdd`` at ``alpha`` and ``power``, and a ``note``
     explaining every NaN.
     """
-    joined = pd.concat({"a": a, "b": b}, axis=1, join="inner").dropna()
-    joined = joined[np.isfinite(joined).all(axis=1)].sort_index()
+    joined = _common_seeds(a, b)
     n = len(joined)
     diff = (joined["b"] - joined["a"]).to_numpy()
     notes = []
@@ -347,12 +360,13 @@ def per_seed(tidy: pd.DataFrame, variant: str, metric: str, split: str, layer: s
 def paired_comparisons(
     tidy: pd.DataFrame,
     pairs: Sequence[tuple[str, str]],
-    metrics: Iterable[str] = COMPARISON_METRICS,
-    split: str = "test",
+    metrics: Iterable[str],
+    split: str,
+    *,
+    primary: Iterable[str],
+    alpha: float,
+    power: float,
     confidence: float = CONFIDENCE,
-    primary: Iterable[str] = PRIMARY_METRICS,
-    alpha: float = ALPHA,
-    power: float = POWER,
 ) -> pd.DataFrame:
     """Seed-paired comparison of every ``(a, b)`` pair on every metric (difference = b − a).
 
@@ -366,7 +380,11 @@ def paired_comparisons(
     for a, b in pairs:
         for metric in metrics:
             test = paired_test(
-                per_seed(tidy, a, metric, split), per_seed(tidy, b, metric, split), confidence, alpha, power
+                per_seed(tidy, a, metric, split),
+                per_seed(tidy, b, metric, split),
+                alpha=alpha,
+                power=power,
+                confidence=confidence,
             )
             rows.append(
                 dict(
@@ -396,15 +414,13 @@ def holm_by_family(pvalues: pd.Series, family: pd.Series) -> np.ndarray:
 def reference_pairs(variants: Sequence[str], reference: str) -> list[tuple[str, str]]:
     """``(reference, v)`` for every other variant, in study order."""
     if reference not in variants:
-        raise ValueError(f"reference variant {reference!r} not among {list(variants)}")
+        raise ConfigError(f"reference variant {reference!r} not among {list(variants)}")
     return [(reference, v) for v in variants if v != reference]
 
 
-def ablation_pairs(
-    variants: Sequence[str], base: str = ABLATION_BASE, ablations: Sequence[str] = ABLATIONS
-) -> list[tuple[str, str]]:
-    """``(base, ablation)`` for each ablation present in ``variants`` (none without the base)."""
-    if base not in variants:
+def ablation_pairs(variants: Sequence[str], base: str | None, ablations: Sequence[str]) -> list[tuple[str, str]]:
+    """``(base, ablation)`` for each ablation present in ``variants`` (none without a base)."""
+    if base is None or base not in variants:
         return []
     return [(base, v) for v in ablations if v in variants]
 

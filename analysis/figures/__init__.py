@@ -1,16 +1,20 @@
 """Report figures (seaborn, PNG). Each public function takes a DataFrame and an output
 path, writes one PNG and returns its path.
 
-Inputs are the tidy table of ``collect`` (already restricted to usable runs), the
-concatenated router logs of ``collect.load_router_logs``, or a comparison table of
-``stats.paired_comparisons``. A figure with nothing to show (no routed variant, no RD-ESI
-run) is still written, with a message, so that workflow outputs always exist.
+Inputs are the tidy table of ``collect`` (already restricted to usable runs), the summary of
+``stats.summarize``, the concatenated router and training logs of ``collect``, or a comparison
+table of ``stats.paired_comparisons`` as the `stats` step wrote it. Router names and labels come
+from the caller (the study record), never from here. A figure with nothing to show (no routed
+variant, no stateful router) is still written, with a message, so that workflow outputs always exist.
+
+This package: the per-variant and training figures (here), the forest plots of the paired
+comparisons (``forest``) and the dose-response figures of the sweeps (``sensitivity``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -22,22 +26,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis import writing  # noqa: E402
 from analysis.collect import MODEL_LEVEL, variant_order  # noqa: E402
-from analysis.stats import CONFIDENCE, metric_label, router_balance_curves, summarize, t_confidence_interval  # noqa: E402
+from analysis.stats import CONFIDENCE, VARIANT, metric_label, router_balance_curves, summarize, t_confidence_interval  # noqa: E402
 from gtmoe.contract import FLIP_RATE_PREFIX, ROUTER_LOG_INDEX  # noqa: E402
 
 DPI = 150
-# Readable names of known router state (router log columns) and selection terms; any other router's own
-# names are shown as they are.
-STATE_LABELS = {
-    "reputation": "reputation R",
-    "load_hat": "load L̂ = L − 1",
-    "bonus": "exploration bonus",
-    "bias": "loss-free bias b",
-}
 BASELINE_STYLES = {"unigram": (0, (6, 2)), "bigram": "-."}  # line styles of the n-gram reference lines
 
 sns.set_theme(context="notebook", style="whitegrid")
@@ -155,6 +150,18 @@ def _baseline_lines(ax: plt.Axes, baselines: pd.DataFrame | None, metric: str, s
         )
 
 
+def _summary(tidy: pd.DataFrame, summary: pd.DataFrame | None, metrics: Sequence[str], split: str) -> pd.DataFrame:
+    """The variants' rows of ``summary`` for ``metrics`` on ``split`` in study order (``summarize`` of ``tidy``
+    when no summary is given), with the columns of ``stats.SUMMARY_COLUMNS``."""
+    if summary is None:
+        return summarize(tidy, metrics, [split])
+    rows = summary[(summary["kind"] == VARIANT) & (summary["split"] == split) & summary["metric"].isin(metrics)]
+    order = {v: i for i, v in enumerate(variant_order(tidy))}
+    rows = rows[rows["variant"].astype(str).isin(order)]
+    rank = rows["variant"].astype(str).map(order) * len(metrics) + rows["metric"].map(list(metrics).index)
+    return rows.assign(variant=rows["variant"].astype(str)).iloc[np.argsort(rank.to_numpy(), kind="stable")]
+
+
 def _model_level(tidy: pd.DataFrame, split: str, metrics: Sequence[str]) -> pd.DataFrame:
     rows = tidy[(tidy["layer"] == MODEL_LEVEL) & (tidy["split"] == split) & tidy["metric"].isin(metrics)]
     rows = rows[np.isfinite(rows["value"])]
@@ -171,13 +178,15 @@ def _metric_panels(
     split: str,
     title: str,
     baselines: pd.DataFrame | None = None,
+    summary: pd.DataFrame | None = None,
 ) -> Path:
-    """One panel per metric: seeds as dots, mean with its 95% t CI as an error bar, and the
-    n-gram reference models of ``baselines`` (if any) as labelled horizontal lines."""
+    """One panel per metric: seeds as dots, mean with its 95% t CI as an error bar (from ``summary``,
+    the `stats` step's table; computed from ``tidy`` when not given), and the n-gram reference models
+    of ``baselines`` (if any) as labelled horizontal lines."""
     variants = variant_order(tidy)
     palette = variant_palette(variants)
     values = _model_level(tidy, split, metrics)
-    summary = summarize(tidy, metrics, [split])
+    summary = _summary(tidy, summary, metrics, split)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 4.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         stats_m = summary[(summary["metric"] == metric) & (summary["n"] > 0)]
@@ -238,16 +247,23 @@ def _metric_panels(
 
 
 def plot_perplexity(
-    tidy: pd.DataFrame, path: str | Path, split: str = "test", baselines: pd.DataFrame | None = None
+    tidy: pd.DataFrame,
+    path: str | Path,
+    split: str = "test",
+    baselines: pd.DataFrame | None = None,
+    summary: pd.DataFrame | None = None,
 ) -> Path:
     """Token- and word-level perplexity per variant with 95% t CIs across seeds; the n-gram
     reference models (``collect.read_baselines``) as labelled horizontal lines."""
-    return _metric_panels(tidy, path, ["ppl", "word_ppl"], split, "Perplexity per variant", baselines)
+    return _metric_panels(tidy, path, ["ppl", "word_ppl"], split, "Perplexity per variant", baselines, summary)
 
 
-def plot_load_balance(tidy: pd.DataFrame, path: str | Path, split: str = "test") -> Path:
+def plot_load_balance(
+    tidy: pd.DataFrame, path: str | Path, split: str = "test", summary: pd.DataFrame | None = None
+) -> Path:
     """Gini, MaxVio (global and batch) per variant with 95% t CIs across seeds."""
-    return _metric_panels(tidy, path, ["gini", "maxvio_global", "maxvio_batch"], split, "Load imbalance per variant")
+    metrics = ["gini", "maxvio_global", "maxvio_batch"]
+    return _metric_panels(tidy, path, metrics, split, "Load imbalance per variant", summary=summary)
 
 
 # --------------------------------------------------------------------------- load heatmap
@@ -369,10 +385,11 @@ def plot_pareto(
     split: str = "test",
     imbalance: str = "gini",
     baselines: pd.DataFrame | None = None,
+    summary: pd.DataFrame | None = None,
 ) -> Path:
-    """Perplexity against load imbalance: runs as dots, variant means with 95% t CIs,
-    the Pareto front of the means (lower is better on both axes), unrouted variants
-    (dense) and the n-gram reference models (``baselines``) as horizontal reference lines."""
+    """Perplexity against load imbalance: runs as dots, variant means with 95% t CIs (from
+    ``summary`` when given), the Pareto front of the means (lower is better on both axes),
+    unrouted variants and the n-gram reference models (``baselines``) as horizontal lines."""
     values = _model_level(tidy, split, ["ppl", imbalance])
     runs = values.pivot_table(index=["variant", "seed"], columns="metric", values="value").reset_index()
     variants = variant_order(tidy)
@@ -383,7 +400,7 @@ def plot_pareto(
         runs[imbalance] = np.nan
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     routed = runs[np.isfinite(runs[imbalance])]
-    summary = summarize(tidy, ["ppl", imbalance], [split]).set_index(["variant", "metric"])
+    summary = _summary(tidy, summary, ["ppl", imbalance], split).set_index(["variant", "metric"])
     means = []
     for variant in variants:
         part = routed[routed["variant"] == variant]
@@ -451,10 +468,15 @@ def router_state_columns(router_log: pd.DataFrame) -> list[str]:
 
 
 def plot_router_state(
-    router_log: pd.DataFrame, path: str | Path, seed: int | None = None, layer: int | None = None
+    router_log: pd.DataFrame,
+    path: str | Path,
+    seed: int | None = None,
+    layer: int | None = None,
+    state_labels: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
     """Each stateful router's state per expert over training steps: one row per variant, one panel per
-    state tensor its router declares (RD-ESI: reputation, load estimate, bonus; loss-free: bias).
+    state tensor its router declares (``Router.state_names``), titled with the router's label for it
+    (``state_labels``: variant -> state -> label, from the study record; the state's name without one).
 
     Expert indices are arbitrary labels that differ between seeds and layers, so trajectories
     are shown for one run and one layer (default: lowest seed, first MoE layer) per variant
@@ -464,7 +486,7 @@ def plot_router_state(
     state = router_log[router_log[columns].notna().any(axis=1)] if columns else router_log.iloc[:0]
     if state.empty:
         return message_figure(
-            path, "Router state", "no stateful router in this study (topk, switch and expert choice keep no state)"
+            path, "Router state", "no router of this study keeps a state over training (none declares one)"
         )
     present = set(state["variant"].astype(str))
     variants = [v for v in variant_order(router_log) if v in present]
@@ -486,7 +508,7 @@ def plot_router_state(
                 ax.set_visible(False)
                 continue
             quantity = tracked[variant][i]
-            label = STATE_LABELS.get(quantity, quantity)
+            label = ((state_labels or {}).get(variant) or {}).get(quantity, quantity)
             sns.lineplot(
                 data=part,
                 x="step",
@@ -507,14 +529,6 @@ def plot_router_state(
     return finish_figure(fig, path, "Router state per expert over training")
 
 
-TERM_LABELS = {
-    "reputation": "reputation β·R",
-    "load": "load penalty γ·L̂",
-    "bonus": "exploration bonus",
-    "bias": "loss-free bias b",
-}
-
-
 def flip_rate_curves(train_log: pd.DataFrame | None) -> pd.DataFrame:
     """Long table ``variant, seed, step, term, flip_rate`` of the finite flip-rate values in
     the training logs (columns ``flip_rate_*``; a router without a term has NaN or no column)."""
@@ -529,16 +543,19 @@ def flip_rate_curves(train_log: pd.DataFrame | None) -> pd.DataFrame:
     return long.assign(variant=long["variant"].astype(str))[columns]
 
 
-def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
+def plot_flip_rates(
+    train_log: pd.DataFrame | None, path: str | Path, term_labels: Mapping[str, str] | None = None
+) -> Path:
     """Flip rate of each selection term over training: the fraction of tokens whose top-k
     expert set changes when that term is removed from the score (mean over MoE layers),
-    mean over seeds with a 95% t band across seeds, one panel per term, one line per variant."""
+    mean over seeds with a 95% t band across seeds, one panel per term (titled with its label in
+    ``term_labels``, from the study record), one line per variant."""
     curves = flip_rate_curves(train_log)
     if curves.empty:
         return message_figure(
             path,
             "Flip rate of the selection terms",
-            "no router with selection terms in this study\n(flip rates are logged by rdesi and lossfree variants)",
+            "no router with selection terms in this study\n(flip rates are logged for routers that declare terms)",
         )
     study = variant_order(train_log)
     palette = variant_palette(study)
@@ -551,7 +568,7 @@ def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
         shown = [v for v in variants if v in set(part["variant"])]
         _seed_mean_lines(ax, part, "flip_rate", shown, palette)
         name = term.removeprefix(FLIP_RATE_PREFIX)
-        ax.set_title(f"without the {TERM_LABELS.get(name, name + ' term')}", fontsize=10)
+        ax.set_title(f"without the {(term_labels or {}).get(name, name + ' term')}", fontsize=10)
         ax.set_ylabel("tokens whose top-k set flips (%)")
         ax.set_ylim(0, min(100, ax.get_ylim()[1]))  # a rate: the t band of few seeds can overshoot 0–100%
         sns.move_legend(ax, "best", title="variant", fontsize=8)
@@ -563,66 +580,6 @@ def plot_flip_rates(train_log: pd.DataFrame | None, path: str | Path) -> Path:
     )
 
 
-# --------------------------------------------------------------------------- forest plots
-
-
-def _forest(comparisons: pd.DataFrame, path: str | Path, title: str) -> Path:
-    """Mean paired difference (b − a) with its 95% t CI, one panel per metric."""
-    if comparisons.empty:
-        return message_figure(path, title, "no comparison (variants absent)")
-    metrics = list(dict.fromkeys(comparisons["metric"]))
-    labels = list(dict.fromkeys(comparisons["variant_b"] + " − " + comparisons["variant_a"]))
-    columns = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / columns)
-    fig, axes = plt.subplots(
-        rows,
-        columns,
-        squeeze=False,
-        sharey=True,
-        layout="constrained",
-        figsize=(3.8 * columns + 2.2, (0.45 * len(labels) + 1.3) * rows + 0.5),
-    )
-    positions = {label: i for i, label in enumerate(labels)}
-    for ax, metric in zip(axes.flat, metrics):
-        part = comparisons[comparisons["metric"] == metric]
-        ax.axvline(0, color="0.3", lw=1)
-        for r in part.itertuples():
-            y = positions[f"{r.variant_b} − {r.variant_a}"]
-            if math.isnan(r.mean_diff):
-                ax.text(0, y, "n/a", ha="center", va="center", color="0.5", fontsize=8)
-                continue
-            has_ci = not math.isnan(r.ci_low)
-            xerr = [[r.mean_diff - r.ci_low], [r.ci_high - r.mean_diff]] if has_ci else None
-            ax.errorbar(r.mean_diff, y, xerr=xerr, fmt="o", color="C0" if has_ci else "0.5", capsize=3, ms=6)
-            p = r.p_ttest_holm
-            ax.annotate(
-                f"n={r.n}" + ("" if math.isnan(p) else f", p={p:.2g}"),
-                (r.mean_diff, y),
-                xytext=(0, 6),
-                textcoords="offset points",
-                ha="center",
-                fontsize=7,
-                color="0.3",
-            )
-        ax.set_title(metric_label(metric), fontsize=10)
-        ax.set_xlabel("Δ = b − a", fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-        ax.margins(x=0.25)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.set_axis_off()
-    axes[0][0].set_yticks(range(len(labels)), labels)
-    axes[0][0].set_ylim(len(labels) - 0.5, -0.8)
-    fig.suptitle(
-        f"{title} (mean paired difference, {int(CONFIDENCE * 100)}% t CI; p: Holm-adjusted paired t-test)", fontsize=11
-    )
-    return save_figure(fig, path)
-
-
-def plot_ablation_forest(comparisons: pd.DataFrame, path: str | Path) -> Path:
-    """Forest plot of ablation deltas (ablation − rdesi): positive PPL/imbalance = the term helped."""
-    return _forest(comparisons, path, "RD-ESI ablations")
-
-
-def plot_reference_forest(comparisons: pd.DataFrame, path: str | Path) -> Path:
-    """Forest plot of every variant against the reference router (variant − reference)."""
-    return _forest(comparisons, path, "Variants vs reference")
+# The forest plots and the sweeps' dose-response figures, in their own modules, here for one import.
+from analysis.figures.forest import plot_ablation_forest, plot_reference_forest  # noqa: E402, F401
+from analysis.figures.sensitivity import plot_sensitivity  # noqa: E402, F401
