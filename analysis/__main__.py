@@ -27,7 +27,7 @@ from analysis import RUN_OK, collect, compute, figures, findings, outputs, recor
 from analysis.record import Record
 from analysis.stats import sensitivity
 from gtmoe.contract import EVAL_SPLITS
-from gtmoe.errors import ConfigError, GtmoeError
+from gtmoe.errors import ConfigError, DataError, GtmoeError
 
 
 def _log(message: str) -> None:
@@ -38,14 +38,28 @@ def _summary_path(study: Record, name: str) -> Path:
     return Path(study.layout.summary) / name
 
 
+def _read(study: Record, name: str, step: str) -> pd.DataFrame:
+    """The parquet table `name` that the step `step` wrote into the study's summary/, as it wrote it."""
+    path = _summary_path(study, name)
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        problem = "does not exist"
+    except (OSError, ValueError) as error:  # pyarrow's errors for a truncated or foreign file
+        problem = f"is unreadable ({type(error).__name__}: {error})"
+    raise DataError(
+        f"{path} {problem}; write it with `python -m analysis {step} --study {study.path}` (snakemake does)"
+    )
+
+
 def _tidy(study: Record) -> pd.DataFrame:
     """The usable rows of the tidy table `aggregate` wrote."""
-    return collect.usable(pd.read_parquet(_summary_path(study, outputs.TIDY)))
+    return collect.usable(_read(study, outputs.TIDY, "aggregate"))
 
 
-def _statistics(study: Record, name: str) -> pd.DataFrame:
-    """A table the `stats` (or `sensitivity`) step wrote, as it wrote it."""
-    return pd.read_parquet(_summary_path(study, f"{name}.parquet"))
+def _statistics(study: Record, name: str, step: str = "stats") -> pd.DataFrame:
+    """A table the `stats` step (or `aggregate`, `sensitivity`) wrote."""
+    return _read(study, f"{name}.parquet", step)
 
 
 def _baselines(study: Record) -> pd.DataFrame:
@@ -137,12 +151,15 @@ def run_figures(study: Record) -> int:
 def run_findings(study: Record) -> int:
     """Write the study's findings in words (HTML) from the tables of `stats`, `aggregate` and, for a study
     with sweeps, `sensitivity`, the n-gram baselines and the training logs."""
-    status = _statistics(study, outputs.STATUS)
+    status = _statistics(study, outputs.STATUS, "aggregate")
     ok = status[status["status"] == RUN_OK]
     dose, best = outputs.SENSITIVITY
-    swept = (
-        dict(sensitivity=_statistics(study, dose), sensitivity_best=_statistics(study, best)) if study.sweeps else {}
-    )
+    swept = {}
+    if study.sweeps:  # the record says whether there are sweeps, not the files that happen to exist
+        swept = dict(
+            sensitivity=_statistics(study, dose, "sensitivity"),
+            sensitivity_best=_statistics(study, best, "sensitivity"),
+        )
     inputs = findings.FindingsInputs(
         comparisons=_statistics(study, "comparisons"),
         ablations=_statistics(study, "ablations"),
@@ -220,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(record.load(args.study))
+        return args.run(record.load(args.study, outputs.RECORD_KEYS[args.command]))
     except GtmoeError as error:  # a problem the user can fix; anything else is a bug, with its traceback
         print(f"error: python -m analysis {args.command}: {error}", file=sys.stderr)
         return 2

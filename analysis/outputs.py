@@ -1,4 +1,5 @@
-"""Names of the files the analysis writes under a study's summary/ and figures/ (gtmoe.contract.StudyLayout).
+"""Names of the files the analysis writes under a study's summary/ and figures/ (gtmoe.contract.StudyLayout),
+and the parts of the study record each step reads.
 
 The one home of these names: `python -m analysis` writes them and workflow/rules/analysis.smk declares
 them as rule outputs. Standard library only, so the workflow can import it when it parses.
@@ -31,3 +32,29 @@ FIGURES = (
 def sensitivity_figure(sweep: str) -> str:
     """File name of a sweep's dose-response figure."""
     return f"sensitivity_{sweep}.png"
+
+
+# The keys of the study record (study.json) each step reads (dotted: one key of a section). A step is given
+# only these (analysis.record.load), and the workflow reruns it when exactly these change (its params
+# trigger): an edit of the run settings, say `train.log_every`, reruns no analysis.
+RUNS = ("name", "root", "seeds", "variants", "routers")
+RECORD_KEYS = {
+    "aggregate": RUNS,
+    "stats": (*RUNS, "reference", "ablation", "statistics"),
+    "figures": (*RUNS, "reference", "ablation", "statistics"),
+    "findings": (*RUNS, "reference", "ablation", "statistics", "findings", "sweeps"),
+    "compute": (*RUNS, "sweeps"),
+    "sensitivity": (*RUNS, "reference", "statistics.split", "sweeps"),
+}
+
+
+def record_part(record: dict, keys: tuple[str, ...]) -> dict:
+    """The part of a study record under `keys` (each a top-level key, or `section.key`), nested as in the record."""
+    part: dict = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        if name:
+            part.setdefault(section, {})[name] = record[section][name]
+        else:
+            part[section] = record[section]
+    return part

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from analysis.outputs import record_part
 from gtmoe.contract import EVAL_SPLITS, STUDY_RECORD_FORMAT, StudyLayout
 from gtmoe.errors import ConfigError
 
@@ -197,11 +198,14 @@ def _check(data: Mapping[str, Any], check: _Checker) -> None:
     check(isinstance(data.get("sweeps"), list), "sweeps", data.get("sweeps"), "must be a list of design rows")
 
 
-def load(path: str | Path) -> Record:
-    """Read and check `study.json`; a missing, malformed or foreign file is a ConfigError naming it."""
+def load(path: str | Path, keys: tuple[str, ...] | None = None) -> Record:
+    """Read and check `study.json`; a missing, malformed or foreign file is a ConfigError naming it. With
+    `keys` (analysis.outputs.RECORD_KEYS of a step) the Record holds only that part of the record."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"study record {path} does not exist; {REWRITE}") from None
     except OSError as error:
         raise ConfigError(f"cannot read the study record {path} ({error.strerror or error}); {REWRITE}") from None
     except ValueError as error:
@@ -215,4 +219,4 @@ def load(path: str | Path) -> Record:
         f"this analysis reads format {STUDY_RECORD_FORMAT}",
     )
     _check(data, check)
-    return Record(path, data)
+    return Record(path, data if keys is None else record_part(data, keys))

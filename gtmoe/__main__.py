@@ -15,6 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from gtmoe.checks import positive_int
 from gtmoe.errors import GtmoeError, NonFiniteLossError, RunError
 
 
@@ -129,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--variant", help="with --study: the variant to train")
     train.add_argument("--seed", type=int, help="with --study: the seed to train")
     train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, summary")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     train.add_argument(
         "--stop-after",
-        type=int,
+        type=positive_int,
         default=None,
         help="checkpoint and exit after this many optimizer steps (for resumption tests)",
     )
@@ -164,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="study record results/<name>/study.json: evaluate with its `eval` settings, and only if the run "
         "is the one the study asks for (how the workflow calls it; default: the run's config.yaml)",
     )
-    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    evaluate.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     evaluate.set_defaults(func=_cmd_evaluate)
 
     baselines = commands.add_parser(

@@ -49,3 +49,16 @@ def check_name(value: Any, key: str) -> None:
         value,
         "must start with a letter, contain only letters, digits and '_', and be at most 64 characters",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (threads, steps, sequence length): an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {short_repr(text)}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {value}")
+    return value

@@ -257,14 +257,18 @@ class RouterConfig:
         return cfg
 
     def resolve(self, prefix: str = "router"):
-        """The router's typed options (its `Config` dataclass), validated."""
-        from gtmoe import routers
+        """The router's typed options (its `Config` dataclass), validated on the first call (errors name
+        `prefix`) and kept: a frozen RouterConfig is checked once, however often it is read."""
+        typed = self.__dict__.get("_typed")  # not a field: asdict, replace and == ignore it
+        if typed is None:
+            from gtmoe import routers
 
-        entry = routers.get(self.name, key=f"{prefix}.name")
-        options = from_dict(entry.Config, self.options, prefix)
-        check_numbers(options, prefix)
-        options.validate(prefix)
-        return options
+            entry = routers.get(self.name, key=f"{prefix}.name")
+            typed = from_dict(entry.Config, self.options, prefix)
+            check_numbers(typed, prefix)
+            typed.validate(prefix)
+            self.__dict__["_typed"] = typed
+        return typed
 
     def for_horizon(self, max_steps: int) -> RouterConfig:
         """A copy whose options that depend on the run's length (e.g. the loss-free bias rate) are resolved to
@@ -544,7 +548,7 @@ def _run_config(raw: Any, origin: str) -> RunConfig:
             raise ConfigError(
                 f"config key '{key}' is missing in {origin}: a run config must name its variant and "
                 "its router explicitly (e.g. variant: topk and router: {name: topk}); "
-                "write the run config the workflow writes (results/runs/VARIANT/seedN/config.yaml)"
+                "write the run config the workflow writes (results/<name>/runs/VARIANT/seedN/config.yaml)"
             )
     return from_dict(RunConfig, raw, "").at_horizon().validate()
 
@@ -554,15 +558,6 @@ def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
     raw = load_yaml(path, f"run config {path}")
     return _run_config(raw, f"run config {path}")
-
-
-def parse_run_config(text: str, origin: str) -> RunConfig:
-    """Validate a run config given as JSON text (`origin` names where it came from, for the error)."""
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{origin} is not valid JSON ({short_repr(str(exc))})") from None
-    return _run_config(raw, origin)
 
 
 def save_run_config(cfg: RunConfig, path: str | Path) -> None:

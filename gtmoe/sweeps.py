@@ -92,6 +92,8 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
     if entries is None:
         return result
     check(isinstance(entries, list), "sweeps", entries, "must be a list of sweeps")
+    if not entries:
+        return result
     # Existing variants by resolved options: a point equal to one of them reuses it.
     known = {}
     for name, mapping in variants.items():

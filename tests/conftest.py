@@ -52,11 +52,15 @@ def tiny_run(shards, router: str = "topk", seed: int = 0, **train) -> RunConfig:
         router_log_every=2,
     )
     values.update(train)
-    return RunConfig(
-        variant=router,
-        model=tiny_model(),
-        router=RouterConfig.from_mapping({"name": router}),
-        train=TrainConfig(**values),
-        data=DataConfig(shards=str(shards)),
-        eval=EvalConfig(),
-    ).at_horizon().validate()
+    return (
+        RunConfig(
+            variant=router,
+            model=tiny_model(),
+            router=RouterConfig.from_mapping({"name": router}),
+            train=TrainConfig(**values),
+            data=DataConfig(shards=str(shards)),
+            eval=EvalConfig(),
+        )
+        .at_horizon()
+        .validate()
+    )

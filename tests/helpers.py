@@ -311,3 +311,93 @@ def tidy_table(values: dict[str, dict[str, dict[int, float]]], split: str = "tes
         for seed, value in by_seed.items()
     ]
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- study records
+
+
+# The ablations' options: each removes one RD-ESI term (as config.yaml declares them).
+ABLATION_OPTIONS = {"rdesi_no_reputation": {"beta": 0.0}, "rdesi_no_load": {"gamma": 0.0}, "rdesi_no_bonus": {"c": 0.0}}
+
+
+def study_record(
+    root: Path | str, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2), **fields
+) -> dict:
+    """A study record (study.json, as gtmoe.study writes it) of `variants` under `root`: each variant's router
+    (ROUTERS, else its own name) with its options resolved by the router's Config (ABLATION_OPTIONS for the
+    ablations), the routers as they describe themselves, the default statistics and findings settings,
+    topk as the reference, the rdesi ablations that are among `variants`, no sweeps. `fields` replace
+    top-level keys."""
+    import dataclasses
+
+    from gtmoe import routers
+    from gtmoe.config import RouterConfig
+    from gtmoe.contract import STUDY_RECORD_FORMAT
+    from gtmoe.study import FINDINGS_DEFAULTS, STATISTICS_DEFAULTS
+
+    entries = {}
+    for variant in variants:
+        router = ROUTERS.get(variant, variant)
+        options = RouterConfig(router, dict(ABLATION_OPTIONS.get(variant, {}))).for_horizon(200).resolve()
+        entries[variant] = {"router": router, "options": dataclasses.asdict(options)}
+    record = {
+        "format": STUDY_RECORD_FORMAT,
+        "name": "test",
+        "root": str(root),
+        "seeds": list(seeds),
+        "reference": "topk" if "topk" in variants else variants[0],
+        "ablation": {
+            "base": "rdesi" if "rdesi" in variants else None,
+            "variants": [v for v in ABLATION_OPTIONS if v in variants and "rdesi" in variants],
+        },
+        "statistics": {**STATISTICS_DEFAULTS, "primary": list(STATISTICS_DEFAULTS["primary"])},
+        "findings": dict(FINDINGS_DEFAULTS),
+        "routers": {r["router"]: routers.describe(r["router"]) for r in entries.values()},
+        "variants": entries,
+        "sweeps": [],
+        "run": {},
+    }
+    record.update(fields)
+    return record
+
+
+def write_study_record(
+    root: Path, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2), **fields
+) -> Path:
+    """`study_record` written as `root`/study.json (its root: `root`); returns the file."""
+    path = Path(root) / "study.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(study_record(root, variants, seeds, **fields), indent=2, ensure_ascii=False))
+    return path
+
+
+def single_error_line(stderr: str) -> str:
+    """A CLI's failure report: exactly one `error: ...` line and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+# An n-gram baseline file (`python -m gtmoe baselines`): the bigram within the synthetic PPL range (100-110),
+# the unigram far above.
+NGRAM = {
+    "unigram": {
+        "params": {"k": 1.0},
+        "validation": {"ppl": 739.0, "word_ppl": 10_866.0, "nll": 6.6, "tokens": 100, "words": 70},
+        "test": {"ppl": 711.6, "word_ppl": 10_259.0, "nll": 6.57, "tokens": 120, "words": 80},
+    },
+    "bigram": {
+        "params": {"lambda": 0.89, "k": 1.0},
+        "validation": {"ppl": 95.1, "word_ppl": 607.5, "nll": 4.56, "tokens": 100, "words": 70},
+        "test": {"ppl": 104.0, "word_ppl": 554.1, "nll": 4.49, "tokens": 120, "words": 80},
+    },
+}
+
+
+def write_baselines(path: Path) -> Path:
+    """NGRAM written as an n-gram baseline file at `path`; returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"models": NGRAM, "vocab_size": 4096, "shards": "results/test/data/shards"}))
+    return path

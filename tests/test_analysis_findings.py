@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from analysis import collect, compute, figures, findings, stats
+from analysis import collect, compute, figures, findings, outputs, stats, tables
 from analysis.__main__ import main
+from analysis.stats import sensitivity
 from analysis.tables import format_interval, format_number, format_p
+from gtmoe.errors import DataError
 
-from helpers import point, tidy_table, write_run
+from helpers import point, tidy_table, write_run, write_study_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,6 +47,7 @@ def write_ngram(path: Path, bigram_test: float = 200.0) -> Path:
         },
         "vocab_size": 512,
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload))
     return path
 
@@ -190,7 +193,11 @@ def inputs_for(tmp_path: Path, **overrides) -> findings.FindingsInputs:
         train_logs=pd.concat(logs, ignore_index=True),
         baselines=collect.read_baselines(write_ngram(tmp_path / "ngram.json")),
         reference="topk",
+        split="test",
+        alpha=0.05,
+        power=0.8,
         still_learning_slope=1.0,
+        group_routed={"expert_choice": "expert choice"},  # the study record's routers say so
     )
     values.update(overrides)
     return findings.FindingsInputs(**values)
@@ -288,6 +295,7 @@ def test_page_without_failures_or_expert_choice(tmp_path):
                 "status": inputs.status[inputs.status["variant"].isin(keep)],
                 "comparisons": inputs.comparisons.iloc[0:0],
                 "ablations": inputs.ablations.iloc[0:0],
+                "group_routed": {},
             }
         )
     )
@@ -297,65 +305,17 @@ def test_page_without_failures_or_expert_choice(tmp_path):
 
 
 def test_findings_command_on_a_synthetic_study(tmp_path):
-    root = tmp_path / "runs"
     variants = ["topk", "expert_choice", "rdesi", "rdesi_no_load"]
-    dirs = [write_run(root, v, s) for v in variants for s in (0, 1, 2)]
+    for v in variants:
+        for s in (0, 1, 2):
+            write_run(tmp_path / "runs", v, s)
+    record = write_study_record(tmp_path, variants, findings={"still_learning_slope": 50.0})
+    write_ngram(tmp_path / "baselines" / "ngram.json", bigram_test=104.0)
+    for verb in ("aggregate", "stats", "findings"):
+        assert main([verb, "--study", str(record)]) == 0
     summary_dir = tmp_path / "summary"
-    ngram = write_ngram(tmp_path / "ngram.json", bigram_test=104.0)
-    run_dirs = [str(d) for d in dirs]
-    assert (
-        main(
-            [
-                "aggregate",
-                "--run-dirs",
-                *run_dirs,
-                "--out-table",
-                str(summary_dir / "runs.parquet"),
-                "--out-status",
-                str(summary_dir / "run_status.csv"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "stats",
-                "--table",
-                str(summary_dir / "runs.parquet"),
-                "--out-dir",
-                str(summary_dir),
-                "--ablations",
-                "rdesi_no_load",
-                "--baselines",
-                str(ngram),
-            ]
-        )
-        == 0
-    )
-    out = summary_dir / "findings.html"
-    assert (
-        main(
-            [
-                "findings",
-                "--summary-dir",
-                str(summary_dir),
-                "--baselines",
-                str(ngram),
-                "--run-dirs",
-                *run_dirs,
-                "--ablations",
-                "rdesi_no_load",
-                "--still-learning-slope",
-                "50",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    text = text_of(out.read_text())
-    comparisons = pd.read_csv(summary_dir / "comparisons.csv")
+    text = text_of((summary_dir / outputs.FINDINGS).read_text())
+    comparisons = pd.read_parquet(summary_dir / "comparisons.parquet")
     primary = comparisons[comparisons["endpoint"] == "primary"]
     for row in primary[primary["p_ttest"].notna()].itertuples():  # every primary comparison is stated
         assert f"{row.variant_b}" in text and f"Δ = {format_number(row.mean_diff)}" in text
@@ -367,6 +327,39 @@ def test_findings_command_on_a_synthetic_study(tmp_path):
     )
     for variant, mean in means.items():
         assert (f"{variant}: mean test PPL {format_number(mean)} is not below" in text) == (mean >= 104.0)
+    # The record's settings: the ablation (rdesi_no_load against rdesi), the caveat of the router that
+    # balances load by construction, with its label; no sensitivity section without sweeps.
+    assert "Ablations: each against rdesi" in text and "rdesi_no_load" in text
+    assert "† expert_choice: its router, expert choice, balances the load by construction" in text
+    assert "Sensitivity" not in text
+
+
+def test_findings_reads_the_sensitivity_tables_only_when_the_record_has_sweeps(tmp_path):
+    variants = ["topk", "rdesi"]
+    for v in variants:
+        for s in (0, 1):
+            write_run(tmp_path / "runs", v, s)
+    write_ngram(tmp_path / "baselines" / "ngram.json")
+    design = [point("rdesi_c", "c", 3.0, "rdesi", "bonus")]
+    record = write_study_record(tmp_path, variants, (0, 1), sweeps=design)
+    for verb in ("aggregate", "stats"):
+        assert main([verb, "--study", str(record)]) == 0
+    # A study with sweeps needs its sensitivity tables: absent, that is an error naming the step.
+    assert main(["findings", "--study", str(record)]) == 2
+    assert main(["sensitivity", "--study", str(record)]) == 0
+    assert (tmp_path / "figures" / outputs.sensitivity_figure("rdesi_c")).is_file()
+    assert main(["findings", "--study", str(record)]) == 0
+    assert "Sensitivity: dose-response" in text_of((tmp_path / "summary" / outputs.FINDINGS).read_text())
+    # The same root without sweeps in its record: a sensitivity table left there is not shown.
+    write_study_record(tmp_path, variants, (0, 1))
+    assert main(["findings", "--study", str(record)]) == 0
+    assert "Sensitivity" not in text_of((tmp_path / "summary" / outputs.FINDINGS).read_text())
+
+
+def test_the_findings_page_escapes_every_value(tmp_path):
+    inputs = inputs_for(tmp_path, reference="<topk>", group_routed={"expert_choice": "<b>choice</b>"})
+    page = findings.render(inputs)
+    assert "&lt;topk&gt;" in page and "<topk>" not in page and "<b>choice</b>" not in page
 
 
 # --------------------------------------------------------------------------- flip rates
@@ -480,28 +473,20 @@ def test_breakdown_adds_up_to_the_benchmark_total(benchmarked_study):
 
 
 def test_compute_command_writes_csv_and_html(benchmarked_study, tmp_path):
+    # The fixture's benchmarks/ and runs/ are a study root's: the record's runs are topk and rdesi, seed 0.
+    record = write_study_record(tmp_path, ["topk", "rdesi"], (0,))
+    stale = write_benchmark(benchmarked_study["bench"] / "train" / "removed_variant" / "seed0.tsv", 99.0)
+    unswept = write_benchmark(benchmarked_study["bench"] / "sensitivity.tsv", 9.0)
+    assert main(["compute", "--study", str(record)]) == 0
     out = tmp_path / "summary" / "compute.csv"
-    # Without --benchmark-root the files' common directory is the root (as in the workflow's rule).
-    assert (
-        main(
-            [
-                "compute",
-                "--benchmarks",
-                *map(str, benchmarked_study["files"]),
-                "--runs-root",
-                str(benchmarked_study["runs"]),
-                "--out-csv",
-                str(out),
-            ]
-        )
-        == 0
-    )
     table = pd.read_csv(out)
     assert list(table.columns) == compute.BREAKDOWN_COLUMNS
+    # Exactly the study's jobs: not a run the record does not have, nor the sensitivity job without sweeps.
     expected = compute.breakdown(
         compute.jobs_table(benchmarked_study["files"], benchmarked_study["bench"], benchmarked_study["runs"])
     )
     pd.testing.assert_frame_equal(table, expected, check_dtype=False)
+    assert stale.is_file() and unswept.is_file()
     text = text_of(out.with_suffix(".html").read_text())
     assert "Compute breakdown" in text and "start-up + per-job overhead" in text and "evaluation" in text
 
@@ -510,13 +495,11 @@ def test_a_file_that_is_not_a_benchmark_is_rejected(tmp_path):
     bad = tmp_path / "b" / "train" / "x" / "seed0.tsv"
     bad.parent.mkdir(parents=True)
     bad.write_text("a\tb\n1\t2\n")
-    with pytest.raises(ValueError, match="not a Snakemake benchmark file"):
+    with pytest.raises(DataError, match="not a Snakemake benchmark file"):
         compute.jobs_table([bad], tmp_path / "b", tmp_path / "runs")
 
 
 def test_sensitivity_curves_in_words(tmp_path):
-    from analysis import sensitivity
-
     # beta: Gini falls with the value; PPL stays below topk's up to 1, not at 3: the best value is 1.
     gini = {0: 0.30, 0.1: 0.25, 1: 0.10, 3: 0.05}
     ppl = {0: 99.0, 0.1: 98.0, 1: 99.5, 3: 120.0}
@@ -535,14 +518,14 @@ def test_sensitivity_curves_in_words(tmp_path):
             "maxvio_global": {s: 0.4 for s in (0, 1, 2)},
             "flip_rate_reputation": {s: 0.2 * p["value"] for s in (0, 1, 2)},
         }
-    dose = sensitivity.dose_response(tidy_table(values), design)
+    dose = sensitivity.dose_response(tidy_table(values), design, "test", "topk")
     best = sensitivity.best_values(dose)
-    sensitivity.write_tables(dose, best, tmp_path)
+    tables.write_sensitivity(dose, best, tmp_path)
     page = findings.render(
         inputs_for(
             tmp_path,
-            sensitivity=findings.read_table(tmp_path / "sensitivity.csv"),
-            sensitivity_best=findings.read_table(tmp_path / "sensitivity_best.csv"),
+            sensitivity=pd.read_parquet(tmp_path / "sensitivity.parquet"),
+            sensitivity_best=pd.read_parquet(tmp_path / "sensitivity_best.parquet"),
         )
     )
     text = text_of(page)
@@ -557,20 +540,20 @@ def test_sensitivity_curves_in_words(tmp_path):
     # Seeds that disagree: beta 0.1 and 1 now straddle topk's perplexity (their intervals contain 0).
     for variant, shifts in (("rdesi", (-3.0, 2.0, 1.0)), ("rdesi-beta1", (2.0, -2.5, 0.0))):
         values[variant]["ppl"] = {s: 101.0 + s + shifts[s] for s in (0, 1, 2)}
-    dose = sensitivity.dose_response(tidy_table(values), design)
-    text = text_of(findings.sensitivity_section(dose, sensitivity.best_values(dose)))
+    dose = sensitivity.dose_response(tidy_table(values), design, "test", "topk")
+    text = " ".join(map(findings.plain, findings.sensitivity_items(dose, sensitivity.best_values(dose))))
     assert (
         "beyond the seeds' noise below it at 0 and above it at 3; at the other 2 the Δ PPL interval contains 0, "
         "so whether they are no worse is within noise." in text
     )
     for variant in ("rdesi", "rdesi-beta1", "rdesi-beta0"):  # nothing separated: the sentence says so
         values[variant]["ppl"] = {s: 101.0 + s + (-1.0, 1.0, 0.5)[s] for s in (0, 1, 2)}
-    dose = sensitivity.dose_response(tidy_table(values), design)
-    text = text_of(findings.sensitivity_section(dose, sensitivity.best_values(dose)))
+    dose = sensitivity.dose_response(tidy_table(values), design, "test", "topk")
+    text = " ".join(map(findings.plain, findings.sensitivity_items(dose, sensitivity.best_values(dose))))
     assert "No value's Δ PPL interval excludes 0" not in text  # beta 3 is still far above
     values["rdesi-beta3"]["ppl"] = {s: 101.0 + s + (1.0, -1.0, 0.5)[s] for s in (0, 1, 2)}
-    dose = sensitivity.dose_response(tidy_table(values), design)
-    text = text_of(findings.sensitivity_section(dose, sensitivity.best_values(dose)))
+    dose = sensitivity.dose_response(tidy_table(values), design, "test", "topk")
+    text = " ".join(map(findings.plain, findings.sensitivity_items(dose, sensitivity.best_values(dose))))
     assert "No value's Δ PPL interval excludes 0: these seeds do not separate any value's perplexity" in text
     # Without sweeps there is no such section.
     assert "Sensitivity" not in text_of(findings.render(inputs_for(tmp_path)))

@@ -15,7 +15,7 @@ from PIL import Image
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.__main__ import FIGURE_FILES, TABLE_FILES  # noqa: E402
+from analysis import outputs  # noqa: E402
 
 from browser import find_chromium, screenshot  # noqa: E402
 
@@ -25,8 +25,8 @@ CAPTIONS = [
     "run_status",
     "findings",
     "compute",
-    *TABLE_FILES,
-    *(Path(name).stem for name in FIGURE_FILES),
+    *outputs.STATISTICS,
+    *outputs.FIGURES,
     "sensitivity",
     "sensitivity_table",
     "sensitivity_best",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,12 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from analysis import sensitivity
+from analysis import figures, outputs, tables
+from analysis.__main__ import main
+from analysis.stats import sensitivity
+from gtmoe.errors import ConfigError
 
-from helpers import point, run_module, tidy_table
+from helpers import point, run_module, study_record, tidy_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
@@ -46,8 +48,7 @@ def is_png(path: Path) -> bool:
 @pytest.mark.parametrize(
     "design, message",
     [
-        ("{not json", "not valid JSON"),
-        ('{"sweep": "s"}', "must be a JSON list"),
+        ({"sweep": "s"}, "must be a list of records"),
         (["rdesi"], "record 0 must be an object"),
         ([point(), {k: v for k, v in point(value=1).items() if k != "variant"}], "record 1 lacks 'variant'"),
         ([point(value="high")], r"record 0 \(s, beta\): value must be a finite number"),
@@ -60,8 +61,8 @@ def is_png(path: Path) -> bool:
     ],
 )
 def test_read_design_rejects_bad_designs(design, message):
-    with pytest.raises(ValueError, match=message):
-        sensitivity.read_design(design if isinstance(design, str) else json.dumps(design))
+    with pytest.raises(ConfigError, match=message):
+        sensitivity.read_design(design)
 
 
 def test_read_design_defaults_and_grid_duplicates():
@@ -140,9 +141,9 @@ def test_flip_rate_rows_follow_the_term():
 
 def test_dose_response_rejects_unknown_variants():
     tidy = tidy_table({"topk": {"ppl": {0: 1.0}}, "rdesi": {"ppl": {0: 1.0}}})
-    with pytest.raises(ValueError, match="reference variant 'switch'"):
+    with pytest.raises(ConfigError, match="reference variant 'switch'"):
         sensitivity.dose_response(tidy, [point()], "test", "switch")
-    with pytest.raises(ValueError, match=r"absent from the table: \['rdesi-beta9'\]"):
+    with pytest.raises(ConfigError, match=r"absent from the table: \['rdesi-beta9'\]"):
         sensitivity.dose_response(tidy, [point(value=9, variant="rdesi-beta9")], "test", "topk")
 
 
@@ -261,24 +262,22 @@ def test_figures_one_at_a_time_and_grid(tmp_path):
     tidy, design = sweep_study()
     dose = sensitivity.dose_response(tidy, design, "test", "topk")
     for sweep in ("oat", "grid"):
-        assert is_png(sensitivity.plot_sensitivity(dose, tmp_path / f"{sweep}.png", sweep, "topk"))
+        assert is_png(figures.plot_sensitivity(dose, tmp_path / f"{sweep}.png", sweep))
     # Nothing to show: a message figure, not an exception.
-    assert is_png(sensitivity.plot_sensitivity(dose, tmp_path / "absent.png", "absent", "topk"))
+    assert is_png(figures.plot_sensitivity(dose, tmp_path / "absent.png", "absent"))
     empty = dose.assign(mean=np.nan, ci_low=np.nan, ci_high=np.nan)
-    assert is_png(sensitivity.plot_sensitivity(empty, tmp_path / "empty.png", "oat", "topk"))
+    assert is_png(figures.plot_sensitivity(empty, tmp_path / "empty.png", "oat"))
 
 
 def test_write_tables(tmp_path):
     tidy, design = sweep_study()
     dose = sensitivity.dose_response(tidy, design, "test", "topk")
     best = sensitivity.best_values(dose)
-    written = sensitivity.write_tables(dose, best, tmp_path)
-    assert sorted(p.name for p in written) == [
-        "sensitivity.csv",
-        "sensitivity.html",
-        "sensitivity_best.csv",
-        "sensitivity_best.html",
-    ]
+    written = tables.write_sensitivity(dose, best, tmp_path)
+    assert sorted(p.name for p in written) == sorted(
+        f"{name}.{suffix}" for name in outputs.SENSITIVITY for suffix in ("parquet", "csv", "html")
+    )
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "sensitivity.parquet"), dose)
     page = (tmp_path / "sensitivity.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page and 'class="reference"' in page
     assert "Sweep: oat" in page and "Sweep: grid" in page and "other options" in page
@@ -286,76 +285,49 @@ def test_write_tables(tmp_path):
     assert len(pd.read_csv(tmp_path / "sensitivity.csv")) == len(dose)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return run_module("analysis", "sensitivity", *args, timeout=120)
+def sweep_record(tmp_path: Path, tidy: pd.DataFrame, design: list[dict]) -> Path:
+    """The study record of `sweep_study` under tmp_path, its tidy table written as aggregate does."""
+    data = study_record(tmp_path, ["topk", "rdesi"], SEEDS, sweeps=design)
+    for variant in dict.fromkeys(p["variant"] for p in design):
+        data["variants"].setdefault(variant, dict(data["variants"]["rdesi"], sweep=design[0]["sweep"]))
+    variants = list(data["variants"])
+    tidy = tidy.assign(variant=pd.Categorical(tidy["variant"], categories=variants, ordered=True))
+    (tmp_path / "summary").mkdir(parents=True, exist_ok=True)
+    tidy.to_parquet(tmp_path / "summary" / outputs.TIDY, index=False)
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(data))
+    return path
 
 
 def test_cli_end_to_end(tmp_path):
     tidy, design = sweep_study()
     failed = tidy[tidy["variant"] == "rdesi-beta0"].assign(seed=9, value=1e9, run_status="failed")
-    table = tmp_path / "runs.parquet"
-    pd.concat([tidy, failed]).to_parquet(table, index=False)
-    summary, figures_dir = tmp_path / "summary", tmp_path / "figures"
-    result = run_cli(
-        "--table",
-        str(table),
-        "--design-json",
-        json.dumps(design),
-        "--reference",
-        "topk",
-        "--split",
-        "test",
-        "--out-dir",
-        str(summary),
-        "--figures-dir",
-        str(figures_dir),
-    )
+    record = sweep_record(tmp_path, pd.concat([tidy, failed]), design)
+    result = run_module("analysis", "sensitivity", "--study", str(record), timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in summary.iterdir()) == [
-        "sensitivity.csv",
-        "sensitivity.html",
-        "sensitivity_best.csv",
-        "sensitivity_best.html",
-    ]
+    summary, figures_dir = tmp_path / "summary", tmp_path / "figures"
+    assert sorted(p.name for p in summary.iterdir()) == sorted(
+        [outputs.TIDY, *(f"{name}.{suffix}" for name in outputs.SENSITIVITY for suffix in ("parquet", "csv", "html"))]
+    )
     assert sorted(p.name for p in figures_dir.iterdir()) == ["sensitivity_grid.png", "sensitivity_oat.png"]
     assert all(is_png(p) for p in figures_dir.iterdir())
-    dose = pd.read_csv(summary / "sensitivity.csv")
+    dose = pd.read_parquet(summary / "sensitivity.parquet")
     assert dose["n"].max() == 3 and dose["mean"].max() < 1e9  # the failed run is left out
-    best = pd.read_csv(summary / "sensitivity_best.csv")
+    assert (dose["reference"] == "topk").all() and (dose["split"] == "test").all()  # the record's
+    best = pd.read_parquet(summary / "sensitivity_best.parquet")
     assert len(best) == 2 + 4  # oat: beta, c; grid: two curves per option
 
-    # The design may also be a file.
-    design_file = tmp_path / "design.json"
-    design_file.write_text(json.dumps(design[:4]))
-    result = run_cli(
-        "--table",
-        str(table),
-        "--design-json",
-        str(design_file),
-        "--out-dir",
-        str(summary),
-        "--figures-dir",
-        str(tmp_path / "one"),
-    )
-    assert result.returncode == 0, result.stderr
-    assert [p.name for p in (tmp_path / "one").iterdir()] == ["sensitivity_oat.png"]
 
-
-@pytest.mark.parametrize("design", [json.dumps([{"sweep": "oat", "option": "beta"}]), "missing.json"])
-def test_cli_bad_design_is_one_error_line(tmp_path, design):
-    table = tmp_path / "runs.parquet"
-    sweep_study()[0].to_parquet(table, index=False)
-    result = run_cli(
-        "--table",
-        str(table),
-        "--design-json",
-        design,
-        "--out-dir",
-        str(tmp_path / "s"),
-        "--figures-dir",
-        str(tmp_path / "f"),
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: python -m analysis sensitivity: ")
-    assert not (tmp_path / "s").exists()
+@pytest.mark.parametrize(
+    "design, message",
+    [([{"sweep": "oat", "option": "beta"}], "sweep design record 0 lacks"), ([point(value="high")], "finite number")],
+)
+def test_a_bad_design_in_the_record_is_one_error_line(tmp_path, capsys, design, message):
+    record = sweep_record(tmp_path, *sweep_study())
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "sweeps": design}))
+    assert main(["sensitivity", "--study", str(record)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: python -m analysis sensitivity: study record ")
+    assert message in lines[0] and str(record) in lines[0]
+    assert not (tmp_path / "figures").exists()

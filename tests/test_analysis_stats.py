@@ -12,11 +12,15 @@ import pytest
 from scipy import stats as sps
 
 from analysis import RUN_FAILED, RUN_MISSING, RUN_OK, collect, stats
+from analysis.record import Record
+from gtmoe.errors import ConfigError, DataError
 
-from helpers import make_router_log, write_run
+from helpers import make_router_log, study_record, write_run
 
 # t quantile t(0.975, 4) from printed tables, so the CI test does not just re-run scipy.
 T_975_DF4 = 2.7764451051977987
+LEVELS = dict(alpha=0.05, power=0.8)  # the study's level and power (gtmoe.study's defaults)
+PRIMARY = ["ppl", "gini", "maxvio_global"]
 
 
 def tidy_from(values: dict[str, dict[int, float]], metric: str = "ppl", split: str = "test") -> pd.DataFrame:
@@ -111,7 +115,7 @@ def test_paired_test_matches_scipy_and_sign_is_b_minus_a():
     rng = np.random.default_rng(0)
     a = pd.Series(100 + rng.normal(size=6), index=range(6))
     b = a + 1.5 + rng.normal(scale=0.5, size=6)
-    result = stats.paired_test(a, b)
+    result = stats.paired_test(a, b, **LEVELS)
     d = (b - a).to_numpy()
     assert result["n"] == 6 and result["mean_diff"] == pytest.approx(d.mean()) and result["mean_diff"] > 0
     ci = sps.ttest_1samp(d, 0).confidence_interval(0.95)
@@ -125,7 +129,7 @@ def test_paired_test_matches_scipy_and_sign_is_b_minus_a():
 def test_wilcoxon_with_ties_and_zero_differences():
     d = np.array([0.0, 1.0, 1.0, -2.0, 3.0, 0.0, 2.0, 4.0])
     a = pd.Series(np.arange(8, dtype=float))
-    result = stats.paired_test(a, a + d)
+    result = stats.paired_test(a, a + d, **LEVELS)
     # zeros dropped; |d| ranks 1.5, 1.5, 3.5, 3.5, 5, 6 → W− = 3.5 (the −2), W+ = 17.5
     reference = sps.wilcoxon(d, zero_method="wilcox")
     assert reference.statistic == 3.5
@@ -133,13 +137,13 @@ def test_wilcoxon_with_ties_and_zero_differences():
     assert "dropped 2 zero" in result["note"]
     assert result["p_ttest"] == pytest.approx(sps.ttest_rel(a + d, a).pvalue)
     # Seven pairs but only five non-zero differences: Wilcoxon could not reject, so it is left out.
-    fewer = stats.paired_test(a[:7], a[:7] + d[:7])
+    fewer = stats.paired_test(a[:7], a[:7] + d[:7], **LEVELS)
     assert math.isnan(fewer["p_wilcoxon"]) and "5 non-zero differences" in fewer["note"]
 
 
 def test_all_zero_differences_are_explicit_not_a_crash():
     a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0])
-    result = stats.paired_test(a, a.copy())
+    result = stats.paired_test(a, a.copy(), **LEVELS)
     assert result["n"] == 5 and result["mean_diff"] == 0.0
     for key in ("p_ttest", "p_wilcoxon", "hedges_g"):
         assert math.isnan(result[key])
@@ -148,7 +152,7 @@ def test_all_zero_differences_are_explicit_not_a_crash():
 
 def test_constant_nonzero_differences_give_no_t_test():
     a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-    result = stats.paired_test(a, a + 2)
+    result = stats.paired_test(a, a + 2, **LEVELS)
     assert math.isnan(result["p_ttest"]) and math.isnan(result["hedges_g"]) and math.isnan(result["mdd"])
     assert result["p_wilcoxon"] == pytest.approx(2 / 2**6)  # exact two-sided minimum at n = 6
     assert "constant" in result["note"]
@@ -156,7 +160,7 @@ def test_constant_nonzero_differences_give_no_t_test():
 
 def test_fewer_than_six_pairs_have_no_wilcoxon():
     a = pd.Series([1.0, 2.0, 3.0, 4.0])
-    result = stats.paired_test(a, a + pd.Series([0.1, 0.3, 0.2, 0.5]))
+    result = stats.paired_test(a, a + pd.Series([0.1, 0.3, 0.2, 0.5]), **LEVELS)
     assert math.isnan(result["p_wilcoxon"]) and "n<6" in result["note"]
     assert math.isfinite(result["p_ttest"]) and math.isfinite(result["hedges_g"])
 
@@ -164,26 +168,28 @@ def test_fewer_than_six_pairs_have_no_wilcoxon():
 def test_wilcoxon_is_reported_only_where_it_can_reject():
     """n = 5: all five differences positive, the most extreme data there is, still gives the exact
     two-sided p = 2/32 = 0.0625 > 0.05, so the test is left out; at n = 6 it is reported and rejects."""
-    assert stats.MIN_WILCOXON_N == 6 == stats.wilcoxon_min_n(0.05)
+    assert stats.wilcoxon_min_n(0.05) == 6
     assert sps.wilcoxon([1.0, 2.0, 3.0, 4.0, 5.0]).pvalue == pytest.approx(0.0625)
     five = pd.Series(np.arange(5.0))
-    result = stats.paired_test(five, five + [1.0, 2.0, 3.0, 4.0, 5.0])
+    result = stats.paired_test(five, five + [1.0, 2.0, 3.0, 4.0, 5.0], **LEVELS)
     assert math.isnan(result["p_wilcoxon"]) and "n<6: no Wilcoxon" in result["note"]
     six = pd.Series(np.arange(6.0))
     d = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.5])
-    result = stats.paired_test(six, six + d)
+    result = stats.paired_test(six, six + d, **LEVELS)
     assert result["p_wilcoxon"] == pytest.approx(sps.wilcoxon(d).pvalue) == pytest.approx(2 / 64)
     assert result["p_wilcoxon"] < 0.05 and "Wilcoxon" not in result["note"]
     # A stricter level needs more pairs: 2 / 2^n <= 0.01 first at n = 8.
     assert stats.wilcoxon_min_n(0.01) == 8
-    seven = stats.paired_test(pd.Series(np.arange(7.0)), pd.Series(np.arange(7.0) + np.arange(1, 8)), alpha=0.01)
+    seven = stats.paired_test(
+        pd.Series(np.arange(7.0)), pd.Series(np.arange(7.0) + np.arange(1, 8)), alpha=0.01, power=0.8
+    )
     assert math.isnan(seven["p_wilcoxon"]) and "n<8" in seven["note"]
 
 
 @pytest.mark.parametrize("n", [0, 1])
 def test_fewer_than_two_pairs_give_nan_with_reason(n):
     a = pd.Series([1.0] * n, dtype=float)
-    result = stats.paired_test(a, a + 1)
+    result = stats.paired_test(a, a + 1, **LEVELS)
     assert result["n"] == n
     for key in ("ci_low", "ci_high", "p_ttest", "p_wilcoxon", "hedges_g"):
         assert math.isnan(result[key])
@@ -211,7 +217,12 @@ def test_paired_comparisons_join_on_common_seeds_and_adjust_per_family():
         ]
     )
     table = stats.paired_comparisons(
-        tidy, stats.reference_pairs(["topk", "rdesi", "switch"], "topk"), ["ppl", "gini"], "test"
+        tidy,
+        stats.reference_pairs(["topk", "rdesi", "switch"], "topk"),
+        ["ppl", "gini"],
+        "test",
+        primary=PRIMARY,
+        **LEVELS,
     )
     assert list(table.columns) == stats.COMPARISON_COLUMNS
     row = table[(table.variant_b == "rdesi") & (table.metric == "ppl")].iloc[0]
@@ -228,9 +239,14 @@ def test_pairs():
     variants = ["dense", "topk", "rdesi", "rdesi_no_load", "rdesi_no_bonus"]
     assert stats.reference_pairs(variants, "topk")[0] == ("topk", "dense")
     assert ("topk", "topk") not in stats.reference_pairs(variants, "topk")
-    assert stats.ablation_pairs(variants) == [("rdesi", "rdesi_no_load"), ("rdesi", "rdesi_no_bonus")]
-    assert stats.ablation_pairs(["topk", "rdesi_no_load"]) == []
-    with pytest.raises(ValueError, match="reference"):
+    ablations = ["rdesi_no_reputation", "rdesi_no_load", "rdesi_no_bonus"]
+    assert stats.ablation_pairs(variants, "rdesi", ablations) == [
+        ("rdesi", "rdesi_no_load"),
+        ("rdesi", "rdesi_no_bonus"),
+    ]
+    assert stats.ablation_pairs(["topk", "rdesi_no_load"], "rdesi", ablations) == []
+    assert stats.ablation_pairs(variants, None, []) == []  # a study without ablations
+    with pytest.raises(ConfigError, match="reference"):
         stats.reference_pairs(variants, "switch")
 
 
@@ -314,11 +330,11 @@ def test_collect_tidy_layout_and_sources(study):
 
 
 def test_collect_rejects_configuration_errors(study):
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ConfigError, match="outside"):
         collect.collect_runs(study["dirs"], ["topk"], [0])
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ConfigError, match="seed"):
         collect.collect_runs([study["root"] / "topk"])
-    with pytest.raises(ValueError, match="two run directories"):
+    with pytest.raises(ConfigError, match="two run directories"):
         collect.collect_runs([study["dirs"][0], str(study["dirs"][0]) + "/"])
 
 
@@ -378,7 +394,12 @@ def test_holm_runs_per_metric_family_not_over_the_table():
             )
         )
     table = stats.paired_comparisons(
-        pd.concat(frames), stats.reference_pairs(variants, "topk"), ["ppl", "gini", "load_entropy"], "test"
+        pd.concat(frames),
+        stats.reference_pairs(variants, "topk"),
+        ["ppl", "gini", "load_entropy"],
+        "test",
+        primary=PRIMARY,
+        **LEVELS,
     )
     assert list(table.family.unique()) == ["ppl/test", "gini/test", "load_entropy/test"]
     for _family, rows in table.groupby("family"):
@@ -404,9 +425,9 @@ def test_endpoints_are_primary_or_exploratory_as_declared():
         ]
     )
     pairs = [("topk", "rdesi")]
-    default = stats.paired_comparisons(tidy, pairs, ["ppl", "gini", "cv"], "test")
+    default = stats.paired_comparisons(tidy, pairs, ["ppl", "gini", "cv"], "test", primary=PRIMARY, **LEVELS)
     assert dict(zip(default.metric, default.endpoint)) == {"ppl": "primary", "gini": "primary", "cv": "exploratory"}
-    custom = stats.paired_comparisons(tidy, pairs, ["ppl", "gini", "cv"], "test", primary=["cv"])
+    custom = stats.paired_comparisons(tidy, pairs, ["ppl", "gini", "cv"], "test", primary=["cv"], **LEVELS)
     assert dict(zip(custom.metric, custom.endpoint)) == {"ppl": "exploratory", "gini": "exploratory", "cv": "primary"}
     assert list(custom.family) == ["ppl/test", "gini/test", "cv/test"]
 
@@ -417,17 +438,23 @@ def test_endpoints_are_primary_or_exploratory_as_declared():
 def test_mdd_matches_the_published_sample_size_table():
     """G*Power (Faul et al. 2007), paired t-test, d_z = 0.5, two-sided alpha 0.05, power 0.8:
     total sample size 34, actual power 0.8078. So 34 pairs detect d_z = 0.5 and 33 do not."""
-    assert stats.paired_t_power(0.5, 34) == pytest.approx(0.8078, abs=5e-5)
-    assert stats.minimum_detectable_difference(1.0, 34) < 0.5 < stats.minimum_detectable_difference(1.0, 33)
+    assert stats.paired_t_power(0.5, 34, 0.05) == pytest.approx(0.8078, abs=5e-5)
+    assert (
+        stats.minimum_detectable_difference(1.0, 34, **LEVELS)
+        < 0.5
+        < stats.minimum_detectable_difference(1.0, 33, **LEVELS)
+    )
     # Large n: the normal approximation (z_0.975 + z_0.8) / sqrt(n), with the quantiles from printed tables.
-    assert stats.minimum_detectable_difference(1.0, 40_000) == pytest.approx((1.959964 + 0.841621) / 200, rel=1e-3)
+    assert stats.minimum_detectable_difference(1.0, 40_000, **LEVELS) == pytest.approx(
+        (1.959964 + 0.841621) / 200, rel=1e-3
+    )
 
 
 @pytest.mark.parametrize("n, sd", [(2, 1.5), (3, 2.0), (5, 0.7), (10, 3.0)])
 def test_mdd_has_the_stated_power_by_simulation(n, sd):
     """Draw many paired samples whose true mean difference is the MDD: the t-test at alpha = 0.05
     must reject in 80% of them (Monte Carlo, 40,000 replicates: standard error 0.002)."""
-    mdd = stats.minimum_detectable_difference(sd, n)
+    mdd = stats.minimum_detectable_difference(sd, n, **LEVELS)
     rng = np.random.default_rng(n)
     d = rng.normal(mdd, sd, size=(40_000, n))
     # The t statistic by hand (only the critical value comes from scipy), not through the noncentral t.
@@ -435,29 +462,33 @@ def test_mdd_has_the_stated_power_by_simulation(n, sd):
     rejected = np.abs(t) > sps.t.ppf(0.975, n - 1)
     assert rejected.mean() == pytest.approx(0.8, abs=0.01)
     # Half the MDD is detected far less often; the MDD scales with sd.
-    assert stats.paired_t_power(0.5 * mdd / sd, n) < 0.5
-    assert stats.minimum_detectable_difference(2 * sd, n) == pytest.approx(2 * mdd)
+    assert stats.paired_t_power(0.5 * mdd / sd, n, 0.05) < 0.5
+    assert stats.minimum_detectable_difference(2 * sd, n, **LEVELS) == pytest.approx(2 * mdd)
 
 
 def test_mdd_is_nan_where_the_t_test_is_undefined_and_checks_its_levels():
-    assert math.isnan(stats.minimum_detectable_difference(1.0, 1))
-    assert math.isnan(stats.minimum_detectable_difference(0.0, 5))
-    assert math.isnan(stats.minimum_detectable_difference(math.nan, 5))
+    assert math.isnan(stats.minimum_detectable_difference(1.0, 1, **LEVELS))
+    assert math.isnan(stats.minimum_detectable_difference(0.0, 5, **LEVELS))
+    assert math.isnan(stats.minimum_detectable_difference(math.nan, 5, **LEVELS))
     with pytest.raises(ValueError, match="alpha < power"):
         stats.minimum_detectable_difference(1.0, 5, alpha=0.5, power=0.4)
     # A stricter level or a higher power needs a larger difference.
-    assert stats.minimum_detectable_difference(1.0, 5, alpha=0.01) > stats.minimum_detectable_difference(1.0, 5)
-    assert stats.minimum_detectable_difference(1.0, 5, power=0.9) > stats.minimum_detectable_difference(1.0, 5)
+    assert stats.minimum_detectable_difference(1.0, 5, alpha=0.01, power=0.8) > stats.minimum_detectable_difference(
+        1.0, 5, **LEVELS
+    )
+    assert stats.minimum_detectable_difference(1.0, 5, power=0.9, alpha=0.05) > stats.minimum_detectable_difference(
+        1.0, 5, **LEVELS
+    )
 
 
 def test_every_comparison_row_carries_its_mdd():
     a = pd.Series([100.0, 104.0, 98.0])
     d = np.array([2.0, -1.0, 4.0])
     result = stats.paired_test(a, a + d, alpha=0.05, power=0.8)
-    assert result["mdd"] == pytest.approx(stats.minimum_detectable_difference(d.std(ddof=1), 3))
+    assert result["mdd"] == pytest.approx(stats.minimum_detectable_difference(d.std(ddof=1), 3, **LEVELS))
     # Three seeds detect only about 3.3 sd of the differences (the issue's "9-30% of PPL").
     assert result["mdd"] / d.std(ddof=1) == pytest.approx(3.264, abs=1e-3)
-    assert math.isnan(stats.paired_test(a[:1], a[:1] + 1)["mdd"])
+    assert math.isnan(stats.paired_test(a[:1], a[:1] + 1, **LEVELS)["mdd"])
 
 
 # --------------------------------------------------------------------------- n-gram reference rows
@@ -489,5 +520,39 @@ def test_baseline_rows_in_the_summary(tmp_path):
     assert (rows.n == 1).all() and rows.ci_low.isna().all()
     assert collect.read_baselines(None).empty
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="python -m gtmoe baselines"):
+    with pytest.raises(DataError, match="python -m gtmoe baselines"):
         collect.read_baselines(tmp_path / "bad.json")
+
+
+# --------------------------------------------------------------------------- each variant's router and options
+
+
+def test_each_variants_router_and_options_become_columns(tmp_path):
+    variants = ["dense", "topk", "rdesi", "rdesi_no_load"]
+    record = Record(tmp_path / "study.json", study_record(tmp_path, variants))
+    table = collect.variant_columns(record).set_index("variant")
+    assert list(table.index) == variants and list(table["router"]) == ["dense", "topk", "rdesi", "rdesi"]
+    # Numbers as float, NaN where a router has no such option; strings as they are, None where absent.
+    assert table["gamma"].dtype == "float64" and table.loc["rdesi_no_load", "gamma"] == 0.0
+    assert table.loc["rdesi", "gamma"] == record.options("rdesi")["gamma"] and math.isnan(table.loc["topk", "gamma"])
+    assert table.loc["topk", "aux_loss_coef"] == record.options("topk")["aux_loss_coef"]
+    assert table.loc["rdesi", "performance"] == "loss" and table.loc["topk", "performance"] is None
+    # Joined to a table by its variant column, rows and order unchanged; a row of no variant gets NaN.
+    frame = pd.DataFrame({"variant": ["rdesi", "bigram", "topk"], "value": [1.0, 2.0, 3.0]})
+    joined = collect.join_variants(frame, collect.variant_columns(record))
+    assert list(joined["value"]) == [1.0, 2.0, 3.0] and joined.loc[0, "gamma"] == table.loc["rdesi", "gamma"]
+    assert joined["gamma"][1:].isna().all() and joined["gamma"].dtype == "float64"
+    assert pd.isna(joined.loc[1, "router"]) and joined.loc[0, "router"] == "rdesi"
+
+
+def test_an_option_of_mixed_types_is_a_string_column_and_no_option_clobbers_a_column(tmp_path):
+    data = study_record(tmp_path, ["topk", "rdesi"])
+    data["variants"]["topk"]["options"]["performance"] = 0.5  # a number here, a string in rdesi
+    table = collect.variant_columns(Record(tmp_path / "study.json", data)).set_index("variant")
+    assert table["performance"].tolist() == ["0.5", "loss"]
+    data["variants"]["rdesi"]["options"]["value"] = 1.0  # would overwrite the tidy table's values
+    with pytest.raises(ConfigError, match="router option 'value' of variant 'rdesi'"):
+        collect.variant_columns(Record(tmp_path / "study.json", data))
+    data["variants"]["rdesi"]["options"] = {"mean": 1.0}  # would overwrite a column of the summary
+    with pytest.raises(ConfigError, match="router option 'mean'"):
+        collect.variant_columns(Record(tmp_path / "study.json", data), reserved=stats.SUMMARY_COLUMNS)

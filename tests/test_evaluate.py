@@ -14,9 +14,8 @@ import pytest
 import torch
 import yaml
 
-from gtmoe import metrics, routers
+from gtmoe import contract, metrics, routers
 from gtmoe.__main__ import main
-from gtmoe import contract
 from gtmoe.config import EvalConfig, RouterConfig
 from gtmoe.evaluate import LayerStats, SaturationStats, evaluate_splits, evaluation_blocks
 from gtmoe.train import train

@@ -47,6 +47,7 @@ from helpers import (
     copy_checkout,
     merged_config,
     run_module,
+    single_error_line,
     snakemake,
     write_override,
 )
@@ -75,14 +76,6 @@ def one_torch_thread():
 def gtmoe_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300):
     """`python -m gtmoe ...` in a fresh interpreter, importing this checkout's engine."""
     return run_module("gtmoe", *args, cwd=cwd, env=env, timeout=timeout)
-
-
-def single_error_line(stderr: str) -> str:
-    """The CLI's failure report: exactly one `error: ...` line and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 def without_timing(result: dict) -> dict:
@@ -142,9 +135,9 @@ def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     study = copy_checkout(tmp_path / "study")
     steps, every = 200, 10
     override = write_override(tmp_path, {"train": {"max_steps": steps, "checkpoint_every": every}})
-    target = "results/runs/topk/seed0/eval_test.json"
+    target = "results/smoke/runs/topk/seed0/eval_test.json"
     command = [sys.executable, "-m", "snakemake", target, "--cores", "2", "--configfile", SMOKE, override]
-    run_dir = study / "results" / "runs" / "topk" / "seed0"
+    run_dir = study / "results" / "smoke" / "runs" / "topk" / "seed0"
     rolling = run_dir / RESUME_CHECKPOINT
 
     # Snakemake runs the training job as a child in its process group: SIGKILL to the group is a node dying.
@@ -202,8 +195,9 @@ def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
         if uninterrupted.poll() is None:
             uninterrupted.kill()
             uninterrupted.wait()
-    train_log = (study / "results" / "logs" / "train" / "topk" / "seed0.log").read_text()
-    assert re.search(rf"resuming \S*results/runs/topk/seed0 from step {killed_at}\b", train_log), train_log[-3000:]
+    train_log = (study / "results" / "smoke" / "logs" / "train" / "topk" / "seed0.log").read_text()
+    resumed = re.search(rf"resuming \S*results/smoke/runs/topk/seed0 from step {killed_at}\b", train_log)
+    assert resumed, train_log[-3000:]
     assert not rolling.exists()  # removed once the finished run's outputs are written
 
     got = json.loads((run_dir / "eval_test.json").read_text())
@@ -552,12 +546,33 @@ def test_a_bad_run_config_is_one_error_line_and_trains_nothing(tiny_shards, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_config_as_json_must_name_its_variant_and_router(tmp_path, capsys):
-    assert main(["train", "--config-json", "{}", "--out", str(tmp_path / "run")]) == 2
-    assert "config key 'variant' is missing in --config-json" in single_error_line(capsys.readouterr().err)
-    assert main(["train", "--config-json", '{"variant": "rdesi"}', "--out", str(tmp_path / "run")]) == 2
-    assert "config key 'router' is missing in --config-json" in single_error_line(capsys.readouterr().err)
+def test_a_run_config_must_name_its_variant_and_router(tmp_path, capsys):
+    for text, missing in (("{}", "variant"), ('{"variant": "rdesi"}', "router")):
+        (tmp_path / "run.yaml").write_text(text)
+        assert main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 2
+        assert f"config key '{missing}' is missing in run config" in single_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_from_a_study_record_needs_a_run_of_that_study(tmp_path, capsys, monkeypatch):
+    """`train --study` (how the workflow calls it): the variant and seed must be the study's, the record a
+    study record; each mistake is one error line, before anything is built."""
+    from gtmoe.study import Study, write_record
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    record = str(write_record(Study.from_config(config)))
+    for args, expected in (
+        (["--variant", "topk"], "--study needs --variant and --seed"),
+        (["--variant", "nope", "--seed", "0"], "config key '--variant' = 'nope': not a variant of study 'default'"),
+        (["--variant", "topk", "--seed", "7"], "config key '--seed' = 7: not a seed of study 'default'"),
+    ):
+        assert main(["train", "--study", record, *args, "--out", "run"]) == 2
+        assert expected in single_error_line(capsys.readouterr().err)
+    Path(record).write_text('{"format": 0}')
+    assert main(["train", "--study", record, "--variant", "topk", "--seed", "0", "--out", "run"]) == 2
+    assert "is not a study record of format 1" in single_error_line(capsys.readouterr().err)
+    assert not Path("run").exists()
 
 
 def local_corpus(tmp_path: Path, split_file: str, content: str) -> Path:
@@ -937,43 +952,35 @@ def _shards_command(request, tmp_path):
     )
 
 
-def _analysis_study(tmp_path) -> list[str]:
-    from helpers import write_study
+def _analysis_study(tmp_path) -> Path:
+    """Runs of dense and topk (seeds 0, 1) under tmp_path/runs and their study record; returns the record."""
+    from helpers import write_study, write_study_record
 
-    return [str(d) for d in write_study(tmp_path / "runs", variants=("dense", "topk"), seeds=(0, 1))]
+    write_study(tmp_path / "runs", variants=("dense", "topk"), seeds=(0, 1))
+    return write_study_record(tmp_path, ("dense", "topk"), (0, 1))
 
 
-def _aggregate_argv(run_dirs: list[str], summary: Path) -> list[str]:
-    """`python -m analysis aggregate` of `run_dirs` into the tidy table and run status under `summary`."""
-    return [
-        "aggregate",
-        "--run-dirs",
-        *run_dirs,
-        "--out-table",
-        str(summary / "runs.parquet"),
-        "--out-status",
-        str(summary / "run_status.csv"),
-    ]
+def _aggregate_argv(record: Path) -> list[str]:
+    """`python -m analysis aggregate` of the study `record`: tidy table and run status under its summary/."""
+    return ["aggregate", "--study", str(record)]
 
 
 def _aggregate_command(request, tmp_path):
     from analysis.__main__ import main as analysis_main
 
-    summary = tmp_path / "summary"
-    return analysis_main, _aggregate_argv(_analysis_study(tmp_path), summary), summary
+    return analysis_main, _aggregate_argv(_analysis_study(tmp_path)), tmp_path / "summary"
 
 
 def _figures_command(request, tmp_path):
     from analysis.__main__ import main as analysis_main
 
-    run_dirs = _analysis_study(tmp_path)
-    table = tmp_path / "summary" / "runs.parquet"
-    assert analysis_main(_aggregate_argv(run_dirs, table.parent)) == 0
-    return (
-        analysis_main,
-        ["figures", "--table", str(table), "--run-dirs", *run_dirs, "--out-dir", str(tmp_path / "figures")],
-        tmp_path / "figures",
-    )
+    from helpers import write_baselines
+
+    record = _analysis_study(tmp_path)
+    write_baselines(tmp_path / "baselines" / "ngram.json")
+    assert analysis_main(_aggregate_argv(record)) == 0
+    assert analysis_main(["stats", "--study", str(record)]) == 0
+    return analysis_main, ["figures", "--study", str(record)], tmp_path / "figures"
 
 
 COMMANDS = {
@@ -1170,7 +1177,7 @@ def test_a_corrupt_tokenizer_is_named_with_how_to_rebuild_it(prepared, tmp_path,
 def test_a_corrupt_tokenizer_stops_snakemake_before_it_deletes_the_shards(tmp_path):
     """Snakemake would rerun the shards jobs (their input is newer) and delete the good shards first."""
     checkout = copy_checkout(tmp_path / "checkout")
-    data = checkout / "results" / "data"
+    data = checkout / "results" / "default" / "data"
     corpus = [data / "corpus" / name for name in ("train.txt", "validation.txt", "test.txt", "corpus.json")]
     shard = data / "shards" / "validation" / "shard-00000.arrow"
     tokenizer = data / "tokenizer.json"
@@ -1183,12 +1190,12 @@ def test_a_corrupt_tokenizer_stops_snakemake_before_it_deletes_the_shards(tmp_pa
     for age, paths in ((300, corpus), (200, [shard, shard.parent]), (100, [tokenizer])):  # damaged last
         for path in paths:
             os.utime(path, (time.time() - age, time.time() - age))
-    done = snakemake("--cores", "1", "results/data/shards/validation", cwd=checkout, timeout=300)
+    done = snakemake("--cores", "1", "results/default/data/shards/validation", cwd=checkout, timeout=300)
     assert done.returncode != 0
     assert shard.is_file()  # nothing ran: no job deleted the shards to rebuild them
     output = done.stdout + done.stderr
-    assert "results/data/tokenizer.json is unreadable or corrupt" in output, output[-3000:]
-    assert "rm results/data/tokenizer.json" in output
+    assert "results/default/data/tokenizer.json is unreadable or corrupt" in output, output[-3000:]
+    assert "rm results/default/data/tokenizer.json" in output
 
 
 CONFIG_EDITS = [  # (dotted key edited in the run's config.yaml after training, new value, refused?)
@@ -1246,13 +1253,13 @@ NON_FINITE_EVALUATIONS = [  # (variant, eval JSON key, value written, expected r
 def test_a_non_finite_metric_marks_the_run_failed_in_the_status_table(tmp_path, variant, key, value, status):
     from analysis.__main__ import main as analysis_main
 
-    run_dirs = _analysis_study(tmp_path)
+    record = _analysis_study(tmp_path)
     damaged = tmp_path / "runs" / variant / "seed1" / "eval_test.json"
     evaluation = json.loads(damaged.read_text())
     evaluation[key] = value
     damaged.write_text(json.dumps(evaluation))  # Python's json writes NaN and Infinity as such
     summary = tmp_path / "summary"
-    assert analysis_main(_aggregate_argv(run_dirs, summary)) == 0
+    assert analysis_main(_aggregate_argv(record)) == 0
     table = pd.read_csv(summary / "run_status.csv").set_index(["variant", "seed"])
     assert table.loc[(variant, 1), "status"] == status
     if status == "failed":

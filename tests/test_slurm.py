@@ -76,7 +76,7 @@ def slurm_study(tmp_path_factory):
     process = subprocess.Popen(command, cwd=study, stdout=log, stderr=subprocess.STDOUT, text=True)
 
     variant, seed = PREEMPTED
-    run = study / "results" / "runs" / variant / f"seed{seed}"
+    run = study / "results" / "smoke" / "runs" / variant / f"seed{seed}"
     cancelled = None
     deadline = time.monotonic() + 600
     while cancelled is None and process.poll() is None and time.monotonic() < deadline:
@@ -103,10 +103,10 @@ def test_smoke_study_runs_through_sbatch(slurm_study):
     for variant in (v["name"] for v in smoke["variants"]):
         for seed in smoke["seeds"]:
             for name in RUN_FILES:
-                assert (study / "results" / "runs" / variant / f"seed{seed}" / name).stat().st_size > 0
+                assert (study / "results" / "smoke" / "runs" / variant / f"seed{seed}" / name).stat().st_size > 0
     for name in SUMMARY_FILES:
-        assert (study / "results" / "summary" / name).stat().st_size > 0
-    assert (study / "results" / "report.html").stat().st_size > 0
+        assert (study / "results" / "smoke" / "summary" / name).stat().st_size > 0
+    assert (study / "results" / "smoke" / "report.html").stat().st_size > 0
     # Every training and evaluation job was a SLURM job: the plugin keeps one log per SLURM job id.
     for rule, expected in (("train", 4), ("evaluate", 4)):
         job_logs = list((study / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob("*.log"))
@@ -118,10 +118,10 @@ def test_smoke_study_runs_through_sbatch(slurm_study):
 def test_preempted_training_resumes_and_matches_an_uninterrupted_run(slurm_study, tmp_path):
     study, cancelled, output = slurm_study
     variant, seed = PREEMPTED
-    run = study / "results" / "runs" / variant / f"seed{seed}"
+    run = study / "results" / "smoke" / "runs" / variant / f"seed{seed}"
     assert f"SLURM-job '{cancelled}' failed, SLURM status is: 'CANCELLED'" in output
-    train_log = (study / "results" / "logs" / "train" / variant / f"seed{seed}.log").read_text()
-    assert f"resuming {Path('results/runs') / variant / f'seed{seed}'} from step" in train_log
+    train_log = (study / "results" / "smoke" / "logs" / "train" / variant / f"seed{seed}.log").read_text()
+    assert f"resuming {Path('results/smoke/runs') / variant / f'seed{seed}'} from step" in train_log
 
     # The same run, uninterrupted, through the engine's CLI on the same inputs and thread count
     # (float reductions, so bitwise results, depend on the number of threads).

@@ -175,25 +175,33 @@ BAD_INPUTS = [
     ),
     (
         {"variants": [{"name": "topk\n", "router": "topk"}]},
-        "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'",
+        "'variants[0].name' = 'topk\\n': must start with a letter, contain only letters, digits and '_'",
     ),
-    ({"variants": [{"name": "a" * 65, "router": "topk"}]}, "'aaaaaaaaaa" + "a" * 55 + "' does not match"),
+    (
+        {"variants": [{"name": "a" * 65, "router": "topk"}]},
+        "'variants[0].name' = 'aaaaaaaaaa" + "a" * 55 + "': must start with a letter",
+    ),
+    ({"name": "../elsewhere"}, "config key 'name' = '../elsewhere': must start with a letter"),
 ]
 
 
-def test_statistics_settings_reach_the_analysis_commands(tmp_path):
+def test_statistics_settings_reach_the_analysis_through_the_study_record(tmp_path):
+    """The dry run resolves the study once into results/<name>/study.json; every analysis command reads that
+    record and nothing else of the config (no design, reference or settings on its command line)."""
+    study = copy_checkout(tmp_path / "study")
     override = {"statistics": {"primary": ["ppl", "cv"], "alpha": 0.01, "power": 0.9}}
-    done = snakemake("--dry-run", "--forceall", "--printshellcmds", "--configfile", write_override(tmp_path, override))
+    done = snakemake(
+        "--dry-run", "--forceall", "--printshellcmds", "--configfile", write_override(tmp_path, override), cwd=study
+    )
     assert done.returncode == 0, done.stderr
-    commands = [
-        line
-        for line in done.stdout.splitlines()
-        if "python -m analysis stats" in line or "python -m analysis figures" in line
-    ]
-    assert len(commands) == 2
+    record = json.loads((study / "results/default/study.json").read_text())
+    assert record["statistics"] == {"primary": ["ppl", "cv"], "alpha": 0.01, "power": 0.9, "split": "test"}
+    assert record["variants"]["rdesi"]["options"]["gamma"] == 1.0
+    commands = [line for line in done.stdout.splitlines() if "python -m analysis" in line]
+    assert len(commands) >= 5
     for command in commands:
-        assert "--primary ppl cv --alpha 0.01 --power 0.9" in command
-        assert "--baselines results/baselines/ngram.json" in command
+        assert "--study results/default/study.json" in command, command
+        assert not {"--primary", "--alpha", "--reference", "--design-json"} & set(shlex.split(command)), command
 
 
 def test_the_default_config_is_valid():
@@ -241,8 +249,9 @@ def dry_run_too(*messages: str) -> list:
         "'train.lr' = inf: must be a finite number (not nan or inf)",
         "'model.n_experts' = 100000: must be <= 4096",
         "'resources.train.mem_mb' = 3000: variant 'topk' needs an estimated",
-        "'topk\\n' does not match '^[A-Za-z][A-Za-z0-9_]{0,63}(?!\\\\n)$'",
-        "'aaaaaaaaaa" + "a" * 55 + "' does not match",
+        "'variants[0].name' = 'topk\\n': must start with a letter, contain only letters, digits and '_'",
+        "'variants[0].name' = 'aaaaaaaaaa" + "a" * 55 + "': must start with a letter",
+        "config key 'name' = '../elsewhere': must start with a letter",
     ),
 )
 def test_bad_config_stops_snakemake_before_any_job(tmp_path, override, message):
@@ -252,10 +261,24 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path, override, message):
     assert "Job stats" not in done.stdout  # nothing was scheduled
 
 
+# Another study's outputs (the default study's, and the layout before studies had their own roots).
+DECOYS = [
+    "results/default/summary/sensitivity.csv",
+    "results/default/summary/sensitivity_best.csv",
+    "results/default/benchmarks/train/topk/seed0.tsv",
+    "results/summary/sensitivity.csv",
+    "results/figures/perplexity.png",
+]
+
+
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    """The smoke preset run once, end to end, in a copy of the checkout."""
+    """The smoke preset run once, end to end, in a copy of the checkout that already holds another study's
+    tables and benchmark files (DECOYS): nothing of the smoke study may read them."""
     study = copy_checkout(tmp_path_factory.mktemp("smoke") / "study")
+    for decoy in DECOYS:
+        (study / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (study / decoy).write_text("DECOY\n")
     done = snakemake("--cores", "2", "--configfile", SMOKE, cwd=study, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return study
@@ -267,18 +290,18 @@ def test_smoke_study_writes_every_declared_output(smoke_study):
     variants = [*(v["name"] for v in smoke["variants"]), *SMOKE_SWEEP_POINTS]
     for variant in variants:
         for seed in smoke["seeds"]:
-            run = smoke_study / "results" / "runs" / variant / f"seed{seed}"
+            run = smoke_study / "results" / "smoke" / "runs" / variant / f"seed{seed}"
             for name in RUN_FILES:
                 assert (run / name).stat().st_size > 0, run / name
             result = json.loads((run / "eval_test.json").read_text())
             assert (result["variant"], result["seed"], result["split"]) == (variant, seed, "test")
-            assert (smoke_study / "results" / "logs" / "train" / variant / f"seed{seed}.log").exists()
-            assert (smoke_study / "results" / "benchmarks" / "train" / variant / f"seed{seed}.tsv").exists()
+            assert (smoke_study / "results" / "smoke" / "logs" / "train" / variant / f"seed{seed}.log").exists()
+            assert (smoke_study / "results" / "smoke" / "benchmarks" / "train" / variant / f"seed{seed}.tsv").exists()
     for name in SUMMARY_FILES:
-        assert (smoke_study / "results" / "summary" / name).stat().st_size > 0, name
-    status = (smoke_study / "results" / "summary" / "run_status.csv").read_text()
+        assert (smoke_study / "results" / "smoke" / "summary" / name).stat().st_size > 0, name
+    status = (smoke_study / "results" / "smoke" / "summary" / "run_status.csv").read_text()
     assert status.count(",ok") == len(variants) * len(smoke["seeds"])
-    assert (smoke_study / "results" / "figures" / f"sensitivity_{SMOKE_SWEEP}.png").stat().st_size > 0
+    assert (smoke_study / "results" / "smoke" / "figures" / f"sensitivity_{SMOKE_SWEEP}.png").stat().st_size > 0
 
 
 def report_results(html: str) -> dict:
@@ -289,20 +312,24 @@ def report_results(html: str) -> dict:
 
 @pytest.mark.integration
 def test_report_embeds_every_figure(smoke_study):
-    results = report_results((smoke_study / "results" / "report.html").read_text())
+    results = report_results((smoke_study / "results" / "smoke" / "report.html").read_text())
     for figure in (*FIGURES, f"sensitivity_{SMOKE_SWEEP}"):
-        path = f"results/figures/{figure}.png"
+        path = f"results/smoke/figures/{figure}.png"
         assert (smoke_study / path).stat().st_size > 0
         # The report carries each figure's PNG bytes (base64), not a link to the file.
         uri = results[path]["data_uri"]
         assert uri.startswith("data:image/png") and ";base64,iVBORw0KGgo" in uri, figure
     for table in ("summary", "comparisons", "ablations", "run_status", "sensitivity", "sensitivity_best"):
-        assert f"results/summary/{table}.html" in results, table
+        assert f"results/smoke/summary/{table}.html" in results, table
+    # Only this study's files: another study's tables under results/ never reach its report or findings.
+    assert [path for path in results if not path.startswith("results/smoke/")] == []
+    assert "DECOY" not in (smoke_study / "results" / "smoke" / "summary" / "findings.html").read_text()
+    assert all((smoke_study / decoy).read_text() == "DECOY\n" for decoy in DECOYS)
     # Every run's evaluation, labelled by variant, seed and split.
     smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
     for variant in (v["name"] for v in smoke["variants"]):
         for seed in smoke["seeds"]:
-            entry = results[f"results/runs/{variant}/seed{seed}/eval_test.json"]
+            entry = results[f"results/smoke/runs/{variant}/seed{seed}/eval_test.json"]
             assert entry["labels"] == {"variant": variant, "seed": str(seed), "split": "test"}, entry["labels"]
 
 
@@ -314,8 +341,8 @@ def report_variable(html: str, name: str):
 
 @pytest.mark.integration
 def test_findings_come_first_in_the_report(smoke_study):
-    html = (smoke_study / "results" / "report.html").read_text()
-    entry = report_results(html)["results/summary/findings.html"]
+    html = (smoke_study / "results" / "smoke" / "report.html").read_text()
+    entry = report_results(html)["results/smoke/summary/findings.html"]
     assert entry["data_uri"].startswith("data:text/html")
     # The app lists categories sorted with JavaScript's localeCompare (menu.js): sort them the same way.
     node = shutil.which("node")
@@ -328,13 +355,13 @@ def test_findings_come_first_in_the_report(smoke_study):
     )
     assert ordered[0] == "★ Findings", ordered
     # The landing page (workflow description) opens the findings in one click.
-    assert "results['results/summary/findings.html'].data_uri" in report_variable(html, "workflow_desc")
+    assert "results['results/smoke/summary/findings.html'].data_uri" in report_variable(html, "workflow_desc")
 
 
 @pytest.mark.integration
 def test_compute_breakdown_adds_up_the_benchmark_files(smoke_study):
-    table = pd.read_csv(smoke_study / "results" / "summary" / "compute.csv")
-    benchmarks = smoke_study / "results" / "benchmarks"
+    table = pd.read_csv(smoke_study / "results" / "smoke" / "summary" / "compute.csv")
+    benchmarks = smoke_study / "results" / "smoke" / "benchmarks"
     counted = [path for path in benchmarks.rglob("*.tsv") if path.name != "compute.tsv"]
     total = sum(float(pd.read_csv(path, sep="\t")["s"].sum()) for path in counted)
     assert table.iloc[-1]["stage"] == "total" and table.iloc[-1]["jobs"] == len(counted)
@@ -352,11 +379,11 @@ def test_report_shows_a_figure_in_a_browser(smoke_study, tmp_path):
     if find_chromium() is None:
         pytest.skip("Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
     # Open the report as a reader would, then navigate its app to the load heatmap.
-    html = (smoke_study / "results" / "report.html").read_text()
+    html = (smoke_study / "results" / "smoke" / "report.html").read_text()
     driver = (
         "<script>window.addEventListener('load', () => setTimeout(() => {"
         "app.showCategory('Load balance'); app.setView({content: 'img', contentPath: "
-        "results['results/figures/load_heatmap.png'].data_uri}); }, 300));</script>"
+        "results['results/smoke/figures/load_heatmap.png'].data_uri}); }, 300));</script>"
     )
     end = html.rfind("</body>")
     (tmp_path / "report.html").write_text(html[:end] + driver + html[end:])
@@ -381,12 +408,17 @@ def test_rerunning_one_target_runs_nothing_else(smoke_study):
     aggregates = {"aggregate": 1, "statistics": 1, "figures": 1, "findings": 1, "compute": 1, "sensitivity": 1}
     # The file-target form: force one run's training; its evaluations and the aggregates follow.
     forced = snakemake(
-        "--dry-run", "--forcerun", f"results/runs/{second}/seed0/checkpoint.pt", "--configfile", SMOKE, cwd=smoke_study
+        "--dry-run",
+        "--forcerun",
+        f"results/smoke/runs/{second}/seed0/checkpoint.pt",
+        "--configfile",
+        SMOKE,
+        cwd=smoke_study,
     )
     assert job_counts(forced.stdout) == {"train": 1, "evaluate": 1, **aggregates, "all": 1}
     # A variant target after its runs were removed: those runs, the aggregates, nothing else.
     for seed in smoke["seeds"]:
-        shutil.rmtree(smoke_study / "results" / "runs" / first / f"seed{seed}")
+        shutil.rmtree(smoke_study / "results" / "smoke" / "runs" / first / f"seed{seed}")
     plan = snakemake("--dry-run", first, "--configfile", SMOKE, cwd=smoke_study)
     runs = len(smoke["seeds"])
     assert job_counts(plan.stdout) == {"train": runs, "evaluate": runs, **aggregates, first: 1}
@@ -407,7 +439,8 @@ HOSTILE_CASES = {
     "model.positional": ({"model": {"positional": HOSTILE}}, "must be 'rope' or 'learned'"),
     "train.device": ({"train": {"device": HOSTILE}}, "must be 'auto', 'cpu' or 'cuda'"),
     "train.nonfinite": ({"train": {"nonfinite": HOSTILE}}, "must be 'stop' or 'skip'"),
-    "variants[].name": ({"variants": [TOPK, {"name": HOSTILE, "router": "topk"}]}, "does not match"),
+    "name": ({"name": HOSTILE}, "config key 'name'"),
+    "variants[].name": ({"variants": [TOPK, {"name": HOSTILE, "router": "topk"}]}, "'variants[1].name'"),
     "variants[].router": ({"variants": [TOPK, {"name": "r", "router": HOSTILE}]}, "unknown router"),
     "variants[].performance": (
         {"variants": [TOPK, {"name": "r", "router": "rdesi", "performance": HOSTILE}]},
@@ -417,7 +450,8 @@ HOSTILE_CASES = {
     "ablation.base": ({"ablation": {"base": HOSTILE}}, "'ablation.base'"),
     "ablation.variants[]": ({"ablation": {"variants": [HOSTILE]}}, "'ablation.variants'"),
     "statistics.primary[]": ({"statistics": {"primary": [HOSTILE]}}, "'statistics.primary'"),
-    "sweeps[].name": ({"sweeps": [{"name": HOSTILE, "base": "rdesi", "grid": {"c": [0]}}]}, "does not match"),
+    "statistics.split": ({"statistics": {"split": HOSTILE}}, "is not one of ['validation', 'test']"),
+    "sweeps[].name": ({"sweeps": [{"name": HOSTILE, "base": "rdesi", "grid": {"c": [0]}}]}, "'sweeps[0].name'"),
     "sweeps[].base": ({"sweeps": [{"name": "s", "base": HOSTILE, "grid": {"c": [0]}}]}, "'sweeps[0].base'"),
     "sweeps[].mode": (
         {"sweeps": [{"name": "s", "base": "rdesi", "mode": HOSTILE, "grid": {"c": [0]}}]},
@@ -505,7 +539,7 @@ def test_a_data_directory_with_shell_characters_is_read_and_runs_nothing(tmp_pat
     copy_checkout(study)
     before = {path for path in study.rglob("*")}
     done = snakemake(
-        "results/data/corpus/corpus.json",
+        "results/default/data/corpus/corpus.json",
         "--cores",
         "1",
         "--configfile",
@@ -513,7 +547,7 @@ def test_a_data_directory_with_shell_characters_is_read_and_runs_nothing(tmp_pat
         cwd=study,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert json.loads((study / "results/data/corpus/corpus.json").read_text())
+    assert json.loads((study / "results/default/data/corpus/corpus.json").read_text())
     created = {path for path in study.rglob("*") if path not in before}
     outside = [path for path in created if path.relative_to(study).parts[0] not in ("results", ".snakemake")]
     assert outside == []
@@ -532,13 +566,14 @@ def recorded_study(tmp_path_factory):
     summary = snakemake("--summary", "--configfile", SMOKE, cwd=study)
     assert summary.returncode == 0, summary.stderr[-2000:]
     outputs = [line.split("\t")[0] for line in summary.stdout.splitlines()[1:] if "\t" in line]
-    plan = snakemake("--dry-run", "--forceall", "--printshellcmds", "--configfile", SMOKE, cwd=study).stdout
-    compute = shlex.split(next(line for line in plan.splitlines() if "python -m analysis compute" in line))
-    benchmarks = compute[compute.index("--benchmarks") + 1 : compute.index("--runs-root")]
+    plan = snakemake("--dry-run", "--forceall", "--configfile", SMOKE, cwd=study).stdout.splitlines()
+    compute = next(i for i, line in enumerate(plan) if line.split()[-1:] == ["compute:"])
+    inputs = plan[compute + 1].split("input: ", 1)[1].split(", ")  # the compute job's inputs: benchmark files
+    benchmarks = [path for path in inputs if "/benchmarks/" in path]
     for name in outputs + benchmarks:
         path = study / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.parent == study / "results" / "data" / "shards":
+        if path.parent == study / "results" / "smoke" / "data" / "shards":
             path.mkdir()
         elif path.name == "tokenizer.json":  # checked when the workflow is parsed: must be a real one
             train_tokenizer(["a small corpus"] * 3, 300, path)
@@ -601,11 +636,30 @@ def test_an_edit_reruns_only_what_depends_on_it(recorded_study, tmp_path, edit, 
         assert "Nothing to be done" in output
 
 
+def test_another_study_builds_under_its_own_root_and_leaves_this_one_alone(recorded_study, tmp_path):
+    """Switching studies (a preset, or another `name`) never retrains or overwrites this study's runs."""
+    study = tmp_path / "study"
+    shutil.copytree(recorded_study, study, symlinks=True)  # keeps mtimes and Snakemake's records
+    other = write_override(tmp_path, {"name": "other"})
+    plan = snakemake("--dry-run", "--configfile", SMOKE, other, cwd=study)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    outputs = [
+        path
+        for line in plan.stdout.splitlines()
+        if line.strip().startswith("output:")
+        for path in line.split("output:", 1)[1].strip().split(", ")
+    ]
+    assert outputs and all(path.startswith("results/other/") for path in outputs), outputs
+    assert job_counts(plan.stdout)["train"] == SMOKE_RUNS  # its own runs: none of the smoke study's is reused
+    again = snakemake("--dry-run", "--configfile", SMOKE, cwd=study)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+
+
 def test_a_sweep_target_builds_exactly_its_runs_and_the_aggregates(recorded_study, tmp_path):
     study = tmp_path / "study"
     shutil.copytree(recorded_study, study, symlinks=True)  # keeps mtimes and Snakemake's records
     for variant in SMOKE_SWEEP_POINTS:
-        shutil.rmtree(study / "results" / "runs" / variant)
+        shutil.rmtree(study / "results" / "smoke" / "runs" / variant)
     plan = snakemake("--dry-run", SMOKE_SWEEP, "--configfile", SMOKE, cwd=study)
     assert plan.returncode == 0, plan.stderr[-2000:]
     aggregates = {rule: n for rule, n in AFTER_EVALUATION.items() if rule != "all"}
@@ -613,7 +667,7 @@ def test_a_sweep_target_builds_exactly_its_runs_and_the_aggregates(recorded_stud
     # One point's own target: its runs (and the aggregates, which read every run).
     point = snakemake("--dry-run", SMOKE_SWEEP_POINTS[1], "--configfile", SMOKE, cwd=study)
     assert job_counts(point.stdout)["train"] == 4  # both points are missing, and the aggregates need both
-    assert f"results/runs/{SMOKE_SWEEP_POINTS[1]}/seed1/checkpoint.pt" in point.stdout
+    assert f"results/smoke/runs/{SMOKE_SWEEP_POINTS[1]}/seed1/checkpoint.pt" in point.stdout
 
 
 @pytest.mark.parametrize("name, key", [("train", "variants[0].name"), ("compute", "sweeps[0].name")])

@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+from gtmoe.checks import positive_int
 from gtmoe.data.corpus import (
     CORPORA,
     CORPUS_META,
@@ -146,8 +147,13 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
     shards.add_argument("--tokenizer", type=Path, required=True, help="tokenizer file from `prepare tokenizer`")
     shards.add_argument("--split", choices=SPLITS, required=True, help="which split to encode")
     shards.add_argument(
-        "--seq-len", type=int, required=True, help="tokens per training sequence (each block stores seq-len + 1)"
+        "--seq-len",
+        type=positive_int,
+        required=True,
+        help="tokens per training sequence (each block stores seq-len + 1)",
     )
     shards.add_argument("--out", type=Path, required=True, help="output directory for the shards and manifest.json")
-    shards.add_argument("--rows-per-shard", type=int, default=4096, help="blocks per Arrow file (default 4096)")
+    shards.add_argument(
+        "--rows-per-shard", type=positive_int, default=4096, help="blocks per Arrow file (default 4096)"
+    )
     shards.set_defaults(func=_cmd_shards)

@@ -115,7 +115,7 @@ def _load_local(local_dir: Path, verify: bool, spec: CorpusSpec) -> tuple[dict, 
         if not path.is_file():
             raise DataError(
                 f"{path} not found: {local_dir} must hold the {spec.name} files "
-                f"{', '.join(spec.local_files.values())} (see README, Data)"
+                f"{', '.join(spec.local_files.values())} (see docs/data.md)"
             )
         data = path.read_bytes()
         algorithm, published = spec.checksums[split]

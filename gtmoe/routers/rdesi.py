@@ -28,7 +28,7 @@ PERFORMANCE_SIGNALS = ("loss", "activation_norm")
 
 @dataclass
 class RDESIOptions(TopKOptions):
-    # Weights chosen from the measured dose-response at the default study's size (README, "Sensitivity
+    # Weights chosen from the measured dose-response at the default study's size (docs/results.md, "Sensitivity
     # sweeps"): the lowest test Gini with perplexity no worse than topk's; each term then flips > 1% of
     # the tokens' top-k sets. SPEC's starting values (gamma 0.1, c 0.1) left the bonus flipping < 0.1%.
     beta: float = 0.1  # weight of reputation R

@@ -1,33 +1,22 @@
-# Runs -> tidy table -> statistics (scipy.stats) -> figures (seaborn), each output in report.html.
-# Config values reach the shell only as params formatted with `:q`; a list param is quoted element by
-# element, so each value stays one argument whatever characters it holds.
-
-ABLATION_ARGS = (
-    ["--ablation-base", STUDY.ablation_base, "--ablations", *STUDY.ablations]
-    if STUDY.ablation_base
-    else ["--ablations"]
-)
-# Declared endpoints, test level and power (config.yaml `statistics`).
-STATISTICS_ARGS = [
-    "--primary",
-    *STUDY.statistics["primary"],
-    "--alpha",
-    str(STUDY.statistics["alpha"]),
-    "--power",
-    str(STUDY.statistics["power"]),
-]
-PAIR_ARGS = ["--reference", STUDY.reference, "--split", "test", *ABLATION_ARGS, *STATISTICS_ARGS]
+# Runs -> tidy table -> statistics (scipy.stats) -> figures (seaborn) and findings, each output in report.html.
+# Every step reads the study record (STUDY_RECORD, written when the workflow parses) and nothing else about the
+# study: its command line is `python -m analysis STEP --study STUDY_RECORD`. The record is an `ancient` input
+# (its mtime moves with any edit of the study); the trigger is the params value `study`, the part of the
+# record the step reads (analysis.outputs.RECORD_KEYS), so a step reruns exactly when what it reads changed.
+# The file names are analysis.outputs'.
 
 
 rule aggregate:
     input:
+        record=ancient(STUDY_RECORD),
         evals=eval_files(),
         train_logs=run_files(contract.TRAIN_LOG),
         router_logs=run_files(contract.ROUTER_LOG),
     output:
-        table=f"{SUMMARY}/runs.parquet",
-        status=f"{SUMMARY}/run_status.csv",
-        status_html=captioned(f"{SUMMARY}/run_status.html", "run_status", "Summary", table="run status"),
+        table=summary_file(outputs.TIDY),
+        status=summary_file(f"{outputs.STATUS}.parquet"),
+        status_csv=summary_file(f"{outputs.STATUS}.csv"),
+        status_html=captioned(summary_file(f"{outputs.STATUS}.html"), "run_status", "Summary", table="run status"),
     log:
         f"{LOGS}/aggregate.log",
     benchmark:
@@ -40,28 +29,28 @@ rule aggregate:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
     params:
-        run_dirs=run_dirs(),
-        variants=VARIANTS,
-        seeds=SEEDS,
+        study=record_trigger("aggregate"),
     shell:
-        "python -m analysis aggregate --run-dirs {params.run_dirs:q} --variants {params.variants:q} "
-        "--seeds {params.seeds:q} --out-table {output.table:q} --out-status {output.status:q} "
-        "--out-status-html {output.status_html:q} > {log:q} 2>&1"
+        analysis_command("aggregate")
 
 
 rule statistics:
     input:
+        record=ancient(STUDY_RECORD),
         table=rules.aggregate.output.table,
         baselines=NGRAM,
     output:
-        summary=f"{SUMMARY}/summary.csv",
-        summary_html=captioned(f"{SUMMARY}/summary.html", "summary", "Summary", table="per variant"),
-        comparisons=f"{SUMMARY}/comparisons.csv",
+        summary=summary_file("summary.parquet"),
+        summary_csv=summary_file("summary.csv"),
+        summary_html=captioned(summary_file("summary.html"), "summary", "Summary", table="per variant"),
+        comparisons=summary_file("comparisons.parquet"),
+        comparisons_csv=summary_file("comparisons.csv"),
         comparisons_html=captioned(
-            f"{SUMMARY}/comparisons.html", "comparisons", "Summary", table=f"paired vs {STUDY.reference}"
+            summary_file("comparisons.html"), "comparisons", "Summary", table=f"paired vs {STUDY.reference}"
         ),
-        ablations=f"{SUMMARY}/ablations.csv",
-        ablations_html=captioned(f"{SUMMARY}/ablations.html", "ablations", "Ablations", table="paired deltas"),
+        ablations=summary_file("ablations.parquet"),
+        ablations_csv=summary_file("ablations.csv"),
+        ablations_html=captioned(summary_file("ablations.html"), "ablations", "Ablations", table="paired deltas"),
     log:
         f"{LOGS}/statistics.log",
     benchmark:
@@ -74,42 +63,42 @@ rule statistics:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
     params:
-        pairs=PAIR_ARGS,
-        out_dir=subpath(output.summary, parent=True),
+        study=record_trigger("stats"),
     shell:
-        "python -m analysis stats --table {input.table:q} --baselines {input.baselines:q} "
-        "--out-dir {params.out_dir:q} {params.pairs:q} > {log:q} 2>&1"
+        analysis_command("stats")
 
 
 rule figures:
     input:
+        record=ancient(STUDY_RECORD),
         table=rules.aggregate.output.table,
+        summary=rules.statistics.output.summary,
+        comparisons=rules.statistics.output.comparisons,
+        ablations=rules.statistics.output.ablations,
         router_logs=run_files(contract.ROUTER_LOG),
         train_logs=run_files(contract.TRAIN_LOG),
         baselines=NGRAM,
     output:
-        perplexity=captioned(f"{FIGURES}/perplexity.png", "perplexity", "Perplexity", figure="per variant"),
-        pareto=captioned(f"{FIGURES}/pareto.png", "pareto", "Perplexity", figure="perplexity vs Gini"),
+        perplexity=captioned(figure_file("perplexity"), "perplexity", "Perplexity", figure="per variant"),
+        pareto=captioned(figure_file("pareto"), "pareto", "Perplexity", figure="perplexity vs Gini"),
         reference_forest=captioned(
-            f"{FIGURES}/reference_forest.png", "reference_forest", "Perplexity", figure=f"paired vs {STUDY.reference}"
+            figure_file("reference_forest"), "reference_forest", "Perplexity", figure=f"paired vs {STUDY.reference}"
         ),
-        load_balance=captioned(f"{FIGURES}/load_balance.png", "load_balance", "Load balance", figure="Gini and MaxVio"),
+        load_balance=captioned(figure_file("load_balance"), "load_balance", "Load balance", figure="Gini and MaxVio"),
         load_heatmap=captioned(
-            f"{FIGURES}/load_heatmap.png", "load_heatmap", "Load balance", figure="expert x layer load"
+            figure_file("load_heatmap"), "load_heatmap", "Load balance", figure="expert x layer load"
         ),
         training_balance=captioned(
-            f"{FIGURES}/training_balance.png",
+            figure_file("training_balance"),
             "training_balance",
             "Training dynamics",
             figure="Gini and MaxVio over steps",
         ),
         router_state=captioned(
-            f"{FIGURES}/router_state.png", "router_state", "Router internals", figure="router state per expert"
+            figure_file("router_state"), "router_state", "Router internals", figure="router state per expert"
         ),
-        ablation_forest=captioned(
-            f"{FIGURES}/ablation_forest.png", "ablation_forest", "Ablations", figure="forest plot"
-        ),
-        flip_rates=captioned(f"{FIGURES}/flip_rates.png", "flip_rates", "Router internals", figure="flip rate per term"),
+        ablation_forest=captioned(figure_file("ablation_forest"), "ablation_forest", "Ablations", figure="forest plot"),
+        flip_rates=captioned(figure_file("flip_rates"), "flip_rates", "Router internals", figure="flip rate per term"),
     log:
         f"{LOGS}/figures.log",
     benchmark:
@@ -122,32 +111,40 @@ rule figures:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
     params:
-        run_dirs=run_dirs(),
-        pairs=PAIR_ARGS,
-        out_dir=subpath(output.perplexity, parent=True),
+        study=record_trigger("figures"),
     shell:
-        "python -m analysis figures --table {input.table:q} --run-dirs {params.run_dirs:q} "
-        "--baselines {input.baselines:q} --out-dir {params.out_dir:q} {params.pairs:q} > {log:q} 2>&1"
+        analysis_command("figures")
 
 
-# Dose-response of each sweep (config `sweeps`, gtmoe.sweeps): only when the config has sweeps.
-if SWEEPS:
+# Dose-response of each sweep (config `sweeps`, gtmoe.sweeps): only when the study has sweeps.
+if STUDY.sweeps:
 
     rule sensitivity:
         input:
+            record=ancient(STUDY_RECORD),
             table=rules.aggregate.output.table,
         output:
-            table=f"{SUMMARY}/sensitivity.csv",
+            table=summary_file("sensitivity.parquet"),
+            table_csv=summary_file("sensitivity.csv"),
             table_html=captioned(
-                f"{SUMMARY}/sensitivity.html", "sensitivity_table", "Sensitivity", table="dose-response"
+                summary_file("sensitivity.html"), "sensitivity_table", "Sensitivity", table="dose-response"
             ),
-            best=f"{SUMMARY}/sensitivity_best.csv",
+            best=summary_file("sensitivity_best.parquet"),
+            best_csv=summary_file("sensitivity_best.csv"),
             best_html=captioned(
-                f"{SUMMARY}/sensitivity_best.html", "sensitivity_best", "Sensitivity", table="best value per option"
+                summary_file("sensitivity_best.html"),
+                "sensitivity_best",
+                "Sensitivity",
+                table="best value per option",
             ),
             figures=[
-                captioned(f"{FIGURES}/sensitivity_{sweep}.png", "sensitivity", "Sensitivity", figure=f"sweep {sweep}")
-                for sweep in SWEEPS
+                captioned(
+                    f"{FIGURES}/{outputs.sensitivity_figure(sweep)}",
+                    "sensitivity",
+                    "Sensitivity",
+                    figure=f"sweep {sweep}",
+                )
+                for sweep in STUDY.sweeps
             ],
         log:
             f"{LOGS}/sensitivity.log",
@@ -161,14 +158,9 @@ if SWEEPS:
             mem_mb=job("analysis", "mem_mb", 2000),
             runtime=job("analysis", "runtime", 10),
         params:
-            design=json.dumps(STUDY.sweep_design),
-            reference=STUDY.reference,
-            out_dir=subpath(output.table, parent=True),
-            figures_dir=lambda wildcards, output: Path(output.figures[0]).parent,
+            study=record_trigger("sensitivity"),
         shell:
-            "python -m analysis sensitivity --table {input.table:q} --design-json {params.design:q} "
-            "--reference {params.reference:q} --split test --out-dir {params.out_dir:q} "
-            "--figures-dir {params.figures_dir:q} > {log:q} 2>&1"
+            analysis_command("sensitivity")
 
 
 # The report's category menu is sorted alphabetically (localeCompare): the star puts the findings first.
@@ -177,15 +169,16 @@ FINDINGS_CATEGORY = "★ Findings"
 
 rule findings:
     input:
+        record=ancient(STUDY_RECORD),
         comparisons=rules.statistics.output.comparisons,
         ablations=rules.statistics.output.ablations,
         summary=rules.statistics.output.summary,
         status=rules.aggregate.output.status,
         baselines=NGRAM,
         train_logs=run_files(contract.TRAIN_LOG),
-        sensitivity=[rules.sensitivity.output.table, rules.sensitivity.output.best] if SWEEPS else [],
+        sensitivity=[rules.sensitivity.output.table, rules.sensitivity.output.best] if STUDY.sweeps else [],
     output:
-        captioned(f"{SUMMARY}/findings.html", "findings", FINDINGS_CATEGORY, table="findings in words"),
+        captioned(summary_file(outputs.FINDINGS), "findings", FINDINGS_CATEGORY, table="findings in words"),
     log:
         f"{LOGS}/findings.log",
     benchmark:
@@ -198,25 +191,21 @@ rule findings:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
     params:
-        run_dirs=run_dirs(),
-        pairs=PAIR_ARGS,
-        summary_dir=subpath(input.summary, parent=True),
-        still_learning_slope=STUDY.still_learning_slope,
+        study=record_trigger("findings"),
     shell:
-        "python -m analysis findings --summary-dir {params.summary_dir:q} --baselines {input.baselines:q} "
-        "--run-dirs {params.run_dirs:q} --still-learning-slope {params.still_learning_slope:q} --out {output:q} "
-        "{params.pairs:q} > {log:q} 2>&1"
+        analysis_command("findings")
 
 
 rule compute:
     input:
-        # Benchmark files are outputs of their jobs, so they are valid inputs here.
+        record=ancient(STUDY_RECORD),
+        # Benchmark files are outputs of their jobs, so they are valid inputs here: compute runs after them all.
         benchmarks=study_benchmarks(),
         train_summaries=run_files(contract.TRAIN_SUMMARY),
         evals=eval_files(),
     output:
-        csv=f"{SUMMARY}/compute.csv",
-        html=captioned(f"{SUMMARY}/compute.html", "compute", "Summary", table="compute breakdown"),
+        csv=summary_file(f"{outputs.COMPUTE}.csv"),
+        html=captioned(summary_file(f"{outputs.COMPUTE}.html"), "compute", "Summary", table="compute breakdown"),
     log:
         f"{LOGS}/compute.log",
     localrule: True
@@ -227,10 +216,9 @@ rule compute:
         mem_mb=job("analysis", "mem_mb", 2000),
         runtime=job("analysis", "runtime", 10),
     params:
-        runs_root=Path(RUN).parents[1],  # results/runs
+        study=record_trigger("compute"),
     shell:
-        "python -m analysis compute --benchmarks {input.benchmarks:q} --runs-root {params.runs_root:q}"
-        " --out-csv {output.csv:q} --out-html {output.html:q} > {log:q} 2>&1"
+        analysis_command("compute")
 
 
 ANALYSIS_OUTPUTS = [
@@ -239,5 +227,5 @@ ANALYSIS_OUTPUTS = [
     *rules.aggregate.output,
     *rules.findings.output,
     *rules.compute.output,
-    *(rules.sensitivity.output if SWEEPS else []),
+    *(rules.sensitivity.output if STUDY.sweeps else []),
 ]

@@ -14,6 +14,7 @@ sys.path.insert(0, workflow.basedir)  # import gtmoe from this checkout even whe
 from gtmoe.config import ConfigError, load_yaml
 from gtmoe.study import Study, corpus_problem, write_record
 from gtmoe import contract
+from analysis import outputs
 from gtmoe.data import tokenizer_problem
 
 # Snakemake parsed the config files leniently (a duplicate key: the last wins; aliases expand once walked).
@@ -63,6 +64,7 @@ if problem := tokenizer_problem(LAYOUT.tokenizer):
     raise WorkflowError(problem)
 # The resolved study: what every job and the analysis read. Rewritten only when its content changes.
 write_record(STUDY)
+RECORD = STUDY.record()
 
 VARIANTS = STUDY.variant_names
 SEEDS = STUDY.seeds
@@ -142,4 +144,24 @@ def run_weights(variant, seed):
 
 
 # The evaluate rule's rerun trigger: the study's evaluation settings.
-EVAL_SETTINGS = json.dumps(STUDY.record()["run"]["eval"], sort_keys=True)
+EVAL_SETTINGS = json.dumps(RECORD["run"]["eval"], sort_keys=True)
+
+
+def record_trigger(step):
+    """An analysis rule's rerun trigger: the part of the study record its step reads (analysis.outputs)."""
+    return json.dumps(outputs.record_part(RECORD, outputs.RECORD_KEYS[step]), sort_keys=True)
+
+
+def summary_file(name):
+    """A table of the analysis (file names: analysis.outputs) in the study's summary/."""
+    return f"{SUMMARY}/{name}"
+
+
+def figure_file(name):
+    """A figure of the analysis (names: analysis.outputs) in the study's figures/."""
+    return f"{FIGURES}/{name}.png"
+
+
+def analysis_command(step):
+    """Every analysis step's command: it reads the study record and nothing else about the study."""
+    return f"python -m analysis {step} --study {{input.record:q}} > {{log:q}} 2>&1"
