@@ -179,11 +179,10 @@ def run_findings(study: Record) -> int:
     return 0
 
 
-def run_compute(study: Record) -> int:
-    """Sum the benchmark files of the study's jobs per stage and split training and evaluation jobs into
-    in-process compute and start-up + per-job overhead (CSV + HTML)."""
-    files = compute.study_benchmarks(study)
-    jobs = compute.jobs_table(files, study.layout.benchmarks, study.layout.runs)
+def run_compute(study: Record, benchmarks: Sequence[str]) -> int:
+    """Sum the benchmark files of the study's jobs (--benchmarks: the compute job's inputs) per stage and split
+    training and evaluation jobs into in-process compute and start-up + per-job overhead (CSV + HTML)."""
+    jobs = compute.jobs_table(benchmarks, study.layout.benchmarks, study.layout.runs)
     table = compute.breakdown(jobs)
     written = compute.write_compute(table, _summary_path(study, outputs.COMPUTE))
     _log(f"{len(jobs)} jobs, {table['seconds'].iloc[-1]:.0f} job-seconds -> {written[0]}")
@@ -230,14 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (run, summary) in VERBS.items():
         sub = commands.add_parser(name, help=summary, description=run.__doc__)
         sub.add_argument("--study", required=True, metavar="JSON", help="the study record results/<name>/study.json")
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, inputs={})
+    # compute also takes the files it sums: the workflow passes the benchmark files of the study's jobs.
+    commands.choices["compute"].add_argument(
+        "--benchmarks", nargs="+", required=True, metavar="TSV", help="benchmark files under <root>/benchmarks/"
+    )
+    commands.choices["compute"].set_defaults(inputs=("benchmarks",))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(record.load(args.study, outputs.RECORD_KEYS[args.command]))
+        study = record.load(args.study, outputs.RECORD_KEYS[args.command])
+        return args.run(study, **{name: getattr(args, name) for name in args.inputs})
     except GtmoeError as error:  # a problem the user can fix; anything else is a bug, with its traceback
         print(f"error: python -m analysis {args.command}: {error}", file=sys.stderr)
         return 2

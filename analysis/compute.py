@@ -21,17 +21,13 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from analysis.tables import format_number, html_page, html_table, write_table
 from gtmoe.errors import DataError
 
-if TYPE_CHECKING:
-    from analysis.record import Record
-
-# Rule (first path component under results/benchmarks/) -> stage, in report order.
+# Rule (first path component under results/<name>/benchmarks/) -> stage, in report order.
 STAGES = {
     "corpus": "data prep",
     "tokenizer": "data prep",
@@ -89,26 +85,6 @@ def in_process_seconds(rule: str, relative: str, runs_root: Path) -> tuple[str |
     return variant, seed, (math.fsum(seconds) if seconds else math.nan)
 
 
-def study_benchmarks(record: Record) -> list[Path]:
-    """The benchmark files of the study's jobs, sorted: every ``*.tsv`` under its benchmarks directory except
-    a training or evaluation job of a run the study record does not have (a variant or seed since removed)
-    and the sensitivity job of a study without sweeps."""
-    root = Path(record.layout.benchmarks)
-    runs = {(v, s) for v in record.variants for s in record.seeds}
-    kept = []
-    for path in sorted(root.rglob("*.tsv")):
-        relative = path.relative_to(root).as_posix()
-        rule, _, rest = relative.partition("/")
-        rule = rule.removesuffix(".tsv")
-        match = _RUN_JOB.match(rest)
-        if rule in ("train", "evaluate") and (match is None or (match["variant"], int(match["seed"])) not in runs):
-            continue
-        if rule == "sensitivity" and not record.sweeps:
-            continue
-        kept.append(path)
-    return kept
-
-
 def jobs_table(benchmarks: Sequence[str | Path], benchmark_root: str | Path, runs_root: str | Path) -> pd.DataFrame:
     """One row per job: its rule, stage, wall seconds and (train/evaluate) the in-process part.
 
@@ -118,7 +94,10 @@ def jobs_table(benchmarks: Sequence[str | Path], benchmark_root: str | Path, run
     root, runs_root = Path(benchmark_root), Path(runs_root)
     rows = []
     for benchmark in benchmarks:
-        relative = Path(benchmark).relative_to(root).as_posix()
+        try:
+            relative = Path(benchmark).relative_to(root).as_posix()
+        except ValueError:
+            raise DataError(f"benchmark file {benchmark} is not under the study's {root}/") from None
         rule = relative.split("/", 1)[0].removesuffix(".tsv")
         run_relative = relative.split("/", 1)[1] if "/" in relative else ""
         variant, seed, in_process = in_process_seconds(rule, run_relative, runs_root)

@@ -408,6 +408,10 @@ class RunConfig:
         self.router.resolve()
         self.data.validate()
         self.eval.validate()
+        return self.check_size()
+
+    def check_size(self) -> RunConfig:
+        """The model this config builds has at most MAX_PARAMETERS; returns self."""
         params = parameter_count(self)
         check(
             params <= MAX_PARAMETERS,

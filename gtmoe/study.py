@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from gtmoe import routers, sweeps
@@ -120,21 +121,22 @@ class Study:
         for member in members:
             check(member in variants, "ablation.variants", member, f"must be one of the variants: {known}")
 
+        statistics = statistics_settings(config)
         study = cls(
             name=name,
             layout=layout,
-            variants=variants,
+            variants=MappingProxyType(variants),
             seeds=tuple(seeds),
             reference=reference,
             ablation_base=base,
             ablations=tuple(members),
-            statistics=statistics_settings(config),
-            findings=findings_settings(config),
-            sweeps={sweep: tuple(members) for sweep, members in expansion.members.items()},
-            sweep_design=tuple(expansion.design),
-            sweep_of=sweep_of,
+            statistics=MappingProxyType({**statistics, "primary": tuple(statistics["primary"])}),
+            findings=MappingProxyType(findings_settings(config)),
+            sweeps=MappingProxyType({sweep: tuple(members) for sweep, members in expansion.members.items()}),
+            sweep_design=tuple(MappingProxyType(row) for row in expansion.design),
+            sweep_of=MappingProxyType(sweep_of),
             run=shared,
-            target_keys=target_keys,
+            target_keys=MappingProxyType(target_keys),
         )
         data = config.get("data", {})
         from gtmoe.data.corpus import CORPORA, DEFAULT_CORPUS
@@ -152,10 +154,10 @@ class Study:
             data.get("vocab_size"),
             f"must be <= model.vocab_size = {model.vocab_size} (the embedding table)",
         )
-        for variant in variants:  # every run config is valid before any job starts: checked here, once
+        for variant in variants:  # every run config fits before any job starts (sections and options are checked)
             cfg = study.run_config(variant, seeds[0])
             try:
-                cfg.validate()
+                cfg.check_size()
             except ConfigError as exc:
                 # Name the variant: its router options came from variants[...], the rest from the shared sections.
                 raise ConfigError(f"variant '{variant}': {exc}") from None
@@ -197,7 +199,7 @@ class Study:
             "seeds": list(self.seeds),
             "reference": self.reference,
             "ablation": {"base": self.ablation_base, "variants": list(self.ablations)},
-            "statistics": copy.deepcopy(dict(self.statistics)),
+            "statistics": {**self.statistics, "primary": list(self.statistics["primary"])},
             "findings": dict(self.findings),
             "routers": {name: routers.describe(name) for name in dict.fromkeys(r.name for r in self.variants.values())},
             "variants": variants,

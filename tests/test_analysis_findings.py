@@ -477,11 +477,12 @@ def test_compute_command_writes_csv_and_html(benchmarked_study, tmp_path):
     record = write_study_record(tmp_path, ["topk", "rdesi"], (0,))
     stale = write_benchmark(benchmarked_study["bench"] / "train" / "removed_variant" / "seed0.tsv", 99.0)
     unswept = write_benchmark(benchmarked_study["bench"] / "sensitivity.tsv", 9.0)
-    assert main(["compute", "--study", str(record)]) == 0
+    files = [str(path) for path in benchmarked_study["files"]]
+    assert main(["compute", "--study", str(record), "--benchmarks", *files]) == 0
     out = tmp_path / "summary" / "compute.csv"
     table = pd.read_csv(out)
     assert list(table.columns) == compute.BREAKDOWN_COLUMNS
-    # Exactly the study's jobs: not a run the record does not have, nor the sensitivity job without sweeps.
+    # Exactly the files it is given (the job's inputs), never others lying in the directory.
     expected = compute.breakdown(
         compute.jobs_table(benchmarked_study["files"], benchmarked_study["bench"], benchmarked_study["runs"])
     )

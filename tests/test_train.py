@@ -100,6 +100,7 @@ class VisitCounter(TopKRouter):
 
 def test_a_new_stateful_routers_state_reaches_the_router_log_and_the_figure(tmp_path, tiny_shards, monkeypatch):
     from analysis import collect, figures
+    from analysis.figures import canvas
     from gtmoe.routers import registry
 
     monkeypatch.setitem(registry._REGISTRY, "visit_counter", VisitCounter)  # removed again after the test
@@ -111,7 +112,7 @@ def test_a_new_stateful_routers_state_reaches_the_router_log_and_the_figure(tmp_
     visits = log[(log["layer"] == 0)].groupby("step")["visits"].sum()
     assert visits.is_monotonic_increasing and visits.iloc[-1] == 6 * 4 * TINY_SEQ * 2  # steps x tokens x top-2
     drawn = []
-    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.append([ax.get_title() for ax in fig.axes]))
+    monkeypatch.setattr(canvas, "save_figure", lambda fig, path: drawn.append([ax.get_title() for ax in fig.axes]))
     figures.plot_router_state(collect.load_router_logs([run]), tmp_path / "state.png")
     assert any("visit_counter — visits" in title for title in drawn[0])
 

@@ -354,8 +354,16 @@ def test_findings_come_first_in_the_report(smoke_study):
         subprocess.run([node, "-e", script, json.dumps(categories)], capture_output=True, text=True, check=True).stdout
     )
     assert ordered[0] == "★ Findings", ordered
-    # The landing page (workflow description) opens the findings in one click.
-    assert "results['results/smoke/summary/findings.html'].data_uri" in report_variable(html, "workflow_desc")
+    # The landing page (workflow description) opens the findings in one click: the one entry whose path ends
+    # in /summary/findings.html (the description is shared by every study, whatever its root).
+    description = report_variable(html, "workflow_desc")
+    link = re.search(r"contentPath:(results\[.*?\]\.data_uri)\}\)", description).group(1)
+    # The link's own JavaScript, run on the report's `results`, finds this study's findings page.
+    script = f"const results = JSON.parse(require('fs').readFileSync(0, 'utf8')); console.log({link}.slice(0, 40))"
+    found = subprocess.run(
+        [node, "-e", script], input=json.dumps(report_results(html)), capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == entry["data_uri"][:40]
 
 
 @pytest.mark.integration

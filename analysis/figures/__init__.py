@@ -8,7 +8,8 @@ from the caller (the study record), never from here. A figure with nothing to sh
 variant, no stateful router) is still written, with a message, so that workflow outputs always exist.
 
 This package: the per-variant and training figures (here), the forest plots of the paired
-comparisons (``forest``) and the dose-response figures of the sweeps (``sensitivity``).
+comparisons (``forest``), the dose-response figures of the sweeps (``sensitivity``), and the canvas they
+share (``canvas``: backend, theme, colours, saving).
 """
 
 from __future__ import annotations
@@ -17,61 +18,20 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.colors import TwoSlopeNorm
 
-matplotlib.use("Agg")  # headless: figures are written by batch jobs
+from analysis.collect import MODEL_LEVEL, variant_order
+from analysis.figures.canvas import DPI, finish_figure, message_figure, save_figure, variant_palette  # noqa: F401
+from analysis.figures.forest import plot_ablation_forest, plot_reference_forest  # noqa: F401
+from analysis.figures.sensitivity import plot_sensitivity  # noqa: F401
+from analysis.stats import CONFIDENCE, VARIANT, metric_label, router_balance_curves, summarize, t_confidence_interval
+from gtmoe.contract import FLIP_RATE_PREFIX, ROUTER_LOG_INDEX
 
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-
-from analysis import writing  # noqa: E402
-from analysis.collect import MODEL_LEVEL, variant_order  # noqa: E402
-from analysis.stats import CONFIDENCE, VARIANT, metric_label, router_balance_curves, summarize, t_confidence_interval  # noqa: E402
-from gtmoe.contract import FLIP_RATE_PREFIX, ROUTER_LOG_INDEX  # noqa: E402
-
-DPI = 150
 BASELINE_STYLES = {"unigram": (0, (6, 2)), "bigram": "-."}  # line styles of the n-gram reference lines
-
-sns.set_theme(context="notebook", style="whitegrid")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def variant_palette(variants: Sequence[str]) -> dict[str, tuple]:
-    """A fixed colour per variant, so one variant has one colour across all figures."""
-    colours = sns.color_palette("colorblind" if len(variants) <= 10 else "husl", len(variants))
-    return dict(zip(variants, colours))
-
-
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    try:
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
-
-
-def finish_figure(fig: plt.Figure, path: str | Path, title: str) -> Path:
-    """Give a multi-panel figure its overall title, lay it out tightly and save it."""
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def message_figure(path: str | Path, title: str, message: str) -> Path:
-    """A small figure that states why there is nothing to plot."""
-    fig, ax = plt.subplots(figsize=(6, 2.5))
-    ax.set_axis_off()
-    ax.set_title(title)
-    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, color="0.35")
-    return save_figure(fig, path)
 
 
 def _t_band(values: pd.Series) -> tuple[float, float]:
@@ -578,8 +538,3 @@ def plot_flip_rates(
         f"Flip rate per selection term during training (mean over MoE layers; band: "
         f"{int(CONFIDENCE * 100)}% t CI across seeds)",
     )
-
-
-# The forest plots and the sweeps' dose-response figures, in their own modules, here for one import.
-from analysis.figures.forest import plot_ablation_forest, plot_reference_forest  # noqa: E402, F401
-from analysis.figures.sensitivity import plot_sensitivity  # noqa: E402, F401

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from analysis.figures import message_figure, save_figure
+from analysis.figures.canvas import message_figure, save_figure
 from analysis.stats import CONFIDENCE, metric_label
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from analysis.figures import finish_figure, message_figure
+from analysis.figures.canvas import finish_figure, message_figure
 from analysis.stats import CONFIDENCE, metric_label
 from analysis.stats.sensitivity import FLIP_RATE, METRICS
 

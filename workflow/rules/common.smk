@@ -164,4 +164,5 @@ def figure_file(name):
 
 def analysis_command(step):
     """Every analysis step's command: it reads the study record and nothing else about the study."""
-    return f"python -m analysis {step} --study {{input.record:q}} > {{log:q}} 2>&1"
+    inputs = " --benchmarks {input.benchmarks:q}" if step == "compute" else ""  # the files compute sums
+    return f"python -m analysis {step} --study {{input.record:q}}{inputs} > {{log:q}} 2>&1"
