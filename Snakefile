@@ -5,6 +5,23 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+sys.path.insert(0, workflow.basedir)
+from gtmoe.config import ConfigError, load_yaml
+
+# Snakemake renders a YTE template (`__use_yte__: true`: Python code in a config file) as it loads a config
+# file: read config.yaml strictly first, which refuses it (a --configfile is loaded before this file runs:
+# workflow/rules/common.smk stops the workflow then, before any job; docs/reliability.md).
+if Path("config.yaml").exists():
+    try:
+        load_yaml(Path("config.yaml"))
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid configuration: {exc}") from None
+
 
 configfile: "config.yaml"
 
@@ -26,3 +43,4 @@ rule all:
     default_target: True
     input:
         ANALYSIS_OUTPUTS,
+        REPORT,

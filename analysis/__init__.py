@@ -12,8 +12,9 @@ collect   -- read run directories into a tidy table and a run-status table; join
 stats     -- per-variant summaries (Student t CIs) and seed-paired comparisons;
              ``stats.sensitivity``: dose-response statistics of the sweeps.
 tables    -- parquet, CSV and self-contained HTML tables for the report (the sensitivity tables too).
-figures   -- seaborn figures (PNG) for the report; ``figures.forest``: forest plots of the
-             comparisons; ``figures.sensitivity``: dose-response figures of the sweeps.
+figures   -- seaborn figures (PNG) for the report; ``figures.canvas``: backend, theme, colours, saving;
+             ``figures.forest``: forest plots of the comparisons; ``figures.sensitivity``: dose-response
+             figures of the sweeps.
 findings  -- the findings in words, rendered from ``templates/findings.html.j2`` (Jinja2).
 compute   -- job-seconds per stage from Snakemake's benchmark files.
 """

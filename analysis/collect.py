@@ -10,7 +10,10 @@ source, run_status``. ``layer`` is ``"all"`` for model-level values and the laye
 the column and step for the training log), so every number can be traced back.
 
 Every readable value of every run is kept, whatever the run's status; the statistics
-select ``run_status == "ok"`` explicitly, and the status table says why a run is out.
+select ``run_status == "ok"`` explicitly, and the status table says why a run is out. An evaluation JSON
+with a required metric missing, not a number or null, or any metric outside its range
+(``gtmoe.contract.metric_range``: PPL in (1, 1e100], Gini in [0, 1), counts >= 0, ...) fails its run, the
+status detail naming the file and the key.
 
 ``variant_columns`` turns the study record's variants into one row per variant with its
 ``router`` and one column per resolved router option; ``join_variants`` adds them to the tidy
@@ -32,7 +35,9 @@ import pyarrow.parquet as pq
 
 from gtmoe.contract import (
     EVAL_ID_KEYS,
+    EVAL_REQUIRED_METRICS,
     EVAL_SPLITS,
+    LOAD_COUNT_RANGE,
     LOAD_METRICS,
     PER_LAYER_ID_KEYS,
     ROUTER_LOG,
@@ -42,6 +47,7 @@ from gtmoe.contract import (
     RUN_OK,
     TRAIN_LOG,
     eval_file,
+    metric_range,
 )
 from gtmoe.errors import ConfigError, DataError
 
@@ -171,25 +177,49 @@ def _evaluates_routing(evaluation: dict) -> bool:
     return bool(evaluation.get("n_experts"))
 
 
+MAX_RANGE_PROBLEMS = 5  # per eval file, in the status table's detail; the rest are counted
+
+
+def _range_problems(mapping: dict, pointer: str, required: Sequence[str]) -> list[str]:
+    """Metrics of one mapping (the model level, or one per_layer entry at JSON pointer ``pointer``) that are
+    missing or not numbers (``required``), or outside their range (gtmoe.contract.metric_range)."""
+    problems = [f"missing {pointer}{key}" for key in required if key not in mapping]
+    for key, value in mapping.items():
+        limits = metric_range(key)
+        if limits is None and key not in required:
+            continue
+        if value is None or (_is_number(value) and not math.isfinite(value)):
+            if value is not None or key in required:  # null: undefined, allowed where optional
+                load = key in LOAD_METRICS
+                label, note = ("load metric ", "; null is how gtmoe writes NaN/inf") if load else ("", "")
+                problems.append(f"non-finite {label}{pointer}{key} ({value!r}{note})")
+        elif not _is_number(value):
+            problems.append(f"non-numeric {pointer}{key} ({value!r})")
+        elif limits is not None and value not in limits:
+            problems.append(f"{pointer}{key} = {value!r} outside {limits}")
+    return problems
+
+
 def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, split: str, routed: bool) -> list[str]:
-    """Reasons why a parsed eval JSON cannot be trusted (empty list when it can)."""
+    """Reasons why a parsed eval JSON cannot be trusted (empty list when it can): its status or identity, a
+    required metric missing, not a number or null, or any metric outside its range (gtmoe.contract)."""
     problems = []
     if evaluation.get("status") != RUN_OK:
-        problems.append(f"{name}: status={evaluation.get('status')!r}")
-    ppl = evaluation.get("ppl")
-    if not _is_number(ppl) or not math.isfinite(ppl):
-        problems.append(f"{name}: non-finite ppl ({ppl!r})")
-    if routed:
-        for metric in LOAD_METRICS:
-            value = evaluation.get(metric)
-            if not _is_number(value) or not math.isfinite(value):
-                problems.append(
-                    f"{name}: non-finite load metric {metric} ({value!r}; null is how gtmoe writes NaN/inf)"
-                )
+        problems.append(f"status={evaluation.get('status')!r}")
+    required = (*EVAL_REQUIRED_METRICS, *LOAD_METRICS) if routed else EVAL_REQUIRED_METRICS
+    problems += _range_problems(evaluation, "", required)
+    for index, entry in enumerate(evaluation.get("per_layer") or []):
+        pointer = f"per_layer/{index}/"
+        problems += _range_problems(entry, pointer, ())
+        for expert, count in enumerate(entry.get("load") or []):
+            if count not in LOAD_COUNT_RANGE:
+                problems.append(f"{pointer}load/{expert} = {count!r} outside {LOAD_COUNT_RANGE}")
     found = (evaluation.get("variant"), evaluation.get("seed"), evaluation.get("split"))
     if found != (variant, seed, split):
-        problems.append(f"{name}: written for (variant, seed, split)={found!r}")
-    return problems
+        problems.append(f"written for (variant, seed, split)={found!r}")
+    if len(problems) > MAX_RANGE_PROBLEMS:
+        problems[MAX_RANGE_PROBLEMS:] = [f"and {len(problems) - MAX_RANGE_PROBLEMS} more problem(s)"]
+    return [f"{name}: {problem}" for problem in problems]
 
 
 def read_run(run_dir: str | Path, variant: str, seed: int, routed: bool | None = None) -> RunReading:

@@ -9,14 +9,137 @@ stops on a non-finite loss.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
+import os
+import stat
 import sys
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 
 from gtmoe.checks import positive_int
-from gtmoe.errors import GtmoeError, NonFiniteLossError, RunError
+from gtmoe.errors import GtmoeError, NonFiniteLossError, OutputError, RunError
+
+MAX_THREADS = 1024  # torch takes an int32 and starts that many threads: a typo (--threads 1000000) is refused
+
+
+def threads(text: str) -> int:
+    """argparse type of --threads: an integer in [1, MAX_THREADS]."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, not {value}")
+    return value
+
+
+# ------------------------------------------------------------------ no command writes over what it reads
+
+
+def _real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file: one path resolved (symbolic links, '..'), or one file under two names (a hard link)."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """`path` is `directory` or lies below it (after resolving both)."""
+    real, root = _real(path), _real(directory)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _clobbers(source: Path, directory: Path, names: Iterable[str]) -> str | None:
+    """The name, among the `names` (glob patterns) a command writes in `directory`, that is `source` (as given or
+    resolved), if any."""
+    for path in (source, Path(_real(source))):
+        if _real(path.parent) == _real(directory):
+            for pattern in names:
+                if fnmatch.fnmatchcase(path.name, pattern):
+                    return path.name
+    return None
+
+
+def refuse_overwrite(
+    flag: str,
+    outputs: Iterable[Path],
+    reads: Iterable[Path] = (),
+    read_dirs: Iterable[Path] = (),
+    writes: Iterable[str] | None = None,
+) -> None:
+    """Before any work, refuse (one OutputError) an output given with `flag` that is one of the files the command
+    reads (`reads`), lies in a directory it reads (`read_dirs`: shards), is another output of the same command,
+    or is a device, FIFO or socket (an atomic write would replace it). With `writes` (the glob patterns of the
+    names it writes there) the outputs are directories: none of the files written there may be a read one."""
+    reads, read_dirs, seen = list(reads), list(read_dirs), []
+    for out in outputs:
+        if writes is not None:
+            for source in reads:
+                if name := _clobbers(source, out, writes):
+                    raise OutputError(
+                        f"{flag} {out}: this command writes {name} there, which is {source}, an input it reads; "
+                        "write the output to another directory"
+                    )
+        else:
+            try:
+                mode = os.stat(out).st_mode
+            except OSError:  # does not exist yet (or cannot be read: the write reports that)
+                mode = None
+            if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise OutputError(
+                    f"{flag} {out} is not a regular file (a device, FIFO or socket), and writing the output would "
+                    "replace it; pass a file path"
+                )
+        for earlier in seen:
+            if _same_file(out, earlier):
+                raise OutputError(f"{flag} {out} is given twice (also as {earlier}); give each output its own file")
+        for source in reads:
+            if _same_file(out, source):
+                raise OutputError(
+                    f"{flag} {out} is {source}, which this command reads; write the output to another file"
+                )
+        for directory in read_dirs:
+            if _inside(out, directory):
+                raise OutputError(
+                    f"{flag} {out} lies in {directory}, which this command reads; write the output outside it"
+                )
+        seen.append(out)
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    """The files of a run directory that `train` writes and `evaluate` reads: its config, checkpoints and their
+    manifests, logs and summary."""
+    from gtmoe.contract import RESUME_CHECKPOINT, SATURATION_CHECKPOINT, TRAIN_OUTPUTS
+    from gtmoe.runfiles import manifest_path
+
+    files = [run_dir / name for name in (*TRAIN_OUTPUTS, RESUME_CHECKPOINT, SATURATION_CHECKPOINT)]
+    return files + [manifest_path(path) for path in files if path.suffix == ".pt"]
+
+
+def _check_train_paths(args: argparse.Namespace) -> None:
+    """train writes its run files into --out: --config must not be one of them."""
+    if args.config is not None:
+        written = [path.name for path in _run_files(args.out)]
+        refuse_overwrite("--out", [args.out], reads=[args.config], writes=written)
+
+
+def _check_evaluate_paths(args: argparse.Namespace) -> None:
+    """evaluate reads the run's files, the study record and the shards of its splits; its --out files are none of
+    them."""
+    from gtmoe.config import load_run_config
+    from gtmoe.contract import RUN_CONFIG
+
+    reads = _run_files(args.run) + ([args.study] if args.study is not None else [])
+    config = args.run / RUN_CONFIG
+    shards = Path(load_run_config(config).data.shards) if config.is_file() else None  # else evaluate names it
+    refuse_overwrite("--out", args.out, reads, [shards / split for split in args.split] if shards else [])
 
 
 def _set_up_compute(threads: int | None) -> None:
@@ -35,6 +158,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from gtmoe.study import read_record, run_config_from_record
     from gtmoe.train import train
 
+    _check_train_paths(args)
     if args.config:
         cfg = load_run_config(args.config)
     else:
@@ -51,12 +175,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from gtmoe.files import remove_stale_temporaries, write_atomic
     from gtmoe.runfiles import unwritable
 
-    _set_up_compute(args.threads)
     if len(args.out) != len(args.split):
         raise RunError(
             f"--split names {len(args.split)} split(s) but --out {len(args.out)} file(s); "
             "give one output JSON per split, in the same order"
         )
+    for split in args.split:
+        if args.split.count(split) > 1:
+            raise RunError(f"--split names {split} {args.split.count(split)} times; name each split once")
+    _check_evaluate_paths(args)
+    _set_up_compute(args.threads)
     for out in args.out:  # before evaluating: a bad --out should not cost an evaluation
         if out.is_dir():
             raise RunError(f"--out {out} is a directory; pass the JSON file to write, e.g. {out / 'eval.json'}")
@@ -93,7 +221,9 @@ def _study_run(study: Path, run_dir: Path):
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
     from gtmoe.baselines import write_ngram_baselines
+    from gtmoe.contract import SPLITS
 
+    refuse_overwrite("--out", [args.out], read_dirs=[args.shards / split for split in SPLITS])
     write_ngram_baselines(args.shards, args.out)
 
 
@@ -130,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--variant", help="with --study: the variant to train")
     train.add_argument("--seed", type=int, help="with --study: the seed to train")
     train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, summary")
-    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument(
+        "--threads", type=threads, default=None, help=f"torch CPU threads, 1-{MAX_THREADS} (default: torch's choice)"
+    )
     train.add_argument(
         "--stop-after",
         type=positive_int,
@@ -166,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is the one the study asks for (how the workflow calls it; default: the run's config.yaml)",
     )
     evaluate.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=threads, default=None, help=f"torch CPU threads, 1-{MAX_THREADS} (default: torch's choice)"
     )
     evaluate.set_defaults(func=_cmd_evaluate)
 
@@ -201,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if paths := getattr(args, "paths", None):  # a verb's declared outputs and inputs (gtmoe.data.cli)
+            refuse_overwrite(**paths(args))
         args.func(args)
     except GtmoeError as exc:
         if args.verbose:  # the one-line error stays last; the traceback is for debugging gtmoe itself

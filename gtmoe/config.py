@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -27,8 +29,24 @@ from gtmoe.contract import weight_config  # noqa: F401  (re-exported: the one de
 MAX_YAML_BYTES = 1 << 20  # a config file is a few KB; refuse anything over 1 MiB before parsing it
 
 
+# Keys that switch on YTE templating (Python expressions in a config file: Snakemake renders any YAML config
+# with a top-level `__use_yte__: true` as it loads it) or that only a YTE template uses. Refused anywhere.
+TEMPLATING_KEYS = ("__use_yte__", "__definitions__", "__variables__")
+
+
+def templating_refused(key: Any) -> str | None:
+    """Why a mapping key is refused as a templating switch, or None."""
+    if isinstance(key, str) and key.strip().lower() in TEMPLATING_KEYS:
+        return (
+            f"key {short_repr(key)} enables YTE templating (Python code run from a config file), which is refused; "
+            "remove it and write the values out"
+        )
+    return None
+
+
 class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate mapping keys, YAML anchors/aliases and merge keys.
+    """yaml.SafeLoader that refuses duplicate mapping keys, YAML anchors/aliases, merge keys and YTE templating
+    keys (TEMPLATING_KEYS).
 
     Aliases are refused outright (not just limited): a few hundred bytes of nested aliases
     expand to gigabytes once anything walks the value, and no gtmoe config needs them.
@@ -57,6 +75,8 @@ class StrictLoader(yaml.SafeLoader):
                         None, None, "YAML merge key '<<' is not accepted; write the keys out", key_node.start_mark
                     )
                 key = self.construct_object(key_node, deep=True)
+                if refused := templating_refused(key):
+                    raise yaml.constructor.ConstructorError(None, None, refused, key_node.start_mark)
                 try:
                     first = seen.get(key)
                 except TypeError:  # unhashable key: SafeLoader reports it below
@@ -85,30 +105,60 @@ StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yam
 def _unique_json_keys(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
+        if refused := templating_refused(key):
+            raise ConfigError(f"{where}: {refused}")
         if key in out:
             raise ConfigError(f"{where}: duplicate key {short_repr(key)} in a JSON object; keep only one")
         out[key] = value
     return out
 
 
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(mode: int, where: str) -> ConfigError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return ConfigError(f"{where} is {kind}, not a regular file; pass the YAML config file itself")
+
+
+def _read_config_file(path: Path, where: str) -> bytes:
+    """The bytes of a config file: a regular file of at most MAX_YAML_BYTES, counted as read (a device or a file
+    of /proc says size 0). A FIFO, device or socket is refused before it is opened (a FIFO would block the
+    open, /dev/zero never ends); opened with O_NONBLOCK, and checked again, in case it was swapped meanwhile."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{where} is a directory, not a YAML file; pass the config file itself")
+    if not stat.S_ISREG(mode):
+        raise _not_regular(mode, where)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as stream:
+        mode = os.fstat(stream.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(mode, where)
+        data = stream.read(MAX_YAML_BYTES + 1)  # a regular file: read() returns what is there, up to the bound
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{where} holds more than {MAX_YAML_BYTES} bytes, the limit for a config file; is it the right file?"
+        )
+    return data
+
+
 def load_yaml(source: str | Path, origin: str | None = None) -> Any:
     """Parse YAML strictly (StrictLoader): `source` is a file if a Path, else the YAML text itself.
 
     Every problem is a ConfigError naming the file (or `origin`) and the line: a missing file, a
-    directory, an unreadable or oversized file, malformed YAML, a duplicate key, an anchor or alias.
+    directory, a FIFO, device or socket, an unreadable file or one over MAX_YAML_BYTES (counted as read),
+    malformed YAML, a duplicate key, an anchor or alias.
     """
     if isinstance(source, Path):
         where = origin or str(source)
-        if source.is_dir():
-            raise ConfigError(f"{where} is a directory, not a YAML file; pass the config file itself")
         try:
-            size = source.stat().st_size
-            if size > MAX_YAML_BYTES:
-                raise ConfigError(
-                    f"{where} is {size} bytes, over the {MAX_YAML_BYTES}-byte limit for a "
-                    "config file; is it the right file?"
-                )
-            text = source.read_bytes().decode("utf-8")
+            text = _read_config_file(source, where).decode("utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{where} does not exist") from None
         except UnicodeDecodeError as exc:
@@ -161,6 +211,15 @@ MODEL_LIMITS = {
     "d_expert": 1 << 18,
 }
 TRAIN_LIMITS = {"batch_size": 1 << 16, "grad_accum": 1 << 16}
+# torch's grouped_mm (the MoE experts' matmuls, gtmoe.moe) refuses operands whose rows are not a multiple of 16
+# bytes: d_model and d_expert must be multiples of 4 in fp32 and of 8 in bf16 (CUDA autocast); 8 covers both.
+GROUPED_MM_MULTIPLE = 8
+
+
+def _round_up(value: int, multiple: int = GROUPED_MM_MULTIPLE) -> int:
+    return -(-value // multiple) * multiple
+
+
 MAX_PARAMETERS = 1 << 33  # 8.6e9 parameters = 137 GB of fp32 weights, gradients and AdamW state: no single device
 
 
@@ -237,6 +296,15 @@ class ModelConfig:
             self.top_k,
             f"must be <= model.n_experts = {self.n_experts}",
         )
+        for name in ("d_model", "d_expert"):  # the two sizes the experts' grouped GEMM (gtmoe.moe) multiplies by
+            value = getattr(self, name)
+            check(
+                value % GROUPED_MM_MULTIPLE == 0,
+                f"{prefix}.{name}",
+                value,
+                f"must be a multiple of {GROUPED_MM_MULTIPLE}: the experts' grouped GEMM (torch grouped_mm) needs "
+                f"rows of 16 bytes, {GROUPED_MM_MULTIPLE} values in bf16 (e.g. {_round_up(value)})",
+            )
 
 
 @dataclass(frozen=True)
@@ -456,18 +524,26 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
     (training and evaluation route in groups of one training micro-batch), H heads, L layers:
 
     - train: 7 P (weights, gradients, AdamW's two moments, and a transient copy of weights + moments
-      while a checkpoint is saved or loaded for a resume); evaluate: 3 P (the model, the loaded checkpoint,
-      the saturation checkpoint's model).
+      while a checkpoint is saved or loaded for a resume).
+    - evaluate (gtmoe.evaluate), the larger of its two phases on top of 2 P (the final model and the
+      saturation checkpoint's model; P for a dense run). Loading: P, the weights of the checkpoint being
+      loaded (mapped, so AdamW's moments beside them are never read), and the training logs the checkpoint
+      holds as Python objects (about 1 kB per train_log row, 640 B per router_log row: one per expert, MoE
+      layer and router_log_every steps). Evaluating: the per-layer (token id, expert) counts, L_moe V (E + 1)
+      int64 on the host for a CPU job (on the device for a GPU one), the mutual information's temporaries
+      (40 B for each of up to 2**20 counts in flight, 8 V, and 16 B per nonzero count: at most
+      min(V E, top_k tokens) for the largest evaluated split, eval.max_blocks * seq_len tokens or 2**23 for
+      a split evaluated whole), and one layer's activations plus the logits.
     - activations kept for the backward pass (train), per layer: ~16 d per token on the attention path,
       3 E for the gate, r (2 d + 4 d_expert) for the r expert rows a token is dispatched to (r = top_k, or
       up to capacity_factor * top_k for capacity routers), plus 2 B H S^2 for attention scores
       (materialised by the math kernel on CPU); and 3 T V for logits, log-softmax and their gradient.
-      `evaluate` keeps no activations for backward: one layer's worth plus the logits.
     - the rotary tables (2 L S_max d/H / 2) and RUNTIME_OVERHEAD_MB for the interpreter and libraries.
 
     `activations=False` leaves activations out: for a GPU job they live on the device, not in the host
-    memory that resources.*.mem_mb reserves. The estimate errs high; it exists to refuse a configuration
-    that cannot fit before a job allocates until the OS kills it.
+    memory that resources.*.mem_mb reserves. The estimate errs high (evaluate: within 1.5x of the measured
+    peak, docs/performance.md "Evaluation memory"); it exists to refuse a configuration that cannot fit
+    before a job allocates until the OS kills it.
     """
     m, t = cfg.model, cfg.train
     params = parameter_count(cfg)
@@ -482,9 +558,22 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
     buffers = layers * m.max_seq_len * (d // m.n_heads) if m.positional == "rope" else 0
     if stage == "train":
         floats = 7 * params + buffers + (layers * per_layer + logits if activations else 0)
-    else:
-        floats = 3 * params + buffers + (per_layer + logits if activations else 0)
-    return RUNTIME_OVERHEAD_MB + 4 * floats / 2**20
+        return RUNTIME_OVERHEAD_MB + 4 * floats / 2**20
+    from gtmoe import routers
+
+    moe_layers = layers // m.moe_every if issubclass(routers.get(cfg.router.name), routers.Router) else 0
+    models = 4 * (2 if moe_layers else 1) * (params + buffers)
+    logged = math.ceil(t.max_steps / t.log_every) * 1024
+    logged += math.ceil(t.max_steps / t.router_log_every) * moe_layers * e * 640
+    loading = 4 * params + logged
+    blocks = {"validation": 0, "test": 0, **cfg.eval.max_blocks}.values()  # the splits the workflow evaluates
+    evaluated = max(n * seq_len if n > 0 else 2**23 for n in blocks)
+    nonzero = min(m.vocab_size * e, k * evaluated)
+    chunk = min(m.vocab_size * e, 2**20)  # gtmoe.evaluate.MI_CHUNK_ELEMENTS entries of about 40 B in flight
+    information = (40 * chunk + 8 * m.vocab_size + 16 * nonzero) if moe_layers else 0
+    evaluating = (8 * moe_layers * m.vocab_size * (e + 1) if activations else 0) + information
+    evaluating += 4 * (per_layer + logits) if activations else 0
+    return RUNTIME_OVERHEAD_MB + (models + max(loading, evaluating)) / 2**20
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

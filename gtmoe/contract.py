@@ -27,6 +27,7 @@ needs torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -143,6 +144,81 @@ LOAD_METRICS = (
     "token_expert_mi",
 )
 FLIP_RATE_PREFIX = "flip_rate_"  # + a router's selection term: in the training log and evaluation JSON
+
+
+# The range of every evaluation metric, checked when the analysis collects a run (analysis.collect): a value
+# outside it, or a required metric missing, not a number or null, fails the run. Every range is finite and
+# ends at MAX_METRIC at most: far above anything a run can produce (a PPL of 1e100 is 230 nats per token;
+# uniform guessing over 2^64 token types is 44), and small enough that sums and squares over any number of
+# seeds stay finite (a PPL of 1.7e308 is finite, but the mean of two overflows to inf).
+MAX_METRIC = 1e100
+# A closed end admits this much float round-off beyond it (a normalised entropy of a uniform load computes as
+# 1.0000000000000002); an open end admits nothing. The ranges' ends are 0 and 1, so it is absolute.
+RANGE_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class MetricRange:
+    """The values one metric can take: ``low`` to ``high``, each end open or closed; finite numbers only."""
+
+    low: float
+    high: float = MAX_METRIC
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low - RANGE_SLACK
+        below = value < self.high if self.high_open else value <= self.high + RANGE_SLACK
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+_PPL = MetricRange(1, low_open=True)  # exp(NLL) with NLL > 0
+_FRACTION = MetricRange(0, 1)
+_NON_NEGATIVE = MetricRange(0)  # counts, ratios without an upper bound, times, sizes
+EVAL_METRIC_RANGES = {
+    "ppl": _PPL,
+    "word_ppl": _PPL,
+    "nll": MetricRange(0, low_open=True),
+    "tokens": _NON_NEGATIVE,
+    "words": _NON_NEGATIVE,
+    "gini": MetricRange(0, 1, high_open=True),  # at most (E - 1) / E
+    "load_entropy": _FRACTION,  # normalised by ln E
+    "cv": _NON_NEGATIVE,
+    "maxvio_global": _NON_NEGATIVE,
+    "maxvio_batch": _NON_NEGATIVE,
+    "dead_experts": _NON_NEGATIVE,  # a count per layer, its mean over layers at model level
+    "drop_rate": _FRACTION,
+    "token_expert_mi": _FRACTION,  # normalised by H(expert)
+    "router_saturation": _FRACTION,
+    "n_params": _NON_NEGATIVE,
+    "n_active_params": _NON_NEGATIVE,
+    "tokens_per_s": _NON_NEGATIVE,
+    "wall_s": _NON_NEGATIVE,
+    "peak_mem_mb": _NON_NEGATIVE,
+    "n_experts": _NON_NEGATIVE,
+    "top_k": _NON_NEGATIVE,
+    "train_step": _NON_NEGATIVE,
+    "group_tokens": _NON_NEGATIVE,
+    "eval_blocks": _NON_NEGATIVE,
+    "split_blocks": _NON_NEGATIVE,
+}
+LOAD_COUNT_RANGE = _NON_NEGATIVE  # each entry of a layer's `load`: tokens per expert
+# Model-level metrics every evaluation JSON holds as numbers (a routed run's also LOAD_METRICS); any other
+# metric with a range may be null (undefined: gtmoe writes NaN and inf as null) but nothing else out of range.
+EVAL_REQUIRED_METRICS = ("ppl", "word_ppl", "nll", "tokens", "words")
+
+
+def metric_range(name: str) -> MetricRange | None:
+    """The range of an evaluation metric (a flip rate's is [0, 1]); None for a key without one."""
+    if name.startswith(FLIP_RATE_PREFIX):
+        return _FRACTION
+    return EVAL_METRIC_RANGES.get(name)
+
 
 # Router log: one row per (step, layer, expert), then one column per state tensor the run's router
 # declares (`Router.state_names`: rdesi reputation, load_hat, bonus; lossfree bias; none for topk).

@@ -9,7 +9,9 @@ records how many, and their sha256); a subset's word count is then its share
 of the split's words in proportion to its tokens. Routing statistics are
 gathered per MoE layer on the device, turned into metrics by the pure
 functions of `gtmoe.metrics`, then averaged over layers; per-layer values are
-kept.
+kept. The final and the saturation checkpoints are read weights only (mapped,
+AdamW's state never read), and only if they are this run's: each records the
+run that wrote it, and the final one the saturation checkpoint's sha256.
 """
 
 from __future__ import annotations
@@ -40,11 +42,15 @@ from gtmoe.data.shards import TokenBlocks
 from gtmoe.device import autocast_context, peak_memory_mb, resolve_device
 from gtmoe.model import IGNORE_INDEX, MoETransformer, build_model
 from gtmoe.runfiles import (
+    SATURATION_RECORD,
     RunError,
+    check_checkpoint_identity,
     check_config_matches_checkpoint,
+    check_saturation_checkpoint,
     config_differences,
     describe_differences,
-    load_checkpoint,
+    map_checkpoint,
+    retrain_recovery,
 )
 
 EVAL_ORDER_SEED = 0  # fixed: every run evaluates the same blocks in the same groups
@@ -88,7 +94,7 @@ class LayerStats:
 
     def summary(self, layer: int) -> dict:
         counts = self.counts[: self.n_experts].cpu().numpy()
-        joint = self.joint.view(-1, self.n_experts + 1)[:, : self.n_experts].cpu().numpy()
+        joint = self.joint.view(-1, self.n_experts + 1)[:, : self.n_experts]
         load = metrics.load_metrics(counts)
         tokens, batches = int(self.tokens), int(self.batches)
         return {
@@ -101,9 +107,55 @@ class LayerStats:
             "maxvio_batch": float(self.batch_maxvio_sum) / batches if batches else float("nan"),
             "dead_experts": load["dead_experts"],
             "drop_rate": int(self.tokens_without_expert) / max(tokens, 1),
-            "token_expert_mi": metrics.token_expert_mutual_information(joint),
+            "token_expert_mi": token_expert_mutual_information(joint),
             **{key: float(flipped) / max(tokens, 1) for key, flipped in self.flipped.items()},
         }
+
+
+MI_CHUNK_ELEMENTS = 1 << 20  # (token id, expert) counts turned into floats at a time: about 40 MB in flight
+
+
+def token_expert_mutual_information(joint: Tensor) -> float:
+    """metrics.token_expert_mutual_information of a (vocab, E) count matrix, bit for bit, in row chunks.
+
+    The metric converts the whole matrix to float64 probabilities and masks them (17 bytes per entry, over
+    4 GB at a 65,536-token vocabulary and 4,096 experts); here only MI_CHUNK_ELEMENTS entries are in flight
+    (copied to the host chunk by chunk from any device), and the nonzero probabilities are kept (16 bytes
+    each, at most top_k per evaluated token). The result is identical: column sums accumulate row after
+    row as numpy's axis-0 sum does, row sums and the masked nonzero entries are per row, and the entropies
+    are the same numpy sums over the same arrays (tests/test_hardening_checkpoints.py checks the bits).
+    """
+    n_rows, n_experts = joint.shape
+    total = float(joint.sum())  # counts are integers: the float64 sum is exact in any order below 2**53
+    if total == 0:
+        return float("nan")
+    columns, rows, nonzero = None, [], []
+    step = max(1, MI_CHUNK_ELEMENTS // n_experts)
+    for start in range(0, n_rows, step):
+        p = np.asarray(joint[start : start + step].cpu().numpy(), dtype=np.float64) / total
+        if n_experts > 1:  # a (vocab, 1) matrix is a contiguous vector, which numpy sums pairwise: below
+            columns = p.sum(axis=0) if columns is None else np.concatenate([columns[None], p]).sum(axis=0)
+        rows.append(p.sum(axis=1))
+        nonzero.append(p[p > 0])
+        del p
+    row_sums = np.concatenate(rows)
+    if n_experts == 1:
+        columns = np.array([row_sums.sum()])
+    del rows
+    h_expert, h_token = _entropy(columns), _entropy(row_sums)
+    p = np.concatenate(nonzero)
+    del nonzero
+    plogp = np.log(p)
+    np.multiply(p, plogp, out=plogp)
+    del p
+    h_joint = float(-np.sum(plogp))
+    mi = max(h_token + h_expert - h_joint, 0.0)  # clip float round-off below zero
+    return mi / h_expert if h_expert > 0 else 0.0
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-np.sum(p * np.log(p)))
 
 
 class SaturationStats:
@@ -135,10 +187,46 @@ def evaluation_blocks(n_blocks: int, max_blocks: int) -> np.ndarray:
     return np.random.default_rng(EVAL_ORDER_SEED).permutation(chosen)
 
 
-def _load_model(cfg, path: Path, device: torch.device) -> MoETransformer:
+def _load_weights(cfg: RunConfig, state: dict, device: torch.device) -> MoETransformer:
+    """The model of a mapped checkpoint (runfiles.map_checkpoint): only its weights are read."""
     model = build_model(cfg).to(device)
-    model.load_state_dict(load_checkpoint(path, device)["model"])
+    model.load_state_dict(state["model"])
     return model.eval()
+
+
+def _load_final(run_dir: Path, cfg: RunConfig, device: torch.device) -> tuple[MoETransformer, int, object]:
+    """The finished run's model, its step and what it records of the saturation checkpoint; the checkpoint
+    is unmapped on return, so AdamW's state beside the weights is never read."""
+    path = run_dir / CHECKPOINT
+    state, _ = map_checkpoint(path)
+    check_config_matches_checkpoint(run_dir / RUN_CONFIG, cfg, path, state.get("config"))
+    check_checkpoint_identity(path, state, cfg)
+    if not state.get("complete"):
+        raise RunError(
+            f"{path} is from step {state['step']} of {cfg.train.max_steps}: "
+            f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first"
+        )
+    return _load_weights(cfg, state, device), state["step"], state.get(SATURATION_RECORD)
+
+
+def _load_saturation(run_dir: Path, cfg: RunConfig, record, device: torch.device) -> MoETransformer:
+    """The saturation checkpoint's model, after checking that this run wrote it (runfiles)."""
+    path = run_dir / SATURATION_CHECKPOINT
+    if not path.exists():
+        raise RunError(
+            f"checkpoint {path} is missing, and the run's router saturation is measured against it; "
+            f"{retrain_recovery(path)}"
+        )
+    state, entry = map_checkpoint(path)
+    check_checkpoint_identity(path, state, cfg)
+    differences = config_differences(state.get("config") or {}, cfg.to_dict())
+    if differences:
+        raise RunError(
+            f"checkpoint {path} was written by another run: "
+            f"{describe_differences(differences, path.name, RUN_CONFIG)}; {retrain_recovery(path)}"
+        )
+    check_saturation_checkpoint(path, state, entry, run_dir / CHECKPOINT, record)
+    return _load_weights(cfg, state, device)
 
 
 @torch.no_grad()
@@ -166,13 +254,7 @@ def evaluate_splits(
         dev = resolve_device(device, "--device")
     else:
         dev = resolve_device(cfg.train.device, f"{run_dir / RUN_CONFIG} key 'train.device'")
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT, dev)
-    check_config_matches_checkpoint(run_dir / RUN_CONFIG, cfg, run_dir / CHECKPOINT, checkpoint.get("config"))
-    if not checkpoint.get("complete"):
-        raise RunError(
-            f"{run_dir / CHECKPOINT} is from step {checkpoint['step']} of {cfg.train.max_steps}: "
-            f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first"
-        )
+    model, train_step, saturation = _load_final(run_dir, cfg, dev)
     if study_run is not None:
         differences = config_differences(cfg.to_dict(), study_run.to_dict())
         if differences:
@@ -182,13 +264,9 @@ def evaluate_splits(
                 f"retrain it (delete {run_dir} and rerun snakemake)"
             )
         cfg = dataclasses.replace(cfg, eval=study_run.eval)
-    model = build_model(cfg).to(dev)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    early = None
-    if (run_dir / SATURATION_CHECKPOINT).exists() and model.moe_layers:
-        early = _load_model(cfg, run_dir / SATURATION_CHECKPOINT, dev)
-    return {split: _evaluate_split(cfg, model, early, split, dev, checkpoint["step"]) for split in splits}
+    # Router saturation compares the final routing with the one this run had at its saturation checkpoint.
+    early = _load_saturation(run_dir, cfg, saturation, dev) if model.moe_layers else None
+    return {split: _evaluate_split(cfg, model, early, split, dev, train_step) for split in splits}
 
 
 def _evaluate_split(

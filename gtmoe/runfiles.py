@@ -29,6 +29,7 @@ from gtmoe.contract import (
 from gtmoe.files import (
     HashingWriter,
     ManifestMismatch,
+    file_entry,
     remove_stale_temporaries,
     temporary,
     verify_file,
@@ -131,6 +132,11 @@ def _recovery(checkpoint: Path) -> str:
     )
 
 
+def retrain_recovery(checkpoint: Path) -> str:
+    """How to get past a bad or missing checkpoint of a run directory (for the rolling one: restart it)."""
+    return _recovery(Path(checkpoint))
+
+
 def save_checkpoint(obj: dict, path: Path) -> dict:
     """Write `obj` (and the model format) to `path` atomically, with its manifest. Returns the manifest
     entry (bytes, sha256).
@@ -176,8 +182,9 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> None:
+def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> dict | None:
     """Check `path` against its manifest (size, then sha256); a RunError naming the file and the fix if not.
+    Returns the manifest entry (bytes, sha256) the file matched, None if it has no manifest.
 
     A checkpoint without a manifest (written by an older gtmoe) is accepted with
     a warning. A checkpoint that matches the content its manifest says it
@@ -198,7 +205,7 @@ def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> None:
             path,
             manifest_path(path).name,
         )
-        return
+        return None
     candidates = [manifest] + ([manifest["replaces"]] if manifest.get("replaces") else [])
     try:
         match = verify_file(path, manifest_path(path), candidates)
@@ -206,16 +213,34 @@ def verify_checkpoint(path: Path, *, repair_manifest: bool = False) -> None:
         raise RunError(f"checkpoint {exc}; {_recovery(path)}") from None
     if match is not manifest and repair_manifest:
         _write_manifest(path, {"bytes": match["bytes"], "sha256": match["sha256"]}, None)
+    return {"bytes": match["bytes"], "sha256": match["sha256"]}
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu", *, repair_manifest: bool = False) -> dict:
     """Verify a checkpoint against its manifest, then load it. Errors name the file and how to recover."""
     path = Path(path)
     verify_checkpoint(path, repair_manifest=repair_manifest)
+    return _torch_load(path, map_location=device)
+
+
+def map_checkpoint(path: Path) -> tuple[dict, dict | None]:
+    """Verify a checkpoint against its manifest, then map it into host memory (torch.load's mmap): a
+    tensor's bytes are read only when it is used, so taking the weights out of a finished checkpoint costs
+    the weights, not AdamW's two moments beside them. Returns the state and the manifest entry the file
+    matched (None: it has no manifest). The file stays mapped while any of the state's tensors is referenced.
+    """
+    path = Path(path)
+    entry = verify_checkpoint(path)
+    return _torch_load(path, map_location="cpu", mmap=True), entry
+
+
+def _torch_load(path: Path, **options) -> dict:
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, weights_only=False, **options)
     except Exception as exc:  # unverified (no manifest) and unreadable: say which and how to recover
         raise RunError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}: {exc}); {_recovery(path)}") from exc
+    if not isinstance(state, dict):
+        raise RunError(f"checkpoint {path} holds a {type(state).__name__}, not a GT-MoE checkpoint; {_recovery(path)}")
     found = state.get("model_format", 1)
     if found != MODEL_FORMAT:
         raise RunError(
@@ -273,3 +298,61 @@ def check_config_matches_checkpoint(config_path: Path, cfg: RunConfig, checkpoin
         f"restore {config_path.name} to the trained values, or retrain the run with the new ones "
         f"(delete {checkpoint.parent} and rerun snakemake)"
     )
+
+
+# --------------------------------------------------------------------------- which run wrote a checkpoint
+
+RUN_IDENTITY = "run"  # every checkpoint's key: the run that wrote it (checkpoint_identity)
+SATURATION_RECORD = "saturation"  # the rolling and final checkpoints' key: the run's saturation checkpoint
+
+
+def checkpoint_identity(cfg: RunConfig, step: int) -> dict:
+    """What ties a checkpoint to the run that wrote it, beside the run config it records: variant, seed, step."""
+    return {"variant": cfg.variant, "seed": cfg.train.seed, "step": step}
+
+
+def saturation_record(step: int, entry: dict) -> dict:
+    """What the run's later checkpoints record of its saturation checkpoint: its step and manifest entry."""
+    return {"file": SATURATION_CHECKPOINT, "step": step, "bytes": entry["bytes"], "sha256": entry["sha256"]}
+
+
+def _retrain_older(path: Path, missing: str) -> RunError:
+    return RunError(
+        f"checkpoint {path} records no {missing}: it was written by an older version of GT-MoE (or not by "
+        f"`gtmoe train`), so it cannot be tied to its run; {_recovery(path)}"
+    )
+
+
+def check_checkpoint_identity(path: Path, state: dict, cfg: RunConfig) -> None:
+    """A RunError naming `path` unless the checkpoint (loaded as `state`) records that the run `cfg` wrote it:
+    the same variant and seed, at the step it holds. A checkpoint of a GT-MoE before identities: retrain."""
+    identity = state.get(RUN_IDENTITY)
+    if not (isinstance(identity, dict) and {"variant", "seed", "step"} <= identity.keys()):
+        raise _retrain_older(path, "run identity (variant, seed, step)")
+    wrote, wanted = (identity["variant"], identity["seed"]), (cfg.variant, cfg.train.seed)
+    if wrote != wanted:
+        raise RunError(
+            f"checkpoint {path} was written by another run (variant {wrote[0]!r}, seed {wrote[1]}), not by this "
+            f"one (variant {wanted[0]!r}, seed {wanted[1]}); {_recovery(path)}"
+        )
+    if identity["step"] != state.get("step"):
+        raise RunError(
+            f"checkpoint {path} records step {identity['step']} in its identity but holds step "
+            f"{state.get('step')!r}, so it was not written as a whole by `gtmoe train`; {_recovery(path)}"
+        )
+
+
+def check_saturation_checkpoint(path: Path, state: dict, entry: dict | None, final: Path, record) -> None:
+    """A RunError naming `path` unless it is the saturation checkpoint the run wrote: `record` (what the
+    finished checkpoint `final` records of it, `saturation_record`) names the same step and sha256 as the
+    file (`entry`: its manifest entry, None when it has none). Check `check_checkpoint_identity` first: it
+    says which run wrote a foreign file."""
+    if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)):
+        raise _retrain_older(final, f"saturation checkpoint ({path.name} and its sha256)")
+    sha256 = (entry or file_entry(path))["sha256"]
+    if sha256 != record["sha256"] or state.get("step") != record.get("step"):
+        raise RunError(
+            f"checkpoint {path} is not the saturation checkpoint this run wrote: {final.name} records step "
+            f"{record.get('step')}, sha256 {record['sha256'][:12]}..., the file holds step {state.get('step')!r}, "
+            f"sha256 {sha256[:12]}... (copied from another run, or rewritten); {_recovery(path)}"
+        )

@@ -316,6 +316,13 @@ def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
     known = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
     primary = settings["primary"]
     check(isinstance(primary, list), "statistics.primary", primary, "must be a list of metric names")
+    check(
+        len(primary) > 0,
+        "statistics.primary",
+        primary,
+        "must name at least one metric (the confirmatory endpoints; leave the key out for the default "
+        f"{', '.join(STATISTICS_DEFAULTS['primary'])})",
+    )
     for metric in primary:
         check(metric in known, "statistics.primary", metric, f"unknown metric; known: {', '.join(known)}")
     check(len(set(primary)) == len(primary), "statistics.primary", primary, "metrics must be unique")

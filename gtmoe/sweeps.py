@@ -47,10 +47,14 @@ class Expansion:
 
 
 def format_value(value: float) -> str:
-    """How a value appears in a variant name: 3.0 -> '3', 0.3 -> '0.3', 1e-05 -> '1e-05'."""
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return format(value, "g")
+    """How a value appears in a variant name, readable and exact: 3.0 -> '3', 0.3 -> '0.3', 1e-05 -> '1e-05'.
+
+    The short form is used only when it reads back as the value itself; otherwise the value's repr, the shortest
+    text that does (1.0000001 -> '1.0000001', not '1'; 0.1 + 0.2 -> '0.30000000000000004'). So two different
+    values never share a name, and every name maps back to its value.
+    """
+    text = str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else format(value, "g")
+    return text if float(text) == value else repr(value)
 
 
 def _check_value(value: Any, key: str) -> None:
@@ -89,6 +93,7 @@ def _points(mode: str, grid: dict[str, list[Any]]):
 def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) -> Expansion:
     """Expand config `sweeps` over the already checked `variants` (name -> {"name": router, **options})."""
     result = Expansion()
+    origins: dict[str, str] = {}  # generated variant name -> the point it was generated for, in words
     if entries is None:
         return result
     check(isinstance(entries, list), "sweeps", entries, "must be a list of sweeps")
@@ -140,9 +145,16 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
                 values,
                 f"must be a list of 1 to {MAX_VALUES} values",
             )
+            seen: dict[float, Any] = {}  # by value: 30 and 30.0, or 0 and -0.0, are one point
             for value in values:
                 _check_value(value, f"{key}.grid.{option}")
-            check(len(set(map(repr, values))) == len(values), f"{key}.grid.{option}", values, "values must be unique")
+                check(
+                    value not in seen,
+                    f"{key}.grid.{option}",
+                    values,
+                    f"values must be unique: {seen.get(value)!r} and {value!r} are the same number",
+                )
+                seen[value] = value
         n_points = sum(map(len, grid.values())) if mode == "one_at_a_time" else math.prod(map(len, grid.values()))
         check(n_points <= MAX_POINTS, f"{key}.grid", f"{n_points} points", f"more than {MAX_POINTS} points")
 
@@ -167,13 +179,24 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
                     variant,
                     f"generated variant name longer than {MAX_NAME_CHARS} characters",
                 )
+                origin = f"{short_point(changed)} (sweep '{name}')"
+                # Names are exact (format_value), but an option named like another plus digits could still
+                # collide: options c and c1 give c10 for c=10 and for c1=0.
+                check(
+                    variant not in origins,
+                    f"{key}.grid",
+                    variant,
+                    f"the generated variant name stands for two different points, {origins.get(variant)} and "
+                    f"{origin}; sweep these options in separate studies",
+                )
                 check(
                     variant not in variants and variant not in result.variants,
                     f"{key}.grid",
                     variant,
-                    "generated variant name is taken by a variant with other options",
+                    f"generated variant name for {origin} is taken by a variant with other options",
                 )
                 result.variants[variant] = {"name": router, **options}
+                origins[variant] = origin
                 known[identity] = variant
             if variant not in members:
                 members.append(variant)

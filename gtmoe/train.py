@@ -43,13 +43,17 @@ from gtmoe.errors import ConfigError, DataError
 from gtmoe.files import write_atomic
 from gtmoe.model import MoETransformer, build_model
 from gtmoe.runfiles import (
+    RUN_IDENTITY,
+    SATURATION_RECORD,
     NonFiniteLossError,
     RunError,
+    checkpoint_identity,
     config_differences,
     describe_differences,
     load_checkpoint,
     manifest_path,
     prepare_run_dir,
+    saturation_record,
     save_checkpoint,
     unwritable,
 )
@@ -154,6 +158,7 @@ class Trainer:
         self.final_path, self.checkpoint_path = out_dir / CHECKPOINT, out_dir / RESUME_CHECKPOINT
         self.trainlog, self.step, self.skipped, self.elapsed_before = TrainLog(), 0, 0, 0.0
         self.last_saved: int | None = None
+        self.saturation: dict | None = None  # runfiles.saturation_record of the saturation checkpoint, once written
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.data.seq_len
         self.resume()
@@ -174,6 +179,7 @@ class Trainer:
                 f"delete {self.out_dir} (or use another --out) to start this run afresh"
             )
         self.model.load_state_dict(state["model"])
+        self.saturation = state.get(SATURATION_RECORD)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], self.device)
@@ -205,6 +211,8 @@ class Trainer:
         self.trainlog.flush()
         save_checkpoint(
             {
+                RUN_IDENTITY: checkpoint_identity(self.cfg, self.step),
+                SATURATION_RECORD: self.saturation,
                 "config": self.cfg.to_dict(),
                 "step": self.step,
                 "complete": complete,
@@ -220,6 +228,17 @@ class Trainer:
             path,
         )
         self.last_saved = self.step
+
+    def save_saturation(self) -> None:
+        """The mid-training model router saturation is measured against, tied to this run: it records the
+        run's identity and config, and the later checkpoints its step and sha256 (runfiles.saturation_record)."""
+        state = {
+            RUN_IDENTITY: checkpoint_identity(self.cfg, self.step),
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+        }
+        self.saturation = saturation_record(self.step, save_checkpoint(state, self.out_dir / SATURATION_CHECKPOINT))
 
     def train_one_step(self) -> StepResult:
         tcfg, first = self.tcfg, self.step * self.tcfg.grad_accum
@@ -316,7 +335,7 @@ class Trainer:
                 self.log_routers()
             if step == saturation_step:
                 self.check_finite()
-                save_checkpoint({"step": step, "model": self.model.state_dict()}, self.out_dir / SATURATION_CHECKPOINT)
+                self.save_saturation()
             if (step % tcfg.checkpoint_every == 0 and not last) or stopping:
                 self.check_finite()
                 self.save(self.checkpoint_path)

@@ -401,3 +401,21 @@ def write_baselines(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"models": NGRAM, "vocab_size": 4096, "shards": "results/test/data/shards"}))
     return path
+
+
+def write_run_configs(study: Path, override: dict | str) -> list[Path]:
+    """Every run directory's `config.yaml` in the checkout copy `study`, written as `gtmoe train` writes it, for
+    config.yaml with `override` merged (as `merged_config`): placeholders of a study that was not trained must
+    still be the runs the study asks for, which the workflow checks when it parses."""
+    from gtmoe.config import save_run_config
+    from gtmoe.study import Study
+
+    resolved = Study.from_config(merged_config(override))
+    written = []
+    for variant in resolved.variant_names:
+        for seed in resolved.seeds:
+            path = Path(study) / resolved.layout.run_dir(variant, seed) / "config.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_run_config(resolved.run_config(variant, seed), path)
+            written.append(path)
+    return written

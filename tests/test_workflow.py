@@ -24,6 +24,7 @@ from helpers import (
     merged_config,
     snakemake,
     write_override,
+    write_run_configs,
 )
 
 FIGURES = (
@@ -413,7 +414,15 @@ def test_second_run_has_nothing_to_do(smoke_study):
 def test_rerunning_one_target_runs_nothing_else(smoke_study):
     smoke = yaml.safe_load((smoke_study / SMOKE).read_text())
     first, second = (v["name"] for v in smoke["variants"])
-    aggregates = {"aggregate": 1, "statistics": 1, "figures": 1, "findings": 1, "compute": 1, "sensitivity": 1}
+    aggregates = {
+        "aggregate": 1,
+        "statistics": 1,
+        "figures": 1,
+        "findings": 1,
+        "compute": 1,
+        "sensitivity": 1,
+        "report": 1,
+    }
     # The file-target form: force one run's training; its evaluations and the aggregates follow.
     forced = snakemake(
         "--dry-run",
@@ -587,6 +596,7 @@ def recorded_study(tmp_path_factory):
             train_tokenizer(["a small corpus"] * 3, 300, path)
         else:
             path.touch()
+    write_run_configs(study, (REPO / SMOKE).read_text())  # real run configs: the parse-time reuse check reads them
     touched = snakemake("--touch", "--cores", "1", "--configfile", SMOKE, cwd=study)
     assert touched.returncode == 0, touched.stdout[-2000:] + touched.stderr[-2000:]
     again = snakemake("--dry-run", "--configfile", SMOKE, cwd=study)
@@ -601,6 +611,7 @@ AFTER_EVALUATION = {
     "findings": 1,
     "compute": 1,
     "sensitivity": 1,
+    "report": 1,  # rebuilt whenever a file it embeds changes
     "all": 1,
 }
 SMOKE_RUNS = 8  # (topk, rdesi and the sweep's two points) x 2 seeds
@@ -612,8 +623,11 @@ RERUN_CASES = [
     ({"train": {"router_log_every": 5}}, {}),
     ({"train": {"checkpoint_every": 5}}, {}),
     # (compute sums up the benchmark files, so it follows every job that reruns)
-    ({"findings": {"still_learning_slope": 2.0}}, {"findings": 1, "compute": 1, "all": 1}),
-    ({"statistics": {"alpha": 0.01}}, {"statistics": 1, "figures": 1, "findings": 1, "compute": 1, "all": 1}),
+    ({"findings": {"still_learning_slope": 2.0}}, {"findings": 1, "compute": 1, "report": 1, "all": 1}),
+    (
+        {"statistics": {"alpha": 0.01}},
+        {"statistics": 1, "figures": 1, "findings": 1, "compute": 1, "report": 1, "all": 1},
+    ),
     # Settings that do change the weights still retrain, and only the runs they concern.
     ({"train": {"lr": 0.002}}, {"train": SMOKE_RUNS, "evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),
     # rdesi and its sweep's points (rdesi with another c) change; topk does not.

@@ -265,6 +265,40 @@ def hedges_g(differences: Sequence[float]) -> tuple[float, str]:
     return float(d.mean() / sd * correction), ""
 
 
+# Float tolerance of paired differences, relative to the magnitude of the values compared (as numpy.isclose's
+# rtol): differences within SPREAD_RTOL * max(|a|, |b|) of each other have no spread, and within it of zero are
+# zero. One subtraction b - a rounds by half an ulp of max(|a|, |b|) (1.1e-16 relative) and the values carry a
+# few ulps more from their own computation (300.2 - 300.1 and 300.3 - 300.2 differ by 4.5e-14, 1.5e-16 of 300);
+# 1e-9 is millions of times that, and far below any seed-to-seed spread a metric shows (a PPL of 300 would have
+# to agree to 3e-7 in every seed).
+SPREAD_RTOL = 1e-9
+
+
+def paired_differences(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``b − a`` per pair with float round-off removed, and whether the differences have no spread.
+
+    Without spread (max − min within the tolerance) every difference is their mean, or 0 when that mean is
+    within the tolerance of zero; otherwise each difference within the tolerance of zero is 0.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = b - a
+    if diff.size == 0:
+        return diff, True
+    tolerance = SPREAD_RTOL * float(max(np.abs(a).max(), np.abs(b).max()))
+    if float(diff.max() - diff.min()) <= tolerance:
+        mean = float(diff.mean())
+        return np.full(diff.shape, 0.0 if abs(mean) <= tolerance else mean), True
+    return np.where(np.abs(diff) <= tolerance, 0.0, diff), False
+
+
+def _difference_interval(diff: np.ndarray, constant: bool, confidence: float) -> tuple[float, float]:
+    """t CI of the mean difference; the point itself for n ≥ 2 differences without spread (their sd, computed
+    in floats, can be a few ulps instead of 0)."""
+    if constant and diff.size >= 2:
+        return float(diff[0]), float(diff[0])
+    return t_confidence_interval(diff, confidence)
+
+
 def _common_seeds(a: pd.Series, b: pd.Series) -> pd.DataFrame:
     """Columns a and b on the seeds where both are finite, by seed."""
     joined = pd.concat({"a": a, "b": b}, axis=1, join="inner").dropna()
@@ -274,12 +308,12 @@ def _common_seeds(a: pd.Series, b: pd.Series) -> pd.DataFrame:
 def paired_difference(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE) -> dict:
     """n, seeds, the mean difference ``b − a`` and its t CI over the seeds both have finite values for."""
     joined = _common_seeds(a, b)
-    diff = (joined["b"] - joined["a"]).to_numpy()
-    low, high = t_confidence_interval(diff, confidence)
+    diff, constant = paired_differences(joined["a"].to_numpy(), joined["b"].to_numpy())
+    low, high = _difference_interval(diff, constant, confidence)
     return dict(
         n=len(joined),
         seeds=",".join(str(s) for s in joined.index),
-        mean_diff=float(diff.mean()) if len(diff) else math.nan,
+        mean_diff=(float(diff[0]) if constant else float(diff.mean())) if len(diff) else math.nan,
         ci_low=low,
         ci_high=high,
     )
@@ -295,20 +329,23 @@ def paired_test(a: pd.Series, b: pd.Series, *, alpha: float, power: float, confi
     """
     joined = _common_seeds(a, b)
     n = len(joined)
-    diff = (joined["b"] - joined["a"]).to_numpy()
+    # Float noise removed: a spread within float tolerance of zero is none (SPREAD_RTOL).
+    diff, constant = paired_differences(joined["a"].to_numpy(), joined["b"].to_numpy())
     notes = []
     result = dict(
         n=n,
         seeds=",".join(str(s) for s in joined.index),
         mean_a=float(joined["a"].mean()) if n else math.nan,
         mean_b=float(joined["b"].mean()) if n else math.nan,
-        mean_diff=float(diff.mean()) if n else math.nan,
+        mean_diff=(float(diff[0]) if constant else float(diff.mean())) if n else math.nan,
         p_ttest=math.nan,
         p_wilcoxon=math.nan,
         hedges_g=math.nan,
-        mdd=minimum_detectable_difference(float(diff.std(ddof=1)) if n >= 2 else math.nan, n, alpha, power),
+        mdd=minimum_detectable_difference(
+            (0.0 if constant else float(diff.std(ddof=1))) if n >= 2 else math.nan, n, alpha, power
+        ),
     )
-    result["ci_low"], result["ci_high"] = t_confidence_interval(diff, confidence)
+    result["ci_low"], result["ci_high"] = _difference_interval(diff, constant, confidence)
     min_wilcoxon = wilcoxon_min_n(alpha)
 
     if n == 0:
@@ -318,7 +355,6 @@ def paired_test(a: pd.Series, b: pd.Series, *, alpha: float, power: float, confi
     elif np.all(diff == 0):
         notes.append("all differences are zero: tests and effect size undefined")
     else:
-        constant = diff.std(ddof=1) == 0
         if constant:
             # A constant non-zero shift gives t = ±inf and p = 0: an artefact, not evidence.
             notes.append("differences are constant: t-test and effect size undefined")

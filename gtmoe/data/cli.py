@@ -23,11 +23,42 @@ from gtmoe.data.corpus import (
     read_corpus_split,
     write_corpus,
 )
-from gtmoe.data.shards import write_shards
+from gtmoe.data.shards import MANIFEST, write_shards
 from gtmoe.data.tokenizer import MIN_VOCAB_SIZE, _load_tokenizer, encode_split, train_tokenizer
 from gtmoe.files import sha256_file
 
 log = logging.getLogger("gtmoe.data")  # the logger name the `prepare` log lines have always carried
+
+# The bounds of model.vocab_size and model.max_seq_len (gtmoe.config.MODEL_LIMITS): no model can use more, and a
+# --seq-len beyond it would allocate a block of that many tokens.
+MAX_VOCAB_SIZE = 1 << 20
+MAX_SEQ_LEN = 1 << 20
+
+
+def _count_in(low: int, high: int):
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], not {text!r:.40}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], not {value}")
+        return value
+
+    return parse
+
+
+def _tokenizer_paths(args: argparse.Namespace) -> dict:
+    """What `prepare tokenizer` reads (the corpus' train split and corpus.json) and writes (--out)."""
+    return {"flag": "--out", "outputs": [args.out], "reads": [args.corpus / "train.txt", args.corpus / CORPUS_META]}
+
+
+def _shards_paths(args: argparse.Namespace) -> dict:
+    """What `prepare shards` reads (a corpus split, corpus.json, the tokenizer) and fills (the --out directory)."""
+    reads = [args.corpus / f"{args.split}.txt", args.corpus / CORPUS_META, args.tokenizer]
+    return {"flag": "--out", "outputs": [args.out], "reads": reads, "writes": (MANIFEST, "shard-*.arrow")}
 
 
 def _cmd_corpus(args: argparse.Namespace) -> None:
@@ -131,12 +162,12 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
     tokenizer.add_argument("--corpus", type=Path, required=True, help="corpus directory from `prepare corpus`")
     tokenizer.add_argument(
         "--vocab-size",
-        type=int,
+        type=_count_in(MIN_VOCAB_SIZE, MAX_VOCAB_SIZE),
         default=8192,
-        help=f"vocabulary size including the special tokens (minimum {MIN_VOCAB_SIZE}; default 8192)",
+        help=f"vocabulary size including the special tokens ({MIN_VOCAB_SIZE}-{MAX_VOCAB_SIZE}; default 8192)",
     )
     tokenizer.add_argument("--out", type=Path, required=True, help="output tokenizer file (tokenizer.json)")
-    tokenizer.set_defaults(func=_cmd_tokenizer)
+    tokenizer.set_defaults(func=_cmd_tokenizer, paths=_tokenizer_paths)
 
     shards = stages.add_parser(
         "shards",
@@ -148,12 +179,12 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
     shards.add_argument("--split", choices=SPLITS, required=True, help="which split to encode")
     shards.add_argument(
         "--seq-len",
-        type=positive_int,
+        type=_count_in(1, MAX_SEQ_LEN),
         required=True,
-        help="tokens per training sequence (each block stores seq-len + 1)",
+        help=f"tokens per training sequence, 1-{MAX_SEQ_LEN} (each block stores seq-len + 1)",
     )
     shards.add_argument("--out", type=Path, required=True, help="output directory for the shards and manifest.json")
     shards.add_argument(
         "--rows-per-shard", type=positive_int, default=4096, help="blocks per Arrow file (default 4096)"
     )
-    shards.set_defaults(func=_cmd_shards)
+    shards.set_defaults(func=_cmd_shards, paths=_shards_paths)

@@ -18,7 +18,9 @@ from analysis import outputs
 from gtmoe.data import tokenizer_problem
 
 # Snakemake parsed the config files leniently (a duplicate key: the last wins; aliases expand once walked).
-# Read each again strictly before anything walks the values: duplicate keys, anchors/aliases, oversized files.
+# Read each again strictly before anything walks the values: duplicate keys, anchors/aliases, oversized files,
+# YTE templating keys (`__use_yte__`). Snakemake has rendered a --configfile's template before the Snakefile
+# runs (docs/reliability.md); this stops the workflow before any job. config.yaml is checked before it loads.
 for _configfile in workflow.configfiles:
     try:
         load_yaml(Path(_configfile))
@@ -166,3 +168,132 @@ def analysis_command(step):
     """Every analysis step's command: it reads the study record and nothing else about the study."""
     inputs = " --benchmarks {input.benchmarks:q}" if step == "compute" else ""  # the files compute sums
     return f"python -m analysis {step} --study {{input.record:q}}{inputs} > {{log:q}} 2>&1"
+
+
+# ----------------------------------------------------------- rebuild what is missing or is not the study's run
+# Snakemake (>= 7.7) rebuilds a missing file only when a job that reads it runs anyway: a deleted run file,
+# run directory, tokenizer or corpus under up-to-date tables stays deleted. Without its metadata
+# (.snakemake/, or results/ copied to another clone) it cannot see either that a run was trained with
+# other settings. So each job that builds data or a run has a trigger file among its inputs, set here when
+# the workflow parses (main process only; deletes nothing): if the job must run again, it gets new content
+# (Snakemake compares the checksums of small inputs) and the current time, newer than every output; else it
+# is dated 2000-01-01 and never triggers. A job must run again when one of its outputs is missing while
+# another output or something built from it exists, and a training run also when its recorded
+# config.yaml is not the run the study asks for (gtmoe.contract.weight_config through
+# gtmoe.runfiles.config_differences). What is built from a rebuilt file reruns after it, as Snakemake
+# reruns whatever reads a newer input: the aggregate included, so run_status never keeps a deleted run.
+import time
+
+TRIGGERS = f"{LAYOUT.root}/triggers"
+CORPUS_TRIGGER = f"{TRIGGERS}/corpus"
+TOKENIZER_TRIGGER = f"{TRIGGERS}/tokenizer"
+SHARDS_TRIGGER = f"{TRIGGERS}/shards/{{split}}"
+TRAIN_TRIGGER = f"{TRIGGERS}/train/{{variant}}/seed{{seed}}"
+EVALUATE_TRIGGER = f"{TRIGGERS}/evaluate/{{variant}}/seed{{seed}}"
+_UNTRIGGERED = 946_684_800  # 2000-01-01: older than any output
+
+
+def _set_trigger(path, reason):
+    """Make `path` trigger its job (`reason`: why) or not (None)."""
+    path = Path(path)
+    if reason is None:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text('{"rebuild": null}\n')
+        if path.stat().st_mtime != _UNTRIGGERED:
+            os.utime(path, (_UNTRIGGERED, _UNTRIGGERED))
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.time_ns()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"rebuild": reason, "at_ns": stamp}) + "\n")
+    os.replace(tmp, path)
+    newest = max([time.time(), *(os.stat(p).st_mtime + 1 for p in _products(path))], default=time.time())
+    os.utime(path, (newest, newest))
+    print(f"gtmoe: {reason}", file=sys.stderr, flush=True)
+
+
+_PRODUCTS = {}  # trigger -> the files it must be newer than (its job's outputs and what is built from them)
+
+
+def _products(trigger):
+    return [p for p in _PRODUCTS.get(str(trigger), []) if os.path.exists(p)]
+
+
+def _missing_reason(outputs, built_from, what):
+    """Why a job whose outputs are `outputs` must run again (None: it need not): an output is missing while
+    another output, or a file in `built_from`, exists."""
+    missing = [p for p in outputs if not os.path.exists(p)]
+    present = [p for p in (*outputs, *built_from) if os.path.exists(p)]
+    if not missing or not present:
+        return None
+    more = f" (and {len(missing) - 1} more of its files)" if len(missing) > 1 else ""
+    return f"{missing[0]}{more} is missing while {present[0]} exists: rebuilding {what}"
+
+
+def _statused_runs():
+    """(variant, seed) of every run in the aggregate's run_status.csv (empty if there is none)."""
+    import csv
+
+    path = Path(summary_file(f"{outputs.STATUS}.csv"))
+    try:
+        with path.open(newline="") as handle:
+            return {(row.get("variant"), str(row.get("seed"))) for row in csv.DictReader(handle)}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()
+
+
+def _foreign_run_reason(run_dir, variant, seed):
+    """Why an existing run directory is not the run the study asks for (None: it is, or it has no config)."""
+    from gtmoe.runfiles import config_differences, describe_differences
+
+    path = Path(run_dir) / contract.RUN_CONFIG
+    if not path.exists():
+        return None
+    try:
+        stored = load_yaml(path)
+    except ConfigError as exc:
+        return f"{path} is unreadable ({exc}): retraining {run_dir}"
+    if not isinstance(stored, dict):
+        return f"{path} is not a run config: retraining {run_dir}"
+    differences = config_differences(stored, STUDY.run_config(variant, int(seed)).to_dict())
+    if not differences:
+        return None
+    shown = describe_differences(differences, contract.RUN_CONFIG, "the study")
+    return f"{run_dir} is not the run the study asks for: {shown}; retraining it"
+
+
+def set_triggers():
+    corpus = [*(f"{LAYOUT.corpus}/{split}.txt" for split in SPLITS), f"{LAYOUT.corpus}/corpus.json"]
+    shards = {split: f"{SHARDS}/{split}" for split in SPLITS}
+    statused = _statused_runs()
+    jobs = [  # (trigger, outputs, what is built from them, what the job builds, another reason)
+        (CORPUS_TRIGGER, corpus, [LAYOUT.tokenizer, *shards.values()], "the corpus", None),
+        (TOKENIZER_TRIGGER, [LAYOUT.tokenizer], shards.values(), "the tokenizer", None),
+    ]
+    for split, shard in shards.items():
+        built = [NGRAM, *(eval_files() if split in EVAL_SPLITS else run_files(contract.CHECKPOINT))]
+        jobs.append((SHARDS_TRIGGER.format(split=split), [shard], built, f"the {split} shards", None))
+    trained = [contract.CHECKPOINT, contract.RUN_CONFIG, contract.TRAIN_LOG, contract.ROUTER_LOG]
+    trained.append(contract.TRAIN_SUMMARY)
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            run = RUN.format(variant=variant, seed=seed)
+            evals = [f"{run}/{contract.eval_file(split)}" for split in EVAL_SPLITS]
+            # The aggregate's tables count as built from this run only when its run_status lists it.
+            tables = [summary_file(f"{outputs.STATUS}.csv")] if (variant, str(seed)) in statused else []
+            wildcards = dict(variant=variant, seed=seed)
+            train = (_foreign_run_reason(run, variant, seed), [f"{run}/{name}" for name in trained], [*evals, *tables])
+            jobs.append((TRAIN_TRIGGER.format(**wildcards), *train[1:], f"the run {run}", train[0]))
+            # (a run that retrains is evaluated again anyway)
+            if not (train[0] or _missing_reason(*train[1:], "")):
+                jobs.append((EVALUATE_TRIGGER.format(**wildcards), evals, tables, f"the evaluation of {run}", None))
+            else:
+                _set_trigger(EVALUATE_TRIGGER.format(**wildcards), None)
+    for trigger, products, built_from, what, reason in jobs:
+        _PRODUCTS[trigger] = [*products, *built_from]
+        _set_trigger(trigger, reason or _missing_reason(products, built_from, what))
+
+
+if workflow.is_main_process:
+    set_triggers()

@@ -2,6 +2,8 @@
 
 
 rule corpus:
+    input:
+        trigger=CORPUS_TRIGGER,  # common.smk: a deleted corpus file is rebuilt
     output:
         splits=expand(f"{LAYOUT.corpus}/{{split}}.txt", split=SPLITS),
         meta=f"{LAYOUT.corpus}/corpus.json",
@@ -29,6 +31,7 @@ rule corpus:
 rule tokenizer:
     input:
         f"{LAYOUT.corpus}/train.txt",
+        trigger=TOKENIZER_TRIGGER,  # common.smk: a deleted tokenizer is rebuilt
     output:
         LAYOUT.tokenizer,
     log:
@@ -53,6 +56,7 @@ rule shards:
     input:
         text=f"{LAYOUT.corpus}/{{split}}.txt",
         tokenizer=rules.tokenizer.output[0],
+        trigger=SHARDS_TRIGGER,  # common.smk: a deleted shard directory is rebuilt
     output:
         directory(f"{SHARDS}/{{split}}"),
     log:

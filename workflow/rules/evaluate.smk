@@ -9,6 +9,7 @@ rule evaluate:
         config=rules.train.output.config,
         shards=expand(f"{SHARDS}/{{split}}", split=EVAL_SPLITS),
         study=ancient(STUDY_RECORD),
+        trigger=EVALUATE_TRIGGER,  # common.smk: a deleted evaluation is rebuilt
     output:
         **{
             split: captioned(

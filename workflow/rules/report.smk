@@ -1,39 +1,25 @@
-# report.html after every run that did work, so `snakemake --cores all` needs no second command.
-# onsuccess is skipped on dry runs and when nothing was to be done, so a rerun leaves it untouched.
-import subprocess
-import tempfile
+# report.html is an output like any other: rule `report`, an input of `all`. Snakemake rebuilds it when it is
+# missing and when a file it embeds, a caption or the study record changed. What else it shows (each embedded
+# file's job: rule, wildcards, params) changes only with that job, which then reruns and rebuilds it too.
+# Snakemake's --report is no job command, so the job runs a nested `snakemake --report` into a temporary beside
+# the report and renames it over report.html: a reader, or a rerun after a kill at any moment, finds a whole
+# report or none (Snakemake deletes the old one as the job starts), never part of one. The nested call gets this
+# run's own config files and --config values, so no copy of the config is written anywhere.
 
-import yaml
+
+include: "report_functions.smk"
 
 
-onsuccess:
-    if all(Path(path).exists() for path in ANALYSIS_OUTPUTS):
-        # The nested call must see exactly this run's config (presets, --config overrides included).
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-            yaml.safe_dump(dict(config), handle)
-        command = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            workflow.main_snakefile,
-            "--configfile",
-            handle.name,
-            "--report",
-            REPORT,
-            "--quiet",
-            "all",
-        ]
-        print("Creating", REPORT, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        Path(handle.name).unlink()
-        if done.returncode != 0:
-            print(done.stdout, done.stderr, sep="\n", flush=True)
-            raise WorkflowError(f"creating {REPORT} failed: {' '.join(command)}")
-        print("Report:", REPORT, flush=True)
-    else:
-        print(
-            f"{REPORT} not updated: the study's summary and figures are not all built yet "
-            "(run `snakemake --cores all`)",
-            flush=True,
-        )
+rule report:
+    input:
+        ANALYSIS_OUTPUTS,
+        eval_files(),
+        record=STUDY_RECORD,
+        captions=REPORT_CAPTIONS,
+    output:
+        REPORT,
+    log:
+        f"{LOGS}/report.log",
+    localrule: True
+    run:
+        write_report(output[0], log[0])

@@ -1,5 +1,5 @@
 # Targets beside `all` (in the Snakefile): one variant, one sweep, the ablation group, or the runs alone.
-# Each also rebuilds the aggregates that depend on it, and nothing else that is up to date.
+# Each also rebuilds the aggregates and the report that depend on it, and nothing else that is up to date.
 
 # A variant or sweep named like a rule would shadow it: refuse before any job, naming the config key.
 _RULE_NAMES = {rule.name for rule in workflow.rules} | {"all", "runs", "ablations"}
@@ -20,6 +20,7 @@ rule ablations:
     input:
         eval_files([STUDY.ablation_base, *STUDY.ablations] if STUDY.ablation_base else []),
         ANALYSIS_OUTPUTS,
+        REPORT,
 
 
 for _target, _members in [*((v, [v]) for v in VARIANTS), *SWEEPS.items()]:
@@ -30,3 +31,4 @@ for _target, _members in [*((v, [v]) for v in VARIANTS), *SWEEPS.items()]:
         input:
             eval_files(_members),
             ANALYSIS_OUTPUTS,
+            REPORT,

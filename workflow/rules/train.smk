@@ -10,6 +10,7 @@ rule train:
     input:
         shards=f"{SHARDS}/train",
         study=ancient(STUDY_RECORD),
+        trigger=TRAIN_TRIGGER,  # common.smk: a foreign run or a deleted run file retrains
     output:
         checkpoint=f"{RUN}/{contract.CHECKPOINT}",
         config=f"{RUN}/{contract.RUN_CONFIG}",
