@@ -622,14 +622,19 @@ def test_a_missing_corpus_names_the_local_directory_and_the_hub(tmp_path):
 
 
 def test_a_too_small_vocabulary_is_refused_by_the_tokenizer_stage(tmp_path, capsys):
+    from gtmoe.data import train_tokenizer
+    from gtmoe.errors import DataError
+
     write_corpus({split: [" = Title = ", " some words here"] for split in SPLITS}, tmp_path / "corpus")
     out = tmp_path / "tokenizer.json"
-    assert (
+    # The command line refuses it as an argument, before reading the corpus ...
+    with pytest.raises(SystemExit) as stop:
         main(["prepare", "tokenizer", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "100", "--out", str(out)])
-        == 2
-    )
-    error = single_error_line(capsys.readouterr().err)
-    assert "vocab_size=100 is too small: a byte-level BPE needs at least 258" in error
+    assert stop.value.code == 2
+    assert "--vocab-size: must be an integer in [258, " in capsys.readouterr().err
+    # ... and the stage itself, for any other caller.
+    with pytest.raises(DataError, match="vocab_size=100 is too small: a byte-level BPE needs at least 258"):
+        train_tokenizer([" some words here"] * 3, 100, out)
     assert not out.exists()
 
 

@@ -2,7 +2,10 @@
 import re
 import subprocess
 
-REPORT_CAPTIONS = sorted(str(path) for path in Path(workflow.basedir, "workflow", "report").glob("*.rst"))
+# Relative to the working directory, as every other path: an absolute one would differ in a copy of the study.
+REPORT_CAPTIONS = sorted(
+    f"workflow/report/{path.name}" for path in Path(workflow.basedir, "workflow", "report").glob("*.rst")
+)
 
 
 def report_failure(log):
