@@ -294,19 +294,19 @@ def check_memory(cfg: RunConfig, seq_len: int, resources: dict[str, Any], varian
         )
 
 
+def _with_defaults(config: dict[str, Any], section: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A config section over its defaults (a copy); an unknown key or a non-mapping names the key."""
+    given = config.get(section) or {}
+    check(isinstance(given, dict), section, given, f"must be a mapping with {', '.join(defaults)}")
+    for key in given:
+        check(key in defaults, f"{section}.{key}", given[key], f"unknown key; expected {', '.join(defaults)}")
+    return {**copy.deepcopy(defaults), **given}
+
+
 def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The `statistics` section with defaults filled in, checked: primary endpoints must be metrics
     the evaluation writes, and 0 < alpha < power < 1."""
-    given = config.get("statistics") or {}
-    check(isinstance(given, dict), "statistics", given, "must be a mapping with primary, alpha, power")
-    for key in given:
-        check(
-            key in STATISTICS_DEFAULTS,
-            f"statistics.{key}",
-            given[key],
-            f"unknown key; expected {', '.join(STATISTICS_DEFAULTS)}",
-        )
-    settings = {**copy.deepcopy(STATISTICS_DEFAULTS), **given}
+    settings = _with_defaults(config, "statistics", STATISTICS_DEFAULTS)
     check(
         settings["split"] in EVAL_SPLITS,
         "statistics.split",
@@ -345,16 +345,7 @@ def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def findings_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The `findings` section with defaults filled in, checked."""
-    given = config.get("findings") or {}
-    check(isinstance(given, dict), "findings", given, "must be a mapping")
-    for key in given:
-        check(
-            key in FINDINGS_DEFAULTS,
-            f"findings.{key}",
-            given[key],
-            f"unknown key; expected {', '.join(FINDINGS_DEFAULTS)}",
-        )
-    settings = {**FINDINGS_DEFAULTS, **given}
+    settings = _with_defaults(config, "findings", FINDINGS_DEFAULTS)
     slope = settings["still_learning_slope"]
     check(
         isinstance(slope, (int, float)) and not isinstance(slope, bool) and 0 < slope < float("inf"),
