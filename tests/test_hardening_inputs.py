@@ -283,6 +283,8 @@ def test_prepare_refuses_to_write_over_its_inputs(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- item 13: hostile arguments
 
+SHARDS_ARGV = ["prepare", "shards", "--corpus", "c", "--tokenizer", "t", "--split", "test"]
+
 
 @pytest.mark.parametrize(
     "argv, message",
@@ -290,40 +292,8 @@ def test_prepare_refuses_to_write_over_its_inputs(tmp_path, capsys):
         (["prepare", "tokenizer", "--corpus", "c", "--vocab-size", "5", "--out", "t.json"], "--vocab-size: must be"),
         (["prepare", "tokenizer", "--corpus", "c", "--vocab-size", "1e3", "--out", "t.json"], "--vocab-size: must be"),
         (["prepare", "tokenizer", "--corpus", "c", "--vocab-size", str(2**40), "--out", "t"], "--vocab-size: must be"),
-        (
-            [
-                "prepare",
-                "shards",
-                "--corpus",
-                "c",
-                "--tokenizer",
-                "t",
-                "--split",
-                "test",
-                "--seq-len",
-                "0",
-                "--out",
-                "s",
-            ],
-            "--seq-len: must be",
-        ),
-        (
-            [
-                "prepare",
-                "shards",
-                "--corpus",
-                "c",
-                "--tokenizer",
-                "t",
-                "--split",
-                "test",
-                "--seq-len",
-                str(10**12),
-                "--out",
-                "s",
-            ],
-            "--seq-len: must be",
-        ),
+        ([*SHARDS_ARGV, "--seq-len", "0", "--out", "s"], "--seq-len: must be"),
+        ([*SHARDS_ARGV, "--seq-len", str(10**12), "--out", "s"], "--seq-len: must be"),
         (["train", "--config", "r.yaml", "--out", "r", "--threads", "-1"], "--threads: must be"),
         (["train", "--config", "r.yaml", "--out", "r", "--threads", str(2**31)], "--threads: must be at most"),
         (["train", "--config", "r.yaml", "--out", "r", "--stop-after", "-5"], "--stop-after: must be"),
