@@ -107,7 +107,7 @@ class MoETransformer(nn.Module):
             if not self.is_moe:
                 return entry.build_ffn(options, model_cfg)
             m = model_cfg
-            return MoELayer(entry(options, m.d_model, m.n_experts, m.top_k), m.d_model, m.d_expert, m.n_experts)
+            return MoELayer(entry.build(options, m), m.d_model, m.d_expert, m.n_experts)
 
         self.tok_emb = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
         self.pos_emb = (
@@ -141,6 +141,8 @@ class MoETransformer(nn.Module):
         x = self.drop(x)
         # Positions without a target are the padding of a split's last block: no routing capacity for them.
         valid = None if targets is None else targets != IGNORE_INDEX
+        for layer in self.moe_layers:
+            layer.router.observe_batch(idx, targets)
         for block in self.blocks:
             x = block(x, valid)
         hidden = self.norm(x)

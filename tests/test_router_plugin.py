@@ -119,6 +119,7 @@ def test_the_documented_router_describes_itself(plugin, fresh_registry, monkeypa
         "balanced_by_construction": False,
         "terms": {"noise": "fixed noise b"},
         "states": {},
+        "balance_knob": "aux_loss_coef",
     }
 
 

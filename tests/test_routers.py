@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -48,9 +49,17 @@ def test_describe_gives_each_routers_own_names_for_the_analysis():
     assert json.loads(json.dumps(described)) == described  # goes into study.json as it is
     assert {name: entry["label"] for name, entry in described.items() if name in LABELS} == LABELS
     for entry in described.values():
-        assert set(entry) == {"label", "routed", "balanced_by_construction", "terms", "states"}
-    assert [name for name, entry in described.items() if not entry["routed"]] == ["dense"]
-    assert [name for name, entry in described.items() if entry["balanced_by_construction"]] == ["expert_choice"]
+        assert set(entry) == {"label", "routed", "balanced_by_construction", "terms", "states", "balance_knob"}
+    assert "dense" in [name for name, entry in described.items() if not entry["routed"]]
+    assert "expert_choice" in [name for name, entry in described.items() if entry["balanced_by_construction"]]
+    knobs = {name: described[name]["balance_knob"] for name in ("topk", "switch", "lossfree", "rdesi", "dense")}
+    assert knobs == {
+        "topk": "aux_loss_coef",
+        "switch": "aux_loss_coef",
+        "lossfree": "bias_update_rate",
+        "rdesi": "gamma",
+        "dense": None,
+    }
     assert described["rdesi"]["terms"] == {
         "reputation": "reputation β·R",
         "load": "load penalty γ·L̂",
@@ -63,6 +72,12 @@ def test_describe_gives_each_routers_own_names_for_the_analysis():
     }
     assert described["lossfree"]["terms"] == described["lossfree"]["states"] == {"bias": "loss-free bias b"}
     assert described["topk"]["terms"] == described["topk"]["states"] == described["dense"]["terms"] == {}
+
+
+@pytest.mark.parametrize("name", routers.known())
+def test_every_declared_balance_knob_is_an_option_of_the_router(name):
+    knob = routers.get(name).balance_knob
+    assert knob is None or knob in {f.name for f in dataclasses.fields(routers.get(name).Config)}
 
 
 @pytest.mark.parametrize("name", MOE_ROUTERS)

@@ -109,6 +109,9 @@ class Router(nn.Module):
     # Option -> the selection term (a key of `selection_terms()`) it scales: a sensitivity sweep of the
     # option reports that term's flip rate.
     option_terms: ClassVar[dict[str, str]] = {}
+    # The option that sets how hard this router balances load (the study tunes every router on its own
+    # knob with an equal budget): None where nothing does (balanced by construction, or a fixed map).
+    balance_knob: ClassVar[str | None] = "aux_loss_coef"
     # Names of the per-expert state `state_for_log()` returns: the router log's columns after
     # gtmoe.contract.ROUTER_LOG_INDEX, and the panels of the router-state figure. None when stateless.
     state_names: ClassVar[tuple[str, ...]] = ()
@@ -124,9 +127,26 @@ class Router(nn.Module):
         # The previous step's load fractions, kept for the training log.
         self.register_buffer("last_step_load", torch.zeros(n_experts), persistent=False)
 
+    @classmethod
+    def build(cls, options: RouterOptions, model_cfg) -> Router:
+        """The router of one MoE layer of a model with `model_cfg` (a gtmoe.config.ModelConfig).
+
+        A router whose state is sized by more than the layer (hash routing's token -> expert map, a
+        per-token-type baseline: `model_cfg.vocab_size`) overrides this and passes what it needs.
+        """
+        return cls(options, model_cfg.d_model, model_cfg.n_experts, model_cfg.top_k)
+
     def active_experts_per_token(self) -> float:
         """Mean experts a token is processed by (for the active-parameter count)."""
         return float(self.top_k)
+
+    def observe_batch(self, token_ids: Tensor, targets: Tensor | None) -> None:
+        """The micro-batch's token ids (B, S) and targets (B, S, or None), before its tokens are routed.
+
+        The routed tokens are these B x S positions, flattened row-major, so a router can key on a
+        token's id (hash routing), its target, or its sequence (row). Default: unused. Called in
+        training and evaluation alike; keep references only (no host reads).
+        """
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Routing:
         """Route x (T, d_model). `valid` (T,) bool marks real tokens: padding must never take capacity."""

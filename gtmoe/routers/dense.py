@@ -28,6 +28,7 @@ class DenseFFNBlock:
     Config = DenseOptions
     # How the analysis names it (see Router): no selection terms, no state, not routed.
     label = "dense"
+    balance_knob = None
     term_labels: dict[str, str] = {}
     state_labels: dict[str, str] = {}
     balanced_by_construction = False

@@ -29,6 +29,7 @@ class ExpertChoiceOptions(CapacityOptions):
 class ExpertChoiceRouter(Router):
     Config = ExpertChoiceOptions
     label = "expert choice"
+    balance_knob = "capacity_factor"  # balanced by construction: the capacity sets how many tokens each takes
     balanced_by_construction = True  # every expert takes exactly its capacity C: load Gini 0 by construction
 
     def capacity(self, n_tokens: int) -> int:

@@ -57,6 +57,7 @@ class LossFreeOptions(RouterOptions):
 class LossFreeRouter(TopKRouter):
     Config = LossFreeOptions
     label = "loss-free"
+    balance_knob = "bias_update_rate"
     option_terms = {"bias_update_rate": "bias", "bias_travel": "bias"}
     term_labels = {"bias": "loss-free bias b"}
     state_names = ("bias",)

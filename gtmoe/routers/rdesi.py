@@ -58,6 +58,7 @@ class RDESIOptions(TopKOptions):
 class RDESIRouter(TopKRouter):
     Config = RDESIOptions
     label = "RD-ESI"
+    balance_knob = "gamma"
     option_terms = {"beta": "reputation", "gamma": "load", "c": "bonus"}
     term_labels = {"reputation": "reputation β·R", "load": "load penalty γ·L̂", "bonus": "exploration bonus"}
     state_names = ("reputation", "load_hat", "bonus")

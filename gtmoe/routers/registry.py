@@ -112,7 +112,8 @@ def get(name: str, key: str = "router.name") -> type:
 def describe(name: str) -> dict:
     """How the analysis names router `name` (JSON-serialisable; the study record's `routers` entry):
     {"label", "routed" (a Router, not the dense FFN), "balanced_by_construction", "terms" (selection
-    term -> label), "states" (logged state -> label, in `state_names` order)}."""
+    term -> label), "states" (logged state -> label, in `state_names` order), "balance_knob" (the
+    option that sets how hard it balances, or None)}."""
     from gtmoe.routers.base import Router  # here, not at the top: plug-ins import this module alone
 
     cls = get(name)
@@ -123,4 +124,5 @@ def describe(name: str) -> dict:
         "balanced_by_construction": bool(getattr(cls, "balanced_by_construction", False)),
         "terms": {str(term): str(label) for term, label in getattr(cls, "term_labels", {}).items()},
         "states": {str(state): str(state_labels.get(state, state)) for state in getattr(cls, "state_names", ())},
+        "balance_knob": getattr(cls, "balance_knob", None),
     }
