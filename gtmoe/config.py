@@ -473,7 +473,7 @@ class RunConfig:
         check(bool(self.variant) and isinstance(self.variant, str), "variant", self.variant, "must be a non-empty name")
         self.model.validate()
         self.train.validate()
-        self.router.resolve()
+        self.router.resolve().validate_for_model(self.model)
         self.data.validate()
         self.eval.validate()
         return self.check_size()

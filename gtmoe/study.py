@@ -86,7 +86,7 @@ class Study:
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
             routers.get(router, key=f"{key}.router")
             raw_variants[variant] = {"name": router, **entry}
-            variants[variant] = _router_config(router, entry, shared.train.max_steps, key)
+            variants[variant] = _router_config(router, entry, shared, key)
             target_keys[variant] = f"{key}.name"
         expansion = sweeps.expand(config.get("sweeps"), raw_variants, shared.train.max_steps)
         sweep_of = {}
@@ -96,7 +96,7 @@ class Study:
                     sweep_of[member] = sweep
         for variant, mapping in expansion.variants.items():
             options = {k: v for k, v in mapping.items() if k != "name"}
-            variants[variant] = _router_config(mapping["name"], options, shared.train.max_steps, "sweeps")
+            variants[variant] = _router_config(mapping["name"], options, shared, "sweeps")
         target_keys.update({sweep: f"sweeps[{i}].name" for i, sweep in enumerate(expansion.members)})
 
         seeds = config.get("seeds")
@@ -229,11 +229,12 @@ def _shared_sections(config: dict[str, Any], layout: StudyLayout) -> RunConfig:
     return shared
 
 
-def _router_config(router: str, options: dict[str, Any], max_steps: int, key: str) -> RouterConfig:
-    """A variant's router with its options typed, checked and resolved for the run's horizon."""
+def _router_config(router: str, options: dict[str, Any], shared: RunConfig, key: str) -> RouterConfig:
+    """A variant's router with its options typed, checked (also against the model's sizes) and resolved for
+    the run's horizon."""
     config = RouterConfig(router, dict(options))
-    config.resolve(key)
-    return config.for_horizon(max_steps)
+    config.resolve(key).validate_for_model(shared.model, key)
+    return config.for_horizon(shared.train.max_steps)
 
 
 def run_config_from_record(record: Mapping[str, Any], variant: str, seed: int) -> RunConfig:

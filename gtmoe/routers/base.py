@@ -32,6 +32,10 @@ class RouterOptions:
         check(self.aux_loss_coef >= 0, f"{prefix}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, f"{prefix}.z_loss_coef", self.z_loss_coef, "must be >= 0")
 
+    def validate_for_model(self, model_cfg, prefix: str = "router") -> None:
+        """Checks that need the model's sizes (a gtmoe.config.ModelConfig): groups that divide the experts,
+        a k the groups can hold. Called at parse time, after validate(). Default: none."""
+
     def at_horizon(self, max_steps: int) -> dict:
         """Options that depend on the run's length, resolved for `max_steps` optimizer steps.
 

@@ -17,6 +17,9 @@ class DenseOptions:
     def validate(self, prefix: str = "router") -> None:
         return None
 
+    def validate_for_model(self, model_cfg, prefix: str = "router") -> None:
+        return None
+
     def at_horizon(self, max_steps: int) -> dict:
         return {}
 
