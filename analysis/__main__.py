@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis import RUN_OK, collect, compute, figures, findings, outputs, record, stats, tables, writing
 from analysis.record import Record
-from analysis.stats import sensitivity
+from analysis.stats import confirmatory, sensitivity
 from gtmoe.contract import EVAL_SPLITS
 from gtmoe.errors import ConfigError, DataError, GtmoeError
 
@@ -84,7 +84,8 @@ def run_aggregate(study: Record) -> int:
 
 def run_stats(study: Record) -> int:
     """Write the summary per variant (with its router and options), the paired comparisons against the
-    reference and the ablations as parquet, CSV and HTML, from ok runs only, with the record's settings."""
+    reference and the ablations as parquet, CSV and HTML, and the confirmatory table (also LaTeX), from ok runs
+    only, with the record's settings."""
     tidy = _tidy(study)
     settings = study.statistics
     split = study.split
@@ -104,16 +105,39 @@ def run_stats(study: Record) -> int:
     order = collect.variant_order(tidy)
     metrics = list(dict.fromkeys([*stats.COMPARISON_METRICS, *settings["primary"]]))
     base = study.ablation_base
+    by_construction = study.balanced_by_construction()
     for name, pairs, title in (
         ("comparisons", stats.reference_pairs(order, study.reference), f"Paired comparisons against {study.reference}"),
         ("ablations", stats.ablation_pairs(order, base, study.ablations), f"Ablations: each against {base or '-'}"),
     ):
         table = stats.paired_comparisons(
-            tidy, pairs, metrics, split, primary=settings["primary"], alpha=settings["alpha"], power=settings["power"]
+            tidy,
+            pairs,
+            metrics,
+            split,
+            primary=settings["primary"],
+            alpha=settings["alpha"],
+            power=settings["power"],
+            by_construction=by_construction,
         )
         tables.write_comparisons(
             table, _summary_path(study, name), title, alpha=settings["alpha"], power=settings["power"]
         )
+    table = confirmatory.confirmatory_comparisons(
+        tidy,
+        settings.get("contrasts", []),  # a record written before contrasts were declared has none
+        base,
+        study.ablations,
+        split,
+        primary=settings["primary"],
+        margins=settings.get("margins", {}),
+        alpha=settings["alpha"],
+        power=settings["power"],
+        by_construction=by_construction,
+    )
+    tables.write_confirmatory(
+        table, _summary_path(study, outputs.CONFIRMATORY), alpha=settings["alpha"], power=settings["power"]
+    )
     _log(f"tables -> {study.layout.summary}")
     return 0
 
@@ -160,10 +184,12 @@ def run_findings(study: Record) -> int:
             sensitivity=_statistics(study, dose, "sensitivity"),
             sensitivity_best=_statistics(study, best, "sensitivity"),
         )
+    summary = _statistics(study, "summary")
     inputs = findings.FindingsInputs(
+        confirmatory=_statistics(study, outputs.CONFIRMATORY),
         comparisons=_statistics(study, "comparisons"),
         ablations=_statistics(study, "ablations"),
-        summary=_statistics(study, "summary"),
+        summary=summary,
         status=status,
         train_logs=collect.load_train_logs(study.run_dirs(), keep=set(zip(ok["variant"].astype(str), ok["seed"]))),
         baselines=_baselines(study),
@@ -172,7 +198,10 @@ def run_findings(study: Record) -> int:
         alpha=study.statistics["alpha"],
         power=study.statistics["power"],
         still_learning_slope=study.still_learning_slope,
-        group_routed={v: study.describe(v)["label"] for v in study.balanced_by_construction()},
+        group_routed={
+            v: study.describe(v)["label"]
+            for v in findings.noncausal_variants(summary, study.split, study.balanced_by_construction())
+        },
         **swept,
     )
     _log(f"findings -> {findings.write_findings(inputs, _summary_path(study, outputs.FINDINGS))}")

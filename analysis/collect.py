@@ -6,8 +6,10 @@ A run directory is ``.../{variant}/seed{seed}/`` and holds ``eval_validation.jso
 The tidy table has one row per number: ``variant, seed, split, metric, layer, value,
 source, run_status``. ``layer`` is ``"all"`` for model-level values and the layer index
 (as a string) for per-layer ones; per-expert token counts of a layer are metrics
-``load_e{i}``. ``source`` is the file plus a fragment (a JSON pointer for eval files,
-the column and step for the training log), so every number can be traced back.
+``load_e{i}`` (and, for a token-choice router, the counts it asked for before any capacity cut,
+``requested_load_e{i}``: every count vector of ``gtmoe.contract.PER_LAYER_LOADS``). ``source`` is the
+file plus a fragment (a JSON pointer for eval files, the column and step for the training log), so every
+number can be traced back.
 
 Every readable value of every run is kept, whatever the run's status; the statistics
 select ``run_status == "ok"`` explicitly, and the status table says why a run is out. An evaluation JSON
@@ -40,6 +42,7 @@ from gtmoe.contract import (
     LOAD_COUNT_RANGE,
     LOAD_METRICS,
     PER_LAYER_ID_KEYS,
+    PER_LAYER_LOADS,
     ROUTER_LOG,
     ROUTER_LOG_INDEX,
     RUN_FAILED,
@@ -89,7 +92,8 @@ def eval_records(evaluation: dict, source: str) -> list[dict]:
     """Tidy records (without variant/seed/run_status) of one parsed ``eval_{split}.json``.
 
     Model-level numbers get ``layer="all"``; each ``per_layer`` entry contributes its
-    scalar metrics and one ``load_e{i}`` record per expert (token counts).
+    scalar metrics and one ``{name}_e{i}`` record per expert of each of its count vectors
+    (``load_e{i}``, ``requested_load_e{i}``: token counts; none for a null vector).
     """
     split = evaluation["split"]
 
@@ -105,16 +109,17 @@ def eval_records(evaluation: dict, source: str) -> list[dict]:
         layer = str(entry["layer"])
         pointer = f"{source}#/per_layer/{index}"
         records += numbers(entry, _PER_LAYER_ID_KEYS, layer, pointer)
-        for expert, count in enumerate(entry.get("load") or []):
-            records.append(
-                dict(
-                    split=split,
-                    metric=f"load_e{expert}",
-                    layer=layer,
-                    value=_as_float(count),
-                    source=f"{pointer}/load/{expert}",
+        for name in PER_LAYER_LOADS:
+            for expert, count in enumerate(entry.get(name) or []):
+                records.append(
+                    dict(
+                        split=split,
+                        metric=f"{name}_e{expert}",
+                        layer=layer,
+                        value=_as_float(count),
+                        source=f"{pointer}/{name}/{expert}",
+                    )
                 )
-            )
     return records
 
 
@@ -211,9 +216,10 @@ def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, spli
     for index, entry in enumerate(evaluation.get("per_layer") or []):
         pointer = f"per_layer/{index}/"
         problems += _range_problems(entry, pointer, ())
-        for expert, count in enumerate(entry.get("load") or []):
-            if count not in LOAD_COUNT_RANGE:
-                problems.append(f"{pointer}load/{expert} = {count!r} outside {LOAD_COUNT_RANGE}")
+        for vector in PER_LAYER_LOADS:
+            for expert, count in enumerate(entry.get(vector) or []):
+                if count not in LOAD_COUNT_RANGE:
+                    problems.append(f"{pointer}{vector}/{expert} = {count!r} outside {LOAD_COUNT_RANGE}")
     found = (evaluation.get("variant"), evaluation.get("seed"), evaluation.get("split"))
     if found != (variant, seed, split):
         problems.append(f"written for (variant, seed, split)={found!r}")

@@ -3,9 +3,12 @@ Jinja2 template ``templates/findings.html.j2`` (autoescaped: no value reaches th
 
 Every number on the page comes from an input file, never from this module:
 
-* ``comparisons.parquet`` / ``ablations.parquet`` (the `stats` step, ``stats.paired_comparisons``):
-  for each primary endpoint (``endpoint == "primary"``), which variants differ from the reference
-  after Holm's adjustment within the endpoint's family, with Δ, its 95% CI and the minimum
+* ``confirmatory.parquet`` (the `stats` step, ``stats.confirmatory.confirmatory_comparisons``): the answer,
+  first on the page: every declared contrast and ablation on every primary endpoint with Δ, its 95% CI, the
+  Holm-adjusted p, the TOST verdict and the MDD. Words of equivalence appear only with a verdict "equivalent";
+* ``comparisons.parquet`` / ``ablations.parquet`` (the `stats` step, ``stats.paired_comparisons``),
+  exploratory: for each primary endpoint (``endpoint == "primary"``), which variants differ from the
+  reference after Holm's adjustment within the endpoint's family, with Δ, its 95% CI and the minimum
   detectable difference (MDD) of every comparison;
 * ``summary.parquet`` (``stats.summarize``): each variant's mean test perplexity with its t CI;
 * ``run_status.parquet`` (``collect.collect_runs``): runs that are missing or failed;
@@ -16,8 +19,10 @@ Every number on the page comes from an input file, never from this module:
 * ``sensitivity.parquet`` / ``sensitivity_best.parquet`` (the `sensitivity` step), when the study
   record has sweeps: each dose-response curve's ends, its best value and how far its term reached.
 
-The study's settings (reference, split, alpha, power, the still-learning threshold, the routers
-that balance load by construction) come from the study record. A variant that fails a check
+The study's settings (reference, split, alpha, power, the still-learning threshold) come from the study
+record. Which variants' perplexity was routed non-causally (the caveat) the evaluation JSONs say
+(``causal_routing``, in the summary; ``noncausal_variants``), and so does the perplexity of a router's
+non-causal evaluation routing reported beside its causal one (``ppl_noncausal``). A variant that fails a check
 (missing or failed runs, non-finite perplexity, perplexity not below the bigram's, still
 learning) is shown in red at the top of the page.
 
@@ -28,7 +33,7 @@ The page's wording is built here as *rich text*, a list of ``(text, style)`` pie
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,7 @@ from scipy import stats as scipy_stats
 from analysis import RUN_OK, writing
 from analysis.stats import (
     CONFIDENCE,
+    CONSTANT_BY_CONSTRUCTION,
     HIGHER_IS_BETTER,
     LOWER_IS_BETTER,
     PRIMARY,
@@ -47,6 +53,7 @@ from analysis.stats import (
     metric_label,
     t_confidence_interval,
 )
+from analysis.stats.confirmatory import ABLATIONS, CONTRASTS, DIFFERENT, EQUIVALENT, INCONCLUSIVE
 from analysis.stats.sensitivity import FLIP_RATE
 from analysis.tables import CSS, format_interval, format_number, format_p
 
@@ -79,14 +86,47 @@ class FindingsInputs:
     alpha: float
     power: float
     still_learning_slope: float  # nats per 1000 steps; a steeper final descent is flagged
-    # Variant -> its router's label, for the variants whose router balances load by construction: the
-    # experts choose among the whole routing group's tokens, so routing is not causal (the caveat).
+    # Variant -> its router's label, for the variants whose reported perplexity was routed non-causally: at
+    # evaluation the experts chose among the whole routing group's tokens (the caveat; `noncausal_variants`).
     group_routed: Mapping[str, str] = field(default_factory=dict)
     sensitivity: pd.DataFrame | None = None  # dose-response table (sensitivity.parquet); None: no sweeps
+    # The confirmatory table (confirmatory.parquet); None: a study whose stats step predates it.
+    confirmatory: pd.DataFrame | None = None
     sensitivity_best: pd.DataFrame | None = None  # best value per curve (sensitivity_best.parquet)
 
 
 # --------------------------------------------------------------------------- computations
+
+
+def noncausal_variants(summary: pd.DataFrame, split: str, balanced_by_construction: Iterable[str]) -> list[str]:
+    """Variants whose reported perplexity on `split` was routed non-causally, in the summary's order.
+
+    The evaluation JSONs say so (``causal_routing`` 0, its mean over seeds below 1). A variant none of whose
+    runs says (evaluated before the key existed) falls back on its router's declaration: one that balances
+    load by construction chose among the whole group's tokens.
+    """
+    rows = summary[(summary["split"] == split) & (summary["metric"] == "causal_routing") & (summary["kind"] == VARIANT)]
+    measured = {str(r.variant): r.mean for r in rows.itertuples() if r.n > 0 and math.isfinite(r.mean)}
+    fallback = set(balanced_by_construction)
+    variants = dict.fromkeys(summary.loc[summary["kind"] == VARIANT, "variant"].astype(str))
+    return [v for v in variants if (measured[v] < 1 if v in measured else v in fallback)]
+
+
+def noncausal_perplexities(summary: pd.DataFrame, split: str, group_routed: Iterable[str]) -> list[dict]:
+    """The variants evaluated causally that also report a non-causal perplexity (``ppl_noncausal``): the
+    variant and both mean perplexities on `split`, formatted."""
+    part = summary[(summary["split"] == split) & (summary["kind"] == VARIANT) & (summary["n"] > 0)]
+    means = {(str(r.variant), r.metric): r.mean for r in part.itertuples() if r.metric in ("ppl", "ppl_noncausal")}
+    skip = set(group_routed)
+    variants = dict.fromkeys(str(v) for v, metric in means if metric == "ppl_noncausal" and v not in skip)
+    return [
+        dict(
+            variant=v,
+            causal=format_number(means.get((v, "ppl"), math.nan)),
+            noncausal=format_number(means[v, "ppl_noncausal"]),
+        )
+        for v in variants
+    ]
 
 
 def final_loss_slope(log: pd.DataFrame, fraction: float = FINAL_FRACTION, min_points: int = MIN_SLOPE_POINTS) -> dict:
@@ -219,6 +259,82 @@ def _direction(metric: str, delta: float) -> str:
     return "higher" if delta > 0 else "lower"
 
 
+# --------------------------------------------------------------------------- the confirmatory answer
+
+CONFIRMATORY_TITLES = {
+    CONTRASTS: "Declared contrasts × primary endpoints",
+    ABLATIONS: "Ablations × primary endpoints (Δ = ablation − base)",
+}
+
+
+def _verdict_style(verdict: str) -> str:
+    if verdict == DIFFERENT:
+        return "b"
+    if verdict.startswith(EQUIVALENT):
+        return "pass"
+    return "muted" if verdict != INCONCLUSIVE else "caution"
+
+
+def _verdict_sentence(rows: pd.DataFrame) -> Rich:
+    """How many rows got each verdict, in words; equivalence only as the TOST verdict says it."""
+    different = int((rows["verdict"] == DIFFERENT).sum())
+    equivalent = int(rows["verdict"].str.startswith(EQUIVALENT).sum())
+    inconclusive = int((rows["verdict"] == INCONCLUSIVE).sum())
+    untested = len(rows) - different - equivalent - inconclusive
+    parts = [
+        f"{different} different",
+        f"{equivalent} equivalent within their margins (TOST)",
+        f"{inconclusive} inconclusive (neither a difference nor an equivalence shown)",
+    ]
+    if untested:
+        parts.append(f"{untested} not tested ({CONSTANT_BY_CONSTRUCTION})")
+    tests = int(rows["p_ttest"].notna().sum())
+    return [(f"Holm family of {tests} test{'s' if tests != 1 else ''}: " + ", ".join(parts) + ".", "")]
+
+
+def confirmatory_families(table: pd.DataFrame | None, power: float) -> list[dict]:
+    """Per family of the confirmatory table: a heading, a sentence counting the verdicts and a table (head and
+    rich-text cells: contrast, endpoint, Δ, CI, Holm p, margin, Holm TOST p, verdict, MDD, n)."""
+    if table is None:
+        return []
+    level = int(CONFIDENCE * 100)
+    head = [
+        "contrast (a − b)",
+        "endpoint",
+        "Δ = a − b",
+        f"{level}% CI",
+        "p (Holm)",
+        "margin ±m",
+        "p TOST (Holm)",
+        "verdict",
+        f"MDD ({power:.0%} power)",
+        "n",
+    ]
+    families = []
+    for family, rows in table.groupby("family", sort=False):
+        cells = [
+            [
+                [(r.contrast, "b")],
+                [(metric_label(r.metric), "")],
+                [(format_number(r.mean_diff) + _relative(r.mean_diff, r.mean_b, signed=True), "")],
+                [(format_interval(r.ci_low, r.ci_high), "")],
+                [(format_p(r.p_ttest_holm), "")],
+                [(format_number(r.margin), "")],
+                [(format_p(r.p_tost_holm), "")],
+                [(r.verdict, _verdict_style(r.verdict))],
+                [(format_number(r.mdd) + _relative(r.mdd, r.mean_b), "")],
+                [(str(int(r.n)), "")],
+            ]
+            for r in rows.itertuples()
+        ]
+        families.append(
+            dict(
+                heading=CONFIRMATORY_TITLES.get(family, family), summary=_verdict_sentence(rows), head=head, rows=cells
+            )
+        )
+    return families
+
+
 # --------------------------------------------------------------------------- the page's wording
 
 
@@ -299,7 +415,10 @@ def endpoint_families(
         else:
             items.append(dict(text=[(f"No variant differs significantly from {against}.", "")], lines=[]))
         if len(groups["not_significant"]):
-            intro = "No significant difference (absence of evidence, not evidence of equality):"
+            intro = (
+                "No significant difference: absence of evidence only; equivalence needs a TOST verdict (the "
+                "confirmatory contrasts above):"
+            )
             items.append(dict(text=[(intro, "")], lines=lines(groups["not_significant"])))
         if len(groups["untestable"]):
             untestable = [[(r.variant_b, "b"), (f": {_note(r)}", "")] for r in groups["untestable"].itertuples()]
@@ -423,7 +542,8 @@ def _curve_sentence(curve: pd.DataFrame, best: pd.Series | None) -> Rich:
         sentences.append([(f"No value keeps perplexity at or below {reference}'s.", "caution")])
     else:
         text = (
-            f"Lowest Gini with perplexity no worse than {reference}'s: {first['option']} = {best['value']:g} "
+            f"Lowest Gini with mean Δ PPL ≤ 0 against {reference} (no equivalence test): "
+            f"{first['option']} = {best['value']:g} "
             f"(Gini {format_number(best['gini_mean'])} {format_interval(best['gini_ci_low'], best['gini_ci_high'])}, "
             f"Δ PPL {format_number(best['delta_ppl'])} "
             f"{format_interval(best['delta_ppl_ci_low'], best['delta_ppl_ci_high'])})."
@@ -481,6 +601,8 @@ def render(inputs: FindingsInputs) -> str:
             alpha=f"{inputs.alpha:g}",
             n_variants=len(verdicts),
             failing=[dict(variant=v.variant, problems=v.problems) for v in failing.itertuples()],
+            confirmatory=confirmatory_families(inputs.confirmatory, inputs.power),
+            has_confirmatory=inputs.confirmatory is not None,
             endpoints=endpoint_families(inputs.comparisons, inputs.alpha, inputs.power, inputs.reference, caveat),
             exploratory=_exploratory_sentence(inputs.comparisons, inputs.alpha),
             ablation_base=ablation_base,
@@ -490,6 +612,7 @@ def render(inputs: FindingsInputs) -> str:
             adequacy=adequacy_table(verdicts, inputs.split, inputs.still_learning_slope),
             sensitivity=sensitivity_items(inputs.sensitivity, inputs.sensitivity_best) if sweeps else [],
             caveat=[dict(variant=v, label=label) for v, label in sorted(inputs.group_routed.items())],
+            noncausal=noncausal_perplexities(inputs.summary, inputs.split, inputs.group_routed),
         )
     )
 

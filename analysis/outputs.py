@@ -11,6 +11,10 @@ from __future__ import annotations
 TIDY = "runs.parquet"  # aggregate: one row per number of every run, with each variant's router and options
 STATUS = "run_status"  # aggregate: .parquet, .csv, .html
 STATISTICS = ("summary", "comparisons", "ablations")  # stats: each .parquet (machines), .csv and .html (people)
+# stats: the declared contrasts and the ablations on the primary endpoints (Holm, TOST, verdicts), as .parquet, .csv,
+# .html and .tex (LaTeX, for the paper)
+CONFIRMATORY = "confirmatory"
+CONFIRMATORY_SUFFIXES = ("parquet", "csv", "html", "tex")
 SENSITIVITY = ("sensitivity", "sensitivity_best")  # sensitivity (studies with sweeps): each .parquet, .csv, .html
 FINDINGS = "findings.html"  # findings
 COMPUTE = "compute"  # compute: .csv, .html

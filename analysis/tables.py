@@ -4,7 +4,8 @@ Parquet files are for machines (the figures and findings read the statistics tab
 their types: no NaN or empty-string round trip); CSV files keep full precision and leave undefined
 values empty for people and spreadsheets. The HTML pages are what the Snakemake report shows (it only
 links CSVs): inline CSS, a caption, "n/a" for undefined values and numbers rounded to four
-significant digits. Tables: run status, summary, paired comparisons, and the sensitivity tables.
+significant digits. Tables: run status, summary, paired comparisons, the confirmatory table (also as LaTeX,
+for the paper) and the sensitivity tables.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from analysis import RUN_FAILED, RUN_MISSING, RUN_OK, writing
 from analysis.outputs import SENSITIVITY
 from analysis.stats import CONFIDENCE, EXPLORATORY, HIGHER_IS_BETTER, LOWER_IS_BETTER, REFERENCE_BASELINE, metric_label
+from analysis.stats.confirmatory import ABLATIONS, CONTRASTS, DIFFERENT, EQUIVALENT
 from analysis.stats.sensitivity import FLIP_RATE
 from analysis.stats.sensitivity import METRICS as SENSITIVITY_METRICS
 
@@ -200,7 +202,10 @@ def write_summary(summary: pd.DataFrame, stem: str | Path, caption: str = "") ->
         f"Mean over seeds with the {level}% Student t confidence interval "
         "and the number of seeds n. n/a: undefined (fewer than two seeds for "
         "an interval; a metric the variant does not have, e.g. load metrics "
-        "of an unrouted variant). Shaded rows at the bottom: reference baselines "
+        "of an unrouted variant). Token-expert MI / H(expert): the mutual information of token id and expert "
+        "divided by the expert entropy; with k distinct experts per token a token id fixes at most its k "
+        "experts, so it is at most 1 − ln k / H(expert) (≤ 1 − ln k / ln E: 0.67 for top-2 of 8), not 1. "
+        "Shaded rows at the bottom: reference baselines "
         "(unigram and interpolated bigram counted on the train split), not "
         "variants of the study; they have perplexities only. The CSV also has each variant's router and "
         "its resolved router options, one column per option."
@@ -242,6 +247,7 @@ def comparison_rows(comparisons: pd.DataFrame, alpha: float, power: float) -> tu
         "comparison (b − a)",
         "metric",
         "endpoint",
+        "label",
         "n",
         "mean a",
         "mean b",
@@ -252,10 +258,10 @@ def comparison_rows(comparisons: pd.DataFrame, alpha: float, power: float) -> tu
         "p t (Holm)",
         "p Wilcoxon",
         "p Wilcoxon (Holm)",
-        "Hedges' g",
+        "Hedges' g_z",
         "note",
     ]
-    label_columns = ("comparison (b − a)", "metric", "note")  # text; the numbers are right-aligned
+    label_columns = ("comparison (b − a)", "metric", "label", "note")  # text; the numbers are right-aligned
     rows = []
     for r in comparisons.itertuples():
         significant = not math.isnan(r.p_ttest_holm) and r.p_ttest_holm < alpha
@@ -267,6 +273,7 @@ def comparison_rows(comparisons: pd.DataFrame, alpha: float, power: float) -> tu
                 "comparison (b − a)": f"{r.variant_b} − {r.variant_a}",
                 "metric": metric_label(r.metric),
                 "endpoint": r.endpoint,
+                "label": r.label,
                 "n": str(r.n),
                 "mean a": format_number(r.mean_a),
                 "mean b": format_number(r.mean_b),
@@ -277,7 +284,7 @@ def comparison_rows(comparisons: pd.DataFrame, alpha: float, power: float) -> tu
                 "p t (Holm)": format_p(r.p_ttest_holm),
                 "p Wilcoxon": format_p(r.p_wilcoxon),
                 "p Wilcoxon (Holm)": format_p(r.p_wilcoxon_holm),
-                "Hedges' g": format_number(r.hedges_g, digits=3),
+                "Hedges' g_z": format_number(r.hedges_gz, digits=3),
                 "note": r.note or "",
                 "_row_class": " ".join(row_classes),
                 "_class": {c: "num" for c in columns if c not in label_columns} | own_classes,
@@ -301,11 +308,16 @@ def write_comparisons(
         "CI: 95% Student t interval of the mean difference; p: paired t-test and Wilcoxon "
         f"signed-rank test (only where it can reach p ≤ {alpha:g}: n ≥ 6 at 0.05), each "
         "Holm-adjusted within its family, the comparisons of one metric on one split; "
-        f"Hedges' g: standardised mean difference of the paired differences. Primary endpoints: "
-        f"{primary}; the other metrics are exploratory (grey rows): read them as "
-        "hypothesis-generating. MDD: the smallest |Δ| a two-sided paired t-test at "
-        f"α = {alpha:g} would detect with {power:.0%} power, from n and the observed sd of the "
-        f"differences; a non-significant Δ smaller than the MDD is no evidence of equality. Bold "
+        "Hedges' g_z: the mean of the paired differences over their sd, small-sample corrected; not a g of two "
+        "independent groups (with equal sds, d_z = d / √(2(1 − r)), r the correlation of the pairs). Every "
+        "row of this table is "
+        "exploratory (column label): the confirmatory tests, the declared contrasts and the ablations on the "
+        f"primary endpoints ({primary}) with Holm over contrasts and endpoints together and an equivalence "
+        "test, are the confirmatory table's. Grey rows: metrics that are not primary endpoints. MDD: the "
+        f"smallest |Δ| a two-sided paired t-test at α = {alpha:g} would detect with {power:.0%} power, from n "
+        "and the observed sd of the differences; a non-significant Δ shows no equivalence, whatever its size "
+        "(only a TOST verdict does). A load metric constant by construction (a router that balances load by "
+        "construction, no spread over its seeds) is not tested; the note says so. Bold "
         f"rows: Holm-adjusted t-test p < {alpha:g}. Green / red: the CI excludes 0 and b is "
         "better / worse than a. n/a: not computable, the note says why."
     )
@@ -313,6 +325,134 @@ def write_comparisons(
     note = f"Split: {', '.join(dict.fromkeys(comparisons['split']))}" if len(comparisons) else ""
     page = html_page(title, caption, [("", html_table(rows, columns, note))])
     return write_table(comparisons, page, stem)
+
+
+# --------------------------------------------------------------------------- confirmatory
+
+FAMILY_TITLES = {
+    CONTRASTS: "Declared contrasts × primary endpoints",
+    ABLATIONS: "Ablations × primary endpoints (each ablation − its base)",
+}
+
+
+def _verdict_class(verdict: str) -> str:
+    return "worse" if verdict == DIFFERENT else "better" if verdict.startswith(EQUIVALENT) else ""
+
+
+def confirmatory_rows(table: pd.DataFrame, alpha: float, power: float) -> tuple[list[dict], list[str]]:
+    """Rows for the HTML view of ``stats.confirmatory.confirmatory_comparisons`` output."""
+    columns = [
+        "contrast (a − b)",
+        "endpoint",
+        "n",
+        "mean a",
+        "mean b",
+        "Δ = a − b",
+        "95% CI of Δ",
+        "p t-test",
+        "p t (Holm)",
+        "margin ±m",
+        "p TOST (Holm)",
+        "verdict",
+        f"MDD ({power:.0%} power, α)",
+        "MDD (α / m)",
+        "Hedges' g_z",
+        "note",
+    ]
+    text = ("contrast (a − b)", "endpoint", "verdict", "note")
+    rows = []
+    for r in table.itertuples():
+        margin = format_number(r.margin)
+        if r.margin_kind == "relative" and margin != NA:
+            margin = Markup(f'{html.escape(margin)}<br><span class="sub">{r.margin_value:.1%} of mean b</span>')
+        rows.append(
+            {
+                "contrast (a − b)": r.contrast,
+                "endpoint": metric_label(r.metric),
+                "n": str(r.n),
+                "mean a": format_number(r.mean_a),
+                "mean b": format_number(r.mean_b),
+                "Δ = a − b": format_number(r.mean_diff),
+                "95% CI of Δ": format_interval(r.ci_low, r.ci_high),
+                "p t-test": format_p(r.p_ttest),
+                "p t (Holm)": format_p(r.p_ttest_holm),
+                "margin ±m": margin,
+                "p TOST (Holm)": format_p(r.p_tost_holm),
+                "verdict": r.verdict,
+                f"MDD ({power:.0%} power, α)": format_mdd(r.mdd, r.mean_b),
+                "MDD (α / m)": format_mdd(r.mdd_family, r.mean_b),
+                "Hedges' g_z": format_number(r.hedges_gz, digits=3),
+                "note": r.note or "",
+                "_row_class": "significant" if r.verdict == DIFFERENT else "",
+                "_class": {c: "num" for c in columns if c not in text} | {"verdict": _verdict_class(r.verdict)},
+            }
+        )
+    return rows, columns
+
+
+def _latex_text(text: str) -> str:
+    """Plain text for a LaTeX cell: the characters LaTeX treats specially escaped, − and ± as math."""
+    for char in "&%$#_{}":  # a name cannot hold a backslash (gtmoe.checks.NAME)
+        text = text.replace(char, f"\\{char}")
+    return text.replace("−", "$-$").replace("±", "$\\pm$")
+
+
+def confirmatory_latex(table: pd.DataFrame, power: float) -> str:
+    """The confirmatory table as a LaTeX tabular (``DataFrame.to_latex``), booktabs rules, for the paper."""
+    mdd = f"MDD ({power:.0%} power)".replace("%", "\\%")
+    cells = pd.DataFrame(
+        {
+            "Family": table["family"].astype(str),
+            "Contrast": table["contrast"],
+            "Endpoint": [metric_label(m) for m in table["metric"]],
+            "$n$": table["n"].astype(str),
+            "$\\Delta$": [format_number(v) for v in table["mean_diff"]],
+            "95\\% CI": [format_interval(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
+            "$p_\\mathrm{Holm}$": [format_p(p) for p in table["p_ttest_holm"]],
+            "$\\pm m$": [format_number(m) for m in table["margin"]],
+            "$p_\\mathrm{TOST,Holm}$": [format_p(p) for p in table["p_tost_holm"]],
+            "Verdict": table["verdict"],
+            mdd: [format_number(v) for v in table["mdd"]],
+        }
+    )
+    for column in ("Family", "Contrast", "Endpoint", "95\\% CI", "Verdict", mdd):
+        cells[column] = cells[column].map(_latex_text)
+    for column in cells.columns:
+        cells[column] = cells[column].replace({NA: "--", "<0.001": "$<$0.001"})
+    return cells.to_latex(index=False, escape=False, column_format="lll" + "r" * 6 + "lr")
+
+
+def write_confirmatory(table: pd.DataFrame, stem: str | Path, *, alpha: float, power: float) -> list[Path]:
+    """The confirmatory table (``stats.confirmatory.confirmatory_comparisons``) as parquet, CSV, HTML (one
+    section per family) and ``stem.tex`` (LaTeX). Returns the paths written."""
+    stem = Path(stem)
+    margins = "; ".join(
+        f"{metric_label(m)} ±{r.margin_value:g}" + (" × mean b" if r.margin_kind == "relative" else "")
+        for m, r in table.drop_duplicates("metric").set_index("metric").iterrows()
+    )
+    caption = (
+        "The study's confirmatory tests, declared in config.yaml (statistics.contrasts, statistics.primary, "
+        "statistics.margins; the ablations from ablation) before any run. Δ = a − b per seed, on the seeds "
+        "both variants completed (n); 95% Student t CI of its mean; p: two-sided paired t-test, "
+        "Holm-adjusted over the whole family (every contrast × every primary endpoint; the ablations are a "
+        "family of their own). TOST: two one-sided paired t-tests against ±m (Schuirmann), p the larger, "
+        f"Holm-adjusted over the same family. Margins: {margins or 'none'}. Verdict: different (Holm p < "
+        f"{alpha:g}); else equivalent within ±m (Holm TOST p < {alpha:g}); else inconclusive: the data "
+        "show neither. Equivalence is claimed only by that verdict. MDD: the smallest |Δ| a paired t-test "
+        f"detects with {power:.0%} power at α = {alpha:g} and at α / m, the level of Holm's first step (m "
+        "tests in the family), from n and the sd of the differences; in small print as a share of mean b. "
+        "Hedges' g_z: effect size of the paired differences. A load metric constant by construction is not "
+        "tested. Every other comparison in the report is exploratory."
+    )
+    sections = [
+        (FAMILY_TITLES.get(family, family), html_table(*confirmatory_rows(part, alpha, power)))
+        for family, part in table.groupby("family", sort=False)
+    ] or [("", '<p class="caption">No confirmatory contrast declared and no ablation.</p>')]
+    paths = write_table(table, html_page("Confirmatory contrasts", caption, sections), stem)
+    tex = stem.with_name(f"{stem.name}.tex")
+    with writing(tex):
+        tex.write_text(confirmatory_latex(table, power), encoding="utf-8")
+    return [*paths, tex]
 
 
 # --------------------------------------------------------------------------- run status

@@ -8,6 +8,7 @@ only that file. Every error names the dotted key and the offending value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -209,7 +210,10 @@ MODEL_LIMITS = {
     "n_experts": 4096,
     "top_k": 4096,
     "d_expert": 1 << 18,
+    "n_shared_experts": 4096,
 }
+# The model sizes that may be 0 (every other size of MODEL_LIMITS must be > 0): no shared experts.
+MODEL_SIZES_ALLOWING_ZERO = ("n_shared_experts",)
 TRAIN_LIMITS = {"batch_size": 1 << 16, "grad_accum": 1 << 16}
 # torch's grouped_mm (the MoE experts' matmuls, gtmoe.moe) refuses operands whose rows are not a multiple of 16
 # bytes: d_model and d_expert must be multiples of 4 in fp32 and of 8 in bf16 (CUDA autocast); 8 covers both.
@@ -261,10 +265,19 @@ class ModelConfig:
     n_experts: int = 8
     top_k: int = 2
     d_expert: int = 256  # hidden size of one SwiGLU expert
+    # DeepSeekMoE's shared experts: SwiGLU experts of hidden d_expert that every token of an MoE layer passes
+    # through, beside its top_k routed ones (any router). Fine-grained experts are n_experts, d_expert and
+    # top_k at equal active parameters: 8 experts x d_expert 256, top-2 and 32 x 64, top-8 both give a token
+    # 512 hidden units of 3 d_model x 512 weights, from 2 or from 8 experts, out of 2048 in all.
+    n_shared_experts: int = 0
 
     def validate(self, prefix: str = "model") -> None:
         check_numbers(self, prefix)
-        check_counts(self, prefix, MODEL_LIMITS, MODEL_LIMITS)  # every size of the model has a bound
+        positive = [name for name in MODEL_LIMITS if name not in MODEL_SIZES_ALLOWING_ZERO]
+        check_counts(self, prefix, positive, MODEL_LIMITS)  # every size of the model has a bound
+        for name in MODEL_SIZES_ALLOWING_ZERO:
+            value = getattr(self, name)
+            check(0 <= value <= MODEL_LIMITS[name], f"{prefix}.{name}", value, f"must be in [0, {MODEL_LIMITS[name]}]")
         check(
             self.vocab_size >= 258,
             f"{prefix}.vocab_size",
@@ -504,17 +517,54 @@ RUNTIME_OVERHEAD_MB = 500  # Python + PyTorch + pandas/pyarrow resident before t
 
 
 def parameter_count(cfg: RunConfig) -> int:
-    """Trainable parameters of the model `cfg` builds (as gtmoe.model.MoETransformer does), without building it."""
+    """Trainable parameters of the model `cfg` builds, counted on the model itself built on the meta device.
+
+    Shapes without storage (gtmoe.model.shape_only_model): every router's own parameters (a noise
+    projection, no gate at all) and the shared experts count as built, with no formula to keep in step
+    with the model. Milliseconds at the study's sizes, nothing allocated for a model far past
+    MAX_PARAMETERS; the count of a (model, router, options) is kept, as every seed of a variant asks again.
+    """
+    from gtmoe import routers
+
+    entry = routers.get(cfg.router.name, key="router.name")
+    try:
+        options = json.dumps(cfg.router.options, sort_keys=True)
+    except (TypeError, ValueError):  # options built in code rather than read from a file: count afresh
+        return _count_parameters(cfg.model, cfg.router)
+    return _cached_parameter_count(cfg.model, entry, cfg.router.name, options)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_parameter_count(model: ModelConfig, entry: type, name: str, options: str) -> int:
+    """`entry`, the registered class, is part of the key: a name re-registered (a test's plug-in) recounts."""
+    return _count_parameters(model, RouterConfig(name, json.loads(options)))
+
+
+def _count_parameters(model: ModelConfig, router: RouterConfig) -> int:
+    from gtmoe.model import shape_only_model
+
+    return sum(p.numel() for p in shape_only_model(model, router).parameters())
+
+
+def _ffn_rows(cfg: RunConfig) -> float:
+    """Expert rows of width d_expert a token's FFN activations span in one MoE block (memory_estimate_mb):
+    top_k (or up to capacity_factor x top_k) routed plus the shared experts; for a dense entry its FFN's
+    hidden size over d_expert, read from the FFN built on the meta device (dense_total is E + n_shared)."""
     from gtmoe import routers
 
     m = cfg.model
-    d, moe = m.d_model, issubclass(routers.get(cfg.router.name, key="router.name"), routers.Router)
-    n_moe = m.n_layers // m.moe_every if moe else 0
-    embeddings = m.vocab_size * d + (m.max_seq_len * d if m.positional == "learned" else 0)  # lm_head is tied
-    attention = 4 * d * d + 2 * d  # qkv, proj, two RMSNorms
-    moe_ffn = m.n_experts * 3 * d * m.d_expert + d * m.n_experts  # experts' SwiGLU + gate
-    dense_ffn = 3 * d * m.top_k * m.d_expert
-    return embeddings + m.n_layers * attention + n_moe * moe_ffn + (m.n_layers - n_moe) * dense_ffn + d
+    entry = routers.get(cfg.router.name, key="router.name")
+    if not issubclass(entry, routers.Router):
+        import torch
+
+        with torch.device("meta"):
+            ffn = entry.build_ffn(cfg.router.resolve(), m)
+        return sum(p.numel() for p in ffn.parameters()) / (3 * m.d_model * m.d_expert)  # SwiGLU: 3 d h weights
+    rows = float(m.top_k)
+    capacity = cfg.router.options.get("capacity_factor")
+    if isinstance(capacity, (int, float)) and math.isfinite(capacity):
+        rows = max(rows, min(float(m.n_experts), capacity * m.top_k))
+    return rows + m.n_shared_experts
 
 
 def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activations: bool = True) -> float:
@@ -536,7 +586,8 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
       a split evaluated whole), and one layer's activations plus the logits.
     - activations kept for the backward pass (train), per layer: ~16 d per token on the attention path,
       3 E for the gate, r (2 d + 4 d_expert) for the r expert rows a token is dispatched to (r = top_k, or
-      up to capacity_factor * top_k for capacity routers), plus 2 B H S^2 for attention scores
+      up to capacity_factor * top_k for capacity routers, plus n_shared_experts; for a dense FFN its hidden
+      size / d_expert: top_k + n_shared, or E + n_shared for dense_total), plus 2 B H S^2 for attention scores
       (materialised by the math kernel on CPU); and 3 T V for logits, log-softmax and their gradient.
     - the rotary tables (2 L S_max d/H / 2) and RUNTIME_OVERHEAD_MB for the interpreter and libraries.
 
@@ -549,10 +600,7 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
     params = parameter_count(cfg)
     d, e, k, de, layers = m.d_model, m.n_experts, m.top_k, m.d_expert, m.n_layers
     tokens = t.batch_size * seq_len
-    rows = float(k)
-    capacity = cfg.router.options.get("capacity_factor")
-    if isinstance(capacity, (int, float)) and math.isfinite(capacity):
-        rows = max(rows, min(float(e), capacity * k))
+    rows = _ffn_rows(cfg)
     per_layer = tokens * (16 * d + 3 * e + rows * (2 * d + 4 * de)) + 2 * t.batch_size * m.n_heads * seq_len**2
     logits = 3 * tokens * m.vocab_size
     buffers = layers * m.max_seq_len * (d // m.n_heads) if m.positional == "rope" else 0

@@ -132,7 +132,11 @@ RUN_FAILED = "failed"
 # Evaluation JSON: keys that identify a run rather than measure it, and the model-level load metrics
 # every routed run's JSON holds (null for a non-finite value); dense runs have none.
 EVAL_ID_KEYS = ("variant", "seed", "split", "router", "status", "per_layer")
-PER_LAYER_ID_KEYS = ("layer", "load")
+# A layer's per-expert count vectors: `load`, the assignments the experts processed (after any capacity cut),
+# and `requested_load`, the experts the router chose before it (token-choice routers, `Routing.choice`; null
+# for a router without one, e.g. expert choice). The analysis reads each as metrics `{name}_e{i}`.
+PER_LAYER_LOADS = ("load", "requested_load")
+PER_LAYER_ID_KEYS = ("layer", *PER_LAYER_LOADS)
 LOAD_METRICS = (
     "gini",
     "load_entropy",
@@ -195,6 +199,19 @@ EVAL_METRIC_RANGES = {
     "drop_rate": _FRACTION,
     "token_expert_mi": _FRACTION,  # normalised by H(expert)
     "router_saturation": _FRACTION,
+    # The load the router asked for, before capacity (token-choice routers; null for others): Gini and MaxVio of
+    # the requested counts, and the share of the requested (valid) assignments that capacity dropped.
+    "requested_gini": MetricRange(0, 1, high_open=True),
+    "requested_maxvio_global": _NON_NEGATIVE,
+    "assignment_drop_rate": _FRACTION,
+    "experts_per_token": _NON_NEGATIVE,  # measured: processed assignments per valid token (0..E)
+    # 1 where every token's routing in the reported perplexity used only that token and its past, else 0.
+    "causal_routing": _FRACTION,
+    # The perplexity with the router's non-causal evaluation routing (expert choice's top-C of the group), for
+    # a router that has one; null otherwise. Equal to ppl / word_ppl / nll where the reported routing is it.
+    "ppl_noncausal": _PPL,
+    "word_ppl_noncausal": _PPL,
+    "nll_noncausal": MetricRange(0, low_open=True),
     "n_params": _NON_NEGATIVE,
     "n_active_params": _NON_NEGATIVE,
     "tokens_per_s": _NON_NEGATIVE,
@@ -207,7 +224,7 @@ EVAL_METRIC_RANGES = {
     "eval_blocks": _NON_NEGATIVE,
     "split_blocks": _NON_NEGATIVE,
 }
-LOAD_COUNT_RANGE = _NON_NEGATIVE  # each entry of a layer's `load`: tokens per expert
+LOAD_COUNT_RANGE = _NON_NEGATIVE  # each entry of a layer's `load` and `requested_load`: tokens per expert
 # Model-level metrics every evaluation JSON holds as numbers (a routed run's also LOAD_METRICS); any other
 # metric with a range may be null (undefined: gtmoe writes NaN and inf as null) but nothing else out of range.
 EVAL_REQUIRED_METRICS = ("ppl", "word_ppl", "nll", "tokens", "words")

@@ -9,13 +9,18 @@ records how many, and their sha256); a subset's word count is then its share
 of the split's words in proportion to its tokens. Routing statistics are
 gathered per MoE layer on the device, turned into metrics by the pure
 functions of `gtmoe.metrics`, then averaged over layers; per-layer values are
-kept. The final and the saturation checkpoints are read weights only (mapped,
-AdamW's state never read), and only if they are this run's: each records the
-run that wrote it, and the final one the saturation checkpoint's sha256.
+kept. Token-choice routers also report the load they asked for before any capacity cut
+(`Routing.choice`: requested_load, requested_gini, requested_maxvio_global, assignment_drop_rate). The
+reported perplexity is the run's evaluation routing; a router that also offers a non-causal routing
+(`evaluation_modes()`, expert choice's top-C of the group) gets a second forward of every group in it,
+reported as ppl_noncausal, and `causal_routing` says which the reported one is. The final and the
+saturation checkpoints are read weights only (mapped, AdamW's state never read), and only if they are
+this run's: each records the run that wrote it, and the final one the saturation checkpoint's sha256.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -73,6 +78,10 @@ class LayerStats:
         self.batch_maxvio_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.batches = zeros(())
         self.flipped: dict[str, Tensor] = {}  # selection term -> tokens whose top-k set it changed
+        self.processed = zeros(())  # valid assignments the experts processed
+        # Experts asked for before any capacity cut (`Routing.choice`), per expert; last slot: padding.
+        # Stays None for a router without a choice (expert choice): its requested load is undefined.
+        self.requested: Tensor | None = None
 
     def add(self, routing, token_ids: Tensor, valid: Tensor) -> None:
         n_experts = self.n_experts
@@ -80,6 +89,12 @@ class LayerStats:
         expert = torch.where(kept, routing.expert, n_experts)  # dropped or padding -> the overflow slot
         counts = torch.zeros_like(self.counts).index_add_(0, expert, torch.ones_like(expert))[:n_experts]
         self.counts[:n_experts] += counts
+        self.processed += counts.sum()
+        if routing.choice is not None:
+            requested = torch.where(valid.unsqueeze(-1), routing.choice, n_experts).reshape(-1)
+            if self.requested is None:
+                self.requested = torch.zeros_like(self.counts)
+            self.requested.index_add_(0, requested, torch.ones_like(requested))
         mean = counts.double().mean()
         self.batch_maxvio_sum += torch.where(mean > 0, counts.max() / mean - 1, 0.0)
         self.batches += (mean > 0).long()
@@ -97,6 +112,12 @@ class LayerStats:
         joint = self.joint.view(-1, self.n_experts + 1)[:, : self.n_experts]
         load = metrics.load_metrics(counts)
         tokens, batches = int(self.tokens), int(self.batches)
+        processed = int(self.processed)
+        requested, asked = None, {"gini": float("nan"), "maxvio": float("nan")}
+        if self.requested is not None:
+            requested = self.requested[: self.n_experts].cpu().numpy()
+            asked = metrics.load_metrics(requested)
+        n_requested = int(requested.sum()) if requested is not None else 0
         return {
             "layer": layer,
             "load": counts.tolist(),
@@ -108,6 +129,11 @@ class LayerStats:
             "dead_experts": load["dead_experts"],
             "drop_rate": int(self.tokens_without_expert) / max(tokens, 1),
             "token_expert_mi": token_expert_mutual_information(joint),
+            "experts_per_token": processed / tokens if tokens else float("nan"),
+            "requested_load": requested.tolist() if requested is not None else None,
+            "requested_gini": asked["gini"],
+            "requested_maxvio_global": asked["maxvio"],
+            "assignment_drop_rate": 1 - processed / n_requested if n_requested else float("nan"),
             **{key: float(flipped) / max(tokens, 1) for key, flipped in self.flipped.items()},
         }
 
@@ -173,6 +199,58 @@ class SaturationStats:
     def value(self) -> float | None:
         tokens = int(self.tokens)
         return float(self.overlap) / tokens if tokens else None
+
+
+def evaluation_routing(model: MoETransformer) -> tuple[bool, str | None]:
+    """Whether every MoE layer's evaluation routing is causal (a token's routing uses only that token and
+    its past), and the non-causal mode to evaluate as well (None: none, or the reported one already is).
+
+    A router declares its modes with `evaluation_modes()` (mode -> causal) and holds the one in force in
+    `evaluation_mode`; one without them routes each token by itself and counts as causal (a router that
+    chooses among the group's tokens at evaluation must declare its modes, as expert choice does).
+    """
+    causal, noncausal = True, None
+    for layer in model.moe_layers:
+        router = layer.router
+        modes = router.evaluation_modes() if hasattr(router, "evaluation_modes") else None
+        if modes is None:
+            continue
+        causal = causal and modes[router.evaluation_mode]
+        noncausal = noncausal or next((mode for mode, is_causal in modes.items() if not is_causal), None)
+    return causal, noncausal if causal else None
+
+
+@contextlib.contextmanager
+def routing_mode(model: MoETransformer, mode: str):
+    """Every router that offers evaluation mode `mode` routes in it, until the block ends."""
+    routers = [
+        layer.router
+        for layer in model.moe_layers
+        if hasattr(layer.router, "evaluation_modes") and mode in layer.router.evaluation_modes()
+    ]
+    previous = [router.evaluation_mode for router in routers]
+    try:
+        for router in routers:
+            router.evaluation_mode = mode
+        yield
+    finally:
+        for router, old in zip(routers, previous):
+            router.evaluation_mode = old
+
+
+def _total_nll(model: MoETransformer, data: TokenBlocks, blocks: np.ndarray, group: int, dev: torch.device) -> float:
+    """The summed token NLL of `blocks`, routed in groups of `group` blocks as the evaluation routes them."""
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for start in range(0, len(blocks), group):
+        x, y = data.batch(blocks[start : start + group])
+        with autocast_context(dev):
+            total += model(x.to(dev), y.to(dev)).token_loss.double().sum()
+    return float(total)
+
+
+def _mean_over_layers(values: list) -> float:
+    """Mean of one metric over layers; NaN where any layer's is undefined (None or NaN)."""
+    return float(np.mean([math.nan if value is None else value for value in values]))
 
 
 def evaluation_blocks(n_blocks: int, max_blocks: int) -> np.ndarray:
@@ -280,6 +358,7 @@ def _evaluate_split(
     saturation = [SaturationStats(dev) for _ in model.moe_layers]
     nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
     n_tokens = torch.zeros((), dtype=torch.long, device=dev)
+    causal, noncausal_mode = evaluation_routing(model)
 
     t0 = time.perf_counter()
     for start in range(0, len(blocks), group):
@@ -304,6 +383,12 @@ def _evaluate_split(
 
     nll_sum, n_tokens = float(nll_sum), int(n_tokens)
     words = data.n_words * n_tokens / max(data.n_tokens - 1, 1) if len(blocks) < len(data) else data.n_words
+    # The non-causal perplexity: the reported one where that routes non-causally, else a pass of its own, after
+    # the timed one (wall_s and tokens/s stay those of the reported evaluation).
+    nll_noncausal = None if causal else nll_sum
+    if noncausal_mode is not None:
+        with routing_mode(model, noncausal_mode):
+            nll_noncausal = _total_nll(model, data, blocks, group, dev)
     saturation_values = [v for v in (s.value() for s in saturation) if v is not None]
     n_params, n_active = model.parameter_counts()
     result = {
@@ -317,10 +402,14 @@ def _evaluate_split(
         "nll": nll_sum / max(n_tokens, 1),
         "tokens": n_tokens,
         "words": words,
+        "causal_routing": 1.0 if causal else 0.0,
+        "ppl_noncausal": None if nll_noncausal is None else metrics.perplexity(nll_noncausal, n_tokens),
+        "word_ppl_noncausal": None if nll_noncausal is None else metrics.perplexity(nll_noncausal, words),
+        "nll_noncausal": None if nll_noncausal is None else nll_noncausal / max(n_tokens, 1),
     }
     layer_metrics = [name for name in per_layer[0] if name not in PER_LAYER_ID_KEYS] if per_layer else LOAD_METRICS
     for name in layer_metrics:
-        result[name] = float(np.mean([layer[name] for layer in per_layer])) if per_layer else None
+        result[name] = _mean_over_layers([layer[name] for layer in per_layer]) if per_layer else None
     result.update(
         {
             "router_saturation": float(np.mean(saturation_values)) if saturation_values else None,

@@ -2,7 +2,9 @@
 
 Pre-norm (RMSNorm), causal self-attention with rotary or learned positions,
 tied input/output embeddings. Every `moe_every`-th block's FFN is built by the
-configured router's registry entry (an MoE layer, or the dense SwiGLU).
+configured router's registry entry (an MoE layer, with `n_shared_experts`
+shared experts, or a dense SwiGLU); the other blocks' FFN is a SwiGLU of the
+MoE layer's active size, (top_k + n_shared_experts) * d_expert.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from gtmoe import routers
 from gtmoe.config import ModelConfig, RouterConfig, RunConfig
@@ -22,7 +25,14 @@ from gtmoe.moe import MoELayer
 
 
 def rotary_table(seq_len: int, head_dim: int, base: float = 10000.0) -> Tensor:
-    """(seq_len, head_dim / 2) complex unit rotations: position p turns pair i by p * base^(-2i / head_dim)."""
+    """(seq_len, head_dim / 2) complex unit rotations: position p turns pair i by p * base^(-2i / head_dim).
+
+    On the meta device (gtmoe.config.parameter_count builds the model there to count it) an empty table of
+    that shape: a meta tensor holds no values, and torch would compute these ops there through Python
+    decompositions (a 1.5 s import of torch._dynamo on first use, then milliseconds per layer).
+    """
+    if torch.get_default_device().type == "meta":
+        return torch.empty(seq_len, head_dim // 2, dtype=torch.complex64)
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
@@ -102,12 +112,12 @@ class MoETransformer(nn.Module):
         self.is_moe = issubclass(entry, routers.Router)
 
         def ffn(layer: int) -> nn.Module:
-            if (layer + 1) % model_cfg.moe_every != 0:
-                return SwiGLU(model_cfg.d_model, model_cfg.top_k * model_cfg.d_expert)
-            if not self.is_moe:
-                return entry.build_ffn(options, model_cfg)
             m = model_cfg
-            return MoELayer(entry.build(options, m), m.d_model, m.d_expert, m.n_experts)
+            if (layer + 1) % m.moe_every != 0:
+                return SwiGLU(m.d_model, (m.top_k + m.n_shared_experts) * m.d_expert)
+            if not self.is_moe:
+                return entry.build_ffn(options, m)
+            return MoELayer(entry.build(options, m), m.d_model, m.d_expert, m.n_experts, m.n_shared_experts)
 
         self.tok_emb = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
         self.pos_emb = (
@@ -142,7 +152,7 @@ class MoETransformer(nn.Module):
         # Positions without a target are the padding of a split's last block: no routing capacity for them.
         valid = None if targets is None else targets != IGNORE_INDEX
         for layer in self.moe_layers:
-            layer.router.observe_batch(idx, targets)
+            layer.router.begin_batch(idx, targets)  # keeps the layout (padding, sequences), calls observe_batch
         for block in self.blocks:
             x = block(x, valid)
         hidden = self.norm(x)
@@ -184,7 +194,8 @@ class MoETransformer(nn.Module):
             layer.router.reset_step_statistics()
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(total, active per token): an MoE layer's token uses only its routed experts' weights."""
+        """(total, active per token): an MoE layer's token uses only its routed experts' weights (and all of its
+        shared experts', which are outside `experts`), so the inactive ones are the routed experts it skips."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
         for layer in self.moe_layers:
@@ -195,3 +206,31 @@ class MoETransformer(nn.Module):
 
 def build_model(cfg: RunConfig) -> MoETransformer:
     return MoETransformer(cfg.model, cfg.router)
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Initialisers (torch.nn.init, Tensor.normal_ / uniform_) on meta tensors do nothing: none holds values.
+
+    torch computes normal_ on the meta device through a Python decomposition: about 1 ms a call, after a
+    1.5 s import of torch._dynamo on the first, which made counting a model's parameters cost seconds. A
+    torch-function mode, not a dispatch mode: entering the dispatch-mode path imports torch._dynamo too.
+    Every other call runs as it is, so parameters keep the shapes their constructors give them.
+    """
+
+    TENSOR_INITIALISERS = (torch.Tensor.normal_, torch.Tensor.uniform_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        initialiser = func in self.TENSOR_INITIALISERS or getattr(func, "__module__", None) == "torch.nn.init"
+        if initialiser and isinstance(target, Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+def shape_only_model(model_cfg: ModelConfig, router_cfg: RouterConfig) -> MoETransformer:
+    """The model `MoETransformer(model_cfg, router_cfg)` on the meta device: every parameter and buffer with
+    its shape and no storage, initialisers skipped. For counting parameters (gtmoe.config.parameter_count)
+    without allocating them; a router must construct on the meta device (no tensor forced onto a device)."""
+    with torch.device("meta"), _SkipMetaInit():
+        return MoETransformer(model_cfg, router_cfg)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
+from gtmoe.ffn import SwiGLU
 from gtmoe.routers.base import Router, Routing, expert_counts
 
 
@@ -114,7 +115,7 @@ class _GatherRows(torch.autograd.Function):
 
 
 class MoELayer(nn.Module):
-    """y = sum over the token's assignments of weight * expert(x).
+    """y = sum over the token's assignments of weight * expert(x), plus the shared experts' sum.
 
     Assignments are sorted by expert so each expert runs on one contiguous
     slice. Dropped assignments (expert == E) sort last and ride in the last
@@ -127,13 +128,22 @@ class MoELayer(nn.Module):
     pure permutations, so neither direction needs a scatter-add; routings with
     a variable number of experts per token (expert choice) gather the tokens
     and scatter-add the outputs back.
+
+    Shared experts (DeepSeekMoE, Dai et al. 2024, arXiv 2401.06066): `n_shared_experts` SwiGLU experts of
+    hidden `d_expert` that every token passes through with weight 1, beside its routed ones:
+    h = x + sum_shared FFN_s(x) + sum_routed g_i FFN_i(x). A sum of SwiGLUs that all see the same input is
+    one SwiGLU whose hidden layer concatenates theirs (w1, w3 stacked by rows, w2 by columns), so they
+    are one SwiGLU of hidden n_shared * d_expert: the same function with one matmul instead of n_shared
+    (DeepSeek-V3's inference/model.py builds its shared experts the same way, MLP(dim, n_shared * inter)).
     """
 
-    def __init__(self, router: Router, d_model: int, d_expert: int, n_experts: int):
+    def __init__(self, router: Router, d_model: int, d_expert: int, n_experts: int, n_shared_experts: int = 0):
         super().__init__()
         self.router = router
         self.experts = GroupedSwiGLU(n_experts, d_model, d_expert)
         self.n_experts = n_experts
+        self.n_shared_experts = n_shared_experts
+        self.shared_experts = SwiGLU(d_model, n_shared_experts * d_expert) if n_shared_experts > 0 else None
         self.last_routing: Routing | None = None  # read by the model (losses) and the evaluator (loads)
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -149,20 +159,26 @@ class MoELayer(nn.Module):
         offsets[-1] = expert.numel()  # dropped rows join the last group
         weight = torch.where(routing.expert < self.n_experts, routing.weight, 0).to(flat.dtype)
 
+        flat_valid = None if valid is None else valid.reshape(-1)
         if routing.choice is not None:
             k = routing.choice.shape[1]
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
             out = self.experts(_GatherRows.apply(flat, order, inverse, k), offsets)
-            self._observe_output_norm(expert, out)
+            self._observe_output_norm(expert, out, flat_valid, lambda: order // k)
             out = _GatherRows.apply(out, inverse, order, 1).to(flat.dtype).view(-1, k, shape[-1])
             combined = (out * weight.view(-1, k, 1)).sum(dim=1)
         else:
             token = routing.token[order]
             out = self.experts(flat.index_select(0, token), offsets)
-            self._observe_output_norm(expert, out)
+            self._observe_output_norm(expert, out, flat_valid, lambda: token)
             combined = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype) * weight[order].unsqueeze(-1))
+        if self.shared_experts is not None:
+            combined = combined + self.shared_experts(flat).to(combined.dtype)
         return combined.view(shape)
 
-    def _observe_output_norm(self, expert: Tensor, out: Tensor) -> None:
+    def _observe_output_norm(self, expert: Tensor, out: Tensor, valid: Tensor | None, row_token) -> None:
+        """Hand a router that asks for them the expert-sorted rows' output norms, and whether each row's token
+        is real (`row_token()`: the rows' tokens, computed only then)."""
         if getattr(self.router, "wants_expert_output_norm", False):
-            self.router.observe_expert_output_norm(expert, out.detach().float().norm(dim=-1))
+            row_valid = None if valid is None else valid[row_token()]
+            self.router.observe_expert_output_norm(expert, out.detach().float().norm(dim=-1), row_valid)

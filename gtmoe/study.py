@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from gtmoe import routers, sweeps
+from gtmoe.checks import fail
 from gtmoe.config import (
     INT64_LIMIT,
     ConfigError,
@@ -34,9 +35,21 @@ from gtmoe.contract import EVAL_SPLITS, LOAD_METRICS, STUDY_RECORD_FORMAT, Study
 from gtmoe.files import write_atomic
 
 DEFAULT_STUDY_NAME = "default"
-# config.yaml `statistics` defaults: the declared primary endpoints, test level and power of the MDD, and the
-# split the comparisons are made on.
-STATISTICS_DEFAULTS = {"primary": ["ppl", "gini", "maxvio_global"], "alpha": 0.05, "power": 0.8, "split": "test"}
+# config.yaml `statistics` defaults: the declared primary endpoints, test level and power of the MDD, the split
+# the comparisons are made on, the confirmatory contrasts `[a, b]` (a − b; none here: they name variants, so
+# config.yaml declares them) and each endpoint's equivalence margin for TOST, `{relative: x}` (x times b's mean)
+# or `{absolute: x}` (config.yaml justifies the values).
+STATISTICS_DEFAULTS = {
+    "primary": ["ppl", "gini", "maxvio_global"],
+    "alpha": 0.05,
+    "power": 0.8,
+    "split": "test",
+    "contrasts": [],
+    "margins": {"ppl": {"relative": 0.02}, "gini": {"absolute": 0.01}, "maxvio_global": {"absolute": 0.05}},
+}
+MARGIN_KINDS = ("relative", "absolute")  # a margin is a share of b's mean, or in the metric's own units
+# The metrics a primary endpoint or a margin may name: what the evaluation writes per run.
+ENDPOINT_METRICS = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
 # config.yaml `findings` defaults: the final training-loss slope (nats per 1000 steps) above which a variant
 # is flagged "still learning".
 FINDINGS_DEFAULTS = {"still_learning_slope": 1.0}
@@ -121,7 +134,7 @@ class Study:
         for member in members:
             check(member in variants, "ablation.variants", member, f"must be one of the variants: {known}")
 
-        statistics = statistics_settings(config)
+        statistics = statistics_settings(config, variants, [(member, base) for member in members])
         study = cls(
             name=name,
             layout=layout,
@@ -130,7 +143,14 @@ class Study:
             reference=reference,
             ablation_base=base,
             ablations=tuple(members),
-            statistics=MappingProxyType({**statistics, "primary": tuple(statistics["primary"])}),
+            statistics=MappingProxyType(
+                {
+                    **statistics,
+                    "primary": tuple(statistics["primary"]),
+                    "contrasts": tuple(tuple(pair) for pair in statistics["contrasts"]),
+                    "margins": MappingProxyType({m: MappingProxyType(x) for m, x in statistics["margins"].items()}),
+                }
+            ),
             findings=MappingProxyType(findings_settings(config)),
             sweeps=MappingProxyType({sweep: tuple(members) for sweep, members in expansion.members.items()}),
             sweep_design=tuple(MappingProxyType(row) for row in expansion.design),
@@ -199,7 +219,12 @@ class Study:
             "seeds": list(self.seeds),
             "reference": self.reference,
             "ablation": {"base": self.ablation_base, "variants": list(self.ablations)},
-            "statistics": {**self.statistics, "primary": list(self.statistics["primary"])},
+            "statistics": {
+                **self.statistics,
+                "primary": list(self.statistics["primary"]),
+                "contrasts": [list(pair) for pair in self.statistics["contrasts"]],
+                "margins": {metric: dict(margin) for metric, margin in self.statistics["margins"].items()},
+            },
             "findings": dict(self.findings),
             "routers": {name: routers.describe(name) for name in dict.fromkeys(r.name for r in self.variants.values())},
             "variants": variants,
@@ -304,9 +329,13 @@ def _with_defaults(config: dict[str, Any], section: str, defaults: dict[str, Any
     return {**copy.deepcopy(defaults), **given}
 
 
-def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
+def statistics_settings(
+    config: dict[str, Any], variants: Collection[str] = (), ablation_pairs: Iterable[tuple[str, str]] = ()
+) -> dict[str, Any]:
     """The `statistics` section with defaults filled in, checked: primary endpoints must be metrics
-    the evaluation writes, and 0 < alpha < power < 1."""
+    the evaluation writes, 0 < alpha < power < 1, every contrast names two different variants of `variants` once
+    (and is not one of the ablation family's `ablation_pairs`, `(ablation, base)`), and every primary endpoint
+    has one margin > 0."""
     settings = _with_defaults(config, "statistics", STATISTICS_DEFAULTS)
     check(
         settings["split"] in EVAL_SPLITS,
@@ -314,7 +343,7 @@ def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
         settings["split"],
         f"must be an evaluation split: {', '.join(EVAL_SPLITS)}",
     )
-    known = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
+    known = ENDPOINT_METRICS
     primary = settings["primary"]
     check(isinstance(primary, list), "statistics.primary", primary, "must be a list of metric names")
     check(
@@ -341,7 +370,74 @@ def statistics_settings(config: dict[str, Any]) -> dict[str, Any]:
         settings["power"],
         f"must exceed statistics.alpha = {settings['alpha']} (the power of a test at no difference)",
     )
+    settings["contrasts"] = _contrasts(settings["contrasts"], variants, ablation_pairs)
+    # Per metric over the defaults: a config that declares one margin keeps the others'.
+    margins = settings["margins"]
+    if isinstance(margins, dict):
+        margins = {**STATISTICS_DEFAULTS["margins"], **margins}
+    settings["margins"] = _margins(margins, primary)
     return settings
+
+
+def _contrasts(contrasts: Any, variants: Collection[str], ablation_pairs: Iterable[tuple[str, str]]) -> list[list[str]]:
+    """`statistics.contrasts`, checked: a list of `[a, b]` pairs of two different variants, each pair once in
+    either order and none already in the ablation family."""
+    check(isinstance(contrasts, list), "statistics.contrasts", contrasts, "must be a list of [a, b] variant pairs")
+    known = ", ".join(variants)
+    ablations = {frozenset(pair): pair for pair in ablation_pairs}
+    seen: dict[frozenset, int] = {}
+    for i, pair in enumerate(contrasts):
+        key = f"statistics.contrasts[{i}]"
+        check(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair),
+            key,
+            pair,
+            "must be a pair [a, b] of variant names (the contrast a − b)",
+        )
+        for variant in pair:
+            check(variant in variants, key, pair, f"'{variant}' is not a variant; known: {known}")
+        check(pair[0] != pair[1], key, pair, "compares a variant with itself")
+        members = frozenset(pair)
+        if members in seen:
+            fail(key, pair, f"duplicates statistics.contrasts[{seen[members]}] (a − b and b − a are one)")
+        if members in ablations:
+            ablation, base = ablations[members]
+            fail(key, pair, f"is in the ablation family already ({ablation} − {base}, from ablation)")
+        seen[members] = i
+    return [list(pair) for pair in contrasts]
+
+
+def _margins(margins: Any, primary: list[str]) -> dict[str, dict[str, float]]:
+    """`statistics.margins`, checked: metric -> one of `{relative: x}` (0 < x < 1) or `{absolute: x}` (x > 0,
+    finite), and one for every primary endpoint."""
+    check(
+        isinstance(margins, dict), "statistics.margins", margins, "must map metrics to {relative: x} or {absolute: x}"
+    )
+    for metric, margin in margins.items():
+        key = f"statistics.margins.{metric}"
+        check(metric in ENDPOINT_METRICS, key, margin, f"unknown metric; known: {', '.join(ENDPOINT_METRICS)}")
+        check(
+            isinstance(margin, dict) and len(margin) == 1 and next(iter(margin)) in MARGIN_KINDS,
+            key,
+            margin,
+            "must be {relative: x} (a share of b's mean) or {absolute: x} (in the metric's units)",
+        )
+        kind, value = next(iter(margin.items()))
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"),
+            f"{key}.{kind}",
+            value,
+            "must be a finite number > 0 (the equivalence margin ±m)",
+        )
+        check(kind != "relative" or value < 1, f"{key}.{kind}", value, "a relative margin must be < 1 (a share)")
+    for metric in primary:
+        check(
+            metric in margins,
+            f"statistics.margins.{metric}",
+            None,
+            "every primary endpoint needs an equivalence margin, {relative: x} or {absolute: x} (TOST)",
+        )
+    return {metric: {kind: float(value) for kind, value in margin.items()} for metric, margin in margins.items()}
 
 
 def findings_settings(config: dict[str, Any]) -> dict[str, Any]:

@@ -162,7 +162,17 @@ class Trainer:
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.data.seq_len
         self.resume()
+        if self.step == 0:  # a resumed run restores what its routers were fitted to from the checkpoint
+            self.fit_routers_to_data(cfg.model.vocab_size)
         self.start_step, self.t0 = self.step, time.perf_counter()
+
+    def fit_routers_to_data(self, vocab_size: int) -> None:
+        """Hand the routers that ask for it (hash routing) the train split's routed-token counts."""
+        fitted = [layer.router for layer in self.model.moe_layers if layer.router.wants_train_token_counts]
+        if fitted:
+            counts = self.data.routed_token_counts(vocab_size)
+            for router in fitted:
+                router.fit_to_token_counts(counts)
 
     def resume(self) -> None:
         """Continue from the run directory's checkpoint, if it has one (the finished one first)."""

@@ -100,11 +100,12 @@ def comparison_rows(reference: str = "topk") -> pd.DataFrame:
             p_ttest_holm=p_holm,
             p_wilcoxon=math.nan,
             p_wilcoxon_holm=math.nan,
-            hedges_g=1.0,
+            hedges_gz=1.0,
             note=note,
             family=f"{metric}/test",
             endpoint=endpoint,
             mdd=mdd,
+            label="exploratory",
         )
 
     return pd.DataFrame(
@@ -328,9 +329,10 @@ def test_findings_command_on_a_synthetic_study(tmp_path):
     for variant, mean in means.items():
         assert (f"{variant}: mean test PPL {format_number(mean)} is not below" in text) == (mean >= 104.0)
     # The record's settings: the ablation (rdesi_no_load against rdesi), the caveat of the router that
-    # balances load by construction, with its label; no sensitivity section without sweeps.
+    # balances load by construction (its evaluation JSONs do not say how they routed), with its label; no
+    # sensitivity section without sweeps.
     assert "Ablations: each against rdesi" in text and "rdesi_no_load" in text
-    assert "† expert_choice: its router, expert choice, balances the load by construction" in text
+    assert "† expert_choice: its router, expert choice, routed the evaluation non-causally" in text
     assert "Sensitivity" not in text
 
 
@@ -533,7 +535,10 @@ def test_sensitivity_curves_in_words(tmp_path):
     assert "Sensitivity: dose-response of the swept options" in text
     assert "beta, the reputation term: 4 values from 0 to 3." in text
     assert "Gini 0.3100 → 0.06000 (topk: 0.2000). PPL 100.0 → 121.0 (topk: 101.0)." in text  # seed means
-    assert "Lowest Gini with perplexity no worse than topk's: beta = 1 (Gini 0.1100 [0.08516, 0.1348]" in text
+    assert (
+        "Lowest Gini with mean Δ PPL ≤ 0 against topk (no equivalence test): beta = 1 (Gini 0.1100 [0.08516, 0.1348]"
+        in text
+    )
     assert "flips up to 60.0% of top-k sets (at 3)" in text
     # Every seed moves with topk's here, so every paired interval is a point and excludes 0.
     assert "Perplexity differs from topk's beyond the seeds' noise below it at 0, 0.1, 1 and above it at 3." in text

@@ -92,10 +92,10 @@ def test_holm_ignores_nan_and_caps_at_one():
     assert stats.holm_adjust([]).size == 0
 
 
-def test_hedges_g_by_hand():
+def test_hedges_gz_by_hand():
     d = [1.0, 2.0, 3.0, 4.0, 6.0]
     # mean 3.2, sd² = 14.8 / 4 = 3.7, J = 1 − 3 / (4·4 − 1) = 0.8
-    g, reason = stats.hedges_g(d)
+    g, reason = stats.hedges_gz(d)
     assert reason == ""
     assert g == pytest.approx(0.8 * 3.2 / math.sqrt(3.7), rel=1e-12)
 
@@ -103,8 +103,8 @@ def test_hedges_g_by_hand():
 @pytest.mark.parametrize(
     "d, fragment", [([], "n=0"), ([1.0], "n=1"), ([1.0, 2.0], "n=2"), ([2.0, 2.0, 2.0], "zero variance")]
 )
-def test_hedges_g_undefined_cases_give_nan_and_reason(d, fragment):
-    g, reason = stats.hedges_g(d)
+def test_hedges_gz_undefined_cases_give_nan_and_reason(d, fragment):
+    g, reason = stats.hedges_gz(d)
     assert math.isnan(g) and fragment in reason
 
 
@@ -122,7 +122,7 @@ def test_paired_test_matches_scipy_and_sign_is_b_minus_a():
     assert (result["ci_low"], result["ci_high"]) == pytest.approx((ci.low, ci.high))
     assert result["p_ttest"] == pytest.approx(sps.ttest_rel(b, a).pvalue)
     assert result["p_wilcoxon"] == pytest.approx(sps.wilcoxon(d).pvalue)
-    assert result["hedges_g"] == pytest.approx(d.mean() / d.std(ddof=1) * (1 - 3 / 19))
+    assert result["hedges_gz"] == pytest.approx(d.mean() / d.std(ddof=1) * (1 - 3 / 19))
     assert result["note"] == ""
 
 
@@ -145,7 +145,7 @@ def test_all_zero_differences_are_explicit_not_a_crash():
     a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0])
     result = stats.paired_test(a, a.copy(), **LEVELS)
     assert result["n"] == 5 and result["mean_diff"] == 0.0
-    for key in ("p_ttest", "p_wilcoxon", "hedges_g"):
+    for key in ("p_ttest", "p_wilcoxon", "hedges_gz"):
         assert math.isnan(result[key])
     assert "all differences are zero" in result["note"]
 
@@ -153,7 +153,7 @@ def test_all_zero_differences_are_explicit_not_a_crash():
 def test_constant_nonzero_differences_give_no_t_test():
     a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     result = stats.paired_test(a, a + 2, **LEVELS)
-    assert math.isnan(result["p_ttest"]) and math.isnan(result["hedges_g"]) and math.isnan(result["mdd"])
+    assert math.isnan(result["p_ttest"]) and math.isnan(result["hedges_gz"]) and math.isnan(result["mdd"])
     assert result["p_wilcoxon"] == pytest.approx(2 / 2**6)  # exact two-sided minimum at n = 6
     assert "constant" in result["note"]
 
@@ -162,7 +162,7 @@ def test_fewer_than_six_pairs_have_no_wilcoxon():
     a = pd.Series([1.0, 2.0, 3.0, 4.0])
     result = stats.paired_test(a, a + pd.Series([0.1, 0.3, 0.2, 0.5]), **LEVELS)
     assert math.isnan(result["p_wilcoxon"]) and "n<6" in result["note"]
-    assert math.isfinite(result["p_ttest"]) and math.isfinite(result["hedges_g"])
+    assert math.isfinite(result["p_ttest"]) and math.isfinite(result["hedges_gz"])
 
 
 def test_wilcoxon_is_reported_only_where_it_can_reject():
@@ -191,7 +191,7 @@ def test_fewer_than_two_pairs_give_nan_with_reason(n):
     a = pd.Series([1.0] * n, dtype=float)
     result = stats.paired_test(a, a + 1, **LEVELS)
     assert result["n"] == n
-    for key in ("ci_low", "ci_high", "p_ttest", "p_wilcoxon", "hedges_g"):
+    for key in ("ci_low", "ci_high", "p_ttest", "p_wilcoxon", "hedges_gz"):
         assert math.isnan(result[key])
     assert result["note"]
 
@@ -536,7 +536,7 @@ def test_each_variants_router_and_options_become_columns(tmp_path):
     assert table["gamma"].dtype == "float64" and table.loc["rdesi_no_load", "gamma"] == 0.0
     assert table.loc["rdesi", "gamma"] == record.options("rdesi")["gamma"] and math.isnan(table.loc["topk", "gamma"])
     assert table.loc["topk", "aux_loss_coef"] == record.options("topk")["aux_loss_coef"]
-    assert table.loc["rdesi", "performance"] == "loss" and table.loc["topk", "performance"] is None
+    assert table.loc["rdesi", "performance"] == "batch_relative" and table.loc["topk", "performance"] is None
     # Joined to a table by its variant column, rows and order unchanged; a row of no variant gets NaN.
     frame = pd.DataFrame({"variant": ["rdesi", "bigram", "topk"], "value": [1.0, 2.0, 3.0]})
     joined = collect.join_variants(frame, collect.variant_columns(record))
@@ -549,7 +549,7 @@ def test_an_option_of_mixed_types_is_a_string_column_and_no_option_clobbers_a_co
     data = study_record(tmp_path, ["topk", "rdesi"])
     data["variants"]["topk"]["options"]["performance"] = 0.5  # a number here, a string in rdesi
     table = collect.variant_columns(Record(tmp_path / "study.json", data)).set_index("variant")
-    assert table["performance"].tolist() == ["0.5", "loss"]
+    assert table["performance"].tolist() == ["0.5", "batch_relative"]
     data["variants"]["rdesi"]["options"]["value"] = 1.0  # would overwrite the tidy table's values
     with pytest.raises(ConfigError, match="router option 'value' of variant 'rdesi'"):
         collect.variant_columns(Record(tmp_path / "study.json", data))

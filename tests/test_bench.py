@@ -141,7 +141,7 @@ def test_config_measures_every_variant_at_the_study_size(tmp_path):
             {
                 "variants": [
                     {"name": "topk", "router": "topk"},
-                    {"name": "lossfree", "router": "lossfree", "bias_travel": 10.0},
+                    {"name": "lossfree", "router": "lossfree", "bias_on": "logits", "bias_travel": 10.0},
                 ],
                 "ablation": {"base": "topk"},
                 "sweeps": [],  # the smoke preset sweeps rdesi, which this overlay leaves out
@@ -177,7 +177,7 @@ def test_config_measures_every_variant_at_the_study_size(tmp_path):
     runs = result["run_configs"]
     assert set(runs) == {"topk", "lossfree"}  # the overlay's list replaced the preset's
     assert runs["lossfree"]["model"]["positional"] == "rope"  # config.yaml's key, kept under the preset's mapping
-    # The horizon option is resolved as in the workflow: bias_travel / max_steps.
+    # The horizon option is resolved as in the workflow: bias_travel / max_steps (the logit-bias form).
     assert runs["lossfree"]["router"]["bias_update_rate"] == pytest.approx(10.0 / smoke["train"]["max_steps"])
 
     assert result["gemm"]["size"] == 512 and result["gemm"]["flops_per_s"] > 0

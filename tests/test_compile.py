@@ -45,7 +45,10 @@ def assert_compiled_matches_eager(name: str, backend: str, **tolerance) -> None:
     twin = copy.deepcopy(eager)
     batches = [torch.randint(0, TINY_VOCAB, (2, TINY_SEQ)) for _ in range(2)]
 
+    # The same random stream for both (noisy top-k draws its gate noise in training).
+    torch.manual_seed(1)
     expected = two_steps(eager, eager, batches)
+    torch.manual_seed(1)
     got = two_steps(twin, torch.compile(twin, backend=backend, fullgraph=True), batches)
 
     for field in ("token_loss", "loss", "router_loss"):
@@ -63,9 +66,18 @@ def test_compiled_graph_is_whole_and_exact(name):
     assert_compiled_matches_eager(name, "aot_eager", rtol=0, atol=0)
 
 
+# Inductor generates its own kernels: checked for the default study's routers and for one that draws random
+# numbers; every router's graph is checked whole and exact above (aot_eager), at a fraction of the time.
+INDUCTOR_ROUTERS = ["topk", "switch", "expert_choice", "lossfree", "rdesi", "dense", "noisy_topk"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", routers.known())
+@pytest.mark.parametrize("name", INDUCTOR_ROUTERS)
 def test_inductor_matches_eager(name):
+    import torch._inductor.config
+
     # AdamW divides by sqrt(v): where a gradient is near zero, inductor's float rounding (1e-7) moves the
-    # update by a visible fraction of lr (3e-3), so the updated weights agree to about lr / 30.
-    assert_compiled_matches_eager(name, "inductor", rtol=1e-4, atol=1e-4)
+    # update by a visible fraction of lr (3e-3), so the updated weights agree to about lr / 30. Random ops
+    # as eager draws them (inductor would otherwise generate its own stream: noisy top-k's noise).
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_compiled_matches_eager(name, "inductor", rtol=1e-4, atol=1e-4)

@@ -192,14 +192,19 @@ def test_evaluate_needs_one_output_per_split(tmp_path, tiny_shards, capsys):
 # --------------------------------------------------------------------------- loss-free horizon
 
 
-def test_lossfree_bias_rate_scales_with_the_run_length_and_is_recorded(tiny_shards):
+def test_lossfree_bias_rate_is_the_papers_in_score_units_or_scales_with_the_run_in_the_logit_form(tiny_shards):
+    # The paper's form: u = 1e-3 in gate-score units, whatever the run length, recorded as a number.
     short, long = (tiny_run(tiny_shards, "lossfree", max_steps=n) for n in (100, 1000))
-    assert short.router.to_dict()["bias_update_rate"] == pytest.approx(10.0 / 100)
-    assert long.router.to_dict()["bias_update_rate"] == pytest.approx(10.0 / 1000)
-    explicit = RouterConfig.from_mapping({"name": "lossfree", "bias_update_rate": 1e-3}).for_horizon(100)
-    assert explicit.to_dict()["bias_update_rate"] == 1e-3
+    assert short.router.to_dict()["bias_update_rate"] == long.router.to_dict()["bias_update_rate"] == 1e-3
+    # The earlier logit-bias form: u = bias_travel / max_steps, resolved for the run.
+    for steps in (100, 1000):
+        logits = RouterConfig.from_mapping({"name": "lossfree", "bias_on": "logits"}).for_horizon(steps)
+        assert logits.to_dict()["bias_update_rate"] == pytest.approx(10.0 / steps)
+    explicit = RouterConfig.from_mapping({"name": "lossfree", "bias_update_rate": 2e-3}).for_horizon(100)
+    assert explicit.to_dict()["bias_update_rate"] == 2e-3
     with pytest.raises(ValueError, match="bias_update_rate is unset"):
-        routers.get("lossfree")(RouterConfig.from_mapping({"name": "lossfree"}).resolve(), D_MODEL, N_EXPERTS, TOP_K)
+        unresolved = RouterConfig.from_mapping({"name": "lossfree", "bias_on": "logits"}).resolve()
+        routers.get("lossfree")(unresolved, D_MODEL, N_EXPERTS, TOP_K)
 
 
 # --------------------------------------------------------------------------- current eval settings

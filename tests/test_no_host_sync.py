@@ -24,7 +24,9 @@ from gtmoe.step import build_optimizer, train_step
 from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
 
 HOST_READ = (DataDependentOutputException, DynamicOutputShapeException)
-VARIANTS = [{"name": name} for name in routers.known()] + [{"name": "rdesi", "performance": "activation_norm"}]
+VARIANTS = [{"name": name} for name in routers.known()] + [
+    {"name": "rdesi", "performance": p} for p in ("activation_norm", "target_relative")
+]
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ def make_router(name: str, **options):
 
 def test_registry_lists_every_router_and_rejects_unknown_names():
     assert set(routers.known()) >= {"topk", "switch", "expert_choice", "lossfree", "rdesi", "dense"}
-    with pytest.raises(ConfigError, match=r"'router.name' = 'topq'.*known routers: dense, expert_choice"):
+    with pytest.raises(ConfigError, match=r"'router.name' = 'topq'.*known routers: dense, dense_total, expert_choice"):
         routers.get("topq")
 
 

@@ -21,6 +21,7 @@ def study_with(sweeps, variants=None, **extra) -> Study:
     if variants is not None:
         config["variants"] = variants
         config["ablation"] = {"base": None, "variants": []}
+        config["statistics"]["contrasts"] = []
     config["sweeps"] = sweeps
     config.update(extra)
     return Study.from_config(config)
@@ -61,14 +62,10 @@ def test_one_at_a_time_expands_each_option_around_the_base():
 
 
 def test_the_base_is_on_every_curve_even_when_its_value_is_not_listed():
-    study = study_with([{"name": "rate", "base": "lossfree", "grid": {"bias_update_rate": [0, 0.001]}}])
+    study = study_with([{"name": "rate", "base": "lossfree", "grid": {"bias_update_rate": [0, 0.01]}}])
     rows = [(row["value"], row["variant"]) for row in study.sweep_design]
-    # lossfree's rate is unset in config.yaml: resolved for the horizon, bias_travel / max_steps.
-    assert rows == [
-        (0, "lossfree-bias_update_rate0"),
-        (0.001, "lossfree-bias_update_rate0.001"),
-        (pytest.approx(10.0 / 1500), "lossfree"),
-    ]
+    # lossfree's rate is unset in config.yaml: resolved to the paper's u = 1e-3 (score units).
+    assert rows == [(0, "lossfree-bias_update_rate0"), (0.001, "lossfree"), (0.01, "lossfree-bias_update_rate0.01")]
 
 
 def test_a_point_equal_to_an_existing_variant_reuses_it():
@@ -195,6 +192,7 @@ def test_a_generated_name_taken_by_a_different_variant_is_an_error():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["variants"] = [TOPK, RDESI]
     config["ablation"] = {"base": None, "variants": []}
+    config["statistics"]["contrasts"] = []
     config["sweeps"] = [{"name": "s", "base": "rdesi", "grid": {"beta": [1]}}]
     study = Study.from_config(config)  # fine: no clash
     assert "rdesi-beta1" in study.variant_names

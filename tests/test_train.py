@@ -36,7 +36,7 @@ def test_data_order_depends_on_the_seed_only():
     assert epoch == sorted(list(range(50)) * 8)
 
 
-@pytest.mark.parametrize("router", ["rdesi", "lossfree", "switch"])
+@pytest.mark.parametrize("router", ["rdesi", "lossfree", "switch", "hash"])
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_shards, router):
     cfg = tiny_run(tiny_shards, router, max_steps=10, checkpoint_every=3)
     train(cfg, tmp_path / "full")
@@ -56,6 +56,19 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_shar
     eval_resumed = evaluate(tmp_path / "resumed", "validation")
     for key in ("ppl", "nll", "gini", "load_entropy", "maxvio_batch", "token_expert_mi", "router_saturation"):
         assert eval_full[key] == eval_resumed[key], key
+
+
+def test_a_hash_run_routes_by_the_balanced_map_of_its_train_split(tmp_path, tiny_shards):
+    from gtmoe.data import TokenBlocks
+    from gtmoe.routers.hash import balanced_map, fallback_map
+
+    cfg = tiny_run(tiny_shards, "hash", max_steps=3)
+    train(cfg, tmp_path)
+    counts = TokenBlocks(tiny_shards / "train").routed_token_counts(cfg.model.vocab_size)
+    expected = balanced_map(counts, cfg.model.n_experts, cfg.model.top_k)
+    assert not torch.equal(expected, fallback_map(cfg.model.vocab_size, cfg.model.n_experts, cfg.model.top_k))
+    maps = [value for key, value in final_weights(tmp_path).items() if key.endswith("expert_map")]
+    assert len(maps) == cfg.model.n_layers and all(torch.equal(m, expected) for m in maps)
 
 
 def test_same_seed_same_run_different_seed_different_run(tmp_path, tiny_shards):

@@ -190,13 +190,22 @@ def test_statistics_settings_reach_the_analysis_through_the_study_record(tmp_pat
     """The dry run resolves the study once into results/<name>/study.json; every analysis command reads that
     record and nothing else of the config (no design, reference or settings on its command line)."""
     study = copy_checkout(tmp_path / "study")
-    override = {"statistics": {"primary": ["ppl", "cv"], "alpha": 0.01, "power": 0.9}}
+    override = {
+        "statistics": {"primary": ["ppl", "cv"], "alpha": 0.01, "power": 0.9, "margins": {"cv": {"absolute": 0.05}}}
+    }
     done = snakemake(
         "--dry-run", "--forceall", "--printshellcmds", "--configfile", write_override(tmp_path, override), cwd=study
     )
     assert done.returncode == 0, done.stderr
     record = json.loads((study / "results/default/study.json").read_text())
-    assert record["statistics"] == {"primary": ["ppl", "cv"], "alpha": 0.01, "power": 0.9, "split": "test"}
+    assert {k: record["statistics"][k] for k in ("primary", "alpha", "power", "split")} == {
+        "primary": ["ppl", "cv"],
+        "alpha": 0.01,
+        "power": 0.9,
+        "split": "test",
+    }
+    assert record["statistics"]["contrasts"] == [["rdesi", "lossfree"], ["rdesi", "topk"], ["lossfree", "topk"]]
+    assert record["statistics"]["margins"]["cv"] == {"absolute": 0.05} and "ppl" in record["statistics"]["margins"]
     assert record["variants"]["rdesi"]["options"]["gamma"] == 1.0
     commands = [line for line in done.stdout.splitlines() if "python -m analysis" in line]
     assert len(commands) >= 5
@@ -228,7 +237,9 @@ def test_variant_names_are_full_matched_and_bounded_without_the_schema(name):
     from gtmoe.config import ConfigError
     from gtmoe.study import Study
 
-    config = merged_config({"reference": "a" * 64, "ablation": {"base": None, "variants": []}})
+    config = merged_config(
+        {"reference": "a" * 64, "ablation": {"base": None, "variants": []}, "statistics": {"contrasts": []}}
+    )
     config["variants"] = [{"name": "a" * 64, "router": "topk"}]
     Study.from_config(config)  # 64 characters are fine
     config["variants"].append({"name": name, "router": "topk"})
@@ -455,10 +466,35 @@ HOSTILE_CASES = {
         {"variants": [TOPK, {"name": "r", "router": "rdesi", "performance": HOSTILE}]},
         "'variants[1].performance'",
     ),
+    "variants[].aux_loss_scope": (
+        {"variants": [TOPK, {"name": "r", "router": "topk", "aux_loss_scope": HOSTILE}]},
+        "'variants[1].aux_loss_scope'",
+    ),
+    "variants[].capacity_policy": (
+        {"variants": [TOPK, {"name": "r", "router": "topk", "capacity_policy": HOSTILE}]},
+        "'variants[1].capacity_policy'",
+    ),
+    "variants[].score_function": (
+        {"variants": [TOPK, {"name": "r", "router": "lossfree", "score_function": HOSTILE}]},
+        "'variants[1].score_function'",
+    ),
+    "variants[].bias_on": (
+        {"variants": [TOPK, {"name": "r", "router": "lossfree", "bias_on": HOSTILE}]},
+        "'variants[1].bias_on'",
+    ),
+    "variants[].eval_routing": (
+        {"variants": [TOPK, {"name": "r", "router": "expert_choice", "eval_routing": HOSTILE}]},
+        "'variants[1].eval_routing'",
+    ),
+    "variants[].group_score": (
+        {"variants": [TOPK, {"name": "r", "router": "group_limited", "group_score": HOSTILE}]},
+        "'variants[1].group_score'",
+    ),
     "reference": ({"reference": HOSTILE}, "'reference'"),
     "ablation.base": ({"ablation": {"base": HOSTILE}}, "'ablation.base'"),
     "ablation.variants[]": ({"ablation": {"variants": [HOSTILE]}}, "'ablation.variants'"),
     "statistics.primary[]": ({"statistics": {"primary": [HOSTILE]}}, "'statistics.primary'"),
+    "statistics.contrasts[][]": ({"statistics": {"contrasts": [["rdesi", HOSTILE]]}}, "'statistics.contrasts[0]'"),
     "statistics.split": ({"statistics": {"split": HOSTILE}}, "is not one of ['validation', 'test']"),
     "sweeps[].name": ({"sweeps": [{"name": HOSTILE, "base": "rdesi", "grid": {"c": [0]}}]}, "'sweeps[0].name'"),
     "sweeps[].base": ({"sweeps": [{"name": "s", "base": HOSTILE, "grid": {"c": [0]}}]}, "'sweeps[0].base'"),
@@ -691,6 +727,7 @@ def test_a_target_named_like_a_rule_stops_snakemake(tmp_path, name, key):
         "ablation": {"base": "rdesi", "variants": []},
         "reference": "topk",
         "sweeps": [{"name": "s", "base": "rdesi", "grid": {"c": [0]}}],
+        "statistics": {"contrasts": []},
     }
     if key.startswith("variants"):
         override["variants"][0]["name"] = override["reference"] = name

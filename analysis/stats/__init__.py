@@ -14,8 +14,16 @@ Conventions
   i.e. the variant comparisons of one endpoint, separately for each test, over the rows
   where that test produced a p-value. A table's families are its own (the ablation table
   is not pooled with the reference comparisons).
-* Endpoints are declared before the data: metrics in the primary set (config.yaml
-  ``statistics.primary``) are confirmatory, every other metric is exploratory.
+* Endpoints and contrasts are declared before the data (config.yaml ``statistics``): the confirmatory tests
+  are the declared contrasts and the ablations on the primary endpoints, in their own Holm families
+  (``analysis.stats.confirmatory``). The comparisons against the reference and the ablation table made here
+  are all labelled exploratory (column ``label``), whatever the metric; ``endpoint`` still says whether the
+  metric is a primary one.
+* A metric that is constant by construction is not tested: a load metric (``BY_CONSTRUCTION_METRICS``) without
+  spread over a variant's seeds, where the variant's router declares that it balances load by construction
+  (study record ``routers``), gets no p-value, effect size or MDD, and the note says so.
+* The effect size is Hedges' g of the paired differences, i.e. g_z (``d_z = mean(d) / sd(d)`` with the
+  small-sample correction), column ``hedges_gz``: not comparable with a g of two independent groups.
 * The level ``alpha``, the ``power`` of the MDD and the primary endpoints are the study's (its record,
   ``statistics``): every function that uses them takes them as arguments, without a default.
 * Every comparison carries its minimum detectable difference (MDD): the smallest |mean
@@ -39,7 +47,29 @@ from gtmoe.errors import ConfigError
 
 CONFIDENCE = 0.95  # level of every confidence interval
 PRIMARY, EXPLORATORY = "primary", "exploratory"
-SUMMARY_METRICS = ("ppl", "word_ppl", *LOAD_METRICS, "router_saturation", "tokens_per_s")
+CONFIRMATORY = "confirmatory"  # a row of a declared family (analysis.stats.confirmatory); every other is EXPLORATORY
+# Load metrics that a router balancing by construction can hold fixed (expert choice's Gini of 0): without spread
+# over such a variant's seeds they are a property of the method, not a finding, and are not tested.
+BY_CONSTRUCTION_METRICS = frozenset({*LOAD_METRICS, "requested_gini", "requested_maxvio_global"})
+CONSTANT_BY_CONSTRUCTION = "constant by construction"
+# Beside perplexity and the load the experts processed: the perplexity under a router's non-causal evaluation
+# routing (where it has one), the load asked for before capacity (token-choice routers), the experts a token
+# used, whether the reported routing is causal, and the active parameters per token (top-1 has half top-2's
+# expert FLOPs). A metric a variant lacks is n/a for it.
+SUMMARY_METRICS = (
+    "ppl",
+    "word_ppl",
+    "ppl_noncausal",
+    *LOAD_METRICS,
+    "requested_gini",
+    "requested_maxvio_global",
+    "assignment_drop_rate",
+    "experts_per_token",
+    "router_saturation",
+    "causal_routing",
+    "n_active_params",
+    "tokens_per_s",
+)
 TRAIN_METRICS = ("final_loss", "mean_tokens_per_s", "train_wall_s")
 COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_batch", "dead_experts")
 # Display names, and the direction of "better" where one exists (token-expert MI and
@@ -47,6 +77,8 @@ COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_ba
 METRIC_LABELS = {
     "ppl": "PPL",
     "word_ppl": "word PPL",
+    "ppl_noncausal": "PPL, non-causal routing",
+    "word_ppl_noncausal": "word PPL, non-causal routing",
     "nll": "NLL (nats/token)",
     "gini": "Gini",
     "load_entropy": "load entropy",
@@ -55,8 +87,14 @@ METRIC_LABELS = {
     "maxvio_batch": "MaxVio batch",
     "dead_experts": "dead experts",
     "drop_rate": "drop rate",
-    "token_expert_mi": "token-expert MI",
+    "token_expert_mi": "token-expert MI / H(expert)",
     "router_saturation": "router saturation",
+    "requested_gini": "requested Gini",
+    "requested_maxvio_global": "requested MaxVio global",
+    "assignment_drop_rate": "assignments dropped",
+    "experts_per_token": "experts per token",
+    "causal_routing": "causal routing",
+    "n_active_params": "active params",
     "tokens_per_s": "tokens/s",
     "final_loss": "final train loss",
     "mean_tokens_per_s": "train tokens/s",
@@ -67,7 +105,13 @@ LOWER_IS_BETTER = frozenset(
         "ppl",
         "word_ppl",
         "nll",
+        "ppl_noncausal",
+        "word_ppl_noncausal",
+        "nll_noncausal",
         "gini",
+        "requested_gini",
+        "requested_maxvio_global",
+        "assignment_drop_rate",
         "cv",
         "maxvio_global",
         "maxvio_batch",
@@ -97,11 +141,12 @@ COMPARISON_COLUMNS = [
     "p_ttest_holm",
     "p_wilcoxon",
     "p_wilcoxon_holm",
-    "hedges_g",
+    "hedges_gz",
     "note",
     "family",
     "endpoint",
     "mdd",
+    "label",
 ]
 
 
@@ -195,18 +240,15 @@ def baseline_summary(
 
 
 def holm_adjust(pvalues: Sequence[float]) -> np.ndarray:
-    """Holm–Bonferroni step-down adjusted p-values; NaN entries are not in the family.
+    """Holm–Bonferroni step-down adjusted p-values (statsmodels' `multipletests`); NaN entries are not in
+    the family."""
+    from statsmodels.stats.multitest import multipletests
 
-    With the m valid p-values sorted ascending, ``p_adj(i) = max_{j ≤ i} min(1, (m − j + 1) p(j))``
-    (1-based); the running maximum keeps the adjusted values monotone.
-    """
     p = np.asarray(pvalues, dtype=float)
     adjusted = np.full(p.shape, np.nan)
-    valid = np.flatnonzero(np.isfinite(p))
-    m = valid.size
-    order = valid[np.argsort(p[valid], kind="stable")]
-    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
-    adjusted[order] = np.maximum.accumulate(scaled)
+    valid = np.isfinite(p)
+    if valid.any():
+        adjusted[valid] = multipletests(p[valid], method="holm")[1]
     return adjusted
 
 
@@ -247,9 +289,11 @@ def minimum_detectable_difference(sd: float, n: int, alpha: float, power: float)
     return float(effect * sd)
 
 
-def hedges_g(differences: Sequence[float]) -> tuple[float, str]:
-    """Hedges' g of paired differences, ``d_z · J`` with ``d_z = mean/sd`` and
-    ``J = 1 − 3 / (4(n − 1) − 1)``; returns ``(g, reason)`` with NaN and a reason when undefined.
+def hedges_gz(differences: Sequence[float]) -> tuple[float, str]:
+    """Hedges' g of paired differences, g_z = ``d_z · J`` with ``d_z = mean/sd`` of the differences and
+    ``J = 1 − 3 / (4(n − 1) − 1)`` (Lakens 2013, eq. 4 with df = n − 1); returns ``(g_z, reason)`` with NaN and a
+    reason when undefined. Standardised by the sd of the differences, not of the values: a g_z is larger than
+    the g of the same data read as two independent groups whenever the pairs are positively correlated.
     """
     d = np.asarray(differences, dtype=float)
     n = d.size
@@ -291,6 +335,29 @@ def paired_differences(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.where(np.abs(diff) <= tolerance, 0.0, diff), False
 
 
+def no_spread(values: Sequence[float]) -> bool:
+    """Whether the finite values (at least one) all agree within the float tolerance ``SPREAD_RTOL``."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    return x.size > 0 and float(x.max() - x.min()) <= SPREAD_RTOL * float(np.abs(x).max())
+
+
+def constant_by_construction(metric: str, values: dict[str, pd.Series], by_construction: Iterable[str]) -> str:
+    """Why a comparison of `metric` between the variants of `values` (variant -> per-seed values) is not tested,
+    or "": a variant in `by_construction` (its router balances load by construction) whose load metric has no
+    spread over its seeds holds it fixed by the method, so a test would measure only the other variant's spread."""
+    if metric not in BY_CONSTRUCTION_METRICS:
+        return ""
+    fixed = set(by_construction)
+    constant = [v for v, series in values.items() if v in fixed and no_spread(series.to_numpy(dtype=float))]
+    if not constant:
+        return ""
+    return (
+        f"{CONSTANT_BY_CONSTRUCTION}: {', '.join(constant)} balance(s) load by construction and "
+        f"{metric_label(metric)} does not vary over its seeds; not tested"
+    )
+
+
 def _difference_interval(diff: np.ndarray, constant: bool, confidence: float) -> tuple[float, float]:
     """t CI of the mean difference; the point itself for n ≥ 2 differences without spread (their sd, computed
     in floats, can be a few ulps instead of 0)."""
@@ -319,13 +386,16 @@ def paired_difference(a: pd.Series, b: pd.Series, confidence: float = CONFIDENCE
     )
 
 
-def paired_test(a: pd.Series, b: pd.Series, *, alpha: float, power: float, confidence: float = CONFIDENCE) -> dict:
+def paired_test(
+    a: pd.Series, b: pd.Series, *, alpha: float, power: float, confidence: float = CONFIDENCE, untested: str = ""
+) -> dict:
     """Compare two per-seed series (index = seed) on their common seeds with finite values.
 
     Returns n, seeds, means, mean difference ``b − a`` with its t CI, paired t-test p,
-    Wilcoxon signed-rank p (only where it can reach ``alpha``: n ≥ 6 at 0.05), Hedges' g,
+    Wilcoxon signed-rank p (only where it can reach ``alpha``: n ≥ 6 at 0.05), Hedges' g_z,
     the minimum detectable difference ``mdd`` at ``alpha`` and ``power``, and a ``note``
-    explaining every NaN.
+    explaining every NaN. With `untested` (the reason, e.g. ``constant_by_construction``) the means, difference
+    and CI are reported, no test, effect size or MDD.
     """
     joined = _common_seeds(a, b)
     n = len(joined)
@@ -340,15 +410,17 @@ def paired_test(a: pd.Series, b: pd.Series, *, alpha: float, power: float, confi
         mean_diff=(float(diff[0]) if constant else float(diff.mean())) if n else math.nan,
         p_ttest=math.nan,
         p_wilcoxon=math.nan,
-        hedges_g=math.nan,
+        hedges_gz=math.nan,
         mdd=minimum_detectable_difference(
-            (0.0 if constant else float(diff.std(ddof=1))) if n >= 2 else math.nan, n, alpha, power
+            (0.0 if constant else float(diff.std(ddof=1))) if n >= 2 and not untested else math.nan, n, alpha, power
         ),
     )
     result["ci_low"], result["ci_high"] = _difference_interval(diff, constant, confidence)
     min_wilcoxon = wilcoxon_min_n(alpha)
 
-    if n == 0:
+    if untested:
+        notes.append(untested)
+    elif n == 0:
         notes.append("no seed with finite values in both variants")
     elif n == 1:
         notes.append("n=1: no CI, tests or effect size (need n ≥ 2)")
@@ -360,7 +432,7 @@ def paired_test(a: pd.Series, b: pd.Series, *, alpha: float, power: float, confi
             notes.append("differences are constant: t-test and effect size undefined")
         else:
             result["p_ttest"] = float(stats.ttest_rel(joined["b"], joined["a"]).pvalue)
-            result["hedges_g"], reason = hedges_g(diff)
+            result["hedges_gz"], reason = hedges_gz(diff)
             if reason:
                 notes.append(reason)
         # zero_method="wilcox" (Wilcoxon's original) drops zero differences before ranking (tied
@@ -403,24 +475,30 @@ def paired_comparisons(
     alpha: float,
     power: float,
     confidence: float = CONFIDENCE,
+    by_construction: Iterable[str] = (),
 ) -> pd.DataFrame:
     """Seed-paired comparison of every ``(a, b)`` pair on every metric (difference = b − a).
 
     Holm's adjustment runs within each family ``"{metric}/{split}"`` (the comparisons of one
     endpoint), once for the t-test p-values and once for the Wilcoxon p-values. ``endpoint``
     is "primary" for metrics in ``primary``, else "exploratory"; ``mdd`` is the minimum
-    detectable difference at ``alpha`` and ``power``.
+    detectable difference at ``alpha`` and ``power``. Every row is labelled exploratory (``label``): the
+    confirmatory tests are ``analysis.stats.confirmatory``'s. A load metric constant by construction of a
+    variant in `by_construction` is not tested (``constant_by_construction``).
     """
     primary = set(primary)
+    by_construction = set(by_construction)
     rows = []
     for a, b in pairs:
         for metric in metrics:
+            values = {a: per_seed(tidy, a, metric, split), b: per_seed(tidy, b, metric, split)}
             test = paired_test(
-                per_seed(tidy, a, metric, split),
-                per_seed(tidy, b, metric, split),
+                values[a],
+                values[b],
                 alpha=alpha,
                 power=power,
                 confidence=confidence,
+                untested=constant_by_construction(metric, values, by_construction),
             )
             rows.append(
                 dict(
@@ -431,6 +509,7 @@ def paired_comparisons(
                     **test,
                     family=f"{metric}/{split}",
                     endpoint=PRIMARY if metric in primary else EXPLORATORY,
+                    label=EXPLORATORY,
                 )
             )
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)

@@ -169,6 +169,15 @@ class TokenBlocks:
     def __len__(self) -> int:
         return self.n_blocks
 
+    def routed_token_counts(self, vocab_size: int, chunk: int = 4096) -> torch.Tensor:
+        """(vocab_size,) how often each token id is routed in the full blocks: every input position with a
+        real target (padding is not counted). Read `chunk` blocks at a time (hash routing's balanced map)."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for start in range(0, self.n_full_blocks, chunk):
+            inputs, targets = self.batch(range(start, min(start + chunk, self.n_full_blocks)))
+            counts += torch.bincount(inputs[targets != IGNORE_INDEX], minlength=vocab_size)
+        return counts
+
     def batch(self, indices: np.ndarray | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (int64, shape ``(len(indices), seq_len)``) of the given blocks.
 

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gtmoe.checks import check
+from gtmoe.contract import IGNORE_INDEX
+
+AUX_LOSS_SCOPES = ("batch", "sequence")
 
 
 @dataclass
@@ -27,10 +30,20 @@ class RouterOptions:
 
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss E * sum_i f_i P_i
     z_loss_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(g)^2)
+    # Over which tokens f and P of the balance loss are taken: "batch", the routing group (the micro-batch);
+    # "sequence", each sequence of it, the loss then averaged over sequences (DeepSeek-V3's comparison of
+    # balancing scopes: a sequence-wise loss forces balance inside every sequence, a stronger constraint).
+    aux_loss_scope: str = "batch"
 
     def validate(self, prefix: str = "router") -> None:
         check(self.aux_loss_coef >= 0, f"{prefix}.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, f"{prefix}.z_loss_coef", self.z_loss_coef, "must be >= 0")
+        check(
+            self.aux_loss_scope in AUX_LOSS_SCOPES,
+            f"{prefix}.aux_loss_scope",
+            self.aux_loss_scope,
+            f"must be one of {', '.join(AUX_LOSS_SCOPES)}",
+        )
 
     def validate_for_model(self, model_cfg, prefix: str = "router") -> None:
         """Checks that need the model's sizes (a gtmoe.config.ModelConfig): groups that divide the experts,
@@ -81,14 +94,50 @@ def expert_counts(expert: Tensor, n_experts: int) -> Tensor:
     return counts[:n_experts]
 
 
-def balance_loss(probs: Tensor, choice: Tensor, n_experts: int) -> Tensor:
+def balance_loss(
+    probs: Tensor,
+    choice: Tensor,
+    n_experts: int,
+    valid: Tensor | None = None,
+    sequence_length: int | None = None,
+    token: Tensor | None = None,
+) -> Tensor:
     """GShard / Switch load-balancing loss E * sum_i f_i P_i.
 
-    f_i: fraction of the T*k choices that went to expert i (not differentiable);
-    P_i: mean router probability of expert i (carries the gradient).
+    f_i: fraction of the group's assignments that went to expert i (not differentiable); P_i: mean router
+    probability of expert i over the group's tokens (carries the gradient). `choice` (T, k) holds each
+    token's chosen experts (an entry n_experts, dropped, counts in f's denominator only); a router whose
+    rows are assignments rather than tokens passes them as (A, 1) with `token` (A,), each one's token.
+
+    `valid` (T,) bool leaves padding out of f and P (its assignments and probabilities count nowhere).
+    `sequence_length` S: the loss of each sequence (the group's T = B x S tokens, row-major), then the mean
+    over the sequences that hold a valid token, as DeepSeek-V3's sequence-wise balance loss (its
+    modeling_deepseek.py MoEGate `seq_aux`: ce scattered per sequence, divided by S k / E, times the
+    sequence's mean scores, summed over experts, averaged over sequences). None: the whole group.
     """
-    f = expert_counts(choice.reshape(-1), n_experts).to(probs.dtype) / choice.numel()
-    return n_experts * torch.sum(f * probs.mean(dim=0))
+    n_tokens = probs.shape[0]
+    if valid is None and sequence_length is None and token is None:  # the plain batch loss
+        f = expert_counts(choice.reshape(-1), n_experts).to(probs.dtype) / choice.numel()
+        return n_experts * torch.sum(f * probs.mean(dim=0))
+    length = n_tokens if sequence_length is None else sequence_length
+    if n_tokens % length:
+        raise ValueError(f"balance loss: {n_tokens} routed tokens are not whole sequences of {length}")
+    n_groups = n_tokens // length
+    if token is None:
+        if choice.shape[0] != n_tokens:
+            raise ValueError(f"balance loss: choice has {choice.shape[0]} rows for {n_tokens} tokens; pass `token`")
+        token = torch.arange(n_tokens, device=choice.device).repeat_interleave(choice.shape[1])
+    weight = probs.new_ones(n_tokens) if valid is None else valid.to(probs.dtype)
+    # Assignments per (sequence, expert), in one scatter: the slot past the last expert takes the dropped ones.
+    slots = (token // length) * (n_experts + 1) + choice.reshape(-1)
+    counts = probs.new_zeros(n_groups * (n_experts + 1)).scatter_add_(0, slots, weight[token])
+    counts = counts.view(n_groups, n_experts + 1)
+    f = counts[:, :n_experts] / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+    tokens = weight.view(n_groups, length).sum(dim=1)
+    p = (probs * weight.unsqueeze(-1)).view(n_groups, length, -1).sum(dim=1) / tokens.clamp_min(1.0).unsqueeze(-1)
+    per_group = n_experts * (f * p).sum(dim=-1)
+    counted = (tokens > 0).to(probs.dtype)  # a sequence of padding alone has no loss to average in
+    return (per_group * counted).sum() / counted.sum().clamp_min(1.0)
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -113,6 +162,8 @@ class Router(nn.Module):
     # Option -> the selection term (a key of `selection_terms()`) it scales: a sensitivity sweep of the
     # option reports that term's flip rate.
     option_terms: ClassVar[dict[str, str]] = {}
+    # True where the trainer must call fit_to_token_counts with the train split's token counts before step 0.
+    wants_train_token_counts: ClassVar[bool] = False
     # The option that sets how hard this router balances load (the study tunes every router on its own
     # knob with an equal budget): None where nothing does (balanced by construction, or a fixed map).
     balance_knob: ClassVar[str | None] = "aux_loss_coef"
@@ -130,6 +181,10 @@ class Router(nn.Module):
         self.register_buffer("step_counts", torch.zeros(n_experts), persistent=False)
         # The previous step's load fractions, kept for the training log.
         self.register_buffer("last_step_load", torch.zeros(n_experts), persistent=False)
+        # The layout of the micro-batch being routed (`begin_batch`): tokens per sequence (a Python int, a
+        # static shape) and the targets flattened (B * S,), IGNORE_INDEX at padding. None until observed.
+        self.batch_sequence_length: int | None = None
+        self.batch_targets: Tensor | None = None
 
     @classmethod
     def build(cls, options: RouterOptions, model_cfg) -> Router:
@@ -144,40 +199,103 @@ class Router(nn.Module):
         """Mean experts a token is processed by (for the active-parameter count)."""
         return float(self.top_k)
 
+    def begin_batch(self, token_ids: Tensor, targets: Tensor | None) -> None:
+        """The model's call before routing a micro-batch of token ids (B, S) and targets (B, S, or None).
+
+        Keeps the layout the base class's auxiliary loss needs (the sequence length, for the sequence
+        scope; the targets, whose IGNORE_INDEX marks padding), then calls `observe_batch`, the hook a
+        router overrides: the layout is kept even by a router whose `observe_batch` does not call super().
+        References and shapes only: nothing is read on the host.
+        """
+        self.batch_sequence_length = token_ids.shape[-1]
+        self.batch_targets = None if targets is None else targets.reshape(-1)
+        self.observe_batch(token_ids, targets)
+
+    def batch_valid(self, n_tokens: int) -> Tensor | None:
+        """(T,) bool, the real tokens of the group being routed, from the targets `begin_batch` kept; None
+        where none were kept or they are not this group's (a router called on its own)."""
+        targets = self.batch_targets
+        if targets is None or targets.shape[0] != n_tokens:
+            return None
+        return targets != IGNORE_INDEX
+
     def observe_batch(self, token_ids: Tensor, targets: Tensor | None) -> None:
         """The micro-batch's token ids (B, S) and targets (B, S, or None), before its tokens are routed.
 
         The routed tokens are these B x S positions, flattened row-major, so a router can key on a
-        token's id (hash routing), its target, or its sequence (row). Default: unused. Called in
-        training and evaluation alike; keep references only (no host reads).
+        token's id (hash routing), its target, or its sequence (row). Default: unused. Called (by
+        `begin_batch`, which has already kept `batch_sequence_length` and `batch_targets`) in training and
+        evaluation alike; keep references only (no host reads).
         """
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Routing:
         """Route x (T, d_model). `valid` (T,) bool marks real tokens: padding must never take capacity."""
         raise NotImplementedError  # abstract: every registered router defines its routing
 
-    def aux_losses(self, logits: Tensor, probs: Tensor | None, choice: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def aux_losses(
+        self,
+        logits: Tensor,
+        probs: Tensor | None,
+        choice: Tensor,
+        valid: Tensor | None = None,
+        token: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the enabled auxiliary losses, and each unweighted term for logging.
 
-        `probs` is softmax(logits) where the router has it (None: computed here if needed). In eval mode
-        there are none: the losses only train the gate, and evaluation reports none of them.
+        `probs` is softmax(logits) where the router has it (None: computed here if needed). `choice` (T, k)
+        holds each token's chosen experts; a router whose rows are assignments (expert choice) passes them
+        as (A, 1) with `token` (A,), each one's token. `valid` (T,) marks real tokens; None: those of the
+        targets `begin_batch` kept, if any. Padding counts in neither f nor P of the balance loss (before,
+        it counted as tokens, so a padded final block pulled the loss toward the experts its padding chose).
+        `aux_loss_scope` "sequence" takes the loss per sequence of `begin_batch`'s length.
+        In eval mode there are none: the losses only train the gate, and evaluation reports none of them.
         """
         terms: dict[str, Tensor] = {}
         total = logits.new_zeros(())
         if not self.training:
             return total, terms
         if self.options.aux_loss_coef > 0:
-            terms["aux_loss"] = balance_loss(softmax(logits) if probs is None else probs, choice, self.n_experts)
+            probs = softmax(logits) if probs is None else probs
+            terms["aux_loss"] = self.scoped_balance_loss(probs, choice, valid, token)
             total = total + self.options.aux_loss_coef * terms["aux_loss"]
         if self.options.z_loss_coef > 0:
             terms["z_loss"] = z_loss(logits)
             total = total + self.options.z_loss_coef * terms["z_loss"]
         return total, terms
 
+    def scoped_balance_loss(
+        self, probs: Tensor, choice: Tensor, valid: Tensor | None = None, token: Tensor | None = None
+    ) -> Tensor:
+        """`balance_loss` without the padding of the group being routed, over `aux_loss_scope`."""
+        n_tokens, name = probs.shape[0], getattr(self, "name", type(self).__name__)
+        sequence = getattr(self.options, "aux_loss_scope", "batch") == "sequence"
+        if token is None and choice.shape[0] != n_tokens:  # assignments of unknown tokens: today's batch loss
+            if sequence:
+                raise ValueError(
+                    f"router '{name}': aux_loss_scope 'sequence' needs each assignment's token; "
+                    f"pass `token` with the {choice.shape[0]} rows of choices"
+                )
+            return balance_loss(probs, choice, self.n_experts)
+        valid = self.batch_valid(n_tokens) if valid is None else valid
+        length = None
+        if sequence:
+            length = self.batch_sequence_length
+            if length is None or n_tokens % length:
+                raise ValueError(
+                    f"router '{name}': aux_loss_scope 'sequence' routes {n_tokens} tokens, not whole "
+                    f"sequences of {length} (the model's begin_batch gives the length before routing)"
+                )
+        return balance_loss(probs, choice, self.n_experts, valid=valid, sequence_length=length, token=token)
+
     def record(self, expert: Tensor, token: Tensor) -> None:
         """Accumulate this micro-batch's assignments for the end-of-step update (training only)."""
         if self.training:
             self.step_counts += expert_counts(expert, self.n_experts).to(self.step_counts.dtype)
+
+    def fit_to_token_counts(self, token_counts: Tensor) -> None:
+        """Fit to the train split before training: `token_counts` (vocab_size,) is how often each token id is
+        routed there. Called once, at step 0 (a resumed run restores the fit from its checkpoint), and only
+        where `wants_train_token_counts` (hash routing's balanced map). Default: unused."""
 
     def observe_token_loss(self, token_loss: Tensor) -> None:
         """The detached per-token LM loss of the micro-batch just routed (T,). Default: unused."""

@@ -1,4 +1,9 @@
-"""The dense baseline: one SwiGLU FFN of hidden size k * d_expert (the active size of a top-k MoE)."""
+"""The dense baseline matched on active parameters: one SwiGLU FFN of hidden size (k + n_shared) * d_expert.
+
+That is the FFN a token of a top-k MoE layer passes through: its k routed experts and the layer's
+n_shared shared experts (model.n_shared_experts), each of hidden d_expert. The router's gate (d * E) is
+left out: it is noise beside the FFN. `dense_total` (gtmoe.routers.dense_total) matches total parameters.
+"""
 
 from __future__ import annotations
 
@@ -37,5 +42,10 @@ class DenseFFNBlock:
     balanced_by_construction = False
 
     @classmethod
+    def hidden_size(cls, model_cfg) -> int:
+        """The FFN's hidden size: the active FFN of one MoE layer's token."""
+        return (model_cfg.top_k + model_cfg.n_shared_experts) * model_cfg.d_expert
+
+    @classmethod
     def build_ffn(cls, options: DenseOptions, model_cfg) -> nn.Module:
-        return SwiGLU(model_cfg.d_model, model_cfg.top_k * model_cfg.d_expert)
+        return SwiGLU(model_cfg.d_model, cls.hidden_size(model_cfg))

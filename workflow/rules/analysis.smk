@@ -51,6 +51,12 @@ rule statistics:
         ablations=summary_file("ablations.parquet"),
         ablations_csv=summary_file("ablations.csv"),
         ablations_html=captioned(summary_file("ablations.html"), "ablations", "Ablations", table="paired deltas"),
+        confirmatory=summary_file(f"{outputs.CONFIRMATORY}.parquet"),
+        confirmatory_csv=summary_file(f"{outputs.CONFIRMATORY}.csv"),
+        confirmatory_tex=summary_file(f"{outputs.CONFIRMATORY}.tex"),
+        confirmatory_html=captioned(
+            summary_file(f"{outputs.CONFIRMATORY}.html"), "confirmatory", "Summary", table="confirmatory contrasts"
+        ),
     log:
         f"{LOGS}/statistics.log",
     benchmark:
@@ -170,6 +176,7 @@ FINDINGS_CATEGORY = "★ Findings"
 rule findings:
     input:
         record=ancient(STUDY_RECORD),
+        confirmatory=rules.statistics.output.confirmatory,
         comparisons=rules.statistics.output.comparisons,
         ablations=rules.statistics.output.ablations,
         summary=rules.statistics.output.summary,
