@@ -44,3 +44,6 @@ rule all:
     input:
         ANALYSIS_OUTPUTS,
         REPORT,
+        # Every benchmark file, so a deleted one is rebuilt (its job reruns): as an input of `compute` alone,
+        # Snakemake (>= 7.7) would leave it missing under an up-to-date table.
+        rules.compute.input.benchmarks,

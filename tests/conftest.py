@@ -8,6 +8,8 @@ import pytest
 from gtmoe.config import DataConfig, EvalConfig, ModelConfig, RouterConfig, RunConfig, TrainConfig
 from gtmoe.data import write_shards
 
+from helpers import run_smoke_study
+
 TINY_VOCAB = 300
 TINY_SEQ = 16
 
@@ -38,6 +40,13 @@ def tiny_shards(tmp_path_factory):
         stream[::3] = pattern[np.arange(len(stream[::3])) % 50]  # structure a model can pick up
         write_shards(stream, root / split, TINY_SEQ, n_words=n // 2)
     return root
+
+
+@pytest.fixture(scope="session")
+def finished_smoke(tmp_path_factory):
+    """The smoke study, run once to the end for the whole session (helpers.run_smoke_study). Shared by the
+    modules that check a finished study: each reads or changes only its own copy (helpers.copy_study)."""
+    return run_smoke_study(tmp_path_factory.mktemp("finished"))
 
 
 def tiny_run(shards, router: str = "topk", seed: int = 0, **train) -> RunConfig:

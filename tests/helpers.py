@@ -96,6 +96,42 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
+# Another study's outputs (the default study's, and the layout before studies had their own roots), planted in
+# the finished smoke study's checkout before it runs: nothing of the smoke study may read them.
+DECOYS = (
+    "results/default/summary/sensitivity.csv",
+    "results/default/summary/sensitivity_best.csv",
+    "results/default/benchmarks/train/topk/seed0.tsv",
+    "results/summary/sensitivity.csv",
+    "results/figures/perplexity.png",
+)
+
+
+def run_smoke_study(root: Path) -> Path:
+    """The smoke preset run to the end (`snakemake --cores 2`) in a copy of the checkout at root/study, with the
+    DECOYS planted and its temporary directory at root/tmp (what a run leaves outside its checkout shows
+    there). Returns the study's checkout."""
+    study = copy_checkout(root / "study")
+    for decoy in DECOYS:
+        (study / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (study / decoy).write_text("DECOY\n")
+    (root / "tmp").mkdir()
+    done = run_module(
+        "snakemake", "--cores", "2", "--configfile", SMOKE, cwd=study, env={"TMPDIR": str(root / "tmp")}, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return study
+
+
+def copy_study(study: Path, root: Path) -> Path:
+    """A copy of a finished study's checkout at root/study (mtimes and Snakemake's records kept), its
+    temporary directory copied to root/tmp; returns the copy's checkout."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(study, root / "study", symlinks=True)
+    shutil.copytree(study.parent / "tmp", root / "tmp", symlinks=True)
+    return root / "study"
+
+
 def write_override(tmp_path: Path, override: dict | str) -> str:
     """A --configfile: `override` dumped as YAML, or written as is when it is YAML text."""
     path = tmp_path / "override.yaml"

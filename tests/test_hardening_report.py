@@ -23,7 +23,7 @@ import pytest
 
 from gtmoe.config import ConfigError, load_yaml
 
-from helpers import SMOKE, WIKITEXT, copy_checkout, run_module, single_error_line
+from helpers import SMOKE, WIKITEXT, copy_checkout, copy_study, run_module, single_error_line
 
 REPORT = Path("results/smoke/report.html")
 NOTHING_TO_DO = "Nothing to be done"
@@ -76,12 +76,10 @@ def leftovers(study: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """The smoke study, run once end to end in a copy of the checkout; the tests below change it in turn."""
-    study = copy_checkout(tmp_path_factory.mktemp("report") / "study")
-    done = snakemake_in(study, "--cores", "2", timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return study
+def study(finished_smoke, tmp_path_factory):
+    """This module's copy of the finished smoke study (run with its temporary directory beside it, as
+    snakemake_in runs); the tests below change it in turn."""
+    return copy_study(finished_smoke, tmp_path_factory.mktemp("report"))
 
 
 needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_dir(), reason=f"needs the WikiText-2 files in {WIKITEXT}")

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import yaml
 
-from helpers import SMOKE, copy_checkout, run_module, single_error_line, snakemake
+from helpers import SMOKE, copy_study, run_module, single_error_line, snakemake
 
 pytestmark = pytest.mark.integration
 
@@ -61,21 +61,14 @@ def run_statuses(study) -> dict[tuple[str, int], str]:
     return {(row.variant, int(row.seed)): row.status for row in table.itertuples()}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """The smoke study, run once to the end."""
-    study = copy_checkout(tmp_path_factory.mktemp("finished") / "study")
-    build(study)
-    nothing_to_do(study)
-    return study
-
-
 @pytest.fixture
-def study(finished, tmp_path):
-    """A copy of the finished study (mtimes and Snakemake's records kept)."""
-    copy = tmp_path / "study"
-    shutil.copytree(finished, copy, symlinks=True)
-    return copy
+def study(finished_smoke, tmp_path):
+    """A copy of the finished smoke study (mtimes and Snakemake's records kept)."""
+    return copy_study(finished_smoke, tmp_path / "copy")
+
+
+def test_the_finished_study_has_nothing_to_do(study):
+    nothing_to_do(study)
 
 
 def edited_preset(study, **rdesi) -> str:
@@ -149,6 +142,8 @@ DELETIONS = {
         [f"{ROOT}/data/corpus"],
         {"corpus": 1, "tokenizer": 1, "shards": 3, "ngram_baselines": 1, "train": SMOKE_RUNS, "evaluate": SMOKE_RUNS},
     ),
+    # (the statistics table shows the baselines; no run reads them)
+    "the n-gram baselines": ([f"{ROOT}/baselines/ngram.json"], {"ngram_baselines": 1}, {"statistics", "compute"}),
     "a shard directory": (
         [f"{ROOT}/data/shards/validation"],
         {"shards": 1, "ngram_baselines": 1, "evaluate": SMOKE_RUNS},
@@ -159,15 +154,28 @@ DELETIONS = {
 @pytest.mark.parametrize("metadata", [True, False], ids=["with-metadata", "without-metadata"])
 @pytest.mark.parametrize("what", DELETIONS)
 def test_a_deleted_output_is_rebuilt_with_exactly_what_is_built_from_it(study, what, metadata):
-    paths, rebuilt = DELETIONS[what]
+    paths, rebuilt, *tables = DELETIONS[what]
+    tables = tables[0] if tables else {"aggregate", "compute"}  # the tables that must see the rebuilt files
     if not metadata:
         shutil.rmtree(study / ".snakemake")
     for path in paths:
         (shutil.rmtree if (study / path).is_dir() else (study / path).unlink)(study / path)
     counts, output = plan(study)
     assert {rule: n for rule, n in counts.items() if rule not in (*ANALYSIS, "report", "all")} == rebuilt, output
-    assert {"aggregate", "compute"} <= counts.keys(), output[-3000:]  # the tables see the rebuilt files
+    assert tables <= counts.keys(), output[-3000:]
     assert f"{paths[0]}" in output and "rebuilding" in output
+
+
+@pytest.mark.parametrize("metadata", [True, False], ids=["with-metadata", "without-metadata"])
+def test_a_deleted_benchmark_file_reruns_its_job(study, metadata):
+    if not metadata:
+        shutil.rmtree(study / ".snakemake")
+    for path in ("train/topk/seed0.tsv", "evaluate/rdesi/seed1.tsv", "figures.tsv"):
+        (study / ROOT / "benchmarks" / path).unlink()
+    counts, output = plan(study)
+    # topk seed0 retrains (its timing is gone) and is evaluated again; the figures job reruns anyway.
+    assert counts["train"] == 1 and counts["evaluate"] == 2 and counts["figures"] == 1, output[-3000:]
+    assert f"{ROOT}/benchmarks/evaluate/rdesi/seed1.tsv" in output
 
 
 def test_a_deleted_run_is_rebuilt_and_never_left_ok_in_run_status(study):

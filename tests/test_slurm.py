@@ -7,6 +7,7 @@ reason where SLURM is not there.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -22,8 +23,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 PREEMPTED = ("topk", 0)  # the (variant, seed) whose training is cancelled mid-run
 TIMING_FIELDS = {"tokens_per_s", "wall_s", "peak_mem_mb"}
-# Long enough to cancel in the middle; checkpoints often enough to resume from one.
-LONGER_TRAINING = {"train": {"max_steps": 400, "checkpoint_every": 25, "log_every": 10, "router_log_every": 10}}
+# Long enough to cancel in the middle; checkpoints often enough to resume from one. The smoke preset's two
+# variants without its sweep: four runs show every job going through sbatch (the sweep adds only more runs).
+LONGER_TRAINING = {
+    "train": {"max_steps": 200, "checkpoint_every": 10, "log_every": 10, "router_log_every": 10},
+    "sweeps": [],
+}
 
 
 def slurm_problem() -> str | None:
@@ -50,12 +55,29 @@ def job_id_of_training(variant: str, seed: int) -> str | None:
     return None
 
 
+# The data stage of the finished smoke study (the same corpus, tokenizer and shard settings), with the
+# benchmark files of its jobs: this study then sends its training and evaluation jobs through SLURM, the jobs
+# a cluster is for, without first waiting on five more links of sbatch polling.
+DATA_STAGE = (
+    "data",
+    "baselines",
+    "benchmarks/corpus.tsv",
+    "benchmarks/tokenizer.tsv",
+    "benchmarks/shards",
+    "benchmarks/ngram_baselines.tsv",
+)
+
+
 @pytest.fixture(scope="module")
-def slurm_study(tmp_path_factory):
+def slurm_study(finished_smoke, tmp_path_factory):
     if reason := slurm_problem():
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("slurm")
     study = copy_checkout(root / "study")
+    for part in DATA_STAGE:
+        source, dest = finished_smoke / "results" / "smoke" / part, study / "results" / "smoke" / part
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
     override = root / "longer.yaml"
     override.write_text(yaml.safe_dump(LONGER_TRAINING))
     # A short first status poll (the profile's 10 s suits real clusters; here it would dominate).
@@ -105,7 +127,8 @@ def test_smoke_study_runs_through_sbatch(slurm_study):
             for name in RUN_FILES:
                 assert (study / "results" / "smoke" / "runs" / variant / f"seed{seed}" / name).stat().st_size > 0
     for name in SUMMARY_FILES:
-        assert (study / "results" / "smoke" / "summary" / name).stat().st_size > 0
+        if not name.startswith("sensitivity"):  # no sweep here
+            assert (study / "results" / "smoke" / "summary" / name).stat().st_size > 0
     assert (study / "results" / "smoke" / "report.html").stat().st_size > 0
     # Every training and evaluation job was a SLURM job: the plugin keeps one log per SLURM job id.
     for rule, expected in (("train", 4), ("evaluate", 4)):
@@ -113,6 +136,7 @@ def test_smoke_study_runs_through_sbatch(slurm_study):
         assert len(job_logs) >= expected, (rule, job_logs)
         assert all(log.stem.isdigit() for log in job_logs)
     assert "Job" in output and "has been submitted with SLURM jobid" in output
+    assert "rule corpus" not in output and "rule shards" not in output  # the data stage was there already
 
 
 def test_preempted_training_resumes_and_matches_an_uninterrupted_run(slurm_study, tmp_path):

@@ -14,6 +14,7 @@ import yaml
 
 from helpers import (
     ALIAS_BOMB,
+    DECOYS,
     REPO,
     RUN_FILES,
     SMOKE,
@@ -21,6 +22,7 @@ from helpers import (
     WIKITEXT,
     check_like_the_snakefile,
     copy_checkout,
+    copy_study,
     merged_config,
     snakemake,
     write_override,
@@ -273,27 +275,11 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path, override, message):
     assert "Job stats" not in done.stdout  # nothing was scheduled
 
 
-# Another study's outputs (the default study's, and the layout before studies had their own roots).
-DECOYS = [
-    "results/default/summary/sensitivity.csv",
-    "results/default/summary/sensitivity_best.csv",
-    "results/default/benchmarks/train/topk/seed0.tsv",
-    "results/summary/sensitivity.csv",
-    "results/figures/perplexity.png",
-]
-
-
 @pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
-    """The smoke preset run once, end to end, in a copy of the checkout that already holds another study's
-    tables and benchmark files (DECOYS): nothing of the smoke study may read them."""
-    study = copy_checkout(tmp_path_factory.mktemp("smoke") / "study")
-    for decoy in DECOYS:
-        (study / decoy).parent.mkdir(parents=True, exist_ok=True)
-        (study / decoy).write_text("DECOY\n")
-    done = snakemake("--cores", "2", "--configfile", SMOKE, cwd=study, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return study
+def smoke_study(finished_smoke, tmp_path_factory):
+    """This module's copy of the finished smoke study (its checkout also holds another study's files, DECOYS:
+    nothing of the smoke study may read them)."""
+    return copy_study(finished_smoke, tmp_path_factory.mktemp("smoke"))
 
 
 @pytest.mark.integration

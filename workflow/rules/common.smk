@@ -188,6 +188,7 @@ TRIGGERS = f"{LAYOUT.root}/triggers"
 CORPUS_TRIGGER = f"{TRIGGERS}/corpus"
 TOKENIZER_TRIGGER = f"{TRIGGERS}/tokenizer"
 SHARDS_TRIGGER = f"{TRIGGERS}/shards/{{split}}"
+NGRAM_TRIGGER = f"{TRIGGERS}/ngram_baselines"
 TRAIN_TRIGGER = f"{TRIGGERS}/train/{{variant}}/seed{{seed}}"
 EVALUATE_TRIGGER = f"{TRIGGERS}/evaluate/{{variant}}/seed{{seed}}"
 _UNTRIGGERED = 946_684_800  # 2000-01-01: older than any output
@@ -274,6 +275,8 @@ def set_triggers():
     for split, shard in shards.items():
         built = [NGRAM, *(eval_files() if split in EVAL_SPLITS else run_files(contract.CHECKPOINT))]
         jobs.append((SHARDS_TRIGGER.format(split=split), [shard], built, f"the {split} shards", None))
+    # The statistics table shows the n-gram baselines as reference rows.
+    jobs.append((NGRAM_TRIGGER, [NGRAM], [summary_file("summary.parquet")], "the n-gram baselines", None))
     trained = [contract.CHECKPOINT, contract.RUN_CONFIG, contract.TRAIN_LOG, contract.ROUTER_LOG]
     trained.append(contract.TRAIN_SUMMARY)
     for variant in VARIANTS:
