@@ -220,14 +220,15 @@ def run_compute(study: Record, benchmarks: Sequence[str]) -> int:
 
 def run_sensitivity(study: Record) -> int:
     """Write the dose-response table and the best value per swept option (parquet, CSV, HTML) and one
-    figure per sweep, from ok runs only, for the sweeps of the study record."""
+    figure per sweep, from ok runs only, for the sweeps of the study record: on the validation split, as
+    every choice (the test split only confirms)."""
     if not study.sweeps:
         raise ConfigError(f"study '{study.name}' has no sweeps ({study.path}: sweeps is empty): nothing to analyse")
     try:
         design = sensitivity.read_design(study.sweeps)
     except ConfigError as error:
         raise ConfigError(f"study record {study.path}: {error}") from None
-    dose = sensitivity.dose_response(_tidy(study), design, study.split, study.reference)
+    dose = sensitivity.dose_response(_tidy(study), design, sensitivity.SELECTION_SPLIT, study.reference)
     best = sensitivity.best_values(dose)
     written = tables.write_sensitivity(dose, best, study.layout.summary)
     sweeps = list(dict.fromkeys(design["sweep"]))

@@ -42,6 +42,14 @@ def tiny_shards(tmp_path_factory):
     return root
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml), every test of the finished smoke study runs
+    on one worker, so the study is run once for the session rather than once per worker."""
+    for item in items:
+        if "finished_smoke" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("finished_smoke"))
+
+
 @pytest.fixture(scope="session")
 def finished_smoke(tmp_path_factory):
     """The smoke study, run once to the end for the whole session (helpers.run_smoke_study). Shared by the

@@ -301,6 +301,8 @@ def sweep_record(tmp_path: Path, tidy: pd.DataFrame, design: list[dict]) -> Path
 
 def test_cli_end_to_end(tmp_path):
     tidy, design = sweep_study()
+    # The tuning runs on validation and (other numbers) on test: choices read validation.
+    tidy = pd.concat([tidy.assign(split="validation"), tidy.assign(value=tidy["value"] * 1.5)])
     failed = tidy[tidy["variant"] == "rdesi-beta0"].assign(seed=9, value=1e9, run_status="failed")
     record = sweep_record(tmp_path, pd.concat([tidy, failed]), design)
     result = run_module("analysis", "sensitivity", "--study", str(record), timeout=120)
@@ -313,9 +315,27 @@ def test_cli_end_to_end(tmp_path):
     assert all(is_png(p) for p in figures_dir.iterdir())
     dose = pd.read_parquet(summary / "sensitivity.parquet")
     assert dose["n"].max() == 3 and dose["mean"].max() < 1e9  # the failed run is left out
-    assert (dose["reference"] == "topk").all() and (dose["split"] == "test").all()  # the record's
+    assert (dose["reference"] == "topk").all() and (dose["split"] == "validation").all()
     best = pd.read_parquet(summary / "sensitivity_best.parquet")
     assert len(best) == 2 + 4  # oat: beta, c; grid: two curves per option
+
+
+def test_changing_the_test_split_of_the_tuning_runs_changes_no_chosen_value(tmp_path):
+    tidy, design = sweep_study()
+    rng = np.random.default_rng(11)
+    chosen = []
+    validation = tidy.assign(split="validation")
+    for scrambled in (False, True):  # the test split as the validation split, then scrambled
+        test = tidy.assign(split="test")
+        if scrambled:
+            test = test.assign(value=rng.permutation(test["value"].to_numpy()) * rng.uniform(0.1, 10, len(test)))
+        root = tmp_path / f"study{len(chosen)}"
+        record = sweep_record(root, pd.concat([validation, test]), design)
+        assert run_module("analysis", "sensitivity", "--study", str(record), timeout=120).returncode == 0
+        best = pd.read_parquet(root / "summary" / "sensitivity_best.parquet")
+        chosen.append(best[["sweep", "option", "fixed", "value", "variant"]])
+    pd.testing.assert_frame_equal(chosen[0], chosen[1])
+    assert chosen[0]["value"].notna().any()  # something was chosen
 
 
 @pytest.mark.parametrize(

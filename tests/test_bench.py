@@ -145,6 +145,7 @@ def test_config_measures_every_variant_at_the_study_size(tmp_path):
                 ],
                 "ablation": {"base": "topk"},
                 "sweeps": [],  # the smoke preset sweeps rdesi, which this overlay leaves out
+                "statistics": {"contrasts": []},  # the smoke preset's contrast names rdesi too
             }
         )
     )

@@ -75,7 +75,7 @@ def leftovers(study: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the tests below change it in turn, whatever a worker interleaves
 def study(finished_smoke, tmp_path_factory):
     """This module's copy of the finished smoke study (run with its temporary directory beside it, as
     snakemake_in runs); the tests below change it in turn."""
@@ -101,7 +101,8 @@ def test_a_config_or_caption_edit_rebuilds_the_report(study):
     findings = study / "results/smoke/summary/findings.html"
     before = findings.read_bytes()
     preset = study / SMOKE
-    preset.write_text(preset.read_text() + "statistics:\n  alpha: 0.2\n")
+    assert preset.read_text().endswith("statistics:\n  contrasts: [[rdesi, topk]]\n")  # the smoke preset's last key
+    preset.write_text(preset.read_text() + "  alpha: 0.2\n")
     caption = study / "workflow/report/findings.rst"
     caption.write_text(caption.read_text() + "\nEdited caption.\n")
     done = snakemake_in(study, "--cores", "2")

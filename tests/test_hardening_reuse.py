@@ -92,13 +92,17 @@ def test_a_changed_variant_retrains_its_runs_without_snakemake_metadata(study):
     assert f"{RUNS}/rdesi/seed0 is not the run the study asks for: router.beta (0.1 in config.yaml, 0.2 in" in (
         output
     ), output[-3000:]
-    build(study, "--configfile", edited)
+    # The variant's two runs (its sweep's four would retrain the same way); targets before --configfile.
+    targets = [f"{RUNS}/rdesi/seed{seed}/checkpoint.pt" for seed in (0, 1)]
+    done = snakemake("--cores", "2", *targets, "--configfile", SMOKE, edited, cwd=study, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for seed in (0, 1):
         recorded = yaml.safe_load((study / RUNS / "rdesi" / f"seed{seed}" / "config.yaml").read_text())
         assert recorded["router"]["beta"] == 0.2
         topk = yaml.safe_load((study / RUNS / "topk" / f"seed{seed}" / "config.yaml").read_text())
         assert topk["router"]["name"] == "topk"
-    nothing_to_do(study, "--configfile", edited)
+    counts, output = plan(study, "--configfile", edited)  # without metadata still: only the sweep's runs are left
+    assert counts["train"] == RDESI_RUNS - 2 and "rdesi/seed0 is not the run" not in output, output[-3000:]
 
 
 def test_a_run_directory_copied_over_another_is_retrained_with_or_without_metadata(study):

@@ -89,6 +89,11 @@ BEST_COLUMNS = [
 # --------------------------------------------------------------------------- design
 
 
+# The split every choice made from a sweep is made on: the test split is for confirmation only, so a value
+# chosen here and then confirmed on test was never chosen by the numbers that confirm it.
+SELECTION_SPLIT = "validation"
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
