@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
 
 from gtmoe.config import DataConfig, EvalConfig, ModelConfig, RouterConfig, RunConfig, TrainConfig
 from gtmoe.data import write_shards
 
-from helpers import run_smoke_study
+from helpers import WIKITEXT, run_smoke_study
 
 TINY_VOCAB = 300
 TINY_SEQ = 16
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: each worker's in-process torch on one thread. Two multi-threaded workers would
+    # oversubscribe the cores, and torch's CPU kernels stall at their barriers when others hold the cores.
+    torch.set_num_threads(1)
 
 
 def tiny_model(**overrides) -> ModelConfig:
@@ -42,18 +50,13 @@ def tiny_shards(tmp_path_factory):
     return root
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml), every test of the finished smoke study runs
-    on one worker, so the study is run once for the session rather than once per worker."""
-    for item in items:
-        if "finished_smoke" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("finished_smoke"))
-
-
 @pytest.fixture(scope="session")
 def finished_smoke(tmp_path_factory):
-    """The smoke study, run once to the end for the whole session (helpers.run_smoke_study). Shared by the
-    modules that check a finished study: each reads or changes only its own copy (helpers.copy_study)."""
+    """The smoke study, run once to the end for the session (helpers.run_smoke_study; under pytest-xdist once per
+    worker that needs it). Shared by the modules that check a finished study: each reads or changes only its own
+    copy (helpers.copy_study)."""
+    if not WIKITEXT.is_dir():
+        pytest.skip(f"needs the WikiText-2 files in {WIKITEXT}")
     return run_smoke_study(tmp_path_factory.mktemp("finished"))
 
 

@@ -75,7 +75,7 @@ def leftovers(study: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="session")  # session: the tests below change it in turn, whatever a worker interleaves
+@pytest.fixture(scope="module")
 def study(finished_smoke, tmp_path_factory):
     """This module's copy of the finished smoke study (run with its temporary directory beside it, as
     snakemake_in runs); the tests below change it in turn."""

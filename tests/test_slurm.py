@@ -68,7 +68,7 @@ DATA_STAGE = (
 )
 
 
-@pytest.fixture(scope="session")  # session: never run twice, however a worker orders this module's tests
+@pytest.fixture(scope="module")
 def slurm_study(finished_smoke, tmp_path_factory):
     if reason := slurm_problem():
         pytest.skip(reason)

@@ -586,7 +586,7 @@ def test_a_data_directory_with_shell_characters_is_read_and_runs_nothing(tmp_pat
 
 
 # --------------------------------------------------------------- precise reruns
-@pytest.fixture(scope="session")  # session: built once, however a worker interleaves the tests
+@pytest.fixture(scope="module")
 def recorded_study(tmp_path_factory):
     """The smoke preset's study with every output present (placeholders) and recorded by Snakemake as
     built with the current settings (`--touch` writes the metadata a real run writes: params, code, input):
