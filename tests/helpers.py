@@ -6,6 +6,7 @@ Imported by the tests, which never import each other; fixtures live in conftest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -455,3 +456,16 @@ def write_run_configs(study: Path, override: dict | str) -> list[Path]:
             save_run_config(resolved.run_config(variant, seed), path)
             written.append(path)
     return written
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Build modules in `dtype` (modules cannot be cast with .to() once their parameters are fake tensors)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -10,8 +10,6 @@ the harness does fail on a host read, then run every router through it.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
@@ -22,22 +20,12 @@ from gtmoe.model import MoETransformer
 from gtmoe.step import build_optimizer, train_step
 
 from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
+from helpers import default_dtype
 
 HOST_READ = (DataDependentOutputException, DynamicOutputShapeException)
 VARIANTS = [{"name": name} for name in routers.known()] + [
     {"name": "rdesi", "performance": p} for p in ("activation_norm", "target_relative")
 ]
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    # Modules cannot be cast with .to() once their parameters are fake, so they are built in `dtype`.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def train_step_without_data(router: dict, dtype: torch.dtype = torch.float32) -> None:

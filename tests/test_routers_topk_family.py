@@ -5,7 +5,6 @@ re-route) for every token-choice router of the family."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -21,6 +20,7 @@ from gtmoe.routers.lossfree import PAPER_BIAS_UPDATE_RATE
 from gtmoe.step import build_optimizer, train_step
 
 from conftest import TINY_SEQ, TINY_VOCAB, tiny_model
+from helpers import default_dtype
 
 D_MODEL, N_EXPERTS, TOP_K = 16, 6, 2
 
@@ -396,16 +396,6 @@ TRAINING_VARIANTS = [
     {"name": "topk", "capacity_factor": 1.0, "capacity_policy": "reroute"},
     {"name": "rdesi", "capacity_factor": 1.25},
 ]
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def fake_train_steps(router: dict, dtype: torch.dtype) -> None:
