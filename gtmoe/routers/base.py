@@ -292,6 +292,18 @@ class Router(nn.Module):
         if self.training:
             self.step_counts += expert_counts(expert, self.n_experts).to(self.step_counts.dtype)
 
+    def token_choice_routing(
+        self, choice: Tensor, expert: Tensor, weight: Tensor, loss: Tensor, metrics: dict[str, Tensor], dtype
+    ) -> Routing:
+        """The Routing of a token-choice router: `choice` (T, k) the selection, `expert` (T, k) who takes each
+        slot (n_experts: dropped), `weight` (T, k); assignments token-major. Records the step's counts."""
+        token = torch.arange(choice.shape[0], device=choice.device).repeat_interleave(choice.shape[1])
+        expert = expert.reshape(-1)
+        self.record(expert, token)
+        return Routing(
+            expert=expert, token=token, weight=weight.reshape(-1).to(dtype), loss=loss, metrics=metrics, choice=choice
+        )
+
     def fit_to_token_counts(self, token_counts: Tensor) -> None:
         """Fit to the train split before training: `token_counts` (vocab_size,) is how often each token id is
         routed there. Called once, at step 0 (a resumed run restores the fit from its checkpoint), and only

@@ -86,13 +86,7 @@ class NoisyTopKRouter(Router):
             losses, terms = self.balance_losses(clean, noisy, noise_std, top.values, choice, weight, valid)
             loss, metrics = loss + losses, {**metrics, **terms}
 
-        n_tokens = x.shape[0]
-        token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
-        expert = choice.reshape(-1)
-        self.record(expert, token)
-        return Routing(
-            expert=expert, token=token, weight=weight.reshape(-1).to(x.dtype), loss=loss, metrics=metrics, choice=choice
-        )
+        return self.token_choice_routing(choice, choice, weight, loss, metrics, x.dtype)
 
     def prob_in_top_k(self, clean: Tensor, noisy: Tensor, noise_std: Tensor, top_values: Tensor) -> Tensor:
         """P(x, i) (T, E): Phi((clean_i - kth_excluding(H, k, i)) / noise_std_i)."""

@@ -96,10 +96,4 @@ class SBaseRouter(Router):
             weight = softmax(logits).gather(-1, choice)
 
         loss, metrics = self.aux_losses(logits, None, choice, valid)
-        n_tokens = x.shape[0]
-        token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
-        expert = choice.reshape(-1)
-        self.record(expert, token)
-        return Routing(
-            expert=expert, token=token, weight=weight.reshape(-1).to(x.dtype), loss=loss, metrics=metrics, choice=choice
-        )
+        return self.token_choice_routing(choice, choice, weight, loss, metrics, x.dtype)

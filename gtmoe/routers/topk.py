@@ -88,13 +88,7 @@ class TopKRouter(Router):
                 weighted = torch.where(routed == self.n_experts, choice, routed)
         weight = self.combine_weights(logits, weighted)
 
-        n_tokens = x.shape[0]
-        token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
-        expert = routed.reshape(-1)
-        self.record(expert, token)
-        return Routing(
-            expert=expert, token=token, weight=weight.reshape(-1).to(x.dtype), loss=loss, metrics=metrics, choice=choice
-        )
+        return self.token_choice_routing(choice, routed, weight, loss, metrics, x.dtype)
 
     @torch.no_grad()
     def flip_rates(self, scores: Tensor, choice: Tensor, valid: Tensor | None) -> dict[str, Tensor]:
