@@ -9,6 +9,7 @@ about the study; its inputs and outputs lie under the study's root (gtmoe.contra
     python -m analysis findings    --study results/default/study.json
     python -m analysis compute     --study results/default/study.json
     python -m analysis sensitivity --study results/default/study.json   (a study with sweeps)
+    python -m analysis tuning      --study results/tune/study.json      (a tuning study)
 
 A problem the user can fix (a bad record, an unreadable input, a full disk) is one `error:` line and
 exit status 2; anything else is a bug and shows its traceback.
@@ -24,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import RUN_OK, collect, compute, figures, findings, outputs, record, stats, tables, writing
+from analysis.figures import frontier as frontier_figure
 from analysis.record import Record
-from analysis.stats import confirmatory, sensitivity
-from gtmoe.contract import EVAL_SPLITS
+from analysis.stats import confirmatory, frontier, sensitivity, tuning
 from gtmoe.errors import ConfigError, DataError, GtmoeError
 
 
@@ -70,7 +71,9 @@ def run_aggregate(study: Record) -> int:
     """Read every run directory of the study into one tidy table (parquet), with each variant's router and
     resolved options as columns, and write the run status table (parquet, CSV, HTML)."""
     variants = collect.variant_columns(study, reserved=stats.SUMMARY_COLUMNS)
-    tidy, status = collect.collect_runs(study.run_dirs(), study.variants, study.seeds, routed=study.routed())
+    tidy, status = collect.collect_runs(
+        study.run_dirs(), study.variants, study.seeds, routed=study.routed(), splits=study.eval_splits
+    )
     out_table = _summary_path(study, outputs.TIDY)
     with writing(out_table):
         out_table.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,7 @@ def run_stats(study: Record) -> int:
     tidy = _tidy(study)
     settings = study.statistics
     split = study.split
-    eval_splits = [split] + [s for s in EVAL_SPLITS if s != split]
+    eval_splits = [split] + [s for s in study.eval_splits if s != split]
     summary = pd.concat(
         [
             stats.summarize(tidy, stats.SUMMARY_METRICS, eval_splits),
@@ -123,10 +126,12 @@ def run_stats(study: Record) -> int:
         tables.write_comparisons(
             table, _summary_path(study, name), title, alpha=settings["alpha"], power=settings["power"]
         )
+    # A tuning study confirms nothing: its runs choose the values that a confirmation study then tests.
+    tuning = study.stage == "tuning"
     table = confirmatory.confirmatory_comparisons(
         tidy,
-        settings.get("contrasts", []),  # a record written before contrasts were declared has none
-        base,
+        [] if tuning else settings.get("contrasts", []),  # a record written before contrasts were declared has none
+        None if tuning else base,
         study.ablations,
         split,
         primary=settings["primary"],
@@ -136,7 +141,14 @@ def run_stats(study: Record) -> int:
         by_construction=by_construction,
     )
     tables.write_confirmatory(
-        table, _summary_path(study, outputs.CONFIRMATORY), alpha=settings["alpha"], power=settings["power"]
+        table,
+        _summary_path(study, outputs.CONFIRMATORY),
+        alpha=settings["alpha"],
+        power=settings["power"],
+        empty_note="A tuning study: its runs choose each router's knob value on the validation split, and "
+        "nothing is tested here. The declared contrasts are tested by a confirmation study on fresh seeds."
+        if tuning
+        else "",
     )
     _log(f"tables -> {study.layout.summary}")
     return 0
@@ -184,6 +196,14 @@ def run_findings(study: Record) -> int:
             sensitivity=_statistics(study, dose, "sensitivity"),
             sensitivity_best=_statistics(study, best, "sensitivity"),
         )
+    if study.stage == "tuning":
+        select = study.tuning["select"]
+        swept.update(
+            stage="tuning",
+            frontier_comparison=_statistics(study, "frontier_comparison", "tuning"),
+            tuning_budget=_statistics(study, "tuning_budget", "tuning"),
+            tuning_rule=sensitivity.rule_text(select["minimize"], select["subject_to"]),
+        )
     summary = _statistics(study, "summary")
     inputs = findings.FindingsInputs(
         confirmatory=_statistics(study, outputs.CONFIRMATORY),
@@ -219,17 +239,21 @@ def run_compute(study: Record, benchmarks: Sequence[str]) -> int:
 
 
 def run_sensitivity(study: Record) -> int:
-    """Write the dose-response table and the best value per swept option (parquet, CSV, HTML) and one
-    figure per sweep, from ok runs only, for the sweeps of the study record: on the validation split, as
-    every choice (the test split only confirms)."""
+    """Write the dose-response table and the value the declared rule (tuning.select) chooses per swept option
+    (parquet, CSV, HTML) and one figure per sweep, from ok runs only, for the sweeps of the study record: on the
+    validation split, as every choice (the test split only confirms)."""
     if not study.sweeps:
         raise ConfigError(f"study '{study.name}' has no sweeps ({study.path}: sweeps is empty): nothing to analyse")
     try:
         design = sensitivity.read_design(study.sweeps)
     except ConfigError as error:
         raise ConfigError(f"study record {study.path}: {error}") from None
-    dose = sensitivity.dose_response(_tidy(study), design, sensitivity.SELECTION_SPLIT, study.reference)
-    best = sensitivity.best_values(dose)
+    select = study.tuning["select"]  # the declared rule (config tuning.select)
+    minimize, subject_to = select["minimize"], dict(select["subject_to"])
+    dose = sensitivity.dose_response(
+        _tidy(study), design, sensitivity.SELECTION_SPLIT, study.reference, metrics=[minimize, *subject_to]
+    )
+    best = sensitivity.best_values(dose, minimize, subject_to)
     written = tables.write_sensitivity(dose, best, study.layout.summary)
     sweeps = list(dict.fromkeys(design["sweep"]))
     for sweep in sweeps:
@@ -241,6 +265,37 @@ def run_sensitivity(study: Record) -> int:
     return 0
 
 
+def run_tuning(study: Record) -> int:
+    """A tuning study's frontiers (table and figure), the paired frontier comparison of every declared contrast
+    whose routers were both tuned, and the budget table, from ok runs only, on the validation split."""
+    if study.stage != "tuning":
+        raise ConfigError(f"study '{study.name}' is a {study.stage} study ({study.path}: stage): nothing was tuned")
+    design = sensitivity.read_design(study.sweeps)
+    tidy = _tidy(study)
+    split = sensitivity.SELECTION_SPLIT
+    table = frontier.frontier_table(tidy, design, split)
+    pairs = [tuple(pair) for pair in study.tuning["pairs"]]
+    comparison = pd.concat(
+        [
+            frontier.paired_frontier_comparison(tidy, design, pairs, split, metric)
+            for metric in frontier.BALANCE_METRICS
+        ],
+        ignore_index=True,
+    )
+    status = _statistics(study, outputs.STATUS, "aggregate")
+    budget = tuning.budget_table(study.tuning, design, study.seeds, status, study.max_steps)
+    select = study.tuning["select"]
+    rule = sensitivity.rule_text(select["minimize"], select["subject_to"])
+    written = tables.write_tuning(table, comparison, budget, study.layout.summary, rule)
+    chosen = _statistics(study, outputs.SENSITIVITY[1], "sensitivity")
+    figure = Path(study.layout.figures) / f"{outputs.FRONTIER_FIGURE}.png"
+    frontier_figure.plot_frontier(table, figure, frontier.BALANCE_METRICS, chosen)
+    _log(
+        f"{len(pairs)} frontier pair(s), {len(budget)} knob(s): tables -> {Path(written[0]).parent}, figure -> {figure}"
+    )
+    return 0
+
+
 VERBS = {  # the command line: one line per step, each reads only --study
     "aggregate": (run_aggregate, "collect the run directories into the tidy table"),
     "stats": (run_stats, "summary, paired comparison and ablation tables"),
@@ -248,6 +303,7 @@ VERBS = {  # the command line: one line per step, each reads only --study
     "findings": (run_findings, "the findings in words (HTML)"),
     "compute": (run_compute, "job-seconds per stage from the benchmark files"),
     "sensitivity": (run_sensitivity, "dose-response of the router options of each sweep"),
+    "tuning": (run_tuning, "a tuning study's frontiers, frontier comparisons and budget"),
 }
 
 

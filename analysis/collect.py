@@ -228,7 +228,9 @@ def _check_evaluation(evaluation: dict, name: str, variant: str, seed: int, spli
     return [f"{name}: {problem}" for problem in problems]
 
 
-def read_run(run_dir: str | Path, variant: str, seed: int, routed: bool | None = None) -> RunReading:
+def read_run(
+    run_dir: str | Path, variant: str, seed: int, routed: bool | None = None, splits: Sequence[str] = EVAL_SPLITS
+) -> RunReading:
     """Read every file of one run; never raises for absent or corrupt files.
 
     ``routed``: whether the variant's router routes (the study record says; a routed run needs its
@@ -241,7 +243,7 @@ def read_run(run_dir: str | Path, variant: str, seed: int, routed: bool | None =
         reading.missing.append("run directory")
         return reading
 
-    for split in EVAL_SPLITS:
+    for split in splits:
         name = eval_file(split)
         file = path / name
         if not file.is_file():
@@ -314,12 +316,14 @@ def collect_runs(
     variants: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     routed: Mapping[str, bool] | None = None,
+    splits: Sequence[str] = EVAL_SPLITS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(tidy, status)`` for the expected runs.
 
     ``tidy.variant`` is an ordered categorical over all expected variants, so a variant
     without any usable run still appears (with n = 0) in the summaries. ``routed``: variant ->
-    whether its router routes (``Record.routed``); without it each run's eval JSONs say.
+    whether its router routes (``Record.routed``); without it each run's eval JSONs say. ``splits``: the
+    evaluations every run must have (``Record.eval_splits``: a tuning study's runs are scored on validation only).
     """
     runs = expected_runs(run_dirs, variants, seeds)
     variant_order = list(dict.fromkeys(v for v, _, _ in runs))
@@ -337,7 +341,7 @@ def collect_runs(
                 )
             )
             continue
-        reading = read_run(run_dir, variant, seed, None if routed is None else routed[variant])
+        reading = read_run(run_dir, variant, seed, None if routed is None else routed[variant], splits)
         for record in reading.records:
             record["run_status"] = reading.status
         records += reading.records

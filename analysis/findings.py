@@ -54,7 +54,7 @@ from analysis.stats import (
     t_confidence_interval,
 )
 from analysis.stats.confirmatory import ABLATIONS, CONTRASTS, DIFFERENT, EQUIVALENT, INCONCLUSIVE
-from analysis.stats.sensitivity import FLIP_RATE
+from analysis.stats.sensitivity import FLIP_RATE, SELECTION_SPLIT
 from analysis.tables import CSS, format_interval, format_number, format_p
 
 FINAL_FRACTION = 0.1  # the slope is fitted over the last 10% of the training steps
@@ -93,6 +93,10 @@ class FindingsInputs:
     # The confirmatory table (confirmatory.parquet); None: a study whose stats step predates it.
     confirmatory: pd.DataFrame | None = None
     sensitivity_best: pd.DataFrame | None = None  # best value per curve (sensitivity_best.parquet)
+    stage: str = "confirmation"  # a tuning study leads with its choices and frontiers
+    frontier_comparison: pd.DataFrame | None = None  # a tuning study's (frontier_comparison.parquet)
+    tuning_budget: pd.DataFrame | None = None  # a tuning study's (tuning_budget.parquet)
+    tuning_rule: str = ""  # the declared selection rule in words
 
 
 # --------------------------------------------------------------------------- computations
@@ -539,16 +543,10 @@ def _curve_sentence(curve: pd.DataFrame, best: pd.Series | None) -> Rich:
         )
         sentences.append([(text, "")])
     if best is None or not math.isfinite(best["value"]):
-        sentences.append([(f"No value keeps perplexity at or below {reference}'s.", "caution")])
+        note = best["note"] if best is not None and best["note"] else "no value has the rule's metrics"
+        sentences.append([(f"No value chosen: {note}.", "caution")])
     else:
-        text = (
-            f"Lowest Gini with mean Δ PPL ≤ 0 against {reference} (no equivalence test): "
-            f"{first['option']} = {best['value']:g} "
-            f"(Gini {format_number(best['gini_mean'])} {format_interval(best['gini_ci_low'], best['gini_ci_high'])}, "
-            f"Δ PPL {format_number(best['delta_ppl'])} "
-            f"{format_interval(best['delta_ppl_ci_low'], best['delta_ppl_ci_high'])})."
-        )
-        sentences.append([(text, "")])
+        sentences.append(_chosen_sentence(first["option"], best))
     sentences.append(_ppl_resolution(curve, reference))
     flips = curve[curve["metric"] == FLIP_RATE]
     if len(flips) and np.isfinite(flips["mean"]).any():
@@ -558,6 +556,64 @@ def _curve_sentence(curve: pd.DataFrame, best: pd.Series | None) -> Rich:
     for sentence in filter(None, sentences):
         rich += ([(" ", "")] if rich else []) + sentence
     return rich
+
+
+def _chosen_sentence(option: str, best: pd.Series) -> Rich:
+    """The value the declared rule chose, with its means; flagged when no value met the bounds."""
+    means = (
+        f"(PPL {format_number(best['ppl_mean'])}, MaxVio global {format_number(best['maxvio_global_mean'])}, "
+        f"Gini {format_number(best['gini_mean'])} {format_interval(best['gini_ci_low'], best['gini_ci_high'])})"
+    )
+    if best["within_bounds"]:
+        return [(f"Chosen by the declared rule, {best['rule']}: {option} = {best['value']:g} {means}.", "")]
+    return [
+        (
+            f"No value meets the declared rule's bounds ({best['note']}): {option} = {best['value']:g} {means}.",
+            "caution",
+        )
+    ]
+
+
+def tuning_items(comparison: pd.DataFrame, best: pd.DataFrame, budget: pd.DataFrame) -> dict:
+    """A tuning study in words: what each router got and the value chosen for it, then each frontier comparison."""
+    chosen = []
+    for row in budget.itertuples():
+        match = best[(best["sweep"] == row.sweep) & (best["option"] == row.option)]
+        pick = match.iloc[0] if len(match) else None
+        head: Rich = [
+            (f"{row.variant} ({row.router}, {row.option})", "b"),
+            (f": {row.n_values} values ({row.values}) × {row.n_seeds} seeds, ", ""),
+            (f"{row.runs_ok}/{row.runs_planned} runs ok. ", ""),
+        ]
+        if pick is None or not math.isfinite(pick["value"]):
+            chosen.append(
+                [*head, ("No value chosen" + (f": {pick['note']}" if pick is not None else "") + ".", "caution")]
+            )
+        else:
+            chosen.append([*head, *_chosen_sentence(row.option, pick)])
+    gaps = []
+    level = int(CONFIDENCE * 100)
+    for row in comparison.itertuples():
+        head = [(f"{row.variant_a} − {row.variant_b}", "b"), (f" at matched {metric_label(row.balance_metric)}: ", "")]
+        if row.n == 0 or not math.isfinite(row.gap_mean):
+            gaps.append([*head, (f"not compared ({row.note or 'no seed with overlapping fronts'}).", "muted")])
+            continue
+        interval = format_interval(row.gap_ci_low, row.gap_ci_high)
+        text = (
+            f"PPL gap {format_number(row.gap_mean)} {interval} over {row.n} seed(s), balance range "
+            f"{format_number(row.overlap_low)}–{format_number(row.overlap_high)}"
+        )
+        if math.isfinite(row.gap_ci_low) and (row.gap_ci_high < 0 or row.gap_ci_low > 0):
+            side = "lower" if row.gap_ci_high < 0 else "higher"
+            verdict = (
+                f": {row.variant_a} reaches {side} perplexity at matched balance ({level}% CI excludes 0; exploratory)"
+            )
+        else:
+            verdict = (
+                ": the seeds resolve no difference (the interval includes 0 or is undefined); no claim of equality"
+            )
+        gaps.append([*head, (text + verdict + (f"; {row.note}" if row.note else "") + ".", "")])
+    return dict(chosen=chosen, gaps=gaps)
 
 
 def sensitivity_items(dose: pd.DataFrame, best: pd.DataFrame) -> list[Rich]:
@@ -611,6 +667,11 @@ def render(inputs: FindingsInputs) -> str:
             else [],
             adequacy=adequacy_table(verdicts, inputs.split, inputs.still_learning_slope),
             sensitivity=sensitivity_items(inputs.sensitivity, inputs.sensitivity_best) if sweeps else [],
+            sensitivity_split=SELECTION_SPLIT,
+            tuning=tuning_items(inputs.frontier_comparison, inputs.sensitivity_best, inputs.tuning_budget)
+            if inputs.stage == "tuning" and inputs.frontier_comparison is not None
+            else None,
+            tuning_rule=inputs.tuning_rule,
             caveat=[dict(variant=v, label=label) for v, label in sorted(inputs.group_routed.items())],
             noncausal=noncausal_perplexities(inputs.summary, inputs.split, inputs.group_routed),
         )

@@ -16,6 +16,9 @@ STATISTICS = ("summary", "comparisons", "ablations")  # stats: each .parquet (ma
 CONFIRMATORY = "confirmatory"
 CONFIRMATORY_SUFFIXES = ("parquet", "csv", "html", "tex")
 SENSITIVITY = ("sensitivity", "sensitivity_best")  # sensitivity (studies with sweeps): each .parquet, .csv, .html
+# tuning (a tuning study): frontier and tuning_budget as .parquet, .csv, .html; frontier_comparison also .tex
+TUNING = ("frontier", "frontier_comparison", "tuning_budget")
+FRONTIER_FIGURE = "frontier"  # tuning: figures/frontier.png
 FINDINGS = "findings.html"  # findings
 COMPUTE = "compute"  # compute: .csv, .html
 
@@ -41,14 +44,16 @@ def sensitivity_figure(sweep: str) -> str:
 # The keys of the study record (study.json) each step reads (dotted: one key of a section). A step is given
 # only these (analysis.record.load), and the workflow reruns it when exactly these change (its params
 # trigger): an edit of the run settings, say `train.log_every`, reruns no analysis.
-RUNS = ("name", "root", "seeds", "variants", "routers")
+RUNS = ("name", "stage", "root", "seeds", "eval_splits", "variants", "routers")
 RECORD_KEYS = {
     "aggregate": RUNS,
     "stats": (*RUNS, "reference", "ablation", "statistics"),
     "figures": (*RUNS, "reference", "ablation", "statistics"),
-    "findings": (*RUNS, "reference", "ablation", "statistics", "findings", "sweeps"),
+    "findings": (*RUNS, "reference", "ablation", "statistics", "findings", "sweeps", "tuning"),
     "compute": (*RUNS, "sweeps"),
-    "sensitivity": (*RUNS, "reference", "sweeps"),  # chosen on validation, whatever statistics.split says
+    # chosen on validation by the declared rule, whatever statistics.split says
+    "sensitivity": (*RUNS, "reference", "sweeps", "tuning"),
+    "tuning": (*RUNS, "sweeps", "tuning", "run.train"),
 }
 
 
@@ -57,6 +62,8 @@ def record_part(record: dict, keys: tuple[str, ...]) -> dict:
     part: dict = {}
     for key in keys:
         section, _, name = key.partition(".")
+        if section not in record:  # a key newer than the record (stage, tuning): analysis.record's default
+            continue
         if name:
             part.setdefault(section, {})[name] = record[section][name]
         else:

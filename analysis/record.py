@@ -54,6 +54,32 @@ class Record:
         return list(self.data["seeds"])
 
     @property
+    def stage(self) -> str:
+        """ "confirmation" or "tuning" (gtmoe.tuning); a record written before stages is a confirmation."""
+        return self.data.get("stage", "confirmation")
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """The splits every run is scored on: a tuning study's never include test."""
+        return list(self.data.get("eval_splits", EVAL_SPLITS))
+
+    @property
+    def tuning(self) -> Mapping[str, Any]:
+        """seeds, select (minimize, subject_to), knobs (variant, router, option, values, sweep) and pairs (the
+        declared contrasts' sweeps, whose frontiers are compared)."""
+        return self.data.get("tuning") or {
+            "seeds": [],
+            "select": {"minimize": "ppl", "subject_to": {}},
+            "knobs": [],
+            "pairs": [],
+        }
+
+    @property
+    def max_steps(self) -> int:
+        """Training steps of every run (run.train.max_steps)."""
+        return int(self.data["run"]["train"]["max_steps"])
+
+    @property
     def reference(self) -> str:
         return self.data["reference"]
 
@@ -190,8 +216,17 @@ def _check(data: Mapping[str, Any], check: _Checker) -> None:
     for key, value in (("alpha", alpha), ("power", power)):
         check(_is_number(value) and 0 < value < 1, f"statistics.{key}", value, "must be a number in (0, 1)")
     check(power > alpha, "statistics.power", power, f"must exceed statistics.alpha = {alpha}")
+    stage = data.get("stage", "confirmation")
+    check(stage in ("confirmation", "tuning"), "stage", stage, "must be confirmation or tuning")
+    eval_splits = data.get("eval_splits", list(EVAL_SPLITS))
+    check(
+        isinstance(eval_splits, list) and len(eval_splits) > 0 and set(eval_splits) <= set(EVAL_SPLITS),
+        "eval_splits",
+        eval_splits,
+        f"must be a non-empty list of {', '.join(EVAL_SPLITS)}",
+    )
     split = statistics.get("split")
-    check(split in EVAL_SPLITS, "statistics.split", split, f"must be one of {', '.join(EVAL_SPLITS)}")
+    check(split in eval_splits, "statistics.split", split, f"must be one of the scored splits {', '.join(eval_splits)}")
     findings = data.get("findings")
     slope = findings.get("still_learning_slope") if isinstance(findings, dict) else None
     check(_is_number(slope) and slope > 0, "findings.still_learning_slope", slope, "must be a number > 0")

@@ -21,7 +21,7 @@ from analysis import RUN_FAILED, RUN_MISSING, RUN_OK, writing
 from analysis.outputs import SENSITIVITY
 from analysis.stats import CONFIDENCE, EXPLORATORY, HIGHER_IS_BETTER, LOWER_IS_BETTER, REFERENCE_BASELINE, metric_label
 from analysis.stats.confirmatory import ABLATIONS, CONTRASTS, DIFFERENT, EQUIVALENT
-from analysis.stats.sensitivity import FLIP_RATE
+from analysis.stats.sensitivity import FLIP_RATE, SELECTION_SPLIT
 from analysis.stats.sensitivity import METRICS as SENSITIVITY_METRICS
 
 NA = "n/a"
@@ -422,9 +422,12 @@ def confirmatory_latex(table: pd.DataFrame, power: float) -> str:
     return cells.to_latex(index=False, escape=False, column_format="lll" + "r" * 6 + "lr")
 
 
-def write_confirmatory(table: pd.DataFrame, stem: str | Path, *, alpha: float, power: float) -> list[Path]:
+def write_confirmatory(
+    table: pd.DataFrame, stem: str | Path, *, alpha: float, power: float, empty_note: str = ""
+) -> list[Path]:
     """The confirmatory table (``stats.confirmatory.confirmatory_comparisons``) as parquet, CSV, HTML (one
-    section per family) and ``stem.tex`` (LaTeX). Returns the paths written."""
+    section per family) and ``stem.tex`` (LaTeX). ``empty_note`` says why a table has no rows. Returns the paths
+    written."""
     stem = Path(stem)
     margins = "; ".join(
         f"{metric_label(m)} ±{r.margin_value:g}" + (" × mean b" if r.margin_kind == "relative" else "")
@@ -447,7 +450,12 @@ def write_confirmatory(table: pd.DataFrame, stem: str | Path, *, alpha: float, p
     sections = [
         (FAMILY_TITLES.get(family, family), html_table(*confirmatory_rows(part, alpha, power)))
         for family, part in table.groupby("family", sort=False)
-    ] or [("", '<p class="caption">No confirmatory contrast declared and no ablation.</p>')]
+    ] or [
+        (
+            "",
+            f'<p class="caption">{html.escape(empty_note or "No confirmatory contrast declared and no ablation.")}</p>',
+        )
+    ]
     paths = write_table(table, html_page("Confirmatory contrasts", caption, sections), stem)
     tex = stem.with_name(f"{stem.name}.tex")
     with writing(tex):
@@ -549,7 +557,7 @@ def _best_rows(best: pd.DataFrame) -> tuple[list[dict], list[str]]:
         "sweep",
         "option",
         *(["other options"] if best["fixed"].ne("").any() else []),
-        "best value",
+        "chosen value",
         "variant",
         "Gini",
         "MaxVio global",
@@ -568,7 +576,9 @@ def _best_rows(best: pd.DataFrame) -> tuple[list[dict], list[str]]:
                 "sweep": r.sweep,
                 "option": r.option,
                 "other options": r.fixed,
-                "best value": f"{r.value:g}" if chosen else NA,
+                "chosen value": (f"{r.value:g}" if r.within_bounds else f"{r.value:g} (outside the bounds)")
+                if chosen
+                else NA,
                 "variant": r.variant or NA,
                 "Gini": _interval_cell(r.gini_mean, r.gini_ci_low, r.gini_ci_high, int(r.n)),
                 "MaxVio global": format_number(r.maxvio_global_mean),
@@ -608,22 +618,132 @@ def write_sensitivity(dose: pd.DataFrame, best: pd.DataFrame, out_dir: str | Pat
         (f"Sweep: {sweep} ({part['router'].iloc[0]} around {part['base'].iloc[0]})", html_table(*_dose_rows(part)))
         for sweep, part in dose.groupby("sweep", sort=False)
     ]
+    rule = str(best["rule"].iloc[0]) if len(best) else "the declared rule"
     best_caption = (
-        "Per dose-response curve (sweep, option and, in a full grid, the other options' values): among the "
-        "values whose mean seed-paired PPL difference to the reference is ≤ 0 (eligible: PPL no worse than "
-        f"{reference}'s), the one with the lowest mean Gini; ties go to the smaller value. Gini: mean with "
+        "Per dose-response curve (sweep, option and, in a full grid, the other options' values): the value the "
+        f"rule declared in config.yaml (tuning.select) chooses on the {SELECTION_SPLIT} split, from the means "
+        f"over seeds: {rule}; ties go to the smaller value. Values eligible: those within the bounds; with none, "
+        "the value with the lowest mean of the first bounded metric, marked outside the bounds. Gini: mean with "
         f"its {level}% t CI and n seeds; MaxVio global and PPL: means over seeds; Δ PPL: mean paired "
-        f"difference best − {reference} with its t CI over n paired seeds. Values tried: points on the "
-        "curve; values eligible: those with Δ PPL ≤ 0 (a point without paired seeds is not eligible). "
-        "When none is eligible the row has no value and the note says so. A choice among noisy means: "
-        "check the CI of Δ PPL and of Gini before adopting a value."
+        f"difference chosen − {reference} with its t CI over n paired seeds. The test split plays no part: it "
+        "confirms the chosen values in a confirmation study on other seeds."
     )
     best_rows, best_columns = _best_rows(best)
     pages = {
         "sensitivity": (dose, html_page("Sensitivity: dose-response of the router options", dose_caption, sections)),
         "sensitivity_best": (
             best,
-            html_page("Sensitivity: best value per option", best_caption, [("", html_table(best_rows, best_columns))]),
+            html_page(
+                "Sensitivity: the chosen value per option", best_caption, [("", html_table(best_rows, best_columns))]
+            ),
         ),
     }
     return [path for name in SENSITIVITY for path in write_table(*pages[name], out / name)]
+
+
+# --------------------------------------------------------------------------- tuning study
+
+
+def write_tuning(
+    frontier: pd.DataFrame, comparison: pd.DataFrame, budget: pd.DataFrame, out_dir: str | Path, rule: str
+) -> list[Path]:
+    """A tuning study's tables, each as parquet, CSV and HTML: the frontier points (``frontier.*``), the paired
+    frontier comparisons (``frontier_comparison.*``, also LaTeX) and what every router got (``tuning_budget.*``)."""
+    out = Path(out_dir)
+    level = int(round(CONFIDENCE * 100))
+    split = str(frontier["split"].iloc[0]) if len(frontier) else SELECTION_SPLIT
+    frontier_caption = (
+        f"Each tuned router at each value of its balance knob, on the {split} split: mean over the tuning seeds "
+        f"with its {level}% Student t CI and n seeds, for perplexity and each balance metric. The frontier "
+        "figure plots PPL against each balance metric from these rows."
+    )
+    frontier_rows = [
+        {
+            "router (knob)": f"{r.base} ({r.option})",
+            "value": f"{r.value:g}",
+            "variant": r.variant,
+            "metric": metric_label(r.metric),
+            "mean [CI]": _interval_cell(r.mean, r.ci_low, r.ci_high, int(r.n)),
+            "_class": {"value": "num", "mean [CI]": "num"},
+        }
+        for r in frontier.itertuples()
+    ]
+    comparison_caption = (
+        "The study's test of 'better balance at equal perplexity', on the tuning runs: for each declared contrast "
+        "[a, b] whose routers were both tuned, and each tuning seed, the Pareto front of (balance, PPL) over each "
+        "router's knob values; PPL read off each front by linear interpolation at evenly spaced balance levels "
+        "over the range both fronts cover; the seed's gap is the mean of PPL a − PPL b over those levels "
+        "(negative: a reaches lower perplexity at matched balance). Mean gap over seeds with its "
+        f"{level}% t CI (n seeds). Exploratory: the values chosen here are confirmed on fresh seeds and the test "
+        "split by a confirmation study; with two tuning seeds the interval is wide."
+    )
+    comparison_rows = [
+        {
+            "contrast": f"{r.variant_a} − {r.variant_b}",
+            "balance": metric_label(r.balance_metric),
+            "matched range": f"{format_number(r.overlap_low)} – {format_number(r.overlap_high)}",
+            "PPL gap [CI]": _interval_cell(r.gap_mean, r.gap_ci_low, r.gap_ci_high, int(r.n)),
+            "note": r.note,
+            "_class": {"PPL gap [CI]": "num", "matched range": "num"},
+        }
+        for r in comparison.itertuples()
+    ]
+    budget_caption = (
+        "What every router got: the values of its balance knob (gtmoe.tuning: the same number for every tuned "
+        "knob, checked when the config is read) times the tuning seeds, the runs that finished ok and the "
+        f"training steps. A config sweep gives its base extra points and is listed beside the knobs. Selection "
+        f"rule (config.yaml tuning.select), on the {split} split: {rule}."
+    )
+    budget_columns = ["router (knob)", "kind", "values", "seeds", "runs ok / planned", "training steps"]
+    budget_rows = [
+        {
+            "router (knob)": f"{r.variant}: {r.router} ({r.option})",
+            "kind": r.kind,
+            "values": r.values,
+            "seeds": r.seeds,
+            "runs ok / planned": f"{r.runs_ok} / {r.runs_planned}",
+            "training steps": f"{r.training_steps:,}",
+            "_class": {"runs ok / planned": "num", "training steps": "num"},
+        }
+        for r in budget.itertuples()
+    ]
+    pages = {
+        "frontier": (
+            frontier,
+            html_page(
+                "Frontiers: each router across its knob",
+                frontier_caption,
+                [("", html_table(frontier_rows, ["router (knob)", "value", "variant", "metric", "mean [CI]"]))],
+            ),
+        ),
+        "frontier_comparison": (
+            comparison,
+            html_page(
+                "Frontier comparison, paired by seed",
+                comparison_caption,
+                [("", html_table(comparison_rows, ["contrast", "balance", "matched range", "PPL gap [CI]", "note"]))],
+            ),
+        ),
+        "tuning_budget": (
+            budget,
+            html_page("Tuning budget per router", budget_caption, [("", html_table(budget_rows, budget_columns))]),
+        ),
+    }
+    paths = [path for name, (frame, page) in pages.items() for path in write_table(frame, page, out / name)]
+    tex = out / "frontier_comparison.tex"
+    cells = pd.DataFrame(
+        {
+            "Contrast": [f"{r.variant_a} − {r.variant_b}" for r in comparison.itertuples()],
+            "Balance": [metric_label(m) for m in comparison["balance_metric"]],
+            "$n$": comparison["n"].astype(str),
+            "PPL gap": [format_number(v) for v in comparison["gap_mean"]],
+            "95\\% CI": [
+                format_interval(lo, hi) for lo, hi in zip(comparison["gap_ci_low"], comparison["gap_ci_high"])
+            ],
+        }
+    )
+    for column in ("Contrast", "Balance"):
+        cells[column] = cells[column].map(_latex_text)
+    with writing(tex):
+        tex.write_text(cells.replace({NA: "--"}).to_latex(index=False, escape=False, column_format="llrrl"), "utf-8")
+    return [*paths, tex]

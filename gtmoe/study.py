@@ -17,10 +17,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from gtmoe import routers, sweeps
+from gtmoe import routers, sweeps, tuning
 from gtmoe.checks import fail
 from gtmoe.config import (
-    INT64_LIMIT,
     ConfigError,
     DataConfig,
     RouterConfig,
@@ -60,9 +59,12 @@ class Study:
     """The study, resolved once from the config into typed, frozen values: what `study.json` records."""
 
     name: str
+    stage: str  # "confirmation" or "tuning" (gtmoe.tuning)
     layout: StudyLayout
     variants: Mapping[str, RouterConfig]  # name -> router and its options, resolved for the run's horizon
-    seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # the runs' seeds: `seeds` in a confirmation study, `tuning.seeds` in a tuning study
+    eval_splits: tuple[str, ...]  # the splits every run is scored on (a tuning study never scores test)
+    tuning: tuning.Tuning
     reference: str
     ablation_base: str | None
     ablations: tuple[str, ...]
@@ -101,7 +103,13 @@ class Study:
             raw_variants[variant] = {"name": router, **entry}
             variants[variant] = _router_config(router, entry, shared, key)
             target_keys[variant] = f"{key}.name"
-        expansion = sweeps.expand(config.get("sweeps"), raw_variants, shared.train.max_steps)
+        stage = tuning.stage_setting(config)
+        tuned = tuning.tuning_settings(config, raw_variants, stage, shared.train.max_steps)
+        entries = config.get("sweeps")
+        if stage == "tuning":  # the knobs are sweeps like any other: targets, dose-response, variants
+            check(entries is None or isinstance(entries, list), "sweeps", entries, "must be a list of sweeps")
+            entries = [*(entries or []), *tuned.sweep_entries()]
+        expansion = sweeps.expand(entries, raw_variants, shared.train.max_steps)
         sweep_of = {}
         for sweep, members in expansion.members.items():
             for member in members:
@@ -110,18 +118,14 @@ class Study:
         for variant, mapping in expansion.variants.items():
             options = {k: v for k, v in mapping.items() if k != "name"}
             variants[variant] = _router_config(mapping["name"], options, shared, "sweeps")
-        target_keys.update({sweep: f"sweeps[{i}].name" for i, sweep in enumerate(expansion.members)})
-
-        seeds = config.get("seeds")
-        check(isinstance(seeds, list) and len(seeds) > 0, "seeds", seeds, "must be a non-empty list of integers")
-        for seed in seeds:
-            check(
-                isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < INT64_LIMIT,
-                "seeds",
-                seeds,
-                "every seed must be an integer in [0, 2**63)",
+        n_configured = len(config.get("sweeps") or [])  # the tuning knobs' sweeps come after the configured ones
+        for i, sweep in enumerate(expansion.members):
+            target_keys[sweep] = (
+                f"sweeps[{i}].name" if i < n_configured else f"tuning.knobs[{i - n_configured}].variant"
             )
-        check(len(set(seeds)) == len(seeds), "seeds", seeds, "seeds must be unique")
+
+        confirmation_seeds = tuning.confirmation_seeds(config)
+        seeds = list(tuned.seeds) if stage == "tuning" else confirmation_seeds
 
         known = ", ".join(variants)
         reference = config.get("reference", "topk")
@@ -135,11 +139,17 @@ class Study:
             check(member in variants, "ablation.variants", member, f"must be one of the variants: {known}")
 
         statistics = statistics_settings(config, variants, [(member, base) for member in members])
+        if stage == "tuning":
+            tuning.check_compared_are_tuned(tuned, statistics["contrasts"], raw_variants)
+            statistics["split"] = tuning.TUNING_SPLIT  # whatever statistics.split says: test is for confirmation
         study = cls(
             name=name,
+            stage=stage,
             layout=layout,
             variants=MappingProxyType(variants),
             seeds=tuple(seeds),
+            eval_splits=(tuning.TUNING_SPLIT,) if stage == "tuning" else tuple(EVAL_SPLITS),
+            tuning=tuned,
             reference=reference,
             ablation_base=base,
             ablations=tuple(members),
@@ -215,8 +225,10 @@ class Study:
         return {
             "format": STUDY_RECORD_FORMAT,
             "name": self.name,
+            "stage": self.stage,
             "root": self.layout.root,
             "seeds": list(self.seeds),
+            "eval_splits": list(self.eval_splits),
             "reference": self.reference,
             "ablation": {"base": self.ablation_base, "variants": list(self.ablations)},
             "statistics": {
@@ -229,6 +241,11 @@ class Study:
             "routers": {name: routers.describe(name) for name in dict.fromkeys(r.name for r in self.variants.values())},
             "variants": variants,
             "sweeps": [dict(row) for row in self.sweep_design],
+            "tuning": {
+                **self.tuning.record(),
+                # The declared contrasts whose two variants are both tuned: their frontiers are compared.
+                "pairs": [list(p) for p in tuning.frontier_pairs(self.tuning, self.statistics["contrasts"])],
+            },
             "run": shared,
         }
 

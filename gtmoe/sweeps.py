@@ -57,7 +57,7 @@ def format_value(value: float) -> str:
     return text if float(text) == value else repr(value)
 
 
-def _check_value(value: Any, key: str) -> None:
+def check_value(value: Any, key: str) -> None:
     # Numbers only: a dose-response curve needs an axis, and a value becomes part of names and paths.
     check(
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
@@ -67,7 +67,7 @@ def _check_value(value: Any, key: str) -> None:
     )
 
 
-def _resolved(router: str, options: dict[str, Any], max_steps: int, key: str):
+def resolved_options(router: str, options: dict[str, Any], max_steps: int, key: str):
     """The router's typed options as a run would use them (horizon-dependent options resolved)."""
     config = RouterConfig(name=router, options=dict(options))
     config.resolve(key)
@@ -103,7 +103,7 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
     known = {}
     for name, mapping in variants.items():
         router, options = mapping["name"], {k: v for k, v in mapping.items() if k != "name"}
-        known.setdefault(_identity(router, _resolved(router, options, max_steps, name)), name)
+        known.setdefault(_identity(router, resolved_options(router, options, max_steps, name)), name)
     for i, entry in enumerate(entries):
         key = f"sweeps[{i}]"
         check(isinstance(entry, dict), key, entry, "must be a mapping with name, base and grid")
@@ -129,7 +129,7 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
         )
         router = variants[base]["name"]
         base_options = {k: v for k, v in variants[base].items() if k != "name"}
-        resolved_base = _resolved(router, base_options, max_steps, base)
+        resolved_base = resolved_options(router, base_options, max_steps, base)
         router_cls = routers.get(router, key=f"{key}.base")
         option_names = [f.name for f in dataclasses.fields(resolved_base)]
         for option, values in grid.items():
@@ -147,7 +147,7 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
             )
             seen: dict[float, Any] = {}  # by value: 30 and 30.0, or 0 and -0.0, are one point
             for value in values:
-                _check_value(value, f"{key}.grid.{option}")
+                check_value(value, f"{key}.grid.{option}")
                 check(
                     value not in seen,
                     f"{key}.grid.{option}",
@@ -166,7 +166,7 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
             options = {**base_options, **assignment}
             where = f"{key}.grid" + (f".{next(iter(assignment))}" if len(assignment) == 1 else "")
             try:
-                resolved = _resolved(router, options, max_steps, where)
+                resolved = resolved_options(router, options, max_steps, where)
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (in sweep '{name}', point {short_point(assignment)})") from None
             identity = _identity(router, resolved)

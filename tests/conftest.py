@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from gtmoe.config import DataConfig, EvalConfig, ModelConfig, RouterConfig, RunConfig, TrainConfig
 from gtmoe.data import write_shards
@@ -51,13 +53,24 @@ def tiny_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def finished_smoke(tmp_path_factory):
-    """The smoke study, run once to the end for the session (helpers.run_smoke_study; under pytest-xdist once per
-    worker that needs it). Shared by the modules that check a finished study: each reads or changes only its own
-    copy (helpers.copy_study)."""
+def finished_smoke(tmp_path_factory, worker_id):
+    """The smoke study, run once to the end for the whole session (helpers.run_smoke_study), also under
+    pytest-xdist: the first worker that needs it builds it under a file lock in the directory every worker's
+    temporary root shares (the pattern of pytest-xdist's docs), the others wait and read it. Shared by the modules
+    that check a finished study: each reads or changes only its own copy (helpers.copy_study)."""
     if not WIKITEXT.is_dir():
         pytest.skip(f"needs the WikiText-2 files in {WIKITEXT}")
-    return run_smoke_study(tmp_path_factory.mktemp("finished"))
+    if worker_id == "master":  # not distributed (-n 0)
+        return run_smoke_study(tmp_path_factory.mktemp("finished"))
+    shared = tmp_path_factory.getbasetemp().parent
+    root, done = shared / "finished_smoke", shared / "finished_smoke.done"
+    with FileLock(str(shared / "finished_smoke.lock")):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed in another worker: build it again
+            root.mkdir()
+            run_smoke_study(root)
+            done.touch()
+    return root / "study"
 
 
 def tiny_run(shards, router: str = "topk", seed: int = 0, **train) -> RunConfig:

@@ -150,23 +150,27 @@ def test_dose_response_rejects_unknown_variants():
 # --------------------------------------------------------------------------- best values
 
 
-def brute_force_best(values: dict, design: list[dict], reference: str = "topk") -> dict[tuple, float]:
-    """Per (sweep, option, fixed): the eligible value with the lowest mean Gini, from the raw seeds."""
+def brute_force_best(values: dict, design: list[dict], bound: float) -> dict[tuple, tuple[float, bool]]:
+    """Per (sweep, option, fixed), from the raw seeds: the value with the lowest mean PPL among those with mean
+    MaxVio global <= bound; with none, the lowest mean MaxVio global (flagged False). Ties: the smaller value."""
     curves: dict[tuple, list[tuple[float, float, float]]] = {}
     for p in design:
-        ppl, ref = values[p["variant"]]["ppl"], values[reference]["ppl"]
-        common = sorted(set(ppl) & set(ref))
-        delta = np.mean([ppl[s] - ref[s] for s in common]) if common else math.nan
-        gini = np.mean(list(values[p["variant"]]["gini"].values()))
-        curves.setdefault((p["sweep"], p["option"], p["fixed"]), []).append((p["value"], delta, gini))
+        ppl = np.mean(list(values[p["variant"]]["ppl"].values()))
+        maxvio = np.mean(list(values[p["variant"]]["maxvio_global"].values()))
+        curves.setdefault((p["sweep"], p["option"], p["fixed"]), []).append((p["value"], ppl, maxvio))
     best = {}
     for key, points in curves.items():
-        eligible = [(gini, value) for value, delta, gini in points if delta <= 0]
-        best[key] = min(eligible)[1] if eligible else math.nan
+        eligible = [(ppl, value) for value, ppl, maxvio in points if maxvio <= bound]
+        best[key] = (min(eligible)[1], True) if eligible else (min((m, v) for v, _, m in points)[1], False)
     return best
 
 
-def test_best_values_match_brute_force_on_a_random_grid():
+def choose(values: dict, design: list[dict], **rule):
+    return sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"), **rule)
+
+
+@pytest.mark.parametrize("bound", [0.35, 0.45, 0.6])  # few, some and most values within the bound
+def test_best_values_match_brute_force_on_a_random_grid(bound):
     rng = np.random.default_rng(3)
     design, values = [], {"topk": random_values(rng, 100, 0.2)}
     for beta in (0, 0.1, 1):
@@ -177,24 +181,25 @@ def test_best_values_match_brute_force_on_a_random_grid():
                 point("grid", "beta", beta, variant, "reputation", f"gamma={gamma}"),
                 point("grid", "gamma", gamma, variant, "load", f"beta={beta}"),
             ]
-    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
-    expected = brute_force_best(values, design)
+    best = choose(values, design, minimize="ppl", subject_to={"maxvio_global": bound})
+    expected = brute_force_best(values, design, bound)
     assert len(best) == len(expected) == 6
     for row in best.itertuples():
-        want = expected[(row.sweep, row.option, row.fixed)]
-        assert row.value == pytest.approx(want, nan_ok=True)
-        assert row.n_values_tried == 3
+        value, within = expected[(row.sweep, row.option, row.fixed)]
+        assert (row.value, row.within_bounds) == (pytest.approx(value), within)
+        assert row.n_values_tried == 3 and row.rule == "lowest mean ppl with mean maxvio_global ≤ " + f"{bound:g}"
+    assert best["within_bounds"].any() or bound < 0.4
 
 
-def test_best_values_base_best_and_no_eligible():
+def test_the_declared_rule_picks_within_its_bounds_or_says_none_is():
     values = {
         "topk": {"ppl": {0: 100.0, 1: 101.0}, "gini": {0: 0.3, 1: 0.3}},
-        "rdesi": {"ppl": {0: 99.0, 1: 100.0}, "gini": {0: 0.10, 1: 0.12}},  # base: eligible, best
-        "rdesi-beta0": {"ppl": {0: 98.0, 1: 99.0}, "gini": {0: 0.20, 1: 0.22}},  # eligible, worse Gini
-        "rdesi-beta3": {"ppl": {0: 105.0, 1: 106.0}, "gini": {0: 0.05, 1: 0.05}},  # lowest Gini, PPL worse
-        "rdesi-c0": {"ppl": {0: 110.0, 1: 111.0}, "gini": {0: 0.1, 1: 0.1}},
-        "rdesi-c3": {"ppl": {2: 90.0}, "gini": {2: 0.1}},
-    }  # no paired seed
+        "rdesi": {"ppl": {0: 99.0, 1: 100.0}, "gini": {0: 0.10, 1: 0.12}},  # base: within, not the lowest PPL
+        "rdesi-beta0": {"ppl": {0: 98.0, 1: 99.0}, "gini": {0: 0.20, 1: 0.22}},  # within, lowest PPL
+        "rdesi-beta3": {"ppl": {0: 90.0, 1: 91.0}, "gini": {0: 0.50, 1: 0.50}},  # lowest PPL, outside the bound
+        "rdesi-c0": {"ppl": {0: 110.0, 1: 111.0}, "gini": {0: 0.4, 1: 0.4}},
+        "rdesi-c3": {"ppl": {2: 90.0}, "gini": {2: 0.3}},  # no seed paired with topk
+    }
     design = [
         point(value=0, variant="rdesi-beta0"),
         point(value=0.3, variant="rdesi"),
@@ -205,34 +210,48 @@ def test_best_values_base_best_and_no_eligible():
     ]
     for values_of in values.values():
         values_of["maxvio_global"] = {s: 2 * g for s, g in values_of["gini"].items()}
-    values["topk"]["ppl"][1] = 98.5  # topk's seed 1 is now below the base: base Δ = mean(−1, +1.5) > 0
-    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
+    best = choose(values, design, minimize="ppl", subject_to={"maxvio_global": 0.5})
     assert list(best.columns) == sensitivity.BEST_COLUMNS
     beta, c = best.iloc[0], best.iloc[1]
     assert (beta.option, c.option) == ("beta", "c")
-    # beta: the base's Δ PPL is +0.25 (not eligible), beta0's is −0.75: beta0 wins despite its Gini.
-    assert beta.value == 0 and beta.variant == "rdesi-beta0" and beta.n_values_eligible == 1
-    assert beta.delta_ppl == pytest.approx(np.mean([98 - 100, 99 - 98.5]))
-    assert math.isnan(c.value) and c.variant == "" and c.n_values_eligible == 0 and c.n_values_tried == 3
-    assert c.note.startswith("no value keeps PPL at or below topk's") and "1 value(s) without seeds paired" in c.note
+    # beta: beta3 has the lowest PPL but MaxVio 1.0 > 0.5; of the two within, beta0 has the lower PPL.
+    assert beta.value == 0 and beta.variant == "rdesi-beta0" and beta.n_values_eligible == 2 and beta.within_bounds
+    assert beta.delta_ppl == pytest.approx(-2.0) and beta.ppl_mean == pytest.approx(98.5) and beta.note == ""
+    assert (beta.gini_ci_low, beta.gini_ci_high) == pytest.approx(t_interval([0.20, 0.22]))
+    # c: the base (MaxVio 0.22) is the only one within 0.5, though c3 has a lower PPL (and no paired seed).
+    assert c.value == 1 and c.within_bounds and "1 value(s) without seeds paired with topk" in c.note
 
-    values["topk"]["ppl"][1] = 101.0  # back: the base (Δ −1) is eligible and has the lowest Gini among those
-    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
-    beta = best.iloc[0]
-    assert beta.value == 0.3 and beta.variant == "rdesi" and beta.n_values_eligible == 2 and beta.note == ""
-    assert beta.gini_mean == pytest.approx(0.11) and beta.n == 2
-    assert (beta.gini_ci_low, beta.gini_ci_high) == pytest.approx(t_interval([0.10, 0.12]))
-    assert beta.delta_ppl == pytest.approx(-1.0) and beta.ppl_mean == pytest.approx(99.5)
+    best = choose(values, design, minimize="ppl", subject_to={"maxvio_global": 0.1})  # nothing within
+    beta, c = best.iloc[0], best.iloc[1]
+    assert not beta.within_bounds and beta.value == 0.3 and beta.n_values_eligible == 0  # the lowest MaxVio
+    assert beta.note.startswith("no value within maxvio_global ≤ 0.1: the lowest maxvio_global")
+
+    best = choose(values, design, minimize="ppl")  # no bounds: the lowest PPL
+    assert best.iloc[0].value == 3 and best.iloc[0].within_bounds
+    best = choose(values, design, minimize="gini", subject_to={"ppl": 100})  # another rule, same machinery
+    assert best.iloc[0].value == 0.3 and best.iloc[0].rule == "lowest mean gini with mean ppl ≤ 100"
+
+
+def test_the_rule_needs_its_metrics_and_a_curve_without_them_chooses_nothing():
+    values = {
+        "topk": {"ppl": {0: 100.0}, "gini": {0: 0.3}, "maxvio_global": {0: 1.0}},
+        "a": {"ppl": {0: 99.0}, "gini": {0: 0.1}},  # no MaxVio: not within any bound
+    }
+    best = choose(values, [point(value=1, variant="a")], minimize="ppl", subject_to={"maxvio_global": 5})
+    assert math.isnan(best.iloc[0].value) and not best.iloc[0].within_bounds and "no value has" in best.iloc[0].note
+    dose = sensitivity.dose_response(tidy_table(values), [point(value=1, variant="a")], "test", "topk")
+    with pytest.raises(ConfigError, match=r"needs the metrics \['word_ppl'\]"):
+        sensitivity.best_values(dose, "word_ppl")
 
 
 def test_best_value_ties_go_to_the_smaller_value():
     values = {
         "topk": {"ppl": {0: 100.0}, "gini": {0: 0.3}, "maxvio_global": {0: 1.0}},
         "a": {"ppl": {0: 99.0}, "gini": {0: 0.1}, "maxvio_global": {0: 1.0}},
-        "b": {"ppl": {0: 98.0}, "gini": {0: 0.1}, "maxvio_global": {0: 1.0}},
+        "b": {"ppl": {0: 99.0}, "gini": {0: 0.1}, "maxvio_global": {0: 1.0}},
     }
     design = [point(value=3, variant="b"), point(value=1, variant="a")]
-    best = sensitivity.best_values(sensitivity.dose_response(tidy_table(values), design, "test", "topk"))
+    best = choose(values, design, minimize="ppl", subject_to={"maxvio_global": 2})
     assert best.iloc[0].value == 1 and best.iloc[0].variant == "a"
 
 
@@ -281,7 +300,7 @@ def test_write_tables(tmp_path):
     page = (tmp_path / "sensitivity.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page and 'class="reference"' in page
     assert "Sweep: oat" in page and "Sweep: grid" in page and "other options" in page
-    assert "lowest mean Gini" in (tmp_path / "sensitivity_best.html").read_text()
+    assert "lowest mean ppl" in (tmp_path / "sensitivity_best.html").read_text()
     assert len(pd.read_csv(tmp_path / "sensitivity.csv")) == len(dose)
 
 

@@ -349,7 +349,7 @@ def python_verbs() -> list[tuple[str, ...]]:
 def test_the_docs_name_commands():
     verbs = python_verbs()
     assert ("gtmoe", "prepare", "tokenizer") in verbs and ("analysis", "aggregate") in verbs
-    assert any("lossfree_rate" in command for command in documented_commands("snakemake"))
+    assert any("tune_lossfree" in command for command in documented_commands("snakemake"))
 
 
 @pytest.mark.parametrize("verb", python_verbs(), ids=" ".join)

@@ -13,6 +13,8 @@ from gtmoe.config import ConfigError
 from gtmoe.study import Study
 from gtmoe.sweeps import format_value
 
+from helpers import merged_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -113,19 +115,21 @@ def test_sweep_variants_can_be_ablations_and_the_reference():
 
 
 def test_the_preset_is_large_enough_and_sweeps_every_term():
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
     preset = yaml.safe_load((REPO / "workflow/presets/sensitivity.yaml").read_text())
-    config.update(preset)
+    config = merged_config(preset)  # as Snakemake merges a --configfile
     study = Study.from_config(config)
-    assert len(study.variant_names) >= 18 and len(study.seeds) == 3
+    assert len(study.variant_names) >= 18 and study.stage == "tuning"
+    assert study.seeds == tuple(config["tuning"]["seeds"])
     grids = {option: values for sweep in preset["sweeps"] for option, values in sweep["grid"].items()}
-    assert set(grids) == {"beta", "gamma", "c", "bias_update_rate"}
+    knobs = {k.option: list(k.values) for k in study.tuning.knobs}
+    assert set(grids) == {"beta", "c"} and set(knobs) == {"aux_loss_coef", "gamma", "bias_update_rate"}
+    grids.update(knobs)
     for option, values in grids.items():
         assert len(values) >= 5 and sorted(values) == values and values[0] == 0, option
         # log-spaced: consecutive positive values a factor 2 to 10 apart
         ratios = [b / a for a, b in zip(values[1:], values[2:])]
         assert all(2 <= r <= 10 for r in ratios), (option, values)
-    assert {row["term"] for row in study.sweep_design} == {"reputation", "load", "bonus", "bias"}
+    assert {row["term"] for row in study.sweep_design} == {"reputation", "load", "bonus", "bias", None}
 
 
 BAD_SWEEPS = [

@@ -21,7 +21,7 @@ written by ``analysis.tables.write_sensitivity``, the figures by ``analysis.figu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,6 +80,8 @@ BEST_COLUMNS = [
     "delta_ppl",
     "delta_ppl_ci_low",
     "delta_ppl_ci_high",
+    "rule",
+    "within_bounds",
     "n_values_tried",
     "n_values_eligible",
     "note",
@@ -147,7 +149,7 @@ def read_design(design: Sequence[dict]) -> pd.DataFrame:
     return frame
 
 
-def _design_order(design: pd.DataFrame) -> pd.DataFrame:
+def design_order(design: pd.DataFrame) -> pd.DataFrame:
     """Sweeps, their options and each option's curves in design order, each curve by increasing value."""
     # ngroup(sort=False) numbers the groups by first appearance: the design's order at every level.
     ranks = {f"_{i}": design.groupby(CURVE[: i + 1], sort=False).ngroup() for i in range(len(CURVE))}
@@ -168,14 +170,15 @@ def dose_response(
     split: str,
     reference: str,
     confidence: float = CONFIDENCE,
+    metrics: Sequence[str] = METRICS,
 ) -> pd.DataFrame:
     """One row per (sweep, option, fixed, value, variant, metric): n seeds, mean, std, t CI, the
     reference's n, mean and t CI on that metric, and the seed-paired difference point − reference
     (mean and t CI over the seeds both have, ``n_paired``).
 
-    Metrics are ``METRICS``; ``flip_rate`` is the tidy metric ``flip_rate_<term>`` of the point's
-    term, left out for an option that scales no term. The flip rate has no reference (a router
-    without the term has none), so its reference and difference columns are NaN.
+    Metrics are ``METRICS`` and those of ``metrics`` (what a selection rule names); ``flip_rate`` is the tidy
+    metric ``flip_rate_<term>`` of the point's term, left out for an option that scales no term. The flip rate
+    has no reference (a router without the term has none), so its reference and difference columns are NaN.
     """
     design = design if isinstance(design, pd.DataFrame) else read_design(design)
     variants = variant_order(tidy)
@@ -185,7 +188,8 @@ def dose_response(
     if unknown:
         raise ConfigError(f"sweep design names variants absent from the table: {unknown}")
     tidy = tidy[(tidy["layer"] == MODEL_LEVEL) & (tidy["split"] == split)]  # once, not per lookup
-    reference_values = {m: per_seed(tidy, reference, m, split) for m in METRICS if m != FLIP_RATE}
+    metrics = list(dict.fromkeys([*METRICS, *metrics]))
+    reference_values = {m: per_seed(tidy, reference, m, split) for m in metrics if m != FLIP_RATE}
     reference_stats = {m: describe(v, confidence) for m, v in reference_values.items()}
     no_reference = dict(
         ref_n=0,
@@ -199,8 +203,8 @@ def dose_response(
         delta_ci_high=math.nan,
     )
     rows = []
-    for point in _design_order(design).to_dict("records"):
-        for metric in METRICS:
+    for point in design_order(design).to_dict("records"):
+        for metric in metrics:
             if metric == FLIP_RATE and pd.isna(point["term"]):  # None, or NaN once in a frame
                 continue
             source = f"{FLIP_RATE}_{point['term']}" if metric == FLIP_RATE else metric
@@ -226,11 +230,11 @@ def dose_response(
     return pd.DataFrame(rows, columns=DOSE_COLUMNS)
 
 
-def _points(dose: pd.DataFrame) -> pd.DataFrame:
+def _points(dose: pd.DataFrame, rule_metrics: Sequence[str]) -> pd.DataFrame:
     """One row per point with the columns the selection needs, in the dose table's order."""
     by_metric = {m: dose[dose["metric"] == m].set_index(POINT) for m in ("ppl", "gini", "maxvio_global")}
     ppl, gini, maxvio = by_metric["ppl"], by_metric["gini"], by_metric["maxvio_global"]
-    return pd.DataFrame(
+    points = pd.DataFrame(
         {
             "reference": ppl["reference"],
             "n": gini["n"],
@@ -245,31 +249,56 @@ def _points(dose: pd.DataFrame) -> pd.DataFrame:
             "delta_ppl_ci_high": ppl["delta_ci_high"],
         },
         index=ppl.index,
-    ).reset_index()
+    )
+    for metric in rule_metrics:  # the rule's metrics, whatever the table shows
+        points[f"_rule_{metric}"] = dose[dose["metric"] == metric].set_index(POINT)["mean"].reindex(points.index)
+    return points.reset_index()
 
 
-def best_values(dose: pd.DataFrame) -> pd.DataFrame:
-    """Per curve (sweep, option, fixed): the value with the lowest mean Gini among the *eligible*
-    values, those whose seed-paired mean PPL difference to the reference is ≤ 0 (no worse).
+def rule_text(minimize: str, subject_to: Mapping[str, float]) -> str:
+    """The selection rule in words, as the tables and the findings state it."""
+    bounds = " and ".join(f"{metric} ≤ {bound:g}" for metric, bound in subject_to.items())
+    return f"lowest mean {minimize}" + (f" with mean {bounds}" if bounds else "")
 
-    Ties in Gini go to the smaller value (the weaker intervention). A curve with no eligible
-    value (or none with a Gini) keeps a row with value NaN and a note saying why.
+
+def best_values(
+    dose: pd.DataFrame, minimize: str = "ppl", subject_to: Mapping[str, float] | None = None
+) -> pd.DataFrame:
+    """Per curve (sweep, option, fixed): the value the declared rule (config ``tuning.select``) picks from the
+    means over seeds in ``dose`` (the validation split): among the values whose mean of every bounded metric is
+    at most its bound (*eligible*), the one with the lowest mean of ``minimize``; ties go to the smaller value.
+
+    With no eligible value the row is the value with the lowest mean of the first bounded metric, with
+    ``within_bounds`` False and a note. A curve whose points lack the metrics keeps a row with value NaN and a
+    note. ``dose`` must hold every metric the rule names.
     """
+    subject_to = dict(subject_to or {})
+    rule_metrics = [minimize, *subject_to]
+    missing = sorted(set(rule_metrics) - set(dose["metric"]))
+    if missing and len(dose):
+        raise ConfigError(f"the selection rule needs the metrics {missing}, absent from the dose-response table")
+    rule = rule_text(minimize, subject_to)
     rows = []
-    for (sweep, option, fixed), curve in _points(dose).groupby(CURVE, sort=False):
+    for (sweep, option, fixed), curve in _points(dose, rule_metrics).groupby(CURVE, sort=False):
         reference = curve["reference"].iloc[0]
-        eligible = curve[curve["delta_ppl"] <= 0]  # NaN (no paired seeds) is not eligible
-        candidates = eligible[np.isfinite(eligible["gini_mean"])].sort_values(["gini_mean", "value"], kind="stable")
+        scored = curve[np.isfinite(curve[f"_rule_{minimize}"])]
+        eligible = scored
+        for metric, bound in subject_to.items():
+            eligible = eligible[eligible[f"_rule_{metric}"] <= bound]  # NaN is not within a bound
         counts = dict(n_values_tried=len(curve), n_values_eligible=len(eligible))
-        unpaired = int(curve["delta_ppl"].isna().sum())
-        notes = [f"{unpaired} value(s) without seeds paired with {reference}"] if unpaired else []
-        if candidates.empty:
-            notes.insert(
-                0,
-                f"no value keeps PPL at or below {reference}'s"
-                if eligible.empty
-                else "no value that keeps PPL has a Gini",
+        notes: list[str] = []
+        within = True
+        if not eligible.empty:
+            chosen = eligible.sort_values([f"_rule_{minimize}", "value"], kind="stable").iloc[0]
+        elif subject_to and not scored.empty and np.isfinite(scored[f"_rule_{next(iter(subject_to))}"]).any():
+            first = next(iter(subject_to))
+            chosen = scored.sort_values([f"_rule_{first}", "value"], kind="stable").iloc[0]
+            within = False
+            notes.append(
+                f"no value within {' and '.join(f'{m} ≤ {b:g}' for m, b in subject_to.items())}: the lowest {first}"
             )
+        else:
+            notes.append(f"no value has a mean {minimize}" + (" and the bounded metrics" if subject_to else ""))
             rows.append(
                 dict(
                     sweep=sweep,
@@ -280,11 +309,16 @@ def best_values(dose: pd.DataFrame) -> pd.DataFrame:
                     reference=reference,
                     n=0,
                     n_paired=0,
+                    rule=rule,
+                    within_bounds=False,
                     **counts,
                     note="; ".join(notes),
                 )
             )
-        else:
-            best = candidates.iloc[0].to_dict()
-            rows.append({**best, **counts, "note": "; ".join(notes)})
+            continue
+        unpaired = int(curve["delta_ppl"].isna().sum())
+        if unpaired:
+            notes.append(f"{unpaired} value(s) without seeds paired with {reference}")
+        best = {k: v for k, v in chosen.to_dict().items() if not k.startswith("_rule_")}
+        rows.append({**best, "rule": rule, "within_bounds": within, **counts, "note": "; ".join(notes)})
     return pd.DataFrame(rows, columns=BEST_COLUMNS)

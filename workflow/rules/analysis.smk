@@ -169,6 +169,47 @@ if STUDY.sweeps:
             analysis_command("sensitivity")
 
 
+# A tuning study (config `stage: tuning`, gtmoe.tuning): each router's frontier across its knob, the paired
+# frontier comparison of the declared contrasts and the budget table; the findings lead with them.
+if STUDY.stage == "tuning":
+
+    rule tuning:
+        input:
+            record=ancient(STUDY_RECORD),
+            table=rules.aggregate.output.table,
+            status=rules.aggregate.output.status,
+            chosen=rules.sensitivity.output.best,
+        output:
+            frontier=summary_file("frontier.parquet"),
+            frontier_csv=summary_file("frontier.csv"),
+            frontier_html=captioned(summary_file("frontier.html"), "frontier_table", "Tuning", table="frontier points"),
+            comparison=summary_file("frontier_comparison.parquet"),
+            comparison_csv=summary_file("frontier_comparison.csv"),
+            comparison_tex=summary_file("frontier_comparison.tex"),
+            comparison_html=captioned(
+                summary_file("frontier_comparison.html"), "frontier_comparison", "Tuning", table="frontier comparison"
+            ),
+            budget=summary_file("tuning_budget.parquet"),
+            budget_csv=summary_file("tuning_budget.csv"),
+            budget_html=captioned(summary_file("tuning_budget.html"), "tuning_budget", "Tuning", table="budget"),
+            figure=captioned(figure_file(outputs.FRONTIER_FIGURE), "frontier", "Tuning", figure="frontiers"),
+        log:
+            f"{LOGS}/tuning.log",
+        benchmark:
+            f"{BENCHMARKS}/tuning.tsv"
+        localrule: True
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            mem_mb=job("analysis", "mem_mb", 2000),
+            runtime=job("analysis", "runtime", 10),
+        params:
+            study=record_trigger("tuning"),
+        shell:
+            analysis_command("tuning")
+
+
 # The report's category menu is sorted alphabetically (localeCompare): the star puts the findings first.
 FINDINGS_CATEGORY = "★ Findings"
 
@@ -184,6 +225,7 @@ rule findings:
         baselines=NGRAM,
         train_logs=run_files(contract.TRAIN_LOG),
         sensitivity=[rules.sensitivity.output.table, rules.sensitivity.output.best] if STUDY.sweeps else [],
+        tuning=[rules.tuning.output.comparison, rules.tuning.output.budget] if STUDY.stage == "tuning" else [],
     output:
         captioned(summary_file(outputs.FINDINGS), "findings", FINDINGS_CATEGORY, table="findings in words"),
     log:
@@ -235,4 +277,5 @@ ANALYSIS_OUTPUTS = [
     *rules.findings.output,
     *rules.compute.output,
     *(rules.sensitivity.output if STUDY.sweeps else []),
+    *(rules.tuning.output if STUDY.stage == "tuning" else []),
 ]

@@ -30,7 +30,6 @@ for _configfile in workflow.configfiles:
 validate(config, "../schemas/config.schema.yaml")
 
 SPLITS = list(contract.SPLITS)
-EVAL_SPLITS = list(contract.EVAL_SPLITS)
 CONDA_ENV = "../envs/gtmoe.yaml"
 
 
@@ -70,6 +69,7 @@ RECORD = STUDY.record()
 
 VARIANTS = STUDY.variant_names
 SEEDS = STUDY.seeds
+EVAL_SPLITS = list(STUDY.eval_splits)  # a tuning study never scores the test split (gtmoe.tuning)
 SWEEPS = STUDY.sweeps  # sweep name -> its variants (gtmoe.sweeps)
 
 
@@ -109,6 +109,7 @@ def study_benchmarks():
         "figures",
         "findings",
         "sensitivity",
+        "tuning",
     ):
         if rules.has(name):
             files += expand(str(getattr(rules, name).benchmark), **grid)

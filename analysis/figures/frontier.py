@@ -1,0 +1,77 @@
+"""The frontier figure of a tuning study: each router's perplexity against its balance, across its knob values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.figures.canvas import finish_figure, message_figure, variant_palette
+from analysis.stats import metric_label
+
+
+def plot_frontier(
+    frontier: pd.DataFrame, path: str | Path, balance_metrics: tuple[str, ...], chosen: pd.DataFrame | None = None
+) -> Path:
+    """One panel per balance metric: mean PPL (y) against the mean balance metric (x) at each knob value of each
+    tuned router (``stats.frontier.frontier_table``), with the seeds' 95% t intervals on both axes, the points
+    joined in the order of the knob's values and labelled with them; a ringed point is the value the declared
+    rule chose (``chosen``: sensitivity's best-value table)."""
+    title = "Frontiers: perplexity against balance across each router's knob"
+    if frontier.empty or not np.isfinite(frontier["mean"].to_numpy(dtype=float)).any():
+        return message_figure(path, title, "no usable run of the tuned variants (see the run status)")
+    split = frontier["split"].iloc[0]
+    sweeps = list(dict.fromkeys(frontier["sweep"]))
+    bases = dict(zip(frontier["sweep"], frontier["base"]))
+    colours = variant_palette([bases[s] for s in sweeps])
+    picked = set() if chosen is None else {(r.sweep, r.value) for r in chosen.itertuples()}
+    fig, axes = plt.subplots(1, len(balance_metrics), squeeze=False, figsize=(5.2 * len(balance_metrics), 4.4))
+    for ax, metric in zip(axes[0], balance_metrics):
+        for sweep in sweeps:
+            rows = frontier[frontier["sweep"] == sweep]
+            x = rows[rows["metric"] == metric].set_index("value")
+            y = rows[rows["metric"] == "ppl"].set_index("value")
+            values = [
+                v for v in sorted(set(x.index) & set(y.index)) if np.isfinite([x.at[v, "mean"], y.at[v, "mean"]]).all()
+            ]
+            if not values:
+                continue
+            xs, ys = x.loc[values], y.loc[values]
+            option, colour = rows["option"].iloc[0], colours[bases[sweep]]
+            ax.errorbar(
+                xs["mean"],
+                ys["mean"],
+                xerr=_half_widths(xs),
+                yerr=_half_widths(ys),
+                color=colour,
+                marker="o",
+                ms=4,
+                lw=1.2,
+                capsize=2,
+                label=f"{bases[sweep]} ({option})",
+            )
+            for value in values:
+                ax.annotate(
+                    f"{value:g}",
+                    (xs.at[value, "mean"], ys.at[value, "mean"]),
+                    fontsize=7,
+                    color=colour,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+                if (sweep, value) in picked:
+                    ax.plot(xs.at[value, "mean"], ys.at[value, "mean"], "o", ms=11, mfc="none", mec=colour, mew=1.6)
+        ax.set_xlabel(f"{metric_label(metric)} ({split}, mean over seeds)")
+        ax.set_ylabel(f"perplexity ({split})")
+        ax.set_title(f"PPL vs {metric_label(metric)}", fontsize=10)
+    axes[0][0].legend(fontsize=8, title="router (knob); ringed: chosen", title_fontsize=8)
+    return finish_figure(fig, path, title)
+
+
+def _half_widths(rows: pd.DataFrame) -> np.ndarray:
+    """Asymmetric error bars from a CI; 0 where the CI is undefined (one seed)."""
+    low = (rows["mean"] - rows["ci_low"]).to_numpy(dtype=float)
+    high = (rows["ci_high"] - rows["mean"]).to_numpy(dtype=float)
+    return np.nan_to_num(np.vstack([low, high]), nan=0.0)
