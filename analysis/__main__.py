@@ -217,7 +217,7 @@ def run_findings(study: Record) -> int:
         split=study.split,
         alpha=study.statistics["alpha"],
         power=study.statistics["power"],
-        still_learning_slope=study.still_learning_slope,
+        horizon=findings.horizon_gain(_tidy(study), study.horizon, study.split) if study.horizon else None,
         group_routed={
             v: study.describe(v)["label"]
             for v in findings.noncausal_variants(summary, study.split, study.balanced_by_construction())

@@ -101,8 +101,9 @@ class Record:
         return self.data["statistics"]["split"]
 
     @property
-    def still_learning_slope(self) -> float:
-        return float(self.data["findings"]["still_learning_slope"])
+    def horizon(self) -> Mapping[str, Any] | None:
+        """The training-horizon check `{variant, longer, max_gain}` (config findings.horizon), or None."""
+        return self.data["findings"].get("horizon")
 
     @property
     def sweeps(self) -> list[dict[str, Any]]:
@@ -228,8 +229,21 @@ def _check(data: Mapping[str, Any], check: _Checker) -> None:
     split = statistics.get("split")
     check(split in eval_splits, "statistics.split", split, f"must be one of the scored splits {', '.join(eval_splits)}")
     findings = data.get("findings")
-    slope = findings.get("still_learning_slope") if isinstance(findings, dict) else None
-    check(_is_number(slope) and slope > 0, "findings.still_learning_slope", slope, "must be a number > 0")
+    check(isinstance(findings, dict), "findings", findings, "must be a mapping")
+    horizon = findings.get("horizon")
+    check(
+        horizon is None
+        or (
+            isinstance(horizon, dict)
+            and horizon.get("variant") in variants
+            and horizon.get("longer") in variants
+            and _is_number(horizon.get("max_gain"))
+            and 0 < horizon["max_gain"] < 1
+        ),
+        "findings.horizon",
+        horizon,
+        "must be null or {variant, longer, max_gain} with two of the variants and 0 < max_gain < 1",
+    )
     check(isinstance(data.get("sweeps"), list), "sweeps", data.get("sweeps"), "must be a list of design rows")
 
 

@@ -24,6 +24,7 @@ from gtmoe.config import (
     DataConfig,
     RouterConfig,
     RunConfig,
+    TrainConfig,
     check,
     check_name,
     from_dict,
@@ -49,9 +50,9 @@ STATISTICS_DEFAULTS = {
 MARGIN_KINDS = ("relative", "absolute")  # a margin is a share of b's mean, or in the metric's own units
 # The metrics a primary endpoint or a margin may name: what the evaluation writes per run.
 ENDPOINT_METRICS = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
-# config.yaml `findings` defaults: the final training-loss slope (nats per 1000 steps) above which a variant
-# is flagged "still learning".
-FINDINGS_DEFAULTS = {"still_learning_slope": 1.0}
+# config.yaml `findings` defaults: the training-horizon check, `{variant, longer, max_gain}` (the same router
+# trained longer; none by default) that says how much perplexity more steps would still buy.
+FINDINGS_DEFAULTS: dict[str, Any] = {"horizon": None}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class Study:
     seeds: tuple[int, ...]  # the runs' seeds: `seeds` in a confirmation study, `tuning.seeds` in a tuning study
     eval_splits: tuple[str, ...]  # the splits every run is scored on (a tuning study never scores test)
     tuning: tuning.Tuning
+    # variant -> the train settings it sets itself over the shared ones (`variants[].train`: a longer run)
+    train_overrides: Mapping[str, Mapping[str, Any]]
     reference: str
     ablation_base: str | None
     ablations: tuple[str, ...]
@@ -87,6 +90,7 @@ class Study:
 
         variants: dict[str, RouterConfig] = {}
         raw_variants: dict[str, dict[str, Any]] = {}
+        train_overrides: dict[str, dict[str, Any]] = {}  # variant -> its own train settings over the shared ones
         target_keys: dict[str, str] = {}
         entries = config.get("variants")
         check(isinstance(entries, list) and len(entries) > 0, "variants", entries, "must be a non-empty list")
@@ -100,8 +104,13 @@ class Study:
             router = entry.pop("router", None)
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
             routers.get(router, key=f"{key}.router")
+            own_train = entry.pop("train", None)
+            train = shared.train
+            if own_train is not None:
+                train = _variant_train(shared.train, own_train, f"{key}.train")
+                train_overrides[variant] = dict(own_train)
             raw_variants[variant] = {"name": router, **entry}
-            variants[variant] = _router_config(router, entry, shared, key)
+            variants[variant] = _router_config(router, entry, shared, key, train.max_steps)
             target_keys[variant] = f"{key}.name"
         stage = tuning.stage_setting(config)
         tuned = tuning.tuning_settings(config, raw_variants, stage, shared.train.max_steps)
@@ -109,7 +118,15 @@ class Study:
         if stage == "tuning":  # the knobs are sweeps like any other: targets, dose-response, variants
             check(entries is None or isinstance(entries, list), "sweeps", entries, "must be a list of sweeps")
             entries = [*(entries or []), *tuned.sweep_entries()]
-        expansion = sweeps.expand(entries, raw_variants, shared.train.max_steps)
+        # A sweep's points share the shared train settings: a base with its own is not swept (nor tuned), and no
+        # point is taken for it (its options alone would not say that its runs differ).
+        for i, entry in enumerate(entries or []):
+            base = entry.get("base") if isinstance(entry, dict) else None
+            if base in train_overrides:
+                where = f"sweeps[{i}].base" if i < len(config.get("sweeps") or []) else "tuning.knobs"
+                fail(where, base, "has train settings of its own (variants[].train); sweep or tune a variant without")
+        shared_variants = {v: raw for v, raw in raw_variants.items() if v not in train_overrides}
+        expansion = sweeps.expand(entries, shared_variants, shared.train.max_steps, every=raw_variants)
         sweep_of = {}
         for sweep, members in expansion.members.items():
             for member in members:
@@ -145,6 +162,7 @@ class Study:
         study = cls(
             name=name,
             stage=stage,
+            train_overrides=MappingProxyType({v: MappingProxyType(o) for v, o in train_overrides.items()}),
             layout=layout,
             variants=MappingProxyType(variants),
             seeds=tuple(seeds),
@@ -161,7 +179,7 @@ class Study:
                     "margins": MappingProxyType({m: MappingProxyType(x) for m, x in statistics["margins"].items()}),
                 }
             ),
-            findings=MappingProxyType(findings_settings(config)),
+            findings=MappingProxyType(findings_settings(config, raw_variants, train_overrides, shared.train)),
             sweeps=MappingProxyType({sweep: tuple(members) for sweep, members in expansion.members.items()}),
             sweep_design=tuple(MappingProxyType(row) for row in expansion.design),
             sweep_of=MappingProxyType(sweep_of),
@@ -198,18 +216,14 @@ class Study:
     def variant_names(self) -> list[str]:
         return list(self.variants)
 
-    @property
-    def still_learning_slope(self) -> float:
-        """Final training-loss slope (nats per 1000 steps) above which the findings flag "still learning"."""
-        return float(self.findings["still_learning_slope"])
-
     def run_config(self, variant: str, seed: int) -> RunConfig:
-        """The run config of (variant, seed): the shared sections, the variant's router, the seed."""
+        """The run config of (variant, seed): the shared sections with the variant's own train settings, the
+        variant's router, the seed."""
+        train = self.run.train
+        if variant in self.train_overrides:
+            train = _variant_train(train, self.train_overrides[variant], f"variants.{variant}.train")
         return dataclasses.replace(
-            self.run,
-            variant=variant,
-            router=self.variants[variant],
-            train=dataclasses.replace(self.run.train, seed=seed),
+            self.run, variant=variant, router=self.variants[variant], train=dataclasses.replace(train, seed=seed)
         )
 
     def record(self) -> dict[str, Any]:
@@ -219,6 +233,8 @@ class Study:
         variants = {}
         for variant, router in self.variants.items():
             entry = {"router": router.name, "options": dataclasses.asdict(router.resolve())}
+            if variant in self.train_overrides:
+                entry["train"] = dict(self.train_overrides[variant])
             if variant in self.sweep_of:
                 entry["sweep"] = self.sweep_of[variant]
             variants[variant] = entry
@@ -271,12 +287,24 @@ def _shared_sections(config: dict[str, Any], layout: StudyLayout) -> RunConfig:
     return shared
 
 
-def _router_config(router: str, options: dict[str, Any], shared: RunConfig, key: str) -> RouterConfig:
+def _router_config(
+    router: str, options: dict[str, Any], shared: RunConfig, key: str, max_steps: int | None = None
+) -> RouterConfig:
     """A variant's router with its options typed, checked (also against the model's sizes) and resolved for
-    the run's horizon."""
+    the run's horizon (`max_steps`: the variant's own, else the shared one)."""
     config = RouterConfig(router, dict(options))
     config.resolve(key).validate_for_model(shared.model, key)
-    return config.for_horizon(shared.train.max_steps)
+    return config.for_horizon(max_steps or shared.train.max_steps)
+
+
+def _variant_train(shared: TrainConfig, own: Any, key: str) -> TrainConfig:
+    """A variant's train settings: the shared ones with its own (`variants[i].train`) over them, checked. The seed
+    is not among them: it comes from `seeds`."""
+    check(isinstance(own, Mapping) and len(own) > 0, key, own, "must be a non-empty mapping of train settings")
+    check("seed" not in own, f"{key}.seed", own.get("seed"), "the seed comes from `seeds`, for every variant alike")
+    train = from_dict(TrainConfig, {**dataclasses.asdict(shared), **own}, key)
+    train.validate(key)
+    return train
 
 
 def run_config_from_record(record: Mapping[str, Any], variant: str, seed: int) -> RunConfig:
@@ -289,7 +317,7 @@ def run_config_from_record(record: Mapping[str, Any], variant: str, seed: int) -
         **run,
         "variant": variant,
         "router": {"name": entry["router"], **entry["options"]},
-        "train": {**run["train"], "seed": seed},
+        "train": {**run["train"], **entry.get("train", {}), "seed": seed},  # a variant's own train settings
     }
     return from_dict(RunConfig, raw, "").validate()
 
@@ -457,16 +485,72 @@ def _margins(margins: Any, primary: list[str]) -> dict[str, dict[str, float]]:
     return {metric: {kind: float(value) for kind, value in margin.items()} for metric, margin in margins.items()}
 
 
-def findings_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The `findings` section with defaults filled in, checked."""
+def findings_settings(
+    config: dict[str, Any],
+    raw_variants: Mapping[str, Mapping[str, Any]] | None = None,
+    train_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    shared_train: TrainConfig | None = None,
+) -> dict[str, Any]:
+    """The `findings` section with defaults filled in, checked. `horizon`, when set, names a variant and
+    `longer`, the same router with the same options trained for more steps (`variants[].train.max_steps`), and
+    `max_gain`, the relative perplexity gain of the longer run beyond which the study is flagged as trained too
+    short."""
     settings = _with_defaults(config, "findings", FINDINGS_DEFAULTS)
-    slope = settings["still_learning_slope"]
+    horizon = settings["horizon"]
+    if horizon is None:
+        return settings
+    raw_variants, train_overrides = raw_variants or {}, train_overrides or {}
     check(
-        isinstance(slope, (int, float)) and not isinstance(slope, bool) and 0 < slope < float("inf"),
-        "findings.still_learning_slope",
-        slope,
-        "must be a finite number > 0 (nats per 1000 steps)",
+        isinstance(horizon, dict) and set(horizon) == {"variant", "longer", "max_gain"},
+        "findings.horizon",
+        horizon,
+        "must be a mapping with variant, longer and max_gain (or null)",
     )
+    for key in ("variant", "longer"):
+        check(
+            horizon[key] in raw_variants,
+            f"findings.horizon.{key}",
+            horizon[key],
+            f"must be one of the variants: {', '.join(raw_variants)}",
+        )
+    short, long = horizon["variant"], horizon["longer"]
+    check(
+        raw_variants[short] == raw_variants[long],
+        "findings.horizon.longer",
+        long,
+        f"must be '{short}' trained longer: the same router and options ({raw_variants[short]} here, "
+        f"{raw_variants[long]} there)",
+    )
+
+    def steps(variant: str) -> int:
+        own = train_overrides.get(variant, {})
+        return int(own.get("max_steps", shared_train.max_steps if shared_train else 0))
+
+    check(
+        steps(long) > steps(short),
+        "findings.horizon.longer",
+        long,
+        f"trains {steps(long)} steps, not more than '{short}' ({steps(short)}): set its variants[].train.max_steps",
+    )
+
+    def others(variant: str) -> dict[str, Any]:  # what else its own train settings change
+        return {k: v for k, v in train_overrides.get(variant, {}).items() if k not in ("max_steps", "checkpoint_every")}
+
+    check(
+        others(long) == others(short),
+        "findings.horizon.longer",
+        long,
+        f"must differ from '{short}' in train.max_steps (and checkpoint_every) only; other train settings: "
+        f"{others(long)} against {others(short)}",
+    )
+    gain = horizon["max_gain"]
+    check(
+        isinstance(gain, (int, float)) and not isinstance(gain, bool) and 0 < gain < 1,
+        "findings.horizon.max_gain",
+        gain,
+        "must be a number strictly between 0 and 1 (a share of the perplexity)",
+    )
+    settings["horizon"] = {"variant": short, "longer": long, "max_gain": float(gain)}
     return settings
 
 

@@ -90,8 +90,13 @@ def _points(mode: str, grid: dict[str, list[Any]]):
             yield dict(zip(grid, combination))
 
 
-def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) -> Expansion:
-    """Expand config `sweeps` over the already checked `variants` (name -> {"name": router, **options})."""
+def expand(
+    entries: Any, variants: dict[str, dict[str, Any]], max_steps: int, every: dict[str, dict[str, Any]] | None = None
+) -> Expansion:
+    """Expand config `sweeps` over the already checked `variants` (name -> {"name": router, **options}), the
+    variants a point may be (equal options: the same model). `every`: all the study's variants (default
+    `variants`), whose names no sweep or point may take."""
+    every = variants if every is None else every
     result = Expansion()
     origins: dict[str, str] = {}  # generated variant name -> the point it was generated for, in words
     if entries is None:
@@ -117,18 +122,18 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
         )
         check_name(name, f"{key}.name")
         check(
-            name not in variants and name not in result.members,
+            name not in every and name not in result.members,
             f"{key}.name",
             name,
             "is already the name of a variant or another sweep (each is a target)",
         )
-        check(base in variants, f"{key}.base", base, f"must be one of the variants: {', '.join(variants)}")
+        check(base in every, f"{key}.base", base, f"must be one of the variants: {', '.join(every)}")
         check(mode in MODES, f"{key}.mode", mode, f"must be one of {', '.join(MODES)}")
         check(
             isinstance(grid, dict) and len(grid) > 0, f"{key}.grid", grid, "must map router options to lists of values"
         )
-        router = variants[base]["name"]
-        base_options = {k: v for k, v in variants[base].items() if k != "name"}
+        router = every[base]["name"]
+        base_options = {k: v for k, v in every[base].items() if k != "name"}
         resolved_base = resolved_options(router, base_options, max_steps, base)
         router_cls = routers.get(router, key=f"{key}.base")
         option_names = [f.name for f in dataclasses.fields(resolved_base)]
@@ -190,7 +195,7 @@ def expand(entries: Any, variants: dict[str, dict[str, Any]], max_steps: int) ->
                     f"{origin}; sweep these options in separate studies",
                 )
                 check(
-                    variant not in variants and variant not in result.variants,
+                    variant not in every and variant not in result.variants,
                     f"{key}.grid",
                     variant,
                     f"generated variant name for {origin} is taken by a variant with other options",

@@ -125,10 +125,10 @@ BAD_INPUTS = [
     ({"statistics": {"primary": ["ppl", "perplexity"]}}, "'statistics.primary' = 'perplexity': unknown metric"),
     ({"statistics": {"alpha": 0.5, "power": 0.4}}, "'statistics.power' = 0.4: must exceed statistics.alpha = 0.5"),
     ({"statistics": {"alpha": 1.5}}, "alpha"),
-    ({"findings": {"still_learning_slope": 0}}, "still_learning_slope"),
+    ({"findings": {"horizon": {"variant": "topk", "longer": "topk", "max_gain": 0.05}}}, "findings.horizon.longer"),
     (
-        {"findings": {"still_learning_slope": -1.0}},
-        "'findings.still_learning_slope' = -1.0: must be a finite number > 0",
+        {"findings": {"horizon": {"variant": "topk", "longer": "switch", "max_gain": 0.05}}},
+        "'findings.horizon.longer' = 'switch': must be 'topk' trained longer",
     ),
     # Issue 13: every input bounded at parse time. A str is the --configfile's YAML text, read as common.smk does.
     ("train:\n  lr: 0.001\n  lr: 0.002\n", "override.yaml line 3: invalid YAML: duplicate key 'lr' (first on line 2)"),
@@ -150,7 +150,19 @@ BAD_INPUTS = [
         {"variants": [{"name": "r", "router": "rdesi", "beta": float("nan")}]},
         "'variants[0].beta' = nan: must be a finite",
     ),
-    ({"findings": {"still_learning_slope": float("inf")}}, "'findings.still_learning_slope' = inf: must be a finite"),
+    (
+        {
+            "variants": [
+                {"name": "t", "router": "topk"},
+                {"name": "tl", "router": "topk", "train": {"max_steps": 3000}},
+            ],
+            "reference": "t",
+            "ablation": {"variants": []},
+            "statistics": {"contrasts": []},
+            "findings": {"horizon": {"variant": "t", "longer": "tl", "max_gain": float("inf")}},
+        },
+        "'findings.horizon.max_gain' = inf: must be a number strictly between 0 and 1",
+    ),
     ({"model": {"n_experts": 100_000}}, "'model.n_experts' = 100000: must be <= 4096"),
     (
         {"model": {"max_seq_len": 10**9, "positional": "learned"}},
@@ -637,7 +649,17 @@ RERUN_CASES = [
     ({"train": {"router_log_every": 5}}, {}),
     ({"train": {"checkpoint_every": 5}}, {}),
     # (compute sums up the benchmark files, so it follows every job that reruns)
-    ({"findings": {"still_learning_slope": 2.0}}, {"findings": 1, "compute": 1, "report": 1, "all": 1}),
+    (  # a variant with its own train settings (the horizon check's longer run): exactly its runs are new
+        {
+            "variants": [
+                {"name": "topk", "router": "topk"},
+                {"name": "rdesi", "router": "rdesi"},
+                {"name": "topk_long", "router": "topk", "train": {"max_steps": 40}},
+            ],
+            "findings": {"horizon": {"variant": "topk", "longer": "topk_long", "max_gain": 0.05}},
+        },
+        {"train": 2, "evaluate": 2, **AFTER_EVALUATION},
+    ),
     (
         {"statistics": {"alpha": 0.01}},
         {"statistics": 1, "figures": 1, "findings": 1, "compute": 1, "report": 1, "all": 1},
