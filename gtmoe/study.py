@@ -22,6 +22,7 @@ from gtmoe.checks import fail
 from gtmoe.config import (
     ConfigError,
     DataConfig,
+    ModelConfig,
     RouterConfig,
     RunConfig,
     TrainConfig,
@@ -68,6 +69,8 @@ class Study:
     tuning: tuning.Tuning
     # variant -> the train settings it sets itself over the shared ones (`variants[].train`: a longer run)
     train_overrides: Mapping[str, Mapping[str, Any]]
+    # variant -> the model sizes it sets itself (`variants[].model`: a FLOP-matched top-1 with twice d_expert)
+    model_overrides: Mapping[str, Mapping[str, Any]]
     reference: str
     ablation_base: str | None
     ablations: tuple[str, ...]
@@ -91,6 +94,7 @@ class Study:
         variants: dict[str, RouterConfig] = {}
         raw_variants: dict[str, dict[str, Any]] = {}
         train_overrides: dict[str, dict[str, Any]] = {}  # variant -> its own train settings over the shared ones
+        model_overrides: dict[str, dict[str, Any]] = {}  # variant -> its own model sizes over the shared ones
         target_keys: dict[str, str] = {}
         entries = config.get("variants")
         check(isinstance(entries, list) and len(entries) > 0, "variants", entries, "must be a non-empty list")
@@ -104,13 +108,16 @@ class Study:
             router = entry.pop("router", None)
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
             routers.get(router, key=f"{key}.router")
-            own_train = entry.pop("train", None)
-            train = shared.train
+            own_train, own_model = entry.pop("train", None), entry.pop("model", None)
+            train, model = shared.train, shared.model
             if own_train is not None:
                 train = _variant_train(shared.train, own_train, f"{key}.train")
                 train_overrides[variant] = dict(own_train)
+            if own_model is not None:
+                model = _variant_model(shared.model, own_model, f"{key}.model")
+                model_overrides[variant] = dict(own_model)
             raw_variants[variant] = {"name": router, **entry}
-            variants[variant] = _router_config(router, entry, shared, key, train.max_steps)
+            variants[variant] = _router_config(router, entry, model, key, train.max_steps)
             target_keys[variant] = f"{key}.name"
         stage = tuning.stage_setting(config)
         tuned = tuning.tuning_settings(config, raw_variants, stage, shared.train.max_steps)
@@ -122,10 +129,16 @@ class Study:
         # point is taken for it (its options alone would not say that its runs differ).
         for i, entry in enumerate(entries or []):
             base = entry.get("base") if isinstance(entry, dict) else None
-            if base in train_overrides:
+            if base in train_overrides or base in model_overrides:
                 where = f"sweeps[{i}].base" if i < len(config.get("sweeps") or []) else "tuning.knobs"
-                fail(where, base, "has train settings of its own (variants[].train); sweep or tune a variant without")
-        shared_variants = {v: raw for v, raw in raw_variants.items() if v not in train_overrides}
+                fail(
+                    where,
+                    base,
+                    "has train or model settings of its own (variants[].train, .model): sweep or tune one without",
+                )
+        shared_variants = {
+            v: raw for v, raw in raw_variants.items() if v not in train_overrides and v not in model_overrides
+        }
         expansion = sweeps.expand(entries, shared_variants, shared.train.max_steps, every=raw_variants)
         sweep_of = {}
         for sweep, members in expansion.members.items():
@@ -134,7 +147,7 @@ class Study:
                     sweep_of[member] = sweep
         for variant, mapping in expansion.variants.items():
             options = {k: v for k, v in mapping.items() if k != "name"}
-            variants[variant] = _router_config(mapping["name"], options, shared, "sweeps")
+            variants[variant] = _router_config(mapping["name"], options, shared.model, "sweeps", shared.train.max_steps)
         n_configured = len(config.get("sweeps") or [])  # the tuning knobs' sweeps come after the configured ones
         for i, sweep in enumerate(expansion.members):
             target_keys[sweep] = (
@@ -163,6 +176,7 @@ class Study:
             name=name,
             stage=stage,
             train_overrides=MappingProxyType({v: MappingProxyType(o) for v, o in train_overrides.items()}),
+            model_overrides=MappingProxyType({v: MappingProxyType(o) for v, o in model_overrides.items()}),
             layout=layout,
             variants=MappingProxyType(variants),
             seeds=tuple(seeds),
@@ -179,7 +193,9 @@ class Study:
                     "margins": MappingProxyType({m: MappingProxyType(x) for m, x in statistics["margins"].items()}),
                 }
             ),
-            findings=MappingProxyType(findings_settings(config, raw_variants, train_overrides, shared.train)),
+            findings=MappingProxyType(
+                findings_settings(config, raw_variants, train_overrides, shared.train, model_overrides)
+            ),
             sweeps=MappingProxyType({sweep: tuple(members) for sweep, members in expansion.members.items()}),
             sweep_design=tuple(MappingProxyType(row) for row in expansion.design),
             sweep_of=MappingProxyType(sweep_of),
@@ -217,13 +233,19 @@ class Study:
         return list(self.variants)
 
     def run_config(self, variant: str, seed: int) -> RunConfig:
-        """The run config of (variant, seed): the shared sections with the variant's own train settings, the
-        variant's router, the seed."""
-        train = self.run.train
+        """The run config of (variant, seed): the shared sections with the variant's own train settings and model
+        sizes, the variant's router, the seed."""
+        train, model = self.run.train, self.run.model
         if variant in self.train_overrides:
             train = _variant_train(train, self.train_overrides[variant], f"variants.{variant}.train")
+        if variant in self.model_overrides:
+            model = _variant_model(model, self.model_overrides[variant], f"variants.{variant}.model")
         return dataclasses.replace(
-            self.run, variant=variant, router=self.variants[variant], train=dataclasses.replace(train, seed=seed)
+            self.run,
+            variant=variant,
+            model=model,
+            router=self.variants[variant],
+            train=dataclasses.replace(train, seed=seed),
         )
 
     def record(self) -> dict[str, Any]:
@@ -235,6 +257,8 @@ class Study:
             entry = {"router": router.name, "options": dataclasses.asdict(router.resolve())}
             if variant in self.train_overrides:
                 entry["train"] = dict(self.train_overrides[variant])
+            if variant in self.model_overrides:
+                entry["model"] = dict(self.model_overrides[variant])
             if variant in self.sweep_of:
                 entry["sweep"] = self.sweep_of[variant]
             variants[variant] = entry
@@ -287,14 +311,27 @@ def _shared_sections(config: dict[str, Any], layout: StudyLayout) -> RunConfig:
     return shared
 
 
-def _router_config(
-    router: str, options: dict[str, Any], shared: RunConfig, key: str, max_steps: int | None = None
-) -> RouterConfig:
-    """A variant's router with its options typed, checked (also against the model's sizes) and resolved for
-    the run's horizon (`max_steps`: the variant's own, else the shared one)."""
+def _router_config(router: str, options: dict[str, Any], model: ModelConfig, key: str, max_steps: int) -> RouterConfig:
+    """A variant's router with its options typed, checked (also against its model's sizes) and resolved for its
+    run's horizon."""
     config = RouterConfig(router, dict(options))
-    config.resolve(key).validate_for_model(shared.model, key)
-    return config.for_horizon(max_steps or shared.train.max_steps)
+    config.resolve(key).validate_for_model(model, key)
+    return config.for_horizon(max_steps)
+
+
+# Model keys a variant may not set itself: the data stage (tokenizer, shards) is the study's, one for all variants.
+SHARED_MODEL_KEYS = ("vocab_size", "max_seq_len")
+
+
+def _variant_model(shared: ModelConfig, own: Any, key: str) -> ModelConfig:
+    """A variant's model: the shared sizes with its own (`variants[i].model`) over them, checked; the vocabulary and
+    the positions stay the study's, as its data does."""
+    check(isinstance(own, Mapping) and len(own) > 0, key, own, "must be a non-empty mapping of model settings")
+    for name in SHARED_MODEL_KEYS:
+        check(name not in own, f"{key}.{name}", own.get(name), "is the study's, as its tokenizer and shards are")
+    model = from_dict(ModelConfig, {**dataclasses.asdict(shared), **own}, key)
+    model.validate(key)
+    return model
 
 
 def _variant_train(shared: TrainConfig, own: Any, key: str) -> TrainConfig:
@@ -317,6 +354,7 @@ def run_config_from_record(record: Mapping[str, Any], variant: str, seed: int) -
         **run,
         "variant": variant,
         "router": {"name": entry["router"], **entry["options"]},
+        "model": {**run["model"], **entry.get("model", {})},  # a variant's own model sizes
         "train": {**run["train"], **entry.get("train", {}), "seed": seed},  # a variant's own train settings
     }
     return from_dict(RunConfig, raw, "").validate()
@@ -490,6 +528,7 @@ def findings_settings(
     raw_variants: Mapping[str, Mapping[str, Any]] | None = None,
     train_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     shared_train: TrainConfig | None = None,
+    model_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The `findings` section with defaults filled in, checked. `horizon`, when set, names a variant and
     `longer`, the same router with the same options trained for more steps (`variants[].train.max_steps`), and
@@ -499,7 +538,7 @@ def findings_settings(
     horizon = settings["horizon"]
     if horizon is None:
         return settings
-    raw_variants, train_overrides = raw_variants or {}, train_overrides or {}
+    raw_variants, train_overrides, model_overrides = raw_variants or {}, train_overrides or {}, model_overrides or {}
     check(
         isinstance(horizon, dict) and set(horizon) == {"variant", "longer", "max_gain"},
         "findings.horizon",
@@ -515,7 +554,7 @@ def findings_settings(
         )
     short, long = horizon["variant"], horizon["longer"]
     check(
-        raw_variants[short] == raw_variants[long],
+        raw_variants[short] == raw_variants[long] and model_overrides.get(short) == model_overrides.get(long),
         "findings.horizon.longer",
         long,
         f"must be '{short}' trained longer: the same router and options ({raw_variants[short]} here, "

@@ -1,4 +1,5 @@
-"""Training adequacy by a longer run (config findings.horizon), and the per-variant train settings it needs."""
+"""Per-variant train settings and model sizes (`variants[].train`, `variants[].model`: a longer run, a FLOP-matched
+top-1), and training adequacy judged by a longer run (config findings.horizon)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,21 @@ def test_a_variant_trains_with_its_own_train_settings_and_the_record_carries_the
     assert record["findings"]["horizon"] == HORIZON
 
 
+def test_a_variant_sets_its_own_model_sizes_and_the_router_is_checked_against_them():
+    wide = {"name": "switch_wide", "router": "switch", "model": {"d_expert": 256}}
+    study = Study.from_config(config_with(wide))
+    assert (
+        study.run_config("switch_wide", 0).model.d_expert == 256 and study.run_config("topk", 0).model.d_expert == 128
+    )
+    record = study.record()
+    assert record["variants"]["switch_wide"]["model"] == {"d_expert": 256} and record["run"]["model"]["d_expert"] == 128
+    assert run_config_from_record(record, "switch_wide", 2).to_dict() == study.run_config("switch_wide", 2).to_dict()
+    # The router's model checks see the variant's own sizes: group-limited routing needs groups that divide E.
+    grouped = {"name": "g", "router": "group_limited", "n_groups": 4, "model": {"n_experts": 6}}
+    with pytest.raises(ConfigError, match=r"n_groups"):
+        Study.from_config(config_with(grouped))
+
+
 @pytest.mark.parametrize(
     "extra, sections, key, why",
     [
@@ -61,11 +77,14 @@ def test_a_variant_trains_with_its_own_train_settings_and_the_record_carries_the
         ({**LONGER, "train": {"max_step": 3}}, {}, "variants[3].train.max_step", "unknown key"),
         ({**LONGER, "train": {"max_steps": 0}}, {}, "variants[3].train.max_steps", ""),
         ({**LONGER, "train": {}}, {}, "variants[3].train", "non-empty mapping"),
+        ({**LONGER, "model": {"vocab_size": 512}}, {}, "variants[3].model.vocab_size", "is the study's"),
+        ({**LONGER, "model": {"d_exprt": 512}}, {}, "variants[3].model.d_exprt", "unknown key"),
+        ({**LONGER, "model": {"top_k": 9}}, {}, "variants[3].model.top_k", "must be <= model.n_experts = 8"),
         (
             LONGER,
             {"sweeps": [{"name": "s", "base": "topk_long", "grid": {"aux_loss_coef": [0.1]}}]},
             "sweeps[0].base",
-            "has train settings of its own",
+            "has train or model settings of its own",
         ),
         (
             LONGER,
