@@ -26,6 +26,7 @@ import pandas as pd
 
 from analysis import RUN_OK, collect, compute, figures, findings, outputs, record, stats, tables, writing
 from analysis.figures import frontier as frontier_figure
+from analysis.figures import load_over_training as load_figure
 from analysis.record import Record
 from analysis.stats import confirmatory, frontier, sensitivity, tuning
 from gtmoe.errors import ConfigError, DataError, GtmoeError
@@ -171,6 +172,7 @@ def run_figures(study: Record) -> int:
         "load_balance": lambda path: figures.plot_load_balance(tidy, path, split, summary),
         "load_heatmap": lambda path: figures.plot_load_heatmap(tidy, path, split),
         "training_balance": lambda path: figures.plot_training_balance(router_log, path),
+        "load_over_training": lambda path: load_figure.plot_load_over_training(router_log, path),
         "pareto": lambda path: figures.plot_pareto(tidy, path, split, baselines=baselines, summary=summary),
         "router_state": lambda path: figures.plot_router_state(router_log, path, state_labels=states),
         "ablation_forest": lambda path: figures.plot_ablation_forest(_statistics(study, "ablations"), path),

@@ -28,6 +28,7 @@ FIGURES = (
     "load_balance",
     "load_heatmap",
     "training_balance",
+    "load_over_training",
     "pareto",
     "router_state",
     "ablation_forest",

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from analysis.outputs import FIGURES  # every report figure of the analysis (its one list of names)
+
 from helpers import (
     ALIAS_BOMB,
     DECOYS,
@@ -29,17 +31,6 @@ from helpers import (
     write_run_configs,
 )
 
-FIGURES = (
-    "perplexity",
-    "pareto",
-    "reference_forest",
-    "load_balance",
-    "load_heatmap",
-    "training_balance",
-    "router_state",
-    "ablation_forest",
-    "flip_rates",
-)
 SMOKE_SWEEP = "rdesi_bonus"  # the smoke preset's sweep: rdesi's c at 0 and 30 beside its own value
 SMOKE_SWEEP_POINTS = ("rdesi-c0", "rdesi-c30")
 

@@ -100,6 +100,12 @@ rule figures:
             "Training dynamics",
             figure="Gini and MaxVio over steps",
         ),
+        load_over_training=captioned(
+            figure_file("load_over_training"),
+            "load_over_training",
+            "Training dynamics",
+            figure="expert x step load",
+        ),
         router_state=captioned(
             figure_file("router_state"), "router_state", "Router internals", figure="router state per expert"
         ),
