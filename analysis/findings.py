@@ -15,16 +15,18 @@ Every number on the page comes from an input file, never from this module:
 * ``ngram.json`` (``python -m gtmoe baselines``): the bigram's perplexity, the floor a
   trained model has to beat;
 * the training logs: the slope of the training loss over the last 10% of steps
-  (``scipy.stats.linregress``), which says whether a model was still learning when stopped;
+  (``scipy.stats.linregress``), descriptive only (under a decaying learning rate it flattens with the schedule);
+* the training-horizon check (config ``findings.horizon``, ``horizon_gain``): the perplexity the same router
+  trained longer still gains, paired by seed, the study's test of whether it trained long enough;
 * ``sensitivity.parquet`` / ``sensitivity_best.parquet`` (the `sensitivity` step), when the study
   record has sweeps: each dose-response curve's ends, its best value and how far its term reached.
 
-The study's settings (reference, split, alpha, power, the still-learning threshold) come from the study
+The study's settings (reference, split, alpha, power, the horizon check) come from the study
 record. Which variants' perplexity was routed non-causally (the caveat) the evaluation JSONs say
 (``causal_routing``, in the summary; ``noncausal_variants``), and so does the perplexity of a router's
 non-causal evaluation routing reported beside its causal one (``ppl_noncausal``). A variant that fails a check
-(missing or failed runs, non-finite perplexity, perplexity not below the bigram's, still
-learning) is shown in red at the top of the page.
+(missing or failed runs, non-finite perplexity, perplexity not below the bigram's) is shown in red at the top of
+the page, and so is a training horizon the longer run says is too short.
 
 The page's wording is built here as *rich text*, a list of ``(text, style)`` pieces (style "" plain,
 "b" bold, or a key of ``STYLES``); the template lays out the page and escapes every piece.
