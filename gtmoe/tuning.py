@@ -39,7 +39,16 @@ STAGES = ("confirmation", "tuning")
 DEFAULT_STAGE = "confirmation"
 TUNING_SPLIT = "validation"  # every choice is made here; the test split is for confirmation only
 # The metrics a selection rule may minimise or bound: model-level numbers every routed evaluation writes.
-SELECT_METRICS = ("ppl", "word_ppl", "nll", "gini", "maxvio_global", "maxvio_batch", "load_entropy")
+SELECT_METRICS = (
+    "ppl",
+    "word_ppl",
+    "nll",
+    "gini",
+    "maxvio_global",
+    "maxvio_batch",
+    "load_entropy",
+    "experts_per_token",  # the active expert compute: a bound keeps the rule from buying perplexity with FLOPs
+)
 SWEEP_PREFIX = "tune_"
 TUNING_DEFAULTS: dict[str, Any] = {"seeds": [], "select": {"minimize": "ppl", "subject_to": {}}, "knobs": []}
 

@@ -57,7 +57,10 @@ def test_a_tuning_study_runs_every_knob_value_on_the_tuning_seeds_and_scores_val
     assert record["stage"] == "tuning" and record["eval_splits"] == ["validation"]
     assert record["tuning"]["pairs"] == [["tune_rdesi", "tune_topk"]]
     assert [k["option"] for k in record["tuning"]["knobs"]] == ["aux_loss_coef", "gamma"]
-    assert record["tuning"]["select"] == {"minimize": "ppl", "subject_to": {"maxvio_global": 0.25}}
+    assert record["tuning"]["select"] == {
+        "minimize": "ppl",
+        "subject_to": {"maxvio_global": 0.25, "experts_per_token": 2.1},
+    }
     assert dict(study.target_keys)["tune_rdesi"] == "tuning.knobs[1].variant"
 
 
