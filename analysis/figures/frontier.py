@@ -16,9 +16,9 @@ def plot_frontier(
     frontier: pd.DataFrame, path: str | Path, balance_metrics: tuple[str, ...], chosen: pd.DataFrame | None = None
 ) -> Path:
     """One panel per balance metric: mean PPL (y) against the mean balance metric (x) at each knob value of each
-    tuned router (``stats.frontier.frontier_table``), with the seeds' 95% t intervals on both axes, the points
-    joined in the order of the knob's values and labelled with them; a ringed point is the value the declared
-    rule chose (``chosen``: sensitivity's best-value table)."""
+    tuned router (``stats.frontier.frontier_table``), with the seeds' 95% t intervals on both axes (cut at the
+    frame, which fits the means), the points joined in the order of the knob's values and labelled with them; a
+    ringed point is the value the declared rule chose (``chosen``: sensitivity's best-value table)."""
     title = "Frontiers: perplexity against balance across each router's knob"
     if frontier.empty or not np.isfinite(frontier["mean"].to_numpy(dtype=float)).any():
         return message_figure(path, title, "no usable run of the tuned variants (see the run status)")
@@ -29,6 +29,7 @@ def plot_frontier(
     picked = set() if chosen is None else {(r.sweep, r.value) for r in chosen.itertuples()}
     fig, axes = plt.subplots(1, len(balance_metrics), squeeze=False, figsize=(5.2 * len(balance_metrics), 4.4))
     for ax, metric in zip(axes[0], balance_metrics):
+        shown: list[tuple[float, float]] = []  # the means drawn: the axes frame them, not the intervals
         for sweep in sweeps:
             rows = frontier[frontier["sweep"] == sweep]
             x = rows[rows["metric"] == metric].set_index("value")
@@ -39,6 +40,7 @@ def plot_frontier(
             if not values:
                 continue
             xs, ys = x.loc[values], y.loc[values]
+            shown += list(zip(xs["mean"], ys["mean"]))
             option, colour = rows["option"].iloc[0], colours[bases[sweep]]
             ax.errorbar(
                 xs["mean"],
@@ -48,8 +50,9 @@ def plot_frontier(
                 color=colour,
                 marker="o",
                 ms=4,
-                lw=1.2,
-                capsize=2,
+                lw=1.4,
+                elinewidth=0.6,  # thin: the means and their order carry the frontier; the intervals are context
+                capsize=1.5,
                 label=f"{bases[sweep]} ({option})",
             )
             for value in values:
@@ -63,11 +66,27 @@ def plot_frontier(
                 )
                 if (sweep, value) in picked:
                     ax.plot(xs.at[value, "mean"], ys.at[value, "mean"], "o", ms=11, mfc="none", mec=colour, mew=1.6)
+        _frame(ax, shown)
         ax.set_xlabel(f"{metric_label(metric)} ({split}, mean over seeds)")
         ax.set_ylabel(f"perplexity ({split})")
         ax.set_title(f"PPL vs {metric_label(metric)}", fontsize=10)
     axes[0][0].legend(fontsize=8, title="router (knob); ringed: chosen", title_fontsize=8)
     return finish_figure(fig, path, title)
+
+
+def _frame(ax: plt.Axes, points: list[tuple[float, float]]) -> None:
+    """Limits around the means with a margin: with few seeds a t interval can be wider than every difference
+    between the points (t(0.975, 1) = 12.7), and axes sized to the intervals would hide the frontiers. The
+    intervals run off the frame where they are wider; the caption says what they are."""
+    if not points:
+        return
+    xs, ys = np.array(points).T
+    for low, high, set_limits, floor in (
+        (xs.min(), xs.max(), ax.set_xlim, 0.0),
+        (ys.min(), ys.max(), ax.set_ylim, None),
+    ):
+        pad = 0.12 * (high - low) or 0.05 * abs(high) or 0.05
+        set_limits(max(floor, low - pad) if floor is not None else low - pad, high + pad)
 
 
 def _half_widths(rows: pd.DataFrame) -> np.ndarray:
