@@ -543,7 +543,7 @@ def adequacy_table(verdicts: pd.DataFrame, split: str) -> dict:
         f"Slope: least-squares fit (scipy.stats.linregress) of the training loss against the step over "
         f"the last {FINAL_FRACTION:.0%} of logged steps (at least {MIN_SLOPE_POINTS}), mean over seeds; "
         "descriptive only: under a decaying learning rate the slope flattens with the schedule, so it says nothing "
-        "about convergence. The horizon check below compares against the same router trained longer."
+        "about convergence. The horizon check below compares each run with its router trained longer."
     )
     return dict(head=head, rows=rows, note=note)
 

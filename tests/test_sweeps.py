@@ -66,8 +66,8 @@ def test_one_at_a_time_expands_each_option_around_the_base():
 def test_the_base_is_on_every_curve_even_when_its_value_is_not_listed():
     study = study_with([{"name": "rate", "base": "lossfree", "grid": {"bias_update_rate": [0, 0.01]}}])
     rows = [(row["value"], row["variant"]) for row in study.sweep_design]
-    # lossfree's rate is unset in config.yaml: resolved to the paper's u = 1e-3 (score units).
-    assert rows == [(0, "lossfree-bias_update_rate0"), (0.001, "lossfree"), (0.01, "lossfree-bias_update_rate0.01")]
+    # config.yaml's lossfree has the tuned u = 3e-4 (score units), not among the listed values.
+    assert rows == [(0, "lossfree-bias_update_rate0"), (0.0003, "lossfree"), (0.01, "lossfree-bias_update_rate0.01")]
 
 
 def test_a_point_equal_to_an_existing_variant_reuses_it():

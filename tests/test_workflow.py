@@ -146,6 +146,7 @@ BAD_INPUTS = [
             "variants": [
                 {"name": "t", "router": "topk"},
                 {"name": "tl", "router": "topk", "train": {"max_steps": 3000}},
+                {"name": "rdesi", "router": "rdesi"},  # config.yaml's ablation base
             ],
             "reference": "t",
             "ablation": {"variants": []},
@@ -449,6 +450,8 @@ HOSTILE_CASES = {
     "train.device": ({"train": {"device": HOSTILE}}, "must be 'auto', 'cpu' or 'cuda'"),
     "train.nonfinite": ({"train": {"nonfinite": HOSTILE}}, "must be 'stop' or 'skip'"),
     "name": ({"name": HOSTILE}, "config key 'name'"),
+    "stage": ({"stage": HOSTILE}, "is not one of ['confirmation', 'tuning']"),
+    "tuning.select.minimize": ({"tuning": {"select": {"minimize": HOSTILE}}}, "'tuning.select.minimize'"),
     "variants[].name": ({"variants": [TOPK, {"name": HOSTILE, "router": "topk"}]}, "'variants[1].name'"),
     "variants[].router": ({"variants": [TOPK, {"name": "r", "router": HOSTILE}]}, "unknown router"),
     "variants[].performance": (
