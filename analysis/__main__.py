@@ -73,7 +73,7 @@ def run_aggregate(study: Record) -> int:
     resolved options as columns, and write the run status table (parquet, CSV, HTML)."""
     variants = collect.variant_columns(study, reserved=stats.SUMMARY_COLUMNS)
     tidy, status = collect.collect_runs(
-        study.run_dirs(), study.variants, study.seeds, routed=study.routed(), splits=study.eval_splits
+        study.run_dirs(), study.variants, study.seeds_by_variant(), routed=study.routed(), splits=study.eval_splits
     )
     out_table = _summary_path(study, outputs.TIDY)
     with writing(out_table):

@@ -290,12 +290,15 @@ def read_run(
 
 
 def expected_runs(
-    run_dirs: Sequence[str | Path], variants: Sequence[str] | None, seeds: Sequence[int] | None
+    run_dirs: Sequence[str | Path],
+    variants: Sequence[str] | None,
+    seeds: Sequence[int] | Mapping[str, Sequence[int]] | None,
 ) -> list[tuple[str, int, str | None]]:
     """Pair every expected ``(variant, seed)`` with its run directory (None when not given).
 
-    Without ``variants``/``seeds`` the grid is taken from the run directories. A run
-    directory outside the grid, or two for the same run, is a configuration error.
+    ``seeds``: every variant's, or variant -> its own (``Record.seeds_by_variant``). Without
+    ``variants``/``seeds`` the grid is taken from the run directories. A run directory outside the
+    grid, or two for the same run, is a configuration error.
     """
     by_run: dict[tuple[str, int], str] = {}
     for run_dir in run_dirs:
@@ -304,17 +307,20 @@ def expected_runs(
             raise ConfigError(f"two run directories for {key}: {by_run[key]!r} and {str(run_dir)!r}")
         by_run[key] = str(run_dir)
     variants = list(variants) if variants else list(dict.fromkeys(v for v, _ in by_run))
-    seeds = list(seeds) if seeds else sorted({s for _, s in by_run})
-    unexpected = sorted(set(by_run) - {(v, s) for v in variants for s in seeds})
+    if not isinstance(seeds, Mapping):
+        common = list(seeds) if seeds else sorted({s for _, s in by_run})
+        seeds = {v: common for v in variants}
+    grid = [(v, s) for v in variants for s in seeds[v]]
+    unexpected = sorted(set(by_run) - set(grid))
     if unexpected:
         raise ConfigError(f"run directories outside the variants x seeds grid: {unexpected}")
-    return [(v, s, by_run.get((v, s))) for v in variants for s in seeds]
+    return [(v, s, by_run.get((v, s))) for v, s in grid]
 
 
 def collect_runs(
     run_dirs: Sequence[str | Path],
     variants: Sequence[str] | None = None,
-    seeds: Sequence[int] | None = None,
+    seeds: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     routed: Mapping[str, bool] | None = None,
     splits: Sequence[str] = EVAL_SPLITS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -51,7 +51,15 @@ class Record:
 
     @property
     def seeds(self) -> list[int]:
+        """The study's seeds; a variant may run on seeds of its own (`variant_seeds`)."""
         return list(self.data["seeds"])
+
+    def variant_seeds(self, variant: str) -> list[int]:
+        """The seeds `variant` ran on: its own (`variants[].seeds`) or the study's."""
+        return list(self.data["variants"][variant].get("seeds", self.data["seeds"]))
+
+    def seeds_by_variant(self) -> dict[str, list[int]]:
+        return {v: self.variant_seeds(v) for v in self.variants}
 
     @property
     def stage(self) -> str:
@@ -142,7 +150,7 @@ class Record:
 
     def run_dirs(self) -> list[str]:
         """The run directory of every (variant, seed), in study order."""
-        return [self.layout.run_dir(v, s) for v in self.variants for s in self.seeds]
+        return [self.layout.run_dir(v, s) for v in self.variants for s in self.variant_seeds(v)]
 
 
 class _Checker:
@@ -170,6 +178,13 @@ def _check(data: Mapping[str, Any], check: _Checker) -> None:
         check(isinstance(entry.get("router"), str), f"{key}.router", entry.get("router"), "must be a router name")
         check(isinstance(entry.get("options"), dict), f"{key}.options", entry.get("options"), "must be a mapping")
         check(entry["router"] in routers, "routers", sorted(routers), f"lacks router '{entry['router']}' of {variant}")
+        own = entry.get("seeds", [0])
+        check(
+            isinstance(own, list) and len(own) > 0 and all(isinstance(s, int) and not isinstance(s, bool) for s in own),
+            f"{key}.seeds",
+            own,
+            "must be a non-empty list of integers",
+        )
     for name, router in routers.items():
         key = f"routers.{name}"
         check(isinstance(router, dict), key, router, "must be a mapping")

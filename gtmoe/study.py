@@ -65,6 +65,8 @@ class Study:
     layout: StudyLayout
     variants: Mapping[str, RouterConfig]  # name -> router and its options, resolved for the run's horizon
     seeds: tuple[int, ...]  # the runs' seeds: `seeds` in a confirmation study, `tuning.seeds` in a tuning study
+    # variant -> the seeds it sets itself (`variants[].seeds`: more seeds where a contrast needs the power)
+    seed_overrides: Mapping[str, tuple[int, ...]]
     eval_splits: tuple[str, ...]  # the splits every run is scored on (a tuning study never scores test)
     tuning: tuning.Tuning
     # variant -> the train settings it sets itself over the shared ones (`variants[].train`: a longer run)
@@ -95,6 +97,7 @@ class Study:
         raw_variants: dict[str, dict[str, Any]] = {}
         train_overrides: dict[str, dict[str, Any]] = {}  # variant -> its own train settings over the shared ones
         model_overrides: dict[str, dict[str, Any]] = {}  # variant -> its own model sizes over the shared ones
+        seed_overrides: dict[str, tuple[int, ...]] = {}  # variant -> its own confirmation seeds
         target_keys: dict[str, str] = {}
         entries = config.get("variants")
         check(isinstance(entries, list) and len(entries) > 0, "variants", entries, "must be a non-empty list")
@@ -109,6 +112,8 @@ class Study:
             check(isinstance(router, str), f"{key}.router", router, "must be a router name")
             routers.get(router, key=f"{key}.router")
             own_train, own_model = entry.pop("train", None), entry.pop("model", None)
+            if "seeds" in entry:
+                seed_overrides[variant] = tuple(tuning.variant_seeds(config, entry.pop("seeds"), f"{key}.seeds"))
             train, model = shared.train, shared.model
             if own_train is not None:
                 train = _variant_train(shared.train, own_train, f"{key}.train")
@@ -121,6 +126,13 @@ class Study:
             target_keys[variant] = f"{key}.name"
         stage = tuning.stage_setting(config)
         tuned = tuning.tuning_settings(config, raw_variants, stage, shared.train.max_steps)
+        for variant, own_seeds in seed_overrides.items():
+            check(
+                stage != "tuning",
+                f"{target_keys[variant].removesuffix('.name')}.seeds",
+                list(own_seeds),
+                "a tuning study runs every variant on tuning.seeds alike (equal budgets)",
+            )
         entries = config.get("sweeps")
         if stage == "tuning":  # the knobs are sweeps like any other: targets, dose-response, variants
             check(entries is None or isinstance(entries, list), "sweeps", entries, "must be a list of sweeps")
@@ -180,6 +192,7 @@ class Study:
             layout=layout,
             variants=MappingProxyType(variants),
             seeds=tuple(seeds),
+            seed_overrides=MappingProxyType(seed_overrides),
             eval_splits=(tuning.TUNING_SPLIT,) if stage == "tuning" else tuple(EVAL_SPLITS),
             tuning=tuned,
             reference=reference,
@@ -232,6 +245,14 @@ class Study:
     def variant_names(self) -> list[str]:
         return list(self.variants)
 
+    def variant_seeds(self, variant: str) -> tuple[int, ...]:
+        """The seeds `variant` runs on: its own (`variants[].seeds`) or the study's."""
+        return self.seed_overrides.get(variant, self.seeds)
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (variant, seed) the study trains, in study order."""
+        return [(v, s) for v in self.variants for s in self.variant_seeds(v)]
+
     def run_config(self, variant: str, seed: int) -> RunConfig:
         """The run config of (variant, seed): the shared sections with the variant's own train settings and model
         sizes, the variant's router, the seed."""
@@ -259,6 +280,8 @@ class Study:
                 entry["train"] = dict(self.train_overrides[variant])
             if variant in self.model_overrides:
                 entry["model"] = dict(self.model_overrides[variant])
+            if variant in self.seed_overrides:
+                entry["seeds"] = list(self.seed_overrides[variant])
             if variant in self.sweep_of:
                 entry["sweep"] = self.sweep_of[variant]
             variants[variant] = entry
@@ -347,8 +370,10 @@ def _variant_train(shared: TrainConfig, own: Any, key: str) -> TrainConfig:
 def run_config_from_record(record: Mapping[str, Any], variant: str, seed: int) -> RunConfig:
     """The run config of (variant, seed) from a study record (`read_record`), typed and checked."""
     check(variant in record["variants"], "--variant", variant, f"not a variant of study '{record['name']}'")
-    check(seed in record["seeds"], "--seed", seed, f"not a seed of study '{record['name']}'")
     entry = record["variants"][variant]
+    check(
+        seed in entry.get("seeds", record["seeds"]), "--seed", seed, f"not a seed of '{variant}' in '{record['name']}'"
+    )
     run = copy.deepcopy(record["run"])
     raw = {
         **run,

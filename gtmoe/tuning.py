@@ -125,6 +125,24 @@ def confirmation_seeds(config: Mapping[str, Any]) -> list[int]:
     return _seeds(config.get("seeds"), "seeds", allow_empty=False)
 
 
+def variant_seeds(config: Mapping[str, Any], value: Any, key: str) -> list[int]:
+    """A variant's own confirmation seeds (`variants[i].seeds`, replacing `seeds` for it): checked like `seeds`,
+    and disjoint from the tuning seeds as they are."""
+    seeds = _seeds(value, key, allow_empty=False)
+    tuning_seeds = (config.get("tuning") or {}).get("seeds", TUNING_DEFAULTS["seeds"])
+    overlap = sorted(
+        set(seeds) & {s for s in tuning_seeds if isinstance(s, int)} if isinstance(tuning_seeds, list) else set()
+    )
+    check(
+        not overlap,
+        key,
+        seeds,
+        f"shares seed(s) {', '.join(map(str, overlap))} with tuning.seeds; a run that informed a choice must not "
+        "confirm it",
+    )
+    return seeds
+
+
 def _select(value: Any) -> tuple[str, dict[str, float]]:
     check(isinstance(value, dict), "tuning.select", value, "must be a mapping with minimize and subject_to")
     for key in value:

@@ -117,6 +117,30 @@ def test_a_confirmation_study_ignores_the_knobs_and_scores_both_splits():
         ({"tuning": {"select": {"minimize": "bleu"}}}, "tuning.select.minimize", "must be one of"),
         ({"tuning": {"select": {"subject_to": {"ppl": 50}}}}, "tuning.select.subject_to.ppl", "bounds the metric"),
         ({"stage": "final"}, "stage", "must be one of confirmation, tuning"),
+        (
+            {"variants": [{"name": "topk", "router": "topk", "seeds": [0, 1]}, {"name": "rdesi", "router": "rdesi"}]},
+            "variants[0].seeds",
+            "a tuning study runs every variant on tuning.seeds alike",
+        ),
+        (
+            {
+                "stage": "confirmation",
+                "variants": [
+                    {"name": "topk", "router": "topk"},
+                    {"name": "rdesi", "router": "rdesi", "seeds": [3, 101]},
+                ],
+            },
+            "variants[1].seeds",
+            "shares seed(s) 101 with tuning.seeds",
+        ),
+        (
+            {
+                "stage": "confirmation",
+                "variants": [{"name": "topk", "router": "topk"}, {"name": "rdesi", "router": "rdesi", "seeds": [3, 3]}],
+            },
+            "variants[1].seeds",
+            "seeds must be unique",
+        ),
     ],
 )
 def test_bad_tuning_input_is_refused_naming_the_key(override, key, why):
@@ -125,6 +149,33 @@ def test_bad_tuning_input_is_refused_naming_the_key(override, key, why):
         config[section] = {**config[section], **value} if isinstance(value, dict) and section == "tuning" else value
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(why)):
         Study.from_config(config)
+
+
+def test_a_variant_with_seeds_of_its_own_runs_on_them_and_its_record_says_so(tmp_path):
+    from analysis.collect import expected_runs
+    from analysis.record import load
+    from gtmoe.study import run_config_from_record
+
+    config = tuning_study()
+    config["stage"] = "confirmation"
+    config["variants"][1]["seeds"] = [0, 1, 2, 3, 4]  # rdesi: more seeds for the key contrast
+    study = Study.from_config(config)
+    assert study.variant_seeds("topk") == (0, 1, 2) and study.variant_seeds("rdesi") == (0, 1, 2, 3, 4)
+    assert study.runs() == [("topk", s) for s in (0, 1, 2)] + [("rdesi", s) for s in range(5)]
+    record = study.record()
+    assert record["seeds"] == [0, 1, 2] and record["variants"]["rdesi"]["seeds"] == [0, 1, 2, 3, 4]
+    assert "seeds" not in record["variants"]["topk"]
+    assert run_config_from_record(record, "rdesi", 4).train.seed == 4
+    with pytest.raises(ConfigError, match="'--seed' = 4: not a seed of 'topk'"):
+        run_config_from_record(record, "topk", 4)
+    path = tmp_path / "study.json"
+    path.write_text(__import__("json").dumps(record))
+    read = load(path)
+    assert [d.rsplit("/", 2)[-2:] for d in read.run_dirs()] == [[v, f"seed{s}"] for v, s in study.runs()]
+    grid = expected_runs(read.run_dirs()[:4], read.variants, read.seeds_by_variant())
+    assert [(v, s) for v, s, _ in grid] == study.runs()  # the runs not given are expected, with no directory
+    with pytest.raises(ConfigError, match="outside the variants x seeds grid"):
+        expected_runs([f"{tmp_path}/runs/topk/seed4"], read.variants, read.seeds_by_variant())
 
 
 def test_overlapping_seeds_stop_snakemake_before_any_job_naming_the_key(tmp_path, checkout):
@@ -182,8 +233,17 @@ def test_a_dry_run_of_the_confirmation_preset_builds_exactly_its_runs(checkout):
     done = snakemake("--dry-run", "--configfile", CONFIRM, cwd=checkout, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     confirm = Study.from_config(merged_config(yaml.safe_load((REPO / CONFIRM).read_text())))
-    runs = {(v, str(s)) for v in confirm.variants for s in confirm.seeds}
-    assert jobs(done.stdout, "train") == jobs(done.stdout, "evaluate") == runs and len(runs) == 6 * 12
+    runs = {(v, str(s)) for v, s in confirm.runs()}
+    # the key contrast (rdesi vs lossfree) on 18 seeds, topk and the ablations on the first 12 of them
+    assert {v: len(confirm.variant_seeds(v)) for v in confirm.variants} == {
+        "topk": 12,
+        "lossfree": 18,
+        "rdesi": 18,
+        "rdesi_no_reputation": 12,
+        "rdesi_no_load": 12,
+        "rdesi_no_bonus": 12,
+    }
+    assert jobs(done.stdout, "train") == jobs(done.stdout, "evaluate") == runs and len(runs) == 2 * 18 + 4 * 12
     assert "eval_test.json" in done.stdout and "results/confirm/runs/" in done.stdout
 
 

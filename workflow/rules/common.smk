@@ -68,7 +68,7 @@ write_record(STUDY)
 RECORD = STUDY.record()
 
 VARIANTS = STUDY.variant_names
-SEEDS = STUDY.seeds
+RUNS = STUDY.runs()  # every (variant, seed): a variant may have seeds of its own (variants[].seeds)
 EVAL_SPLITS = list(STUDY.eval_splits)  # a tuning study never scores the test split (gtmoe.tuning)
 SWEEPS = STUDY.sweeps  # sweep name -> its variants (gtmoe.sweeps)
 
@@ -80,7 +80,7 @@ wildcard_constraints:
 
 
 def run_dirs(variants=VARIANTS):
-    return [RUN.format(variant=v, seed=s) for v in variants for s in SEEDS]
+    return [RUN.format(variant=v, seed=s) for v in variants for s in STUDY.variant_seeds(v)]
 
 
 def run_files(name, variants=VARIANTS):
@@ -94,7 +94,6 @@ def eval_files(variants=VARIANTS):
 def study_benchmarks():
     """The benchmark file of every job that runs before the `compute` rule (called after all rules are
     defined; `compute`'s own benchmark and the report are not counted)."""
-    grid = dict(variant=VARIANTS, seed=SEEDS, split=EVAL_SPLITS)  # each rule takes the wildcards it has
     files = [
         str(rules.corpus.benchmark),
         str(rules.tokenizer.benchmark),
@@ -111,8 +110,9 @@ def study_benchmarks():
         "sensitivity",
         "tuning",
     ):
-        if rules.has(name):
-            files += expand(str(getattr(rules, name).benchmark), **grid)
+        if rules.has(name):  # each rule's benchmark takes the wildcards it has
+            pattern = str(getattr(rules, name).benchmark)
+            files += [pattern.format(variant=v, seed=s, split=split) for v, s in RUNS for split in EVAL_SPLITS]
     return list(dict.fromkeys(files))
 
 
@@ -280,20 +280,19 @@ def set_triggers():
     jobs.append((NGRAM_TRIGGER, [NGRAM], [summary_file("summary.parquet")], "the n-gram baselines", None))
     trained = [contract.CHECKPOINT, contract.RUN_CONFIG, contract.TRAIN_LOG, contract.ROUTER_LOG]
     trained.append(contract.TRAIN_SUMMARY)
-    for variant in VARIANTS:
-        for seed in SEEDS:
-            run = RUN.format(variant=variant, seed=seed)
-            evals = [f"{run}/{contract.eval_file(split)}" for split in EVAL_SPLITS]
-            # The aggregate's tables count as built from this run only when its run_status lists it.
-            tables = [summary_file(f"{outputs.STATUS}.csv")] if (variant, str(seed)) in statused else []
-            wildcards = dict(variant=variant, seed=seed)
-            train = (_foreign_run_reason(run, variant, seed), [f"{run}/{name}" for name in trained], [*evals, *tables])
-            jobs.append((TRAIN_TRIGGER.format(**wildcards), *train[1:], f"the run {run}", train[0]))
-            # (a run that retrains is evaluated again anyway)
-            if not (train[0] or _missing_reason(*train[1:], "")):
-                jobs.append((EVALUATE_TRIGGER.format(**wildcards), evals, tables, f"the evaluation of {run}", None))
-            else:
-                _set_trigger(EVALUATE_TRIGGER.format(**wildcards), None)
+    for variant, seed in RUNS:
+        run = RUN.format(variant=variant, seed=seed)
+        evals = [f"{run}/{contract.eval_file(split)}" for split in EVAL_SPLITS]
+        # The aggregate's tables count as built from this run only when its run_status lists it.
+        tables = [summary_file(f"{outputs.STATUS}.csv")] if (variant, str(seed)) in statused else []
+        wildcards = dict(variant=variant, seed=seed)
+        train = (_foreign_run_reason(run, variant, seed), [f"{run}/{name}" for name in trained], [*evals, *tables])
+        jobs.append((TRAIN_TRIGGER.format(**wildcards), *train[1:], f"the run {run}", train[0]))
+        # (a run that retrains is evaluated again anyway)
+        if not (train[0] or _missing_reason(*train[1:], "")):
+            jobs.append((EVALUATE_TRIGGER.format(**wildcards), evals, tables, f"the evaluation of {run}", None))
+        else:
+            _set_trigger(EVALUATE_TRIGGER.format(**wildcards), None)
     for trigger, products, built_from, what, reason in jobs:
         _PRODUCTS[trigger] = [*products, *built_from]
         _set_trigger(trigger, reason or _missing_reason(products, built_from, what))
