@@ -372,7 +372,10 @@ def run_config_from_record(record: Mapping[str, Any], variant: str, seed: int) -
     check(variant in record["variants"], "--variant", variant, f"not a variant of study '{record['name']}'")
     entry = record["variants"][variant]
     check(
-        seed in entry.get("seeds", record["seeds"]), "--seed", seed, f"not a seed of '{variant}' in '{record['name']}'"
+        seed in entry.get("seeds", record["seeds"]),
+        "--seed",
+        seed,
+        f"not a seed of variant '{variant}' in study '{record['name']}'",
     )
     run = copy.deepcopy(record["run"])
     raw = {

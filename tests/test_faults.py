@@ -565,7 +565,10 @@ def test_train_from_a_study_record_needs_a_run_of_that_study(tmp_path, capsys, m
     for args, expected in (
         (["--variant", "topk"], "--study needs --variant and --seed"),
         (["--variant", "nope", "--seed", "0"], "config key '--variant' = 'nope': not a variant of study 'default'"),
-        (["--variant", "topk", "--seed", "7"], "config key '--seed' = 7: not a seed of study 'default'"),
+        (
+            ["--variant", "topk", "--seed", "7"],
+            "config key '--seed' = 7: not a seed of variant 'topk' in study 'default'",
+        ),
     ):
         assert main(["train", "--study", record, *args, "--out", "run"]) == 2
         assert expected in single_error_line(capsys.readouterr().err)

@@ -166,7 +166,7 @@ def test_a_variant_with_seeds_of_its_own_runs_on_them_and_its_record_says_so(tmp
     assert record["seeds"] == [0, 1, 2] and record["variants"]["rdesi"]["seeds"] == [0, 1, 2, 3, 4]
     assert "seeds" not in record["variants"]["topk"]
     assert run_config_from_record(record, "rdesi", 4).train.seed == 4
-    with pytest.raises(ConfigError, match="'--seed' = 4: not a seed of 'topk'"):
+    with pytest.raises(ConfigError, match="'--seed' = 4: not a seed of variant 'topk'"):
         run_config_from_record(record, "topk", 4)
     path = tmp_path / "study.json"
     path.write_text(__import__("json").dumps(record))
