@@ -108,6 +108,7 @@ def study_benchmarks():
         "statistics",
         "figures",
         "findings",
+        "specialisation",
         "sensitivity",
         "tuning",
     ):
