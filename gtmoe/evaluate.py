@@ -245,7 +245,7 @@ def token_expert_information(joint: Tensor, occurrences: np.ndarray | None = Non
         columns = np.array([row_sums.sum()])
     del rows
     h_expert, h_token = _entropy(columns), _entropy(row_sums)
-    floor = math.nan if occurrences is None else metrics._conditional_floor(row_sums, total, occurrences)
+    floor = math.nan if occurrences is None else metrics.conditional_entropy_floor(row_sums, total, occurrences)
     del row_sums
     p = np.concatenate(nonzero)
     del nonzero
@@ -254,7 +254,7 @@ def token_expert_information(joint: Tensor, occurrences: np.ndarray | None = Non
     del p
     h_joint = float(-np.sum(plogp))
     mi = max(h_token + h_expert - h_joint, 0.0)  # clip float round-off below zero
-    share_of_max = math.nan if occurrences is None else metrics._share_of_max(mi, h_expert, h_token, floor)
+    share_of_max = math.nan if occurrences is None else metrics.share_of_attainable_max(mi, h_expert, h_token, floor)
     return (mi / h_expert if h_expert > 0 else 0.0), share_of_max
 
 

@@ -122,17 +122,19 @@ def token_expert_mi_share_of_max(joint_counts: ArrayLike, occurrences: ArrayLike
     h_expert, rows = _entropy(p.sum(axis=0)), p.sum(axis=1)
     h_token = _entropy(rows)
     mi = max(h_token + h_expert - _entropy(p.ravel()), 0.0)
-    return _share_of_max(mi, h_expert, h_token, _conditional_floor(rows, total, occurrences))
+    return share_of_attainable_max(mi, h_expert, h_token, conditional_entropy_floor(rows, total, occurrences))
 
 
-def _conditional_floor(row_probabilities: np.ndarray, total: float, occurrences: np.ndarray) -> float:
+def conditional_entropy_floor(row_probabilities: np.ndarray, total: float, occurrences: np.ndarray) -> float:
     """L = sum_t p(t) ln max(1, k_t) with k_t = A_t / n_t (token_expert_mi_share_of_max), from p(t) = A_t / A."""
     seen = row_probabilities > 0
     per_occurrence = row_probabilities[seen] * total / occurrences[seen]
     return float(np.sum(row_probabilities[seen] * np.log(np.maximum(per_occurrence, 1.0))))
 
 
-def _share_of_max(mi: float, h_expert: float, h_token: float, floor: float) -> float:
+def share_of_attainable_max(mi: float, h_expert: float, h_token: float, floor: float) -> float:
+    """MI (nats) over its attainable maximum min(H(expert) - floor, H(token)), `floor` the conditional_entropy_floor
+    (token_expert_mi_share_of_max); NaN where that maximum is 0."""
     ceiling = min(h_expert - floor, h_token)
     if ceiling <= 1e-12 * max(1.0, h_expert):  # nothing to learn: the expert set cannot depend on the token
         return float("nan")
@@ -140,8 +142,8 @@ def _share_of_max(mi: float, h_expert: float, h_token: float, floor: float) -> f
 
 
 def coactivation_shares(cocounts: ArrayLike) -> np.ndarray:
-    """OLMoE co-activation (Muennighoff et al. 2024, sec. 5): share[i, j] = C[i, j] / C[i, i], the share of
-    the tokens routed to expert i that were also routed to expert j.
+    """OLMoE co-activation (Muennighoff et al. 2024, section on co-activation): share[i, j] = C[i, j] / C[i, i],
+    the share of the tokens routed to expert i that were also routed to expert j.
 
     `cocounts` (E, E): C[i, j] the tokens routed to both i and j, C[i, i] the tokens routed to i. The diagonal
     (1 by definition) and the rows of experts without tokens are NaN.
