@@ -117,7 +117,7 @@ def test_the_specialisation_category_holds_its_figure_and_tables():
     """The report's category "Specialisation" (workflow/rules/analysis.smk): the co-activation figure and both
     tables, each with its caption."""
     rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "analysis.smk").read_text()
-    rule = rules.split("rule specialisation:", 1)[1].split("\nrule ", 1)[0]
+    rule = rules.split("rule specialisation:", 1)[1].split('analysis_command("specialisation")', 1)[0]
     assert rule.count("captioned(") == rule.count('"Specialisation"') == 3
     for caption in ("SUMMARY_TABLE", "VOCABULARY_TABLE", "outputs.COACTIVATION_FIGURE"):
         assert caption in rule.split("output:", 1)[1], caption
