@@ -10,11 +10,12 @@ outputs   -- names of the files the analysis writes (the workflow declares them 
 collect   -- read run directories into a tidy table and a run-status table; join each variant's
              router and options; read the n-gram baselines and the run logs.
 stats     -- per-variant summaries (Student t CIs) and seed-paired comparisons;
-             ``stats.sensitivity``: dose-response statistics of the sweeps.
+             ``stats.sensitivity``: dose-response statistics of the sweeps; ``stats.specialisation``: what the
+             experts learned (co-activation by rank, each expert's top tokens, the exploratory table).
 tables    -- parquet, CSV and self-contained HTML tables for the report (the sensitivity tables too).
 figures   -- seaborn figures (PNG) for the report; ``figures.canvas``: backend, theme, colours, saving;
              ``figures.forest``: forest plots of the comparisons; ``figures.sensitivity``: dose-response
-             figures of the sweeps.
+             figures of the sweeps; ``figures.coactivation``: expert co-activation per router.
 findings  -- the findings in words, rendered from ``templates/findings.html.j2`` (Jinja2).
 compute   -- job-seconds per stage from Snakemake's benchmark files.
 """

@@ -10,6 +10,7 @@ about the study; its inputs and outputs lie under the study's root (gtmoe.contra
     python -m analysis compute     --study results/default/study.json
     python -m analysis sensitivity --study results/default/study.json   (a study with sweeps)
     python -m analysis tuning      --study results/tune/study.json      (a tuning study)
+    python -m analysis specialisation --study results/default/study.json
 
 A problem the user can fix (a bad record, an unreadable input, a full disk) is one `error:` line and
 exit status 2; anything else is a bug and shows its traceback.
@@ -25,10 +26,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import RUN_OK, collect, compute, figures, findings, outputs, record, stats, tables, writing
+from analysis.figures import coactivation as coactivation_figure
 from analysis.figures import frontier as frontier_figure
 from analysis.figures import load_over_training as load_figure
 from analysis.record import Record
-from analysis.stats import confirmatory, frontier, sensitivity, tuning
+from analysis.stats import confirmatory, frontier, sensitivity, specialisation, tuning
+from gtmoe.contract import TOP_TOKENS
 from gtmoe.errors import ConfigError, DataError, GtmoeError
 
 
@@ -298,6 +301,36 @@ def run_tuning(study: Record) -> int:
     return 0
 
 
+def run_specialisation(study: Record) -> int:
+    """What the experts learned, on the comparison split, from ok runs only: the specialisation metrics per variant
+    (the summary's rows, labelled; parquet, CSV, HTML), each expert's top token ids as text for one run per variant
+    (the study's tokenizer), and the co-activation figure (the evaluation JSONs' per-layer counts)."""
+    tidy = _tidy(study)
+    ok_runs = set(zip(tidy["variant"].astype(str), tidy["seed"]))
+    arrays = collect.load_layer_arrays(study.run_dirs(), study.split, keep=ok_runs, variants=study.variants)
+    table = specialisation.specialisation_summary(_statistics(study, "summary"), study.statistics["primary"])
+    summary_name, vocabulary_name = outputs.SPECIALISATION
+    tables.write_specialisation(table, _summary_path(study, summary_name), study.split)
+    tokenizer = study.layout.tokenizer
+    decode = collect.read_tokenizer(tokenizer)
+    vocabulary = specialisation.vocabulary_table(arrays, decode)
+    labels = {v: study.describe(v)["label"] for v in study.variants}
+    tables.write_vocabulary(
+        vocabulary,
+        _summary_path(study, vocabulary_name),
+        TOP_TOKENS,
+        study.split,
+        tokenizer if decode else None,
+        labels,
+    )
+    figure = Path(study.layout.figures) / f"{outputs.COACTIVATION_FIGURE}.png"
+    shares, panels = specialisation.coactivation_by_rank(arrays)
+    without = [v for v, routed in study.routed().items() if routed and v not in set(panels["variant"])]
+    coactivation_figure.plot_coactivation(shares, panels, figure, without)
+    _log(f"{len(arrays)} layers of {len(ok_runs)} runs: tables -> {study.layout.summary}, figure -> {figure}")
+    return 0
+
+
 VERBS = {  # the command line: one line per step, each reads only --study
     "aggregate": (run_aggregate, "collect the run directories into the tidy table"),
     "stats": (run_stats, "summary, paired comparison and ablation tables"),
@@ -306,6 +339,7 @@ VERBS = {  # the command line: one line per step, each reads only --study
     "compute": (run_compute, "job-seconds per stage from the benchmark files"),
     "sensitivity": (run_sensitivity, "dose-response of the router options of each sweep"),
     "tuning": (run_tuning, "a tuning study's frontiers, frontier comparisons and budget"),
+    "specialisation": (run_specialisation, "what the experts learned: co-activation, vocabulary, utilisation"),
 }
 
 

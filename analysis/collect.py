@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +41,7 @@ from gtmoe.contract import (
     EVAL_SPLITS,
     LOAD_COUNT_RANGE,
     LOAD_METRICS,
+    PER_LAYER_ARRAYS,
     PER_LAYER_ID_KEYS,
     PER_LAYER_LOADS,
     ROUTER_LOG,
@@ -463,6 +464,63 @@ def load_router_logs(
             {"variant": "str", "seed": "int64"}
         )
     return _in_study_order(logs, variants, "router logs")
+
+
+# --------------------------------------------------------------------------- per-layer arrays and the tokenizer
+
+LAYER_ARRAY_COLUMNS = ["variant", "seed", "layer", "load", *PER_LAYER_ARRAYS]
+
+
+def load_layer_arrays(
+    run_dirs: Iterable[str | Path],
+    split: str,
+    keep: set[tuple[str, int]] | None = None,
+    variants: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per (variant, seed, MoE layer) of the runs' ``eval_{split}.json``: the layer's ``load`` and its arrays
+    of gtmoe.contract.PER_LAYER_ARRAYS (co-activation counts, top token ids and their counts) as nested lists, None
+    where the file has none (an evaluation written before them, or more experts than the JSON keeps). ``keep`` and
+    ``variants`` work as in ``load_router_logs``; a run without the file, or an unrouted one, adds no row."""
+    rows = []
+    for run_dir in run_dirs:
+        variant, seed = parse_run_dir(run_dir)
+        file = Path(run_dir) / eval_file(split)
+        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
+            continue
+        try:
+            layers = json.loads(file.read_text()).get("per_layer") or []
+        except (OSError, ValueError, AttributeError) as error:
+            raise DataError(f"{file}: unreadable ({type(error).__name__}: {error}); rerun its evaluation") from None
+        for entry in layers:
+            row = {name: entry.get(name) for name in ("load", *PER_LAYER_ARRAYS)}
+            rows.append(dict(variant=variant, seed=seed, layer=int(entry["layer"]), **row))
+    arrays = pd.DataFrame(rows, columns=LAYER_ARRAY_COLUMNS).astype({"seed": "int64", "layer": "int64"})
+    return _in_study_order(arrays, variants, "evaluations")
+
+
+# How a token reads in a table: its text with whitespace made visible.
+VISIBLE_WHITESPACE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+
+
+def read_tokenizer(path: str | Path) -> Callable[[int], str] | None:
+    """The text of a token id under the study's tokenizer (``StudyLayout.tokenizer``, gtmoe.data's byte-level BPE),
+    special tokens included, whitespace made visible; None when the file does not exist (ids are shown instead). A
+    file that exists but cannot be read is a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises its own error type for a corrupt file
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise DataError(f"tokenizer {path} is unreadable ({reason}); rebuild it (snakemake does)") from None
+
+    def decode(token_id: int) -> str:
+        return tokenizer.decode([int(token_id)], skip_special_tokens=False).translate(VISIBLE_WHITESPACE)
+
+    return decode
 
 
 BASELINE_COLUMNS = ["model", "split", "metric", "value", "source"]

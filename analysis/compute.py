@@ -40,6 +40,7 @@ STAGES = {
     "statistics": "analysis",
     "figures": "analysis",
     "findings": "analysis",
+    "specialisation": "analysis",
 }
 OVERHEAD_STAGES = {"run configs"}  # jobs that only write a config file: all overhead
 IN_PROCESS, OVERHEAD, WHOLE_JOB = "in-process compute", "start-up + per-job overhead", "whole job"

@@ -447,6 +447,78 @@ def _exploratory_sentence(comparisons: pd.DataFrame, alpha: float) -> str:
     )
 
 
+# --------------------------------------------------------------------------- what the experts learned
+
+
+def _measured(summary: pd.DataFrame, split: str, metric: str) -> dict[str, pd.Series]:
+    """Variant -> its summary row of `metric` on `split`, for the variants with a finite mean (study order)."""
+    rows = summary[(summary["split"] == split) & (summary["kind"] == VARIANT) & (summary["metric"] == metric)]
+    return {str(r["variant"]): r for _, r in rows.iterrows() if r["n"] > 0 and math.isfinite(r["mean"])}
+
+
+def _mean_ci(row: pd.Series) -> str:
+    return f"{format_number(row['mean'])} {format_interval(row['ci_low'], row['ci_high'])}, n = {int(row['n'])}"
+
+
+def _extremes(
+    values: dict[str, pd.Series], what: str, show=_mean_ci, key=lambda row: row["mean"], most="highest", least="lowest"
+) -> str:
+    """`what` of the variants of `values`, the largest and the smallest by `key`, each with `show` of its row."""
+    ordered = sorted(values.items(), key=lambda item: key(item[1]))
+    (low, low_row), (high, high_row) = ordered[0], ordered[-1]
+    if len(ordered) == 1:
+        return f"{what} is {show(high_row)} for {high}"
+    return f"{what} is {most} for {high} ({show(high_row)}) and {least} for {low} ({show(low_row)})"
+
+
+def specialisation_items(summary: pd.DataFrame, split: str) -> list[Rich]:
+    """One sentence per analysis of what the experts learned (co-activation, vocabulary specialisation, utilisation
+    over routing groups), built from the summary's means and t CIs; then the variants without values."""
+    items: list[Rich] = []
+    coactivation = _measured(summary, split, "coactivation_max")
+    if coactivation:
+        what = "the largest share of one expert's tokens also routed to a single other expert"
+        items.append([("Co-activation: ", "b"), (_extremes(coactivation, what) + ".", "")])
+    vocabulary = _measured(summary, split, "vocab_specialisation_above_floor")
+    information = _measured(summary, split, "token_expert_mi_share_of_max")
+    parts = []
+    if vocabulary:
+        parts.append(
+            _extremes(
+                vocabulary,
+                "the frequency-weighted share of a token id's occurrences routed to its most used expert, above the "
+                "floor that k experts per token impose (0: the floor, 1: each id always reaches the same experts),",
+            )
+        )
+    if information:
+        parts.append(_extremes(information, "the token–expert MI as a share of its attainable maximum"))
+    if parts:
+        items.append([("Vocabulary specialisation: ", "b"), ("; ".join(parts) + ".", "")])
+    low, high = (_measured(summary, split, f"utilisation_{name}") for name in ("p5", "p95"))
+    spread = {v: pd.Series({"p5": low[v]["mean"], "p95": high[v]["mean"]}) for v in low if v in high}
+    if spread:
+        text = _extremes(
+            spread,
+            "the range from the 5th to the 95th percentile of the experts' utilisation E·f in a routing group "
+            "(1: a fair share; means over seeds)",
+            show=lambda row: f"{format_number(row['p5'])} to {format_number(row['p95'])}",
+            key=lambda row: row["p95"] - row["p5"],
+            most="widest",
+            least="narrowest",
+        )
+        items.append([("Utilisation: ", "b"), (text + ".", "")])
+    variants = dict.fromkeys(summary.loc[summary["kind"] == VARIANT, "variant"].astype(str))
+    without = [v for v in variants if v not in {**coactivation, **vocabulary, **information, **spread}]
+    if without:
+        text = (
+            f"No value for {', '.join(without)}: no routing, or runs evaluated before these metrics existed."
+            if items
+            else "No variant has these values: none routes, or its runs were evaluated before these metrics existed."
+        )
+        items.append([(text, "muted")])
+    return items
+
+
 def horizon_gain(tidy: pd.DataFrame, horizon: Mapping[str, Any] | None, split: str) -> dict | None:
     """The training-horizon check (config findings.horizon): how much the same router trained longer lowers the
     perplexity on `split`, paired by seed. The gain is variant − longer (positive: more steps still help), with its
@@ -730,6 +802,7 @@ def render(inputs: FindingsInputs) -> str:
             tuning_rule=inputs.tuning_rule,
             caveat=[dict(variant=v, label=label) for v, label in sorted(inputs.group_routed.items())],
             noncausal=noncausal_perplexities(inputs.summary, inputs.split, inputs.group_routed),
+            specialisation=specialisation_items(inputs.summary, inputs.split),
         )
     )
 

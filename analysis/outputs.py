@@ -20,6 +20,9 @@ SENSITIVITY = ("sensitivity", "sensitivity_best")  # sensitivity (studies with s
 TUNING = ("frontier", "frontier_comparison", "tuning_budget")
 FRONTIER_FIGURE = "frontier"  # tuning: figures/frontier.png
 FINDINGS = "findings.html"  # findings
+# specialisation: what the experts learned; each .parquet, .csv, .html, and figures/coactivation.png
+SPECIALISATION = ("specialisation", "vocabulary")
+COACTIVATION_FIGURE = "coactivation"
 COMPUTE = "compute"  # compute: .csv, .html
 
 # figures/ (StudyLayout.figures): each NAME.png
@@ -55,6 +58,7 @@ RECORD_KEYS = {
     # chosen on validation by the declared rule, whatever statistics.split says
     "sensitivity": (*RUNS, "reference", "sweeps", "tuning"),
     "tuning": (*RUNS, "sweeps", "tuning", "run.train"),
+    "specialisation": (*RUNS, "statistics"),  # the split and the declared primary endpoints
 }
 
 

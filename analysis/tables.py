@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -204,7 +204,10 @@ def write_summary(summary: pd.DataFrame, stem: str | Path, caption: str = "") ->
         "an interval; a metric the variant does not have, e.g. load metrics "
         "of an unrouted variant). Token-expert MI / H(expert): the mutual information of token id and expert "
         "divided by the expert entropy; with k distinct experts per token a token id fixes at most its k "
-        "experts, so it is at most 1 − ln k / H(expert) (≤ 1 − ln k / ln E: 0.67 for top-2 of 8), not 1. "
+        "experts, so it is at most 1 − ln k / H(expert) (≤ 1 − ln k / ln E: 0.67 for top-2 of 8), not 1; "
+        "token-expert MI / its maximum divides by that attainable maximum instead. The co-activation, vocabulary "
+        "specialisation, top-10 share, MI / its maximum and utilisation columns (what the experts learned) are "
+        "exploratory, defined in the report's Specialisation category. "
         "Shaded rows at the bottom: reference baselines "
         "(unigram and interpolated bigram counted on the train split), not "
         "variants of the study; they have perplexities only. The CSV also has each variant's router and "
@@ -747,3 +750,80 @@ def write_tuning(
     with writing(tex):
         tex.write_text(cells.replace({NA: "--"}).to_latex(index=False, escape=False, column_format="llrrl"), "utf-8")
     return [*paths, tex]
+
+
+# --------------------------------------------------------------------------- specialisation
+
+
+def write_specialisation(table: pd.DataFrame, stem: str | Path, split: str) -> list[Path]:
+    """The specialisation metrics per variant (``stats.specialisation.specialisation_summary``: the summary's rows,
+    labelled) as parquet, CSV and HTML: one row per variant, one column per metric, mean with its CI and n."""
+    level = int(round(CONFIDENCE * 100))
+    labels = dict.fromkeys(metric_label(m) for m in table["metric"])
+    primary = sorted({metric_label(r.metric) for r in table.itertuples() if r.label != EXPLORATORY})
+    caption = (
+        f"What the experts learned, per variant on the {split} split: mean over seeds with its {level}% Student t CI "
+        "and the number of seeds n (each run's value is the mean over its MoE layers). "
+        + (
+            f"Declared primary endpoints among them: {', '.join(primary)}; every other column is exploratory. "
+            if primary
+            else "Every column is exploratory: no primary endpoint unless declared in statistics.primary. "
+        )
+        + "n/a: no value (an unrouted variant, or runs evaluated before these metrics existed). The definitions are "
+        "in this table's caption in the report and in docs/statistics.md."
+    )
+    rows = []
+    for variant, part in table[table["split"] == split].groupby(table["variant"].astype(str), sort=False):
+        row = {"variant": variant, "_class": {}}
+        for record in part.itertuples():
+            label = metric_label(record.metric)
+            row[label] = (
+                value_cell(record.mean, f"{format_interval(record.ci_low, record.ci_high)} · n={record.n}")
+                if record.n
+                else NA
+            )
+            row["_class"][label] = "num"
+        rows.append(row)
+    note = f"label: {', '.join(dict.fromkeys(table['label']))}" if len(table) else ""
+    page = html_page("Specialisation per variant", caption, [("", html_table(rows, ["variant", *labels], note))])
+    return write_table(table, page, stem)
+
+
+def write_vocabulary(
+    table: pd.DataFrame,
+    stem: str | Path,
+    top: int,
+    split: str,
+    tokenizer: str | None,
+    routers: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Each expert's top token ids as text (``stats.specialisation.vocabulary_table``) as parquet, CSV and HTML: one
+    section per variant (its lowest seed, last MoE layer; ``routers``: variant -> its router's label, from the study
+    record), one row per expert, busiest first."""
+    text = f"decoded with the study's tokenizer ({tokenizer})" if tokenizer else "as token ids (#id: no tokenizer)"
+    caption = (
+        f"Which token ids each expert takes, on the {split} split, for one run per variant (its lowest seed) and its "
+        f"last MoE layer. Load share: the expert's share of the layer's assignments. Top-{top} share: the share of "
+        f"the expert's tokens whose id is one of its {top} most routed ids (1: the expert serves those ids only). "
+        f"Top tokens: those ids, most routed first, {text}, each with how often it was routed to the expert; "
+        "␣ is a space, ↵ a newline. Exploratory, descriptive: one seed, one layer."
+    )
+    sections = []
+    for variant, part in table.groupby(table["variant"].astype(str), sort=False):
+        rows = [
+            {
+                "expert": str(r.expert),
+                "load share": format_number(r.load_share),
+                f"top-{top} share": format_number(r.top_token_share),
+                "top tokens (count)": r.tokens or NA,
+                "_class": {"expert": "num", "load share": "num", f"top-{top} share": "num"},
+            }
+            for r in part.itertuples()
+        ]
+        first = part.iloc[0]
+        router = f" ({routers[variant]})" if routers and variant in routers else ""
+        heading = f"{variant}{router}: seed {first['seed']}, layer {first['layer']}"
+        sections.append((heading, html_table(rows, ["expert", "load share", f"top-{top} share", "top tokens (count)"])))
+    if not sections:
+        sections = [("", '<p class="caption">No routed run with top token ids (dense, or evaluated before them).</p>')]
+    return write_table(table, html_page("Vocabulary per expert", caption, sections), stem)

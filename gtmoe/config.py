@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from gtmoe.checks import ConfigError, check, check_name, fail, short_repr  # noqa: F401  (re-exported)
-from gtmoe.contract import weight_config  # noqa: F401  (re-exported: the one definition of "the same run")
+from gtmoe.contract import MAX_COACTIVATION_EXPERTS, weight_config  # noqa: F401  (weight_config re-exported)
 
 # ------------------------------------------------------------------ strict YAML
 
@@ -579,11 +579,15 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
       saturation checkpoint's model; P for a dense run). Loading: P, the weights of the checkpoint being
       loaded (mapped, so AdamW's moments beside them are never read), and the training logs the checkpoint
       holds as Python objects (about 1 kB per train_log row, 640 B per router_log row: one per expert, MoE
-      layer and router_log_every steps). Evaluating: the per-layer (token id, expert) counts, L_moe V (E + 1)
-      int64 on the host for a CPU job (on the device for a GPU one), the mutual information's temporaries
-      (40 B for each of up to 2**20 counts in flight, 8 V, and 16 B per nonzero count: at most
-      min(V E, top_k tokens) for the largest evaluated split, eval.max_blocks * seq_len tokens or 2**23 for
-      a split evaluated whole), and one layer's activations plus the logits.
+      layer and router_log_every steps). Evaluating: per MoE layer the (token id, expert) counts V (E + 1), each
+      token id's occurrences V, the co-activation counts (E + 1)^2 and each routing group's per-expert counts
+      G (E + 1) (G = the largest evaluated split's tokens / T), all int64, on the host for a CPU job (on the
+      device for a GPU one, as the temporaries of their summary: 24 B per group and expert, 16 B per pair of
+      experts, 8 V); on the host in any job the mutual information's temporaries (40 B for each of up to 2**20
+      counts in flight, 8 V, and 16 B per nonzero count: at most min(V E, top_k tokens) for the largest
+      evaluated split, eval.max_blocks * seq_len tokens or 2**23 for a split evaluated whole), each token id's
+      occurrences (8 V) and the co-activation counts the JSON holds (E <= 256); and one layer's activations
+      plus the logits and a group's (T, E + 1) float32 co-activation membership.
     - activations kept for the backward pass (train), per layer: ~16 d per token on the attention path,
       3 E for the gate, r (2 d + 4 d_expert) for the r expert rows a token is dispatched to (r = top_k, or
       up to capacity_factor * top_k for capacity routers, plus n_shared_experts; for a dense FFN its hidden
@@ -618,9 +622,14 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
     evaluated = max(n * seq_len if n > 0 else 2**23 for n in blocks)
     nonzero = min(m.vocab_size * e, k * evaluated)
     chunk = min(m.vocab_size * e, 2**20)  # gtmoe.evaluate.MI_CHUNK_ELEMENTS entries of about 40 B in flight
-    information = (40 * chunk + 8 * m.vocab_size + 16 * nonzero) if moe_layers else 0
-    evaluating = (8 * moe_layers * m.vocab_size * (e + 1) if activations else 0) + information
-    evaluating += 4 * (per_layer + logits) if activations else 0
+    written = min(e, MAX_COACTIVATION_EXPERTS) ** 2  # co-activation counts as the JSON's Python ints
+    information = (40 * chunk + 16 * m.vocab_size + 16 * nonzero + 64 * written) if moe_layers else 0
+    groups = math.ceil(evaluated / tokens)
+    counted = m.vocab_size * (e + 2) + (e + 1) ** 2 + groups * (e + 1)  # gtmoe.evaluate.LayerStats, int64
+    # one layer's summary: utilisation percentiles, co-activation shares, each token id's best expert
+    summarised = 24 * groups * e + 16 * e * e + 8 * m.vocab_size
+    evaluating = ((8 * moe_layers * counted + summarised) if activations and moe_layers else 0) + information
+    evaluating += 4 * (per_layer + logits + (tokens * (e + 1) if moe_layers else 0)) if activations else 0
     return RUNTIME_OVERHEAD_MB + (models + max(loading, evaluating)) / 2**20
 
 

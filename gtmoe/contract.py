@@ -136,7 +136,15 @@ EVAL_ID_KEYS = ("variant", "seed", "split", "router", "status", "per_layer")
 # and `requested_load`, the experts the router chose before it (token-choice routers, `Routing.choice`; null
 # for a router without one, e.g. expert choice). The analysis reads each as metrics `{name}_e{i}`.
 PER_LAYER_LOADS = ("load", "requested_load")
-PER_LAYER_ID_KEYS = ("layer", *PER_LAYER_LOADS)
+# A layer's arrays for the specialisation analysis (analysis.stats.specialisation), read from the JSON, never
+# averaged over layers or put in the tidy table: `coactivation` the E x E counts of tokens routed to both experts
+# i and j (symmetric; the diagonal is the tokens routed to i; null above MAX_COACTIVATION_EXPERTS experts, where
+# the matrix would dominate the file), `top_tokens` and `top_token_counts` each expert's TOP_TOKENS most routed
+# token ids (most first, ties to the lower id) and how often each was routed to it.
+PER_LAYER_ARRAYS = ("coactivation", "top_tokens", "top_token_counts")
+PER_LAYER_ID_KEYS = ("layer", *PER_LAYER_LOADS, *PER_LAYER_ARRAYS)
+TOP_TOKENS = 10  # N of "the share of an expert's tokens that come from its top-N token ids"
+MAX_COACTIVATION_EXPERTS = 256  # a 256 x 256 count matrix is ~0.4 MB of JSON per layer
 LOAD_METRICS = (
     "gini",
     "load_entropy",
@@ -147,6 +155,24 @@ LOAD_METRICS = (
     "drop_rate",
     "token_expert_mi",
 )
+# What the experts learned (issue 23), per layer and, as for the load metrics, their mean over layers at model level:
+# OLMoE's co-activation (the largest share of an expert's tokens also routed to one other expert, and the mean
+# over experts of their strongest partner's share) and vocabulary specialisation (each token id's share of
+# occurrences routed to its most used expert, weighted by frequency; and its distance from the floor that k
+# experts per token impose), the share of an expert's tokens from its TOP_TOKENS token ids (mean over experts), the
+# token-expert MI over its attainable maximum, and percentiles of the experts' utilisation E * f in each routing
+# group (NeMo's expert utilisation, load over a fair share). Exploratory, and absent from evaluations written
+# before them (the analysis shows n/a); null for a dense run.
+SPECIALISATION_METRICS = (
+    "coactivation_max",
+    "coactivation_partner_mean",
+    "vocab_specialisation",
+    "vocab_specialisation_above_floor",
+    "top_token_share",
+    "token_expert_mi_share_of_max",
+)
+UTILISATION_PERCENTILES = {"min": 0, "p5": 5, "median": 50, "p95": 95, "max": 100}
+UTILISATION_METRICS = tuple(f"utilisation_{name}" for name in UTILISATION_PERCENTILES)
 FLIP_RATE_PREFIX = "flip_rate_"  # + a router's selection term: in the training log and evaluation JSON
 
 
@@ -199,6 +225,8 @@ EVAL_METRIC_RANGES = {
     "drop_rate": _FRACTION,
     "token_expert_mi": _FRACTION,  # normalised by H(expert)
     "router_saturation": _FRACTION,
+    **{name: _FRACTION for name in SPECIALISATION_METRICS},
+    **{name: _NON_NEGATIVE for name in UTILISATION_METRICS},  # E * f: 0 (unused) to E (took the whole group)
     # The load the router asked for, before capacity (token-choice routers; null for others): Gini and MaxVio of
     # the requested counts, and the share of the requested (valid) assignments that capacity dropped.
     "requested_gini": MetricRange(0, 1, high_open=True),

@@ -10,7 +10,11 @@ of the split's words in proportion to its tokens. Routing statistics are
 gathered per MoE layer on the device, turned into metrics by the pure
 functions of `gtmoe.metrics`, then averaged over layers; per-layer values are
 kept. Token-choice routers also report the load they asked for before any capacity cut
-(`Routing.choice`: requested_load, requested_gini, requested_maxvio_global, assignment_drop_rate). The
+(`Routing.choice`: requested_load, requested_gini, requested_maxvio_global, assignment_drop_rate). What the
+experts learned comes from the same counts (gtmoe.contract.SPECIALISATION_METRICS, UTILISATION_METRICS,
+PER_LAYER_ARRAYS): OLMoE's co-activation (pairs of experts per token) and vocabulary specialisation, each expert's
+top token ids, the token-expert MI over its attainable maximum, and the percentiles of the experts' utilisation
+over the routing groups, accumulated per batch on the device with the rest. The
 reported perplexity is the run's evaluation routing; a router that also offers a non-causal routing
 (`evaluation_modes()`, expert choice's top-C of the group) gets a second forward of every group in it,
 reported as ppl_noncausal, and `causal_routing` says which the reported one is. The final and the
@@ -38,10 +42,15 @@ from gtmoe.contract import (
     CHECKPOINT,
     FLIP_RATE_PREFIX,
     LOAD_METRICS,
+    MAX_COACTIVATION_EXPERTS,
     PER_LAYER_ID_KEYS,
     RUN_CONFIG,
     RUN_OK,
     SATURATION_CHECKPOINT,
+    SPECIALISATION_METRICS,
+    TOP_TOKENS,
+    UTILISATION_METRICS,
+    UTILISATION_PERCENTILES,
 )
 from gtmoe.data.shards import TokenBlocks
 from gtmoe.device import autocast_context, peak_memory_mb, resolve_device
@@ -59,6 +68,7 @@ from gtmoe.runfiles import (
 )
 
 EVAL_ORDER_SEED = 0  # fixed: every run evaluates the same blocks in the same groups
+UTILISATION_PERCENTILES_BY_METRIC = dict(zip(UTILISATION_METRICS, UTILISATION_PERCENTILES.values()))
 
 
 class LayerStats:
@@ -73,6 +83,11 @@ class LayerStats:
         zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
         self.counts = zeros(n_experts + 1)  # last slot: dropped assignments and padding
         self.joint = zeros(vocab_size * (n_experts + 1))  # flattened (token id, expert) counts
+        self.occurrences = zeros(vocab_size)  # valid tokens per token id
+        # Flattened (expert, expert) counts of tokens routed to both (OLMoE co-activation); the last row and column
+        # take dropped assignments and padding, the diagonal the tokens routed to each expert.
+        self.cocounts = zeros((n_experts + 1) ** 2)
+        self.group_counts: list[Tensor] = []  # each group's per-expert counts (kept from add: no new allocation)
         self.tokens = zeros(())
         self.tokens_without_expert = zeros(())
         self.batch_maxvio_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -89,6 +104,9 @@ class LayerStats:
         expert = torch.where(kept, routing.expert, n_experts)  # dropped or padding -> the overflow slot
         counts = torch.zeros_like(self.counts).index_add_(0, expert, torch.ones_like(expert))[:n_experts]
         self.counts[:n_experts] += counts
+        self.group_counts.append(counts)
+        self.occurrences.index_add_(0, token_ids, valid.long())
+        self._add_coactivation(routing, expert, valid.shape[0])
         self.processed += counts.sum()
         if routing.choice is not None:
             requested = torch.where(valid.unsqueeze(-1), routing.choice, n_experts).reshape(-1)
@@ -107,9 +125,28 @@ class LayerStats:
             if key.startswith(FLIP_RATE_PREFIX):  # a rate over the group's valid tokens: back to a count
                 self.flipped[key] = self.flipped.get(key, 0) + rate.double() * n_valid
 
+    def _add_coactivation(self, routing, expert: Tensor, n_tokens: int) -> None:
+        """Count each pair of experts that one token reached, `expert` the routing's experts with dropped assignments
+        and padding on the overflow slot E. A token-choice routing (k slots per token, token-major) adds its k x k
+        slot pairs; any other routing, or one whose k x k pairs would outgrow a (tokens, E + 1) membership matrix,
+        adds membership^T membership (exact in float32: a group's count is far below 2**24)."""
+        slots = self.n_experts + 1
+        k = routing.choice.shape[1] if routing.choice is not None else None
+        if k is not None and 2 * k * k <= slots:  # 8 k^2 bytes per token of pairs against 4 (E + 1) of membership
+            per_token = expert.view(-1, k)
+            pairs = (per_token.unsqueeze(2) * slots + per_token.unsqueeze(1)).reshape(-1)
+            self.cocounts.index_add_(0, pairs, torch.ones_like(pairs))
+            return
+        member = torch.zeros(n_tokens, slots, dtype=torch.float32, device=expert.device)
+        member.index_put_((routing.token, expert), torch.ones_like(expert, dtype=torch.float32), accumulate=True)
+        member.clamp_(max=1.0)  # a token counts once per expert
+        both = (member.T @ member).round().long()
+        self.cocounts.view(slots, slots).add_(both)
+
     def summary(self, layer: int) -> dict:
         counts = self.counts[: self.n_experts].cpu().numpy()
         joint = self.joint.view(-1, self.n_experts + 1)[:, : self.n_experts]
+        specialisation = self._specialisation(joint, counts)
         load = metrics.load_metrics(counts)
         tokens, batches = int(self.tokens), int(self.batches)
         processed = int(self.processed)
@@ -128,13 +165,46 @@ class LayerStats:
             "maxvio_batch": float(self.batch_maxvio_sum) / batches if batches else float("nan"),
             "dead_experts": load["dead_experts"],
             "drop_rate": int(self.tokens_without_expert) / max(tokens, 1),
-            "token_expert_mi": token_expert_mutual_information(joint),
+            "token_expert_mi": specialisation.pop("token_expert_mi"),
             "experts_per_token": processed / tokens if tokens else float("nan"),
             "requested_load": requested.tolist() if requested is not None else None,
             "requested_gini": asked["gini"],
             "requested_maxvio_global": asked["maxvio"],
             "assignment_drop_rate": 1 - processed / n_requested if n_requested else float("nan"),
             **{key: float(flipped) / max(tokens, 1) for key, flipped in self.flipped.items()},
+            **specialisation,
+        }
+
+    def _specialisation(self, joint: Tensor, load: np.ndarray) -> dict:
+        """What the experts learned (gtmoe.contract.SPECIALISATION_METRICS, UTILISATION_METRICS, PER_LAYER_ARRAYS),
+        computed once from the accumulated counts: the same values as gtmoe.metrics' functions of them."""
+        occurrences = self.occurrences.cpu().numpy()
+        n_tokens = int(occurrences.sum())
+        mi, mi_share_of_max = token_expert_information(joint, occurrences)
+        best = float(joint.max(dim=1).values.sum()) if joint.numel() else 0.0  # sum_t max_e N[t, e]
+        floor = float(load.sum()) / (n_tokens * self.n_experts) if n_tokens else math.nan
+        score = best / n_tokens if n_tokens else math.nan
+        top_ids, top_counts = top_token_ids(joint, TOP_TOKENS)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            top_share = np.where(load > 0, top_counts.sum(axis=1) / load, np.nan)
+        slots = self.n_experts + 1
+        cocounts = self.cocounts.view(slots, slots)[: self.n_experts, : self.n_experts]
+        utilisation = (
+            utilisation_percentiles(torch.stack(self.group_counts), UTILISATION_PERCENTILES_BY_METRIC)
+            if self.group_counts
+            else dict.fromkeys(UTILISATION_METRICS, math.nan)
+        )
+        return {
+            "token_expert_mi": mi,
+            "token_expert_mi_share_of_max": mi_share_of_max,
+            **coactivation_summary(cocounts),
+            "vocab_specialisation": score,
+            "vocab_specialisation_above_floor": (score - floor) / (1 - floor) if floor < 1 else math.nan,
+            "top_token_share": float(np.nanmean(top_share)) if np.isfinite(top_share).any() else math.nan,
+            **utilisation,
+            "coactivation": cocounts.cpu().tolist() if self.n_experts <= MAX_COACTIVATION_EXPERTS else None,
+            "top_tokens": top_ids.tolist(),
+            "top_token_counts": top_counts.tolist(),
         }
 
 
@@ -142,7 +212,13 @@ MI_CHUNK_ELEMENTS = 1 << 20  # (token id, expert) counts turned into floats at a
 
 
 def token_expert_mutual_information(joint: Tensor) -> float:
-    """metrics.token_expert_mutual_information of a (vocab, E) count matrix, bit for bit, in row chunks.
+    """metrics.token_expert_mutual_information of a (vocab, E) count matrix, bit for bit (token_expert_information)."""
+    return token_expert_information(joint)[0]
+
+
+def token_expert_information(joint: Tensor, occurrences: np.ndarray | None = None) -> tuple[float, float]:
+    """metrics.token_expert_mutual_information of a (vocab, E) count matrix, bit for bit, in row chunks; and, given
+    each token id's occurrences, metrics.token_expert_mi_share_of_max (NaN without them).
 
     The metric converts the whole matrix to float64 probabilities and masks them (17 bytes per entry, over
     4 GB at a 65,536-token vocabulary and 4,096 experts); here only MI_CHUNK_ELEMENTS entries are in flight
@@ -154,7 +230,7 @@ def token_expert_mutual_information(joint: Tensor) -> float:
     n_rows, n_experts = joint.shape
     total = float(joint.sum())  # counts are integers: the float64 sum is exact in any order below 2**53
     if total == 0:
-        return float("nan")
+        return float("nan"), float("nan")
     columns, rows, nonzero = None, [], []
     step = max(1, MI_CHUNK_ELEMENTS // n_experts)
     for start in range(0, n_rows, step):
@@ -169,6 +245,8 @@ def token_expert_mutual_information(joint: Tensor) -> float:
         columns = np.array([row_sums.sum()])
     del rows
     h_expert, h_token = _entropy(columns), _entropy(row_sums)
+    floor = math.nan if occurrences is None else metrics.conditional_entropy_floor(row_sums, total, occurrences)
+    del row_sums
     p = np.concatenate(nonzero)
     del nonzero
     plogp = np.log(p)
@@ -176,7 +254,57 @@ def token_expert_mutual_information(joint: Tensor) -> float:
     del p
     h_joint = float(-np.sum(plogp))
     mi = max(h_token + h_expert - h_joint, 0.0)  # clip float round-off below zero
-    return mi / h_expert if h_expert > 0 else 0.0
+    share_of_max = math.nan if occurrences is None else metrics.share_of_attainable_max(mi, h_expert, h_token, floor)
+    return (mi / h_expert if h_expert > 0 else 0.0), share_of_max
+
+
+def coactivation_summary(cocounts: Tensor) -> dict[str, float]:
+    """metrics.coactivation_summary of an (E, E) count matrix, computed where the counts are: the host holds no
+    (E x E) copy (4,096 experts: 134 MB a copy) beyond the JSON's, which stops at MAX_COACTIVATION_EXPERTS."""
+    own = cocounts.diagonal()
+    shares = cocounts.double() / own.unsqueeze(1)  # rows of experts without tokens: NaN or inf, left out below
+    shares.fill_diagonal_(-1.0)  # below every share: a row's maximum is its strongest partner, if it has one
+    partner = shares.max(dim=1).values
+    partner = partner[(own > 0) & (partner >= 0)].tolist()
+    return {
+        "coactivation_max": max(partner) if partner else math.nan,
+        "coactivation_partner_mean": float(np.mean(partner)) if partner else math.nan,
+    }
+
+
+def utilisation_percentiles(group_counts: Tensor, percentiles: dict[str, float]) -> dict[str, float]:
+    """metrics.utilisation_percentiles of a (groups, E) count matrix, computed where the counts are: a GPU job's
+    host then holds no (groups x E) copy (4,096 experts in 2**17 groups would be 4 GB). Numpy's linear
+    interpolation between the sorted values, written out: torch.quantile refuses more than 2**24 values."""
+    totals = group_counts.sum(dim=1, keepdim=True)
+    used = (totals > 0).squeeze(1)
+    values = (group_counts.shape[1] * group_counts.double() / totals.clamp(min=1))[used].flatten().sort().values
+    if values.numel() == 0:
+        return dict.fromkeys(percentiles, math.nan)
+    position = torch.tensor(list(percentiles.values()), dtype=torch.float64, device=values.device)
+    position = position / 100 * (values.numel() - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    result = values[low] + (values[high] - values[low]) * (position - low)
+    return dict(zip(percentiles, result.tolist()))
+
+
+def top_token_ids(joint: Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each expert's `n` most routed token ids, most first and ties to the lower id, and their counts: two (E, n)
+    arrays (n capped at the vocabulary) from a (vocab, E) count matrix, in column chunks of at most
+    MI_CHUNK_ELEMENTS sort keys (count * vocab + vocab - 1 - id: unique, so the order is exact)."""
+    n_rows, n_experts = joint.shape
+    n = min(n, n_rows)
+    ids, counts = [], []
+    step = max(1, MI_CHUNK_ELEMENTS // max(n_rows, 1))
+    reverse_id = (n_rows - 1 - torch.arange(n_rows, device=joint.device)).unsqueeze(1)
+    for start in range(0, n_experts, step):
+        keys = joint[:, start : start + step] * n_rows + reverse_id
+        top = keys.topk(n, dim=0).values.T.cpu().numpy()  # (experts in the chunk, n)
+        ids.append(n_rows - 1 - top % n_rows)
+        counts.append(top // n_rows)
+    empty = np.zeros((0, n), dtype=np.int64)
+    return (np.concatenate(ids) if ids else empty), (np.concatenate(counts) if counts else empty)
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -407,7 +535,11 @@ def _evaluate_split(
         "word_ppl_noncausal": None if nll_noncausal is None else metrics.perplexity(nll_noncausal, words),
         "nll_noncausal": None if nll_noncausal is None else nll_noncausal / max(n_tokens, 1),
     }
-    layer_metrics = [name for name in per_layer[0] if name not in PER_LAYER_ID_KEYS] if per_layer else LOAD_METRICS
+    layer_metrics = (
+        [name for name in per_layer[0] if name not in PER_LAYER_ID_KEYS]
+        if per_layer
+        else (*LOAD_METRICS, *SPECIALISATION_METRICS, *UTILISATION_METRICS)
+    )
     for name in layer_metrics:
         result[name] = _mean_over_layers([layer[name] for layer in per_layer]) if per_layer else None
     result.update(

@@ -32,7 +32,14 @@ from gtmoe.config import (
     load_yaml,
     memory_estimate_mb,
 )
-from gtmoe.contract import EVAL_SPLITS, LOAD_METRICS, STUDY_RECORD_FORMAT, StudyLayout
+from gtmoe.contract import (
+    EVAL_SPLITS,
+    LOAD_METRICS,
+    SPECIALISATION_METRICS,
+    STUDY_RECORD_FORMAT,
+    UTILISATION_METRICS,
+    StudyLayout,
+)
 from gtmoe.files import write_atomic
 
 DEFAULT_STUDY_NAME = "default"
@@ -50,7 +57,15 @@ STATISTICS_DEFAULTS = {
 }
 MARGIN_KINDS = ("relative", "absolute")  # a margin is a share of b's mean, or in the metric's own units
 # The metrics a primary endpoint or a margin may name: what the evaluation writes per run.
-ENDPOINT_METRICS = ("ppl", "word_ppl", "nll", *LOAD_METRICS, "router_saturation")
+ENDPOINT_METRICS = (
+    "ppl",
+    "word_ppl",
+    "nll",
+    *LOAD_METRICS,
+    "router_saturation",
+    *SPECIALISATION_METRICS,
+    *UTILISATION_METRICS,
+)
 # config.yaml `findings` defaults: the training-horizon check, `{variant, longer, max_gain}` (the same router
 # trained longer; none by default) that says how much perplexity more steps would still buy.
 FINDINGS_DEFAULTS: dict[str, Any] = {"horizon": None}

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from gtmoe.contract import SPECIALISATION_METRICS, UTILISATION_METRICS
 from gtmoe.metrics import gini
 from gtmoe.metrics import max_violation as maxvio
 
@@ -68,6 +69,10 @@ SUMMARY_FILES = (
     "findings.html",
     "compute.csv",
     "compute.html",
+    "specialisation.csv",
+    "specialisation.html",
+    "vocabulary.csv",
+    "vocabulary.html",
     "sensitivity.csv",
     "sensitivity.html",
     "sensitivity_best.csv",
@@ -183,8 +188,10 @@ def make_evaluation(
     ppl: float | None = None,
     status: str = "ok",
     rng: np.random.Generator | None = None,
+    specialisation: bool = True,
 ) -> dict:
-    """An ``eval_{split}.json`` payload with consistent per-layer loads and metrics."""
+    """An ``eval_{split}.json`` payload with consistent per-layer loads and metrics; with ``specialisation`` (off:
+    an evaluation written before issue 23) also what the experts learned (``specialisation_entries``)."""
     rng = rng or np.random.default_rng(seed)
     dense = variant == "dense"
     ppl = float(ppl if ppl is not None else 100 + 10 * rng.random())
@@ -208,9 +215,17 @@ def make_evaluation(
                 token_expert_mi=float(rng.random() * 0.3),
             )
         )
+        if specialisation:
+            per_layer[-1].update(
+                specialisation_entries(counts, top_k, np.random.default_rng([seed, layer, len(variant)]))
+            )
 
     def layer_mean(key: str) -> float | None:
         return None if dense else float(np.mean([entry[key] for entry in per_layer]))
+
+    learned = (
+        {key: layer_mean(key) for key in (*SPECIALISATION_METRICS, *UTILISATION_METRICS)} if specialisation else {}
+    )
 
     return dict(
         variant=variant,
@@ -232,6 +247,7 @@ def make_evaluation(
         drop_rate=layer_mean("drop_rate"),
         token_expert_mi=layer_mean("token_expert_mi"),
         router_saturation=None,
+        **learned,
         n_params=1_000_000,
         n_active_params=600_000,
         tokens_per_s=5_000.0 + rng.random(),
@@ -241,6 +257,37 @@ def make_evaluation(
         top_k=None if dense else top_k,
         train_step=200,
         per_layer=per_layer,
+    )
+
+
+def specialisation_entries(load: np.ndarray, top_k: int, rng: np.random.Generator, vocab: int = 30) -> dict:
+    """A layer's co-activation counts (symmetric, each expert's tokens on the diagonal, a pair at most the fewer of
+    the two's tokens), top token ids drawn from its load, and the scalars (those of the arrays from gtmoe.metrics)."""
+    from gtmoe import metrics
+
+    n_experts = len(load)
+    pairs = rng.random((n_experts, n_experts))
+    pairs = np.triu(pairs, 1) + np.triu(pairs, 1).T
+    cocounts = np.floor(pairs * np.minimum.outer(load, load) / n_experts).astype(int)
+    np.fill_diagonal(cocounts, load)
+    top_ids, top_counts = [], []
+    for tokens in load:
+        counts = rng.multinomial(int(tokens), rng.dirichlet(np.full(vocab, 0.3)))
+        order = np.lexsort((np.arange(vocab), -counts))[:10]
+        top_ids.append([int(i) for i in order])
+        top_counts.append([int(counts[i]) for i in order])
+    utilisation = np.sort(rng.gamma(8.0, 1 / 8.0, size=5))
+    floor = top_k / n_experts
+    return dict(
+        coactivation=cocounts.tolist(),
+        top_tokens=top_ids,
+        top_token_counts=top_counts,
+        **metrics.coactivation_summary(cocounts),
+        vocab_specialisation=float(floor + (1 - floor) * rng.random() * 0.5),
+        vocab_specialisation_above_floor=float(rng.random() * 0.5),
+        top_token_share=float(np.mean([sum(c) / t for c, t in zip(top_counts, load)])),
+        token_expert_mi_share_of_max=float(rng.random() * 0.4),
+        **{name: float(value) for name, value in zip(UTILISATION_METRICS, utilisation)},
     )
 
 

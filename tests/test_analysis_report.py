@@ -30,6 +30,8 @@ CAPTIONS = [
     "sensitivity",
     "sensitivity_table",
     "sensitivity_best",
+    *outputs.SPECIALISATION,
+    outputs.COACTIVATION_FIGURE,
 ]
 
 
@@ -92,6 +94,35 @@ def test_captions_define_metrics_statistics_and_caveat():
     ]:
         assert definition in text, definition
     assert text.count("later tokens") >= 3  # expert-choice causality caveat where PPL is shown
+
+
+def test_the_specialisation_captions_define_every_quantity_and_cite_their_sources():
+    text = " ".join((REPORT / f"{name}.rst").read_text() for name in (*outputs.SPECIALISATION, "coactivation"))
+    for definition in [
+        "OLMoE: Open Mixture-of-Experts Language Models",  # co-activation and vocabulary specialisation
+        "share[i, j] = C[i, j] / C[i, i]",
+        "max_{i ≠ j} share[i, j]",
+        "Σ_x max_i N[x, i] / Σ_x n_x",
+        "(score − floor) / (1 − floor)",
+        "min(H(expert) − L, H(token))",
+        "E · f_{g,i}",
+        "NeMo",  # utilisation
+        "numpy's linear interpolation",
+        "exploratory",
+    ]:
+        assert definition in text, definition
+
+
+def test_the_specialisation_category_holds_its_figure_and_tables():
+    """The report's category "Specialisation" (workflow/rules/analysis.smk): the co-activation figure and both
+    tables, each with its caption."""
+    rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "analysis.smk").read_text()
+    rule = rules.split("rule specialisation:", 1)[1].split('analysis_command("specialisation")', 1)[0]
+    assert rule.count("captioned(") == rule.count('"Specialisation"') == 3
+    for caption in ("SUMMARY_TABLE", "VOCABULARY_TABLE", "outputs.COACTIVATION_FIGURE"):
+        assert caption in rule.split("output:", 1)[1], caption
+    assert outputs.SPECIALISATION == ("specialisation", "vocabulary") and outputs.COACTIVATION_FIGURE == "coactivation"
+    assert all((REPORT / f"{name}.rst").is_file() for name in (*outputs.SPECIALISATION, outputs.COACTIVATION_FIGURE))
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed")

@@ -1,4 +1,5 @@
-"""Routing, dispatch and router state updates never read a tensor value on the host.
+"""Routing, dispatch, router state updates and the evaluation's per-batch statistics never read a tensor value on
+the host.
 
 On a GPU such a read (`.item()`, `.tolist()`, `bool(t)`, `nonzero`, a boolean
 mask, `bincount` sizing its output) stalls the step until the device catches
@@ -62,3 +63,25 @@ def test_the_harness_catches_the_expert_loop_fallback(monkeypatch):
 def test_train_step_reads_nothing_on_the_host(router, dtype):
     # fp32 and bf16 take grouped_matmul's two grouped-GEMM branches (opaque op, F.grouped_mm).
     train_step_without_data(router, dtype)
+
+
+def evaluation_statistics_without_data(router: dict) -> None:
+    """The evaluation's forward and its per-layer statistics (gtmoe.evaluate.LayerStats.add: loads, joint counts,
+    co-activation, per-group counts) for two routing groups, on fake tensors."""
+    from gtmoe.evaluate import LayerStats
+
+    with FakeTensorMode():
+        model = MoETransformer(tiny_model(), RouterConfig.from_mapping(router).for_horizon(100)).eval()
+        stats = [LayerStats(model.cfg.n_experts, TINY_VOCAB, torch.device("cpu")) for _ in model.moe_layers]
+        for _ in range(2):
+            idx = torch.randint(0, TINY_VOCAB, (2, TINY_SEQ))
+            with torch.no_grad():
+                model(idx, idx)
+            valid = (idx != -100).reshape(-1)
+            for layer_stats, layer in zip(stats, model.moe_layers):
+                layer_stats.add(layer.last_routing, idx.reshape(-1), valid)
+
+
+@pytest.mark.parametrize("router", VARIANTS, ids=lambda r: "-".join(map(str, r.values())))
+def test_evaluation_statistics_read_nothing_on_the_host(router):
+    evaluation_statistics_without_data(router)

@@ -14,7 +14,7 @@ import torch
 from gtmoe import train as train_module
 from gtmoe.__main__ import main
 from gtmoe.config import save_run_config
-from gtmoe.contract import CHECKPOINT, LOAD_METRICS, RESUME_CHECKPOINT
+from gtmoe.contract import CHECKPOINT, LOAD_METRICS, RESUME_CHECKPOINT, SPECIALISATION_METRICS, UTILISATION_METRICS
 from gtmoe.evaluate import evaluate
 from gtmoe.routers.topk import TopKRouter
 from gtmoe.runfiles import NonFiniteLossError, RunError
@@ -169,10 +169,17 @@ def test_evaluation_reports_every_metric(tmp_path, tiny_shards, router):
     json.dumps(result, allow_nan=False)
     if router == "dense":
         assert result["gini"] is None and result["per_layer"] == []
+        assert all(result[key] is None for key in (*SPECIALISATION_METRICS, *UTILISATION_METRICS))
         return
     assert len(result["per_layer"]) == 2
     for layer in result["per_layer"]:
         assert sum(layer["load"]) > 0
+        # what the experts learned: co-activation counts with each expert's tokens on the diagonal, top tokens
+        assert [row[i] for i, row in enumerate(layer["coactivation"])] == layer["load"]
+        assert len(layer["top_tokens"]) == len(layer["top_token_counts"]) == len(layer["load"])
+        assert 0 <= layer["utilisation_min"] <= layer["utilisation_median"] <= layer["utilisation_max"]
+    for key in ("coactivation_max", "vocab_specialisation", "top_token_share", *UTILISATION_METRICS):
+        assert result[key] is not None, key
     if router in ("topk", "lossfree", "rdesi"):
         assert result["drop_rate"] == 0.0
         assert all(sum(layer["load"]) == 2 * result["tokens"] for layer in result["per_layer"])

@@ -323,6 +323,11 @@ def test_report_embeds_every_figure(smoke_study):
         assert uri.startswith("data:image/png") and ";base64,iVBORw0KGgo" in uri, figure
     for table in ("summary", "comparisons", "ablations", "run_status", "sensitivity", "sensitivity_best"):
         assert f"results/smoke/summary/{table}.html" in results, table
+    # What the experts learned: its own category, with the co-activation figure and both tables.
+    categories = report_variable((smoke_study / "results" / "smoke" / "report.html").read_text(), "categories")
+    assert "Specialisation" in categories
+    for path in ("figures/coactivation.png", "summary/specialisation.html", "summary/vocabulary.html"):
+        assert f"results/smoke/{path}" in results, path
     # Only this study's files: another study's tables under results/ never reach its report or findings.
     assert [path for path in results if not path.startswith("results/smoke/")] == []
     assert "DECOY" not in (smoke_study / "results" / "smoke" / "summary" / "findings.html").read_text()
@@ -630,6 +635,7 @@ AFTER_EVALUATION = {
     "figures": 1,
     "findings": 1,
     "compute": 1,
+    "specialisation": 1,
     "sensitivity": 1,
     "report": 1,  # rebuilt whenever a file it embeds changes
     "all": 1,
@@ -656,7 +662,7 @@ RERUN_CASES = [
     ),
     (
         {"statistics": {"alpha": 0.01}},
-        {"statistics": 1, "figures": 1, "findings": 1, "compute": 1, "report": 1, "all": 1},
+        {"statistics": 1, "figures": 1, "findings": 1, "specialisation": 1, "compute": 1, "report": 1, "all": 1},
     ),
     # Settings that do change the weights still retrain, and only the runs they concern.
     ({"train": {"lr": 0.002}}, {"train": SMOKE_RUNS, "evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),

@@ -8,8 +8,9 @@ from the caller (the study record), never from here. A figure with nothing to sh
 variant, no stateful router) is still written, with a message, so that workflow outputs always exist.
 
 This package: the per-variant and training figures (here), the forest plots of the paired
-comparisons (``forest``), the dose-response figures of the sweeps (``sensitivity``), and the canvas they
-share (``canvas``: backend, theme, colours, saving).
+comparisons (``forest``), the dose-response figures of the sweeps (``sensitivity``), expert co-activation
+(``coactivation``, drawn by the `specialisation` step), and the canvas they share (``canvas``: backend, theme,
+colours, saving).
 """
 
 from __future__ import annotations

@@ -42,7 +42,13 @@ from scipy import optimize, stats
 
 from analysis.collect import MODEL_LEVEL, variant_order
 from gtmoe import metrics
-from gtmoe.contract import LOAD_METRICS
+from gtmoe.contract import (
+    LOAD_METRICS,
+    SPECIALISATION_METRICS,
+    TOP_TOKENS,
+    UTILISATION_METRICS,
+    UTILISATION_PERCENTILES,
+)
 from gtmoe.errors import ConfigError
 
 CONFIDENCE = 0.95  # level of every confidence interval
@@ -50,7 +56,9 @@ PRIMARY, EXPLORATORY = "primary", "exploratory"
 CONFIRMATORY = "confirmatory"  # a row of a declared family (analysis.stats.confirmatory); every other is EXPLORATORY
 # Load metrics that a router balancing by construction can hold fixed (expert choice's Gini of 0): without spread
 # over such a variant's seeds they are a property of the method, not a finding, and are not tested.
-BY_CONSTRUCTION_METRICS = frozenset({*LOAD_METRICS, "requested_gini", "requested_maxvio_global"})
+BY_CONSTRUCTION_METRICS = frozenset(
+    {*LOAD_METRICS, "requested_gini", "requested_maxvio_global", *SPECIALISATION_METRICS, *UTILISATION_METRICS}
+)
 CONSTANT_BY_CONSTRUCTION = "constant by construction"
 # Beside perplexity and the load the experts processed: the perplexity under a router's non-causal evaluation
 # routing (where it has one), the load asked for before capacity (token-choice routers), the experts a token
@@ -69,6 +77,8 @@ SUMMARY_METRICS = (
     "causal_routing",
     "n_active_params",
     "tokens_per_s",
+    *SPECIALISATION_METRICS,  # what the experts learned: exploratory unless declared in statistics.primary
+    *UTILISATION_METRICS,
 )
 TRAIN_METRICS = ("final_loss", "mean_tokens_per_s", "train_wall_s")
 COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_batch", "dead_experts")
@@ -99,6 +109,13 @@ METRIC_LABELS = {
     "final_loss": "final train loss",
     "mean_tokens_per_s": "train tokens/s",
     "train_wall_s": "train wall (s)",
+    "coactivation_max": "co-activation, largest share",
+    "coactivation_partner_mean": "co-activation, strongest partner",
+    "vocab_specialisation": "vocabulary specialisation",
+    "vocab_specialisation_above_floor": "vocabulary specialisation above its floor",
+    "top_token_share": f"share of the top-{TOP_TOKENS} token ids",
+    "token_expert_mi_share_of_max": "token-expert MI / its maximum",
+    **{f"utilisation_{name}": f"utilisation {name} (E·f)" for name in UTILISATION_PERCENTILES},
 }
 LOWER_IS_BETTER = frozenset(
     {

@@ -128,6 +128,52 @@ rule figures:
         analysis_command("figures")
 
 
+# What the experts learned (issue 23): co-activation, each expert's top tokens (decoded with the study's tokenizer)
+# and the specialisation metrics per variant, from the evaluations' per-layer counts and the statistics' summary.
+SUMMARY_TABLE, VOCABULARY_TABLE = outputs.SPECIALISATION
+
+
+rule specialisation:
+    input:
+        record=ancient(STUDY_RECORD),
+        table=rules.aggregate.output.table,
+        summary=rules.statistics.output.summary,
+        evals=eval_files(),
+        tokenizer=LAYOUT.tokenizer,
+    output:
+        summary=summary_file(f"{SUMMARY_TABLE}.parquet"),
+        summary_csv=summary_file(f"{SUMMARY_TABLE}.csv"),
+        summary_html=captioned(
+            summary_file(f"{SUMMARY_TABLE}.html"), SUMMARY_TABLE, "Specialisation", table="per variant"
+        ),
+        vocabulary=summary_file(f"{VOCABULARY_TABLE}.parquet"),
+        vocabulary_csv=summary_file(f"{VOCABULARY_TABLE}.csv"),
+        vocabulary_html=captioned(
+            summary_file(f"{VOCABULARY_TABLE}.html"), VOCABULARY_TABLE, "Specialisation", table="top tokens per expert"
+        ),
+        coactivation=captioned(
+            figure_file(outputs.COACTIVATION_FIGURE),
+            outputs.COACTIVATION_FIGURE,
+            "Specialisation",
+            figure="co-activation",
+        ),
+    log:
+        f"{LOGS}/specialisation.log",
+    benchmark:
+        f"{BENCHMARKS}/specialisation.tsv"
+    localrule: True
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=job("analysis", "mem_mb", 2000),
+        runtime=job("analysis", "runtime", 10),
+    params:
+        study=record_trigger("specialisation"),
+    shell:
+        analysis_command("specialisation")
+
+
 # Dose-response of each sweep (config `sweeps`, gtmoe.sweeps): only when the study has sweeps.
 if STUDY.sweeps:
 
@@ -282,6 +328,7 @@ ANALYSIS_OUTPUTS = [
     *rules.aggregate.output,
     *rules.findings.output,
     *rules.compute.output,
+    *rules.specialisation.output,
     *(rules.sensitivity.output if STUDY.sweeps else []),
     *(rules.tuning.output if STUDY.stage == "tuning" else []),
 ]

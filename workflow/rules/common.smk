@@ -107,6 +107,7 @@ def study_benchmarks():
         "statistics",
         "figures",
         "findings",
+        "specialisation",
         "sensitivity",
         "tuning",
     ):
