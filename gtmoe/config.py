@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from gtmoe.checks import ConfigError, check, check_name, fail, short_repr  # noqa: F401  (re-exported)
-from gtmoe.contract import MAX_COACTIVATION_EXPERTS, weight_config  # noqa: F401  (weight_config re-exported)
+from gtmoe.contract import MAX_COACTIVATION_EXPERTS, MAX_PROBE_BLOCKS, weight_config  # noqa: F401  (weight_config re-exported)
 
 # ------------------------------------------------------------------ strict YAML
 
@@ -448,6 +448,9 @@ class EvalConfig:
     # Router saturation needs a second forward pass (the intermediate checkpoint); it is
     # estimated on the first `saturation_blocks` evaluated blocks (0 = all of them).
     saturation_blocks: int = 512
+    # The routing probe (gtmoe.probe): validation blocks, evenly spaced, whose expert sets are recorded token by
+    # token, for agreement across seeds and routing snapshots during training; 0 = none.
+    probe_blocks: int = 16
 
     def validate(self, prefix: str = "eval") -> None:
         for split, blocks in self.max_blocks.items():
@@ -465,6 +468,12 @@ class EvalConfig:
             )
             check_number(blocks, f"{prefix}.max_blocks.{split}")
         check(self.saturation_blocks >= 0, f"{prefix}.saturation_blocks", self.saturation_blocks, "must be >= 0")
+        check(
+            isinstance(self.probe_blocks, int) and 0 <= self.probe_blocks <= MAX_PROBE_BLOCKS,
+            f"{prefix}.probe_blocks",
+            self.probe_blocks,
+            f"must be an integer in [0, {MAX_PROBE_BLOCKS}] (0 = no routing probe)",
+        )
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ PER_LAYER_LOADS = ("load", "requested_load")
 PER_LAYER_ARRAYS = ("coactivation", "top_tokens", "top_token_counts")
 PER_LAYER_ID_KEYS = ("layer", *PER_LAYER_LOADS, *PER_LAYER_ARRAYS)
 TOP_TOKENS = 10  # N of "the share of an expert's tokens that come from its top-N token ids"
+MAX_PROBE_BLOCKS = 1024  # eval.probe_blocks: 1024 blocks of 1024 tokens with 256 experts is 32 MiB a layer
 MAX_COACTIVATION_EXPERTS = 256  # a 256 x 256 count matrix is ~0.4 MB of JSON per layer
 LOAD_METRICS = (
     "gini",
