@@ -29,8 +29,9 @@ from analysis import RUN_OK, collect, compute, figures, findings, outputs, recor
 from analysis.figures import coactivation as coactivation_figure
 from analysis.figures import frontier as frontier_figure
 from analysis.figures import load_over_training as load_figure
+from analysis.figures import routing_stability as routing_figure
 from analysis.record import Record
-from analysis.stats import confirmatory, frontier, sensitivity, specialisation, tuning
+from analysis.stats import confirmatory, frontier, sensitivity, specialisation, stability, tuning
 from gtmoe.contract import TOP_TOKENS
 from gtmoe.errors import ConfigError, DataError, GtmoeError
 
@@ -227,6 +228,7 @@ def run_findings(study: Record) -> int:
             v: study.describe(v)["label"]
             for v in findings.noncausal_variants(summary, study.split, study.balanced_by_construction())
         },
+        agreement=_statistics(study, outputs.SPECIALISATION[2], "specialisation"),
         **swept,
     )
     _log(f"findings -> {findings.write_findings(inputs, _summary_path(study, outputs.FINDINGS))}")
@@ -304,12 +306,14 @@ def run_tuning(study: Record) -> int:
 def run_specialisation(study: Record) -> int:
     """What the experts learned, on the comparison split, from ok runs only: the specialisation metrics per variant
     (the summary's rows, labelled; parquet, CSV, HTML), each expert's top token ids as text for one run per variant
-    (the study's tokenizer), and the co-activation figure (the evaluation JSONs' per-layer counts)."""
+    (the study's tokenizer), and the co-activation figure (the evaluation JSONs' per-layer counts); how stable the
+    routing is: over training (the routing snapshots' curves) and across seeds (the probe's routings, validation
+    split: the agreement table and figure)."""
     tidy = _tidy(study)
     ok_runs = set(zip(tidy["variant"].astype(str), tidy["seed"]))
     arrays = collect.load_layer_arrays(study.run_dirs(), study.split, keep=ok_runs, variants=study.variants)
     table = specialisation.specialisation_summary(_statistics(study, "summary"), study.statistics["primary"])
-    summary_name, vocabulary_name = outputs.SPECIALISATION
+    summary_name, vocabulary_name, agreement_name = outputs.SPECIALISATION
     tables.write_specialisation(table, _summary_path(study, summary_name), study.split)
     tokenizer = study.layout.tokenizer
     decode = collect.read_tokenizer(tokenizer)
@@ -327,7 +331,26 @@ def run_specialisation(study: Record) -> int:
     shares, panels = specialisation.coactivation_by_rank(arrays)
     without = [v for v, routed in study.routed().items() if routed and v not in set(panels["variant"])]
     coactivation_figure.plot_coactivation(shares, panels, figure, without)
-    _log(f"{len(arrays)} layers of {len(ok_runs)} runs: tables -> {study.layout.summary}, figure -> {figure}")
+    routed = [v for v, is_routed in study.routed().items() if is_routed]
+    curves = stability.stability_curves(arrays)
+    routing_figure.plot_routing_stability(
+        curves,
+        Path(study.layout.figures) / f"{outputs.STABILITY_FIGURE}.png",
+        [v for v in routed if v not in set(curves["variant"].astype(str))],
+    )
+    probes = collect.load_probe_routings(study.run_dirs(), keep=ok_runs, variants=study.variants)
+    pairs = stability.agreement_pairs(probes)
+    agreement = stability.agreement_summary(pairs)
+    tables.write_agreement(agreement, pairs, _summary_path(study, agreement_name))
+    routing_figure.plot_seed_agreement(
+        pairs,
+        Path(study.layout.figures) / f"{outputs.AGREEMENT_FIGURE}.png",
+        [v for v in routed if v not in set(agreement["variant"])],
+    )
+    _log(
+        f"{len(arrays)} layers of {len(ok_runs)} runs, {len(pairs)} pairs of seeds: tables -> {study.layout.summary}, "
+        f"figures -> {study.layout.figures}"
+    )
     return 0
 
 
@@ -339,7 +362,10 @@ VERBS = {  # the command line: one line per step, each reads only --study
     "compute": (run_compute, "job-seconds per stage from the benchmark files"),
     "sensitivity": (run_sensitivity, "dose-response of the router options of each sweep"),
     "tuning": (run_tuning, "a tuning study's frontiers, frontier comparisons and budget"),
-    "specialisation": (run_specialisation, "what the experts learned: co-activation, vocabulary, utilisation"),
+    "specialisation": (
+        run_specialisation,
+        "what the experts learned: co-activation, vocabulary, utilisation, routing stability, agreement across seeds",
+    ),
 }
 
 

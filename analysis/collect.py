@@ -44,6 +44,7 @@ from gtmoe.contract import (
     PER_LAYER_ARRAYS,
     PER_LAYER_ID_KEYS,
     PER_LAYER_LOADS,
+    PROBE_SPLIT,
     ROUTER_LOG,
     ROUTER_LOG_INDEX,
     RUN_FAILED,
@@ -54,6 +55,7 @@ from gtmoe.contract import (
     metric_range,
 )
 from gtmoe.errors import ConfigError, DataError
+from gtmoe.probe import unpack_expert_sets
 
 if TYPE_CHECKING:
     from analysis.record import Record
@@ -496,6 +498,51 @@ def load_layer_arrays(
             rows.append(dict(variant=variant, seed=seed, layer=int(entry["layer"]), **row))
     arrays = pd.DataFrame(rows, columns=LAYER_ARRAY_COLUMNS).astype({"seed": "int64", "layer": "int64"})
     return _in_study_order(arrays, variants, "evaluations")
+
+
+PROBE_COLUMNS = ["variant", "seed", "layer", "sets", "valid", "probe"]
+
+
+def load_probe_routings(
+    run_dirs: Iterable[str | Path], keep: set[tuple[str, int]] | None = None, variants: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """One row per (variant, seed, MoE layer) of the final model's routing of the probe (gtmoe.probe), from the runs'
+    ``eval_{PROBE_SPLIT}.json``: ``sets`` (tokens, experts) bool, ``valid`` (tokens,) bool and ``probe`` the probe
+    blocks' sha256 (two runs routed the same tokens when it is equal). ``keep`` and ``variants`` work as in
+    ``load_router_logs``; a run without the file or without a probe (unrouted, eval.probe_blocks 0, or evaluated
+    before the probe existed) adds no row."""
+    rows = []
+    for run_dir in run_dirs:
+        variant, seed = parse_run_dir(run_dir)
+        file = Path(run_dir) / eval_file(PROBE_SPLIT)
+        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
+            continue
+        try:
+            evaluation = json.loads(file.read_text())
+            probe, n_experts = evaluation.get("probe"), int(evaluation.get("n_experts") or 0)
+            if not probe or not n_experts:
+                continue
+            tokens = int(probe["tokens"])
+            valid = unpack_expert_sets(probe["valid"], tokens, 1)[:, 0]
+            for entry in evaluation.get("per_layer") or []:
+                if entry.get("probe_sets"):
+                    sets = unpack_expert_sets(entry["probe_sets"], tokens, n_experts)
+                    rows.append(
+                        dict(
+                            variant=variant,
+                            seed=seed,
+                            layer=int(entry["layer"]),
+                            sets=sets,
+                            valid=valid,
+                            probe=str(probe["blocks_sha256"]),
+                        )
+                    )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(
+                f"{file}: unreadable probe ({type(error).__name__}: {error}); rerun its evaluation"
+            ) from None
+    probes = pd.DataFrame(rows, columns=PROBE_COLUMNS).astype({"seed": "int64", "layer": "int64"})
+    return _in_study_order(probes, variants, "evaluations")
 
 
 # How a token reads in a table: its text with whitespace made visible.

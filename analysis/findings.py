@@ -102,6 +102,8 @@ class FindingsInputs:
     tuning_budget: pd.DataFrame | None = None  # a tuning study's (tuning_budget.parquet)
     tuning_rule: str = ""  # the declared selection rule in words
     horizon: Mapping[str, Any] | None = None  # the training-horizon check's result (horizon_gain); None: none declared
+    # Agreement across seeds per variant (stats.stability.agreement_summary, seed_agreement.parquet); None: none
+    agreement: pd.DataFrame | None = None
 
 
 # --------------------------------------------------------------------------- computations
@@ -471,9 +473,11 @@ def _extremes(
     return f"{what} is {most} for {high} ({show(high_row)}) and {least} for {low} ({show(low_row)})"
 
 
-def specialisation_items(summary: pd.DataFrame, split: str) -> list[Rich]:
+def specialisation_items(summary: pd.DataFrame, split: str, agreement: pd.DataFrame | None = None) -> list[Rich]:
     """One sentence per analysis of what the experts learned (co-activation, vocabulary specialisation, utilisation
-    over routing groups), built from the summary's means and t CIs; then the variants without values."""
+    over routing groups, routing stability over training), built from the summary's means and t CIs, and one on
+    agreement across seeds (``agreement``: stats.stability.agreement_summary; mean and range over pairs, no CI);
+    then the variants without values."""
     items: list[Rich] = []
     coactivation = _measured(summary, split, "coactivation_max")
     if coactivation:
@@ -507,6 +511,40 @@ def specialisation_items(summary: pd.DataFrame, split: str) -> list[Rich]:
             least="narrowest",
         )
         items.append([("Utilisation: ", "b"), (text + ".", "")])
+    fluctuation = _measured(summary, split, "routing_fluctuation")
+    late = _measured(summary, split, "late_fluctuation_share")
+    parts = []
+    if fluctuation:
+        parts.append(
+            _extremes(
+                fluctuation,
+                "the mean share of probe tokens whose expert set changed between consecutive routing snapshots",
+            )
+        )
+    if late:
+        parts.append(_extremes(late, "the share of probe tokens still changing after 20% of training"))
+    if parts:
+        items.append([("Routing stability over training (StableMoE): ", "b"), ("; ".join(parts) + ".", "")])
+    if agreement is not None and len(agreement):
+        show = {
+            str(r["variant"]): pd.Series(
+                {"mean": r["agreement_mean"], "low": r["agreement_min"], "high": r["agreement_max"]}
+                | {"chance": r["chance_mean"], "pairs": r["n_pairs"]}
+            )
+            for _, r in agreement.iterrows()
+            if math.isfinite(r["agreement_mean"])
+        }
+        if show:
+            text = _extremes(
+                show,
+                "the matched agreement of two seeds' routings of the probe (1: the same routing up to expert labels)",
+                show=lambda row: (
+                    f"{format_number(row['mean'])}, range {format_number(row['low'])}–{format_number(row['high'])} "
+                    f"over {int(row['pairs'])} pair{'s' if int(row['pairs']) != 1 else ''}, "
+                    f"chance {format_number(row['chance'])}"
+                ),
+            )
+            items.append([("Agreement across seeds: ", "b"), (text + ".", "")])
     variants = dict.fromkeys(summary.loc[summary["kind"] == VARIANT, "variant"].astype(str))
     without = [v for v in variants if v not in {**coactivation, **vocabulary, **information, **spread}]
     if without:
@@ -802,7 +840,7 @@ def render(inputs: FindingsInputs) -> str:
             tuning_rule=inputs.tuning_rule,
             caveat=[dict(variant=v, label=label) for v, label in sorted(inputs.group_routed.items())],
             noncausal=noncausal_perplexities(inputs.summary, inputs.split, inputs.group_routed),
-            specialisation=specialisation_items(inputs.summary, inputs.split),
+            specialisation=specialisation_items(inputs.summary, inputs.split, inputs.agreement),
         )
     )
 

@@ -20,9 +20,12 @@ SENSITIVITY = ("sensitivity", "sensitivity_best")  # sensitivity (studies with s
 TUNING = ("frontier", "frontier_comparison", "tuning_budget")
 FRONTIER_FIGURE = "frontier"  # tuning: figures/frontier.png
 FINDINGS = "findings.html"  # findings
-# specialisation: what the experts learned; each .parquet, .csv, .html, and figures/coactivation.png
-SPECIALISATION = ("specialisation", "vocabulary")
+# specialisation: what the experts learned and how stable their routing is; each .parquet, .csv, .html, and
+# figures/coactivation.png, routing_stability.png, seed_agreement.png
+SPECIALISATION = ("specialisation", "vocabulary", "seed_agreement")
 COACTIVATION_FIGURE = "coactivation"
+STABILITY_FIGURE = "routing_stability"
+AGREEMENT_FIGURE = "seed_agreement"
 COMPUTE = "compute"  # compute: .csv, .html
 
 # figures/ (StudyLayout.figures): each NAME.png

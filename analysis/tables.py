@@ -827,3 +827,40 @@ def write_vocabulary(
     if not sections:
         sections = [("", '<p class="caption">No routed run with top token ids (dense, or evaluated before them).</p>')]
     return write_table(table, html_page("Vocabulary per expert", caption, sections), stem)
+
+
+def write_agreement(summary: pd.DataFrame, pairs: pd.DataFrame, stem: str | Path) -> list[Path]:
+    """Agreement across seeds per variant (``stats.stability.agreement_summary``) as parquet, CSV and HTML: one row
+    per variant with its seeds and pairs, the mean matched agreement with the range over pairs, and the chance value
+    of shuffled tokens. ``pairs`` (``agreement_pairs``) gives the probe's size in the caption."""
+    tokens = int(pairs["tokens"].max()) if len(pairs) else 0
+    caption = (
+        "How much two seeds of a variant route the same validation tokens to the same experts, up to a relabelling "
+        f"of the experts (the routing probe: {tokens} real tokens, the same for every run; the Hungarian method on "
+        "the co-assignment matrix of every pair of seeds and MoE layer). Agreement: the share of the two routings' "
+        "assignments that coincide after matching (1: the same routing; for top-k, the mean share of a token's k "
+        "experts the seeds share). Chance: the same after one seed's tokens are shuffled, which keeps the loads; "
+        "agreement near chance means the routing is a property of the seed, not of the data. Mean over pairs and "
+        "layers, range over pairs; pairs share seeds, so there is no confidence interval. Exploratory."
+    )
+    rows = [
+        {
+            "variant": r.variant,
+            "seeds": str(r.n_seeds),
+            "pairs": str(r.n_pairs),
+            "layers": str(r.n_layers),
+            "agreement": value_cell(
+                r.agreement_mean, f"range {format_number(r.agreement_min)}–{format_number(r.agreement_max)}"
+            ),
+            "chance": format_number(r.chance_mean),
+            "_class": {name: "num" for name in ("seeds", "pairs", "layers", "agreement", "chance")},
+        }
+        for r in summary.itertuples()
+    ]
+    section = (
+        html_table(rows, ["variant", "seeds", "pairs", "layers", "agreement", "chance"])
+        if rows
+        else '<p class="caption">No variant has two seeds with a probe routing (eval.probe_blocks = 0, one seed, '
+        "no routing, or runs evaluated before the probe existed).</p>"
+    )
+    return write_table(summary, html_page("Agreement across seeds", caption, [("", section)]), stem)

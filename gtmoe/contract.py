@@ -52,6 +52,7 @@ TRAIN_OUTPUTS = (CHECKPOINT, RUN_CONFIG, TRAIN_LOG, ROUTER_LOG, TRAIN_SUMMARY)
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # target of a padded position in the shards: torch cross_entropy's default ignore_index
 EVAL_SPLITS = ("validation", "test")
+PROBE_SPLIT = "validation"  # the routing probe's blocks (gtmoe.probe): choices are made on validation
 
 
 def eval_file(split: str) -> str:
@@ -141,7 +142,15 @@ PER_LAYER_LOADS = ("load", "requested_load")
 # i and j (symmetric; the diagonal is the tokens routed to i; null above MAX_COACTIVATION_EXPERTS experts, where
 # the matrix would dominate the file), `top_tokens` and `top_token_counts` each expert's TOP_TOKENS most routed
 # token ids (most first, ties to the lower id) and how often each was routed to it.
-PER_LAYER_ARRAYS = ("coactivation", "top_tokens", "top_token_counts")
+PER_LAYER_ARRAYS = (
+    "coactivation",
+    "top_tokens",
+    "top_token_counts",
+    "probe_sets",
+    "snapshot_steps",
+    "fluctuation_curve",
+    "settled_curve",
+)
 PER_LAYER_ID_KEYS = ("layer", *PER_LAYER_LOADS, *PER_LAYER_ARRAYS)
 TOP_TOKENS = 10  # N of "the share of an expert's tokens that come from its top-N token ids"
 MAX_PROBE_BLOCKS = 1024  # eval.probe_blocks: 1024 blocks of 1024 tokens with 256 experts is 32 MiB a layer

@@ -6,20 +6,20 @@ expert choice's look-ahead and MaxVio_batch mean what they meant in training;
 padding never takes capacity. A split is evaluated whole, or on
 `eval.max_blocks` evenly spaced blocks, identical for every run (the JSON
 records how many, and their sha256); a subset's word count is then its share
-of the split's words in proportion to its tokens. Routing statistics are
-gathered per MoE layer on the device, turned into metrics by the pure
-functions of `gtmoe.metrics`, then averaged over layers; per-layer values are
-kept. Token-choice routers also report the load they asked for before any capacity cut
-(`Routing.choice`: requested_load, requested_gini, requested_maxvio_global, assignment_drop_rate). What the
-experts learned comes from the same counts (gtmoe.contract.SPECIALISATION_METRICS, UTILISATION_METRICS,
-PER_LAYER_ARRAYS): OLMoE's co-activation (pairs of experts per token) and vocabulary specialisation, each expert's
-top token ids, the token-expert MI over its attainable maximum, and the percentiles of the experts' utilisation
-over the routing groups, accumulated per batch on the device with the rest. The
-reported perplexity is the run's evaluation routing; a router that also offers a non-causal routing
-(`evaluation_modes()`, expert choice's top-C of the group) gets a second forward of every group in it,
-reported as ppl_noncausal, and `causal_routing` says which the reported one is. The final and the
-saturation checkpoints are read weights only (mapped, AdamW's state never read), and only if they are
-this run's: each records the run that wrote it, and the final one the saturation checkpoint's sha256.
+of the split's words in proportion to its tokens. Routing statistics are gathered per MoE layer on the device,
+turned into metrics by the pure functions of `gtmoe.metrics`, then averaged over layers; per-layer values are kept.
+Token-choice routers also report the load they asked for before any capacity cut (`Routing.choice`: requested_load,
+requested_gini, requested_maxvio_global, assignment_drop_rate). What the experts learned comes from the same counts
+(gtmoe.contract.SPECIALISATION_METRICS, UTILISATION_METRICS, PER_LAYER_ARRAYS): OLMoE's co-activation (pairs of
+experts per token) and vocabulary specialisation, each expert's top token ids, the token-expert MI over its
+attainable maximum, and the percentiles of the experts' utilisation over the routing groups, accumulated per batch
+on the device with the rest. The validation split also records the final model's routing of the probe (gtmoe.probe:
+each token's expert set, for agreement across seeds), after the timed pass. The reported perplexity is the run's
+evaluation routing; a router that also offers a non-causal routing (`evaluation_modes()`, expert choice's top-C of
+the group) gets a second forward of every group in it, reported as ppl_noncausal, and `causal_routing` says which
+the reported one is. The final and the saturation checkpoints are read weights only (mapped, AdamW's state never
+read), and only if they are this run's: each records the run that wrote it, and the final one the saturation
+checkpoint's sha256.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from gtmoe.contract import (
     LOAD_METRICS,
     MAX_COACTIVATION_EXPERTS,
     PER_LAYER_ID_KEYS,
+    PROBE_SPLIT,
     RUN_CONFIG,
     RUN_OK,
     SATURATION_CHECKPOINT,
@@ -55,6 +56,7 @@ from gtmoe.contract import (
 from gtmoe.data.shards import TokenBlocks
 from gtmoe.device import autocast_context, peak_memory_mb, resolve_device
 from gtmoe.model import IGNORE_INDEX, MoETransformer, build_model
+from gtmoe.probe import pack_expert_sets, probe_block_ids, route_probe
 from gtmoe.runfiles import (
     SATURATION_RECORD,
     RunError,
@@ -518,6 +520,11 @@ def _evaluate_split(
         with routing_mode(model, noncausal_mode):
             nll_noncausal = _total_nll(model, data, blocks, group, dev)
     saturation_values = [v for v in (s.value() for s in saturation) if v is not None]
+    probe = _probe_routing(cfg, model, data, dev) if split == PROBE_SPLIT and model.moe_layers else None
+    if probe is not None:  # after the timed pass: wall_s stays the evaluation's
+        probe, packed = probe
+        for layer, sets in zip(per_layer, packed):
+            layer["probe_sets"] = sets
     n_params, n_active = model.parameter_counts()
     result = {
         "variant": cfg.variant,
@@ -559,10 +566,30 @@ def _evaluate_split(
             "eval_blocks": int(len(blocks)),
             "split_blocks": len(data),
             "eval_blocks_sha256": hashlib.sha256(np.sort(blocks).tobytes()).hexdigest(),
+            "probe": probe,
             "per_layer": per_layer,
         }
     )
     return _finite_or_none(result)
+
+
+def _probe_routing(cfg: RunConfig, model: MoETransformer, data: TokenBlocks, dev: torch.device):
+    """The final model's routing of the probe (gtmoe.probe; None without one): what the JSON records of the probe
+    (its blocks, tokens, their sha256 and which tokens are real, packed) and each MoE layer's expert sets, packed.
+    Agreement across seeds compares these between the runs of a variant (analysis.stats.stability)."""
+    blocks = probe_block_ids(len(data), cfg.eval.probe_blocks)
+    if not len(blocks):
+        return None
+    x, y = data.batch(blocks)
+    sets, valid = route_probe(model, x.to(dev), y.to(dev), cfg.train.batch_size, dev)
+    sets, valid = sets.cpu().numpy(), valid.cpu().numpy()  # one read, once per evaluation
+    record = {
+        "blocks": int(len(blocks)),
+        "tokens": int(valid.size),
+        "blocks_sha256": hashlib.sha256(blocks.tobytes()).hexdigest(),
+        "valid": pack_expert_sets(valid[:, None]),
+    }
+    return record, [pack_expert_sets(layer) for layer in sets]
 
 
 def _finite_or_none(obj):

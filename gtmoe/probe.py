@@ -18,12 +18,15 @@ probe of 16 blocks of 64 tokens with 8 experts is 1 KiB per layer.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import Tensor
 
 from gtmoe.contract import IGNORE_INDEX
-from gtmoe.device import autocast_context
+
+if TYPE_CHECKING:  # torch is imported where a model is routed: the analysis unpacks sets without it
+    import torch
+    from torch import Tensor
 
 
 def probe_block_ids(n_blocks: int, probe_blocks: int) -> np.ndarray:
@@ -39,16 +42,21 @@ def probe_block_ids(n_blocks: int, probe_blocks: int) -> np.ndarray:
 def expert_sets(routing, n_tokens: int, n_experts: int) -> Tensor:
     """(n_tokens, n_experts) bool: which experts processed each token of one routing group (`Routing`:
     assignments `expert`, `token`; `expert == n_experts` is a dropped assignment, and sets no bit)."""
+    import torch
+
     sets = torch.zeros(n_tokens, n_experts + 1, dtype=torch.bool, device=routing.expert.device)
     sets[routing.token, routing.expert] = True
     return sets[:, :n_experts]
 
 
-@torch.no_grad()
 def route_probe(model, inputs: Tensor, targets: Tensor, group: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The probe's routing by `model`: expert sets (n_moe_layers, N, n_experts) bool and `valid` (N,) bool,
     N = the probe's tokens (`inputs`, `targets`: (blocks, seq_len), already on `device`), routed in eval mode
     in groups of `group` blocks. The model's train/eval mode is restored on return. No host sync."""
+    import torch
+
+    from gtmoe.device import autocast_context
+
     was_training = model.training
     model.eval()
     try:
@@ -56,7 +64,7 @@ def route_probe(model, inputs: Tensor, targets: Tensor, group: int, device: torc
         per_group = []
         for start in range(0, inputs.shape[0], group):
             x, y = inputs[start : start + group], targets[start : start + group]
-            with autocast_context(device):
+            with torch.no_grad(), autocast_context(device):
                 model(x, y)
             n_tokens = x.numel()
             per_group.append(

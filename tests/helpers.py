@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from gtmoe.contract import SPECIALISATION_METRICS, UTILISATION_METRICS
+from gtmoe.contract import PROBE_SPLIT, SPECIALISATION_METRICS, UTILISATION_METRICS
 from gtmoe.metrics import gini
 from gtmoe.metrics import max_violation as maxvio
+from gtmoe.probe import pack_expert_sets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +74,8 @@ SUMMARY_FILES = (
     "specialisation.html",
     "vocabulary.csv",
     "vocabulary.html",
+    "seed_agreement.csv",
+    "seed_agreement.html",
     "sensitivity.csv",
     "sensitivity.html",
     "sensitivity_best.csv",
@@ -219,6 +222,9 @@ def make_evaluation(
             per_layer[-1].update(
                 specialisation_entries(counts, top_k, np.random.default_rng([seed, layer, len(variant)]))
             )
+            if split == PROBE_SPLIT:
+                per_layer[-1]["probe_sets"] = probe_sets(variant, seed, layer, n_experts, top_k)
+            per_layer[-1].update(snapshot_curves(np.random.default_rng([seed, layer, len(variant), 7])))
 
     def layer_mean(key: str) -> float | None:
         return None if dense else float(np.mean([entry[key] for entry in per_layer]))
@@ -247,6 +253,7 @@ def make_evaluation(
         drop_rate=layer_mean("drop_rate"),
         token_expert_mi=layer_mean("token_expert_mi"),
         router_saturation=None,
+        probe=PROBE_RECORD if specialisation and split == PROBE_SPLIT and not dense else None,
         **learned,
         n_params=1_000_000,
         n_active_params=600_000,
@@ -289,6 +296,38 @@ def specialisation_entries(load: np.ndarray, top_k: int, rng: np.random.Generato
         token_expert_mi_share_of_max=float(rng.random() * 0.4),
         **{name: float(value) for name, value in zip(UTILISATION_METRICS, utilisation)},
     )
+
+
+PROBE_TOKENS, PROBE_TYPES = 96, 12  # the synthetic probe: 96 tokens of 12 types, the last 6 padding
+PROBE_VALID = np.arange(PROBE_TOKENS) < PROBE_TOKENS - 6
+PROBE_RECORD = {
+    "blocks": 3,
+    "tokens": PROBE_TOKENS,
+    "blocks_sha256": "0" * 64,
+    "valid": pack_expert_sets(PROBE_VALID[:, None]),
+}
+DATA_DRIVEN_PROBE = "topk"  # its seeds route the probe alike up to their expert labels: agreement 1
+
+
+def probe_sets(variant: str, seed: int, layer: int, n_experts: int, top_k: int) -> str:
+    """A layer's packed probe routing: each token type's k experts, fixed per layer and relabelled by a per-seed
+    permutation for DATA_DRIVEN_PROBE (its seeds agree exactly), drawn per seed for every other variant."""
+    types = np.arange(PROBE_TOKENS) % PROBE_TYPES
+    data_driven = variant == DATA_DRIVEN_PROBE
+    rng = np.random.default_rng([layer] if data_driven else [seed, layer, len(variant)])
+    experts = np.stack([rng.choice(n_experts, size=top_k, replace=False) for _ in range(PROBE_TYPES)])
+    if data_driven:
+        experts = np.random.default_rng([seed, layer]).permutation(n_experts)[experts]
+    sets = np.zeros((PROBE_TOKENS, n_experts), dtype=bool)
+    sets[np.arange(PROBE_TOKENS)[:, None], experts[types]] = True
+    return pack_expert_sets(sets)
+
+
+def snapshot_curves(rng: np.random.Generator, steps: Sequence[int] = (0, 50, 100, 150, 200)) -> dict:
+    """A layer's routing-snapshot curves: fluctuation falling over training, the settled share rising to 1."""
+    fluctuation = np.sort(rng.random(len(steps) - 1))[::-1] * 0.6
+    settled = np.append(np.sort(rng.random(len(steps) - 1)), 1.0)
+    return dict(snapshot_steps=list(steps), fluctuation_curve=fluctuation.tolist(), settled_curve=settled.tolist())
 
 
 def make_train_log(seed: int, steps: Sequence[int] = (0, 50, 100, 150, 200)) -> pd.DataFrame:

@@ -262,6 +262,7 @@ def test_figures_and_findings_read_the_statistics_and_never_recompute_them(recor
     monkeypatch.setattr(stats, "summarize", recomputed)
     monkeypatch.setattr(figures, "summarize", recomputed)  # the figures' means and CIs: the summary's
     assert main(["figures", "--study", study]) == 0
+    assert main(["specialisation", "--study", study]) == 0  # the findings read its agreement table
     assert main(["findings", "--study", study]) == 0
     assert (recorded_study["summary"] / outputs.FINDINGS).is_file()
     # The forest plots show the stats step's numbers: its table, not a new one.

@@ -316,7 +316,7 @@ def test_findings_command_on_a_synthetic_study(tmp_path):
             write_run(tmp_path / "runs", v, s)
     record = write_study_record(tmp_path, variants)
     write_ngram(tmp_path / "baselines" / "ngram.json", bigram_test=104.0)
-    for verb in ("aggregate", "stats", "findings"):
+    for verb in ("aggregate", "stats", "specialisation", "findings"):
         assert main([verb, "--study", str(record)]) == 0
     summary_dir = tmp_path / "summary"
     text = text_of((summary_dir / outputs.FINDINGS).read_text())
@@ -348,7 +348,7 @@ def test_findings_reads_the_sensitivity_tables_only_when_the_record_has_sweeps(t
     write_ngram(tmp_path / "baselines" / "ngram.json")
     design = [point("rdesi_c", "c", 3.0, "rdesi", "bonus")]
     record = write_study_record(tmp_path, variants, (0, 1), sweeps=design)
-    for verb in ("aggregate", "stats"):
+    for verb in ("aggregate", "stats", "specialisation"):
         assert main([verb, "--study", str(record)]) == 0
     # A study with sweeps needs its sensitivity tables: absent, that is an error naming the step.
     assert main(["findings", "--study", str(record)]) == 2

@@ -32,6 +32,7 @@ CAPTIONS = [
     "sensitivity_best",
     *outputs.SPECIALISATION,
     outputs.COACTIVATION_FIGURE,
+    outputs.STABILITY_FIGURE,
 ]
 
 
@@ -97,7 +98,8 @@ def test_captions_define_metrics_statistics_and_caveat():
 
 
 def test_the_specialisation_captions_define_every_quantity_and_cite_their_sources():
-    text = " ".join((REPORT / f"{name}.rst").read_text() for name in (*outputs.SPECIALISATION, "coactivation"))
+    names = (*outputs.SPECIALISATION, outputs.COACTIVATION_FIGURE, outputs.STABILITY_FIGURE)
+    text = " ".join((REPORT / f"{name}.rst").read_text() for name in names)
     for definition in [
         "OLMoE: Open Mixture-of-Experts Language Models",  # co-activation and vocabulary specialisation
         "share[i, j] = C[i, j] / C[i, i]",
@@ -108,21 +110,31 @@ def test_the_specialisation_captions_define_every_quantity_and_cite_their_source
         "E · f_{g,i}",
         "NeMo",  # utilisation
         "numpy's linear interpolation",
+        "StableMoE: Stable Routing Strategy for Mixture of Experts",  # routing stability over training
+        "last fluctuation",
+        "20% of training",
+        "linear_sum_assignment",  # agreement across seeds
+        "2 Σ_i C[i, π(i)] / (Σ_t |S_a(t)| + Σ_t |S_b(t)|)",
+        "chance",
         "exploratory",
     ]:
         assert definition in text, definition
 
 
 def test_the_specialisation_category_holds_its_figure_and_tables():
-    """The report's category "Specialisation" (workflow/rules/analysis.smk): the co-activation figure and both
-    tables, each with its caption."""
+    """The report's category "Specialisation" (workflow/rules/analysis.smk): the co-activation, routing stability and
+    agreement figures and the three tables, each with its caption."""
     rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "analysis.smk").read_text()
     rule = rules.split("rule specialisation:", 1)[1].split('analysis_command("specialisation")', 1)[0]
-    assert rule.count("captioned(") == rule.count('"Specialisation"') == 3
-    for caption in ("SUMMARY_TABLE", "VOCABULARY_TABLE", "outputs.COACTIVATION_FIGURE"):
+    assert rule.count("captioned(") == rule.count('"Specialisation"') == 6
+    captions = ("SUMMARY_TABLE", "VOCABULARY_TABLE", "AGREEMENT_TABLE")
+    captions += ("outputs.COACTIVATION_FIGURE", "outputs.STABILITY_FIGURE", "outputs.AGREEMENT_FIGURE")
+    for caption in captions:
         assert caption in rule.split("output:", 1)[1], caption
-    assert outputs.SPECIALISATION == ("specialisation", "vocabulary") and outputs.COACTIVATION_FIGURE == "coactivation"
-    assert all((REPORT / f"{name}.rst").is_file() for name in (*outputs.SPECIALISATION, outputs.COACTIVATION_FIGURE))
+    assert outputs.SPECIALISATION == ("specialisation", "vocabulary", "seed_agreement")
+    assert outputs.AGREEMENT_FIGURE == outputs.SPECIALISATION[2]  # the table and the figure share their caption
+    names = (*outputs.SPECIALISATION, outputs.COACTIVATION_FIGURE, outputs.STABILITY_FIGURE)
+    assert all((REPORT / f"{name}.rst").is_file() for name in names)
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed")

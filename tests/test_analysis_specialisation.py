@@ -19,7 +19,7 @@ from analysis.figures import coactivation as figure
 from analysis.stats import specialisation
 from gtmoe.contract import SPECIALISATION_METRICS, UTILISATION_METRICS
 
-from helpers import tidy_table, write_baselines, write_run, write_study_record
+from helpers import PROBE_VALID, tidy_table, write_baselines, write_run, write_study_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -239,10 +239,19 @@ def test_the_step_end_to_end_treats_older_evaluations_as_missing(study):
     root = study.parent
     for verb in ("aggregate", "stats", "specialisation", "findings"):
         assert main([verb, "--study", str(study)]) == 0, verb
-    summary_name, vocabulary_name = outputs.SPECIALISATION
+    summary_name, vocabulary_name, agreement_name = outputs.SPECIALISATION
     for name in outputs.SPECIALISATION:
         assert all((root / "summary" / f"{name}.{suffix}").is_file() for suffix in ("parquet", "csv", "html"))
-    assert is_png(root / "figures" / f"{outputs.COACTIVATION_FIGURE}.png")
+    for name in (outputs.COACTIVATION_FIGURE, outputs.STABILITY_FIGURE, outputs.AGREEMENT_FIGURE):
+        assert is_png(root / "figures" / f"{name}.png"), name
+    # Agreement across seeds: topk's seeds route the probe alike up to their labels (helpers.probe_sets), rdesi's
+    # evaluations predate the probe; dense has no routing.
+    agreement = pd.read_parquet(root / "summary" / f"{agreement_name}.parquet").set_index("variant")
+    assert list(agreement.index) == ["topk"]
+    assert agreement.loc["topk", ["n_seeds", "n_pairs", "n_layers"]].tolist() == [2, 1, 2]
+    assert agreement.loc["topk", "agreement_mean"] == pytest.approx(1.0)
+    assert agreement.loc["topk", "chance_mean"] < 0.9
+    assert agreement.loc["topk", "tokens"] == PROBE_VALID.sum()
     status = pd.read_parquet(root / "summary" / "run_status.parquet")
     assert (status["status"] == "ok").all()  # an older evaluation is not a failed run
     table = pd.read_parquet(root / "summary" / f"{summary_name}.parquet")
@@ -264,3 +273,5 @@ def test_the_step_end_to_end_treats_older_evaluations_as_missing(study):
     )
     page = (root / "summary" / outputs.FINDINGS).read_text()
     assert "What the experts learned (exploratory)" in page and "No value for dense, rdesi" in page
+    assert "Agreement across seeds: </b>the matched agreement of two seeds&#39; routings of the probe" in page
+    assert "is 1.000, range 1.000–1.000 over 1 pair, chance" in page and "for topk" in page

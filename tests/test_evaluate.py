@@ -254,3 +254,37 @@ def test_the_study_records_eval_settings_replace_the_runs_and_a_foreign_run_is_r
         assert main([*args, "--study", str(record)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+
+
+# --------------------------------------------------------------------------- the routing probe
+
+
+def test_the_validation_json_records_the_probe_routing_and_its_counts_match_the_loads(tmp_path, tiny_shards):
+    """The probe's expert sets, counted over real tokens, are the per-expert loads of an evaluation of exactly the
+    probe's blocks (LayerStats: an independent count of the same routing; top-k routes each token by itself, so
+    the groups' order does not matter); the test split records no probe; two evaluations record the same bits."""
+    from gtmoe.probe import probe_block_ids, unpack_expert_sets
+
+    probe_blocks = 8
+    cfg = tiny_run(tiny_shards, "topk", max_steps=4)
+    cfg = dataclasses.replace(
+        cfg, eval=EvalConfig(max_blocks={"validation": probe_blocks, "test": 4}, probe_blocks=probe_blocks)
+    )
+    train(cfg, tmp_path)
+    result = evaluate_splits(tmp_path, ["validation", "test"])
+    validation, test = result["validation"], result["test"]
+    assert test["probe"] is None and all("probe_sets" not in layer for layer in test["per_layer"])
+    probe = validation["probe"]
+    assert probe["blocks"] == probe_blocks and probe["tokens"] == probe_blocks * TINY_SEQ
+    blocks = probe_block_ids(validation["split_blocks"], probe_blocks)
+    assert np.array_equal(np.sort(evaluation_blocks(validation["split_blocks"], probe_blocks)), blocks)
+    valid = unpack_expert_sets(probe["valid"], probe["tokens"], 1)[:, 0]
+    for layer in validation["per_layer"]:
+        sets = unpack_expert_sets(layer["probe_sets"], probe["tokens"], cfg.model.n_experts)
+        assert (sets[valid].sum(axis=1) == cfg.model.top_k).all()  # top-k without capacity: k experts a token
+        assert sets[valid].sum(axis=0).tolist() == layer["load"]
+    again = evaluate_splits(tmp_path, ["validation"])["validation"]
+    assert [layer["probe_sets"] for layer in again["per_layer"]] == [
+        layer["probe_sets"] for layer in validation["per_layer"]
+    ]
+    assert again["probe"] == probe

@@ -20,7 +20,7 @@ ROOT = "results/smoke"
 RUNS = f"{ROOT}/runs"
 SMOKE_RUNS = 8  # (topk, rdesi and its sweep's two points) x 2 seeds
 RDESI_RUNS = 6  # rdesi and its sweep's two points (rdesi with another c) x 2 seeds
-ANALYSIS = ("aggregate", "statistics", "figures", "findings", "compute", "sensitivity")
+ANALYSIS = ("aggregate", "statistics", "figures", "findings", "compute", "sensitivity", "specialisation")
 
 
 def job_counts(output: str) -> dict[str, int]:

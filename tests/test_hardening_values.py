@@ -197,6 +197,7 @@ def test_float_noise_in_constant_differences_is_no_spread_through_stats_and_find
     assert math.isnan(row["p_ttest"]) and math.isnan(row["p_ttest_holm"]) and math.isnan(row["mdd"])
     assert "differences are constant" in row["note"]
     assert row["ci_low"] == row["ci_high"] == row["mean_diff"] == pytest.approx(0.1, rel=1e-12)
+    assert analysis_main(["specialisation", "--study", str(record)]) == 0  # the findings read its agreement table
     assert analysis_main(["findings", "--study", str(record)]) == 0
     findings = (tmp_path / "summary" / "findings.html").read_text()
     assert "&lt;0.001" not in findings and "<0.001" not in findings

@@ -323,10 +323,12 @@ def test_report_embeds_every_figure(smoke_study):
         assert uri.startswith("data:image/png") and ";base64,iVBORw0KGgo" in uri, figure
     for table in ("summary", "comparisons", "ablations", "run_status", "sensitivity", "sensitivity_best"):
         assert f"results/smoke/summary/{table}.html" in results, table
-    # What the experts learned: its own category, with the co-activation figure and both tables.
+    # What the experts learned: its own category, with its figures and tables.
     categories = report_variable((smoke_study / "results" / "smoke" / "report.html").read_text(), "categories")
     assert "Specialisation" in categories
-    for path in ("figures/coactivation.png", "summary/specialisation.html", "summary/vocabulary.html"):
+    specialisation = [f"figures/{name}.png" for name in ("coactivation", "routing_stability", "seed_agreement")]
+    specialisation += [f"summary/{name}.html" for name in ("specialisation", "vocabulary", "seed_agreement")]
+    for path in specialisation:
         assert f"results/smoke/{path}" in results, path
     # Only this study's files: another study's tables under results/ never reach its report or findings.
     assert [path for path in results if not path.startswith("results/smoke/")] == []

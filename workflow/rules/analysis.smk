@@ -129,8 +129,9 @@ rule figures:
 
 
 # What the experts learned (issue 23): co-activation, each expert's top tokens (decoded with the study's tokenizer)
-# and the specialisation metrics per variant, from the evaluations' per-layer counts and the statistics' summary.
-SUMMARY_TABLE, VOCABULARY_TABLE = outputs.SPECIALISATION
+# the specialisation metrics per variant, routing stability over training (the routing snapshots) and agreement
+# across seeds (the probe), from the evaluations' per-layer counts and the statistics' summary.
+SUMMARY_TABLE, VOCABULARY_TABLE, AGREEMENT_TABLE = outputs.SPECIALISATION
 
 
 rule specialisation:
@@ -151,11 +152,28 @@ rule specialisation:
         vocabulary_html=captioned(
             summary_file(f"{VOCABULARY_TABLE}.html"), VOCABULARY_TABLE, "Specialisation", table="top tokens per expert"
         ),
+        agreement=summary_file(f"{AGREEMENT_TABLE}.parquet"),
+        agreement_csv=summary_file(f"{AGREEMENT_TABLE}.csv"),
+        agreement_html=captioned(
+            summary_file(f"{AGREEMENT_TABLE}.html"), AGREEMENT_TABLE, "Specialisation", table="agreement across seeds"
+        ),
         coactivation=captioned(
             figure_file(outputs.COACTIVATION_FIGURE),
             outputs.COACTIVATION_FIGURE,
             "Specialisation",
             figure="co-activation",
+        ),
+        stability=captioned(
+            figure_file(outputs.STABILITY_FIGURE),
+            outputs.STABILITY_FIGURE,
+            "Specialisation",
+            figure="routing stability over training",
+        ),
+        agreement_figure=captioned(
+            figure_file(outputs.AGREEMENT_FIGURE),
+            outputs.AGREEMENT_FIGURE,
+            "Specialisation",
+            figure="agreement across seeds",
         ),
     log:
         f"{LOGS}/specialisation.log",
@@ -274,6 +292,7 @@ rule findings:
         ablations=rules.statistics.output.ablations,
         summary=rules.statistics.output.summary,
         status=rules.aggregate.output.status,
+        agreement=rules.specialisation.output.agreement,
         baselines=NGRAM,
         train_logs=run_files(contract.TRAIN_LOG),
         sensitivity=[rules.sensitivity.output.table, rules.sensitivity.output.best] if STUDY.sweeps else [],
