@@ -23,7 +23,12 @@ from typing import Any
 import yaml
 
 from gtmoe.checks import ConfigError, check, check_name, fail, short_repr  # noqa: F401  (re-exported)
-from gtmoe.contract import MAX_COACTIVATION_EXPERTS, MAX_PROBE_BLOCKS, weight_config  # noqa: F401  (weight_config re-exported)
+from gtmoe.contract import (
+    MAX_COACTIVATION_EXPERTS,
+    MAX_PROBE_BLOCKS,
+    MAX_ROUTING_SNAPSHOTS,
+    weight_config,  # noqa: F401  (re-exported)
+)
 
 # ------------------------------------------------------------------ strict YAML
 
@@ -385,6 +390,9 @@ class TrainConfig:
         "stop"  # "stop": raise naming the step; "skip": drop that step's update (costs one host sync per step)
     )
     max_skipped_steps: int = 10
+    # Snapshots of the routing probe (eval.probe_blocks) during training, for routing stability (gtmoe.stability):
+    # at step 0 and at round(i * max_steps / routing_snapshots), i = 1..routing_snapshots; 0 = none.
+    routing_snapshots: int = 0
 
     def validate(self, prefix: str = "train") -> None:
         check(
@@ -430,6 +438,24 @@ class TrainConfig:
             self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", self.device, "must be 'auto', 'cpu' or 'cuda'"
         )
         check(self.nonfinite in ("stop", "skip"), f"{prefix}.nonfinite", self.nonfinite, "must be 'stop' or 'skip'")
+        most = min(self.max_steps, MAX_ROUTING_SNAPSHOTS)
+        check(
+            isinstance(self.routing_snapshots, int)
+            and not isinstance(self.routing_snapshots, bool)
+            and 0 <= self.routing_snapshots <= most,
+            f"{prefix}.routing_snapshots",
+            self.routing_snapshots,
+            f"must be an integer in [0, {most}] (0 = none; at most train.max_steps and {MAX_ROUTING_SNAPSHOTS})",
+        )
+
+    def snapshot_steps(self) -> list[int]:
+        """The steps after which the routing probe is snapshotted, ascending: 0 (before the first update) and
+        round(i * max_steps / routing_snapshots) for i = 1..routing_snapshots (distinct, as routing_snapshots <=
+        max_steps); empty when routing_snapshots is 0."""
+        if self.routing_snapshots <= 0:
+            return []
+        n = self.routing_snapshots
+        return sorted({0, *(round(i * self.max_steps / n) for i in range(1, n + 1))})
 
 
 @dataclass(frozen=True)
@@ -603,6 +629,9 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
       size / d_expert: top_k + n_shared, or E + n_shared for dense_total), plus 2 B H S^2 for attention scores
       (materialised by the math kernel on CPU); and 3 T V for logits, log-softmax and their gradient.
     - the rotary tables (2 L S_max d/H / 2) and RUNTIME_OVERHEAD_MB for the interpreter and libraries.
+    - the routing snapshots (`routing_snapshot_bytes`): twice in training (kept on the device, copied to the host
+      for each checkpoint), nine times in evaluation (read from the checkpoint, and one layer's unpacked a byte
+      per bit).
 
     `activations=False` leaves activations out: for a GPU job they live on the device, not in the host
     memory that resources.*.mem_mb reserves. The estimate errs high (evaluate: within 1.5x of the measured
@@ -617,9 +646,10 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
     per_layer = tokens * (16 * d + 3 * e + rows * (2 * d + 4 * de)) + 2 * t.batch_size * m.n_heads * seq_len**2
     logits = 3 * tokens * m.vocab_size
     buffers = layers * m.max_seq_len * (d // m.n_heads) if m.positional == "rope" else 0
+    snapshots = routing_snapshot_bytes(cfg, seq_len)
     if stage == "train":
         floats = 7 * params + buffers + (layers * per_layer + logits if activations else 0)
-        return RUNTIME_OVERHEAD_MB + 4 * floats / 2**20
+        return RUNTIME_OVERHEAD_MB + (4 * floats + 2 * snapshots) / 2**20
     from gtmoe import routers
 
     moe_layers = layers // m.moe_every if issubclass(routers.get(cfg.router.name), routers.Router) else 0
@@ -639,7 +669,20 @@ def memory_estimate_mb(cfg: RunConfig, seq_len: int, stage: str = "train", activ
     summarised = 24 * groups * e + 16 * e * e + 8 * m.vocab_size
     evaluating = ((8 * moe_layers * counted + summarised) if activations and moe_layers else 0) + information
     evaluating += 4 * (per_layer + logits + (tokens * (e + 1) if moe_layers else 0)) if activations else 0
-    return RUNTIME_OVERHEAD_MB + (models + max(loading, evaluating)) / 2**20
+    return RUNTIME_OVERHEAD_MB + (models + max(loading, evaluating) + 9 * snapshots) / 2**20
+
+
+def routing_snapshot_bytes(cfg: RunConfig, seq_len: int) -> int:
+    """The bytes of a run's routing snapshots (train.routing_snapshots): a bit per (probe token, expert) of each
+    MoE layer at each snapshot step, each token's row padded to whole bytes (gtmoe.stability.pack_snapshot); 0
+    without snapshots, a probe or MoE layers."""
+    from gtmoe import routers
+
+    m = cfg.model
+    routed = issubclass(routers.get(cfg.router.name), routers.Router)
+    moe_layers = m.n_layers // m.moe_every if routed else 0
+    tokens = cfg.eval.probe_blocks * seq_len
+    return len(cfg.train.snapshot_steps()) * moe_layers * tokens * -(-m.n_experts // 8)
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

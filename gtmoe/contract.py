@@ -142,6 +142,11 @@ PER_LAYER_LOADS = ("load", "requested_load")
 # i and j (symmetric; the diagonal is the tokens routed to i; null above MAX_COACTIVATION_EXPERTS experts, where
 # the matrix would dominate the file), `top_tokens` and `top_token_counts` each expert's TOP_TOKENS most routed
 # token ids (most first, ties to the lower id) and how often each was routed to it.
+# `probe_sets` the final model's routing of the probe, packed (gtmoe.probe; the validation split only).
+# The routing stability's arrays for figures (gtmoe.stability, from the final checkpoint's routing snapshots): the
+# snapshots' training steps, the share of probe tokens whose expert set changed between each consecutive pair
+# (`fluctuation_curve`, S - 1 shares) and the share settled by each snapshot (`settled_curve`, S shares); null for
+# a run without snapshots.
 PER_LAYER_ARRAYS = (
     "coactivation",
     "top_tokens",
@@ -154,6 +159,7 @@ PER_LAYER_ARRAYS = (
 PER_LAYER_ID_KEYS = ("layer", *PER_LAYER_LOADS, *PER_LAYER_ARRAYS)
 TOP_TOKENS = 10  # N of "the share of an expert's tokens that come from its top-N token ids"
 MAX_PROBE_BLOCKS = 1024  # eval.probe_blocks: 1024 blocks of 1024 tokens with 256 experts is 32 MiB a layer
+MAX_ROUTING_SNAPSHOTS = 1000  # train.routing_snapshots: 1,001 snapshots of the default probe are 1 MiB a layer
 MAX_COACTIVATION_EXPERTS = 256  # a 256 x 256 count matrix is ~0.4 MB of JSON per layer
 LOAD_METRICS = (
     "gini",
@@ -180,6 +186,18 @@ SPECIALISATION_METRICS = (
     "vocab_specialisation_above_floor",
     "top_token_share",
     "token_expert_mi_share_of_max",
+)
+# Routing stability over training (StableMoE, Dai et al. 2022, arXiv 2204.08396), per layer and their mean over
+# layers, from the routing snapshots of the probe taken while training (train.routing_snapshots, gtmoe.stability):
+# the mean share of probe tokens whose expert set changes between consecutive snapshots, that share in the last
+# interval, the median last fluctuation step (the last snapshot at which a token's set differs from its final one)
+# as a fraction of training, and the share of tokens whose last fluctuation is past 20% of training. The same in
+# both splits' JSON; null for a run without snapshots (older runs, routing_snapshots 0, dense).
+STABILITY_METRICS = (
+    "routing_fluctuation",
+    "routing_fluctuation_last",
+    "last_fluctuation_median",
+    "late_fluctuation_share",
 )
 UTILISATION_PERCENTILES = {"min": 0, "p5": 5, "median": 50, "p95": 95, "max": 100}
 UTILISATION_METRICS = tuple(f"utilisation_{name}" for name in UTILISATION_PERCENTILES)
@@ -236,6 +254,7 @@ EVAL_METRIC_RANGES = {
     "token_expert_mi": _FRACTION,  # normalised by H(expert)
     "router_saturation": _FRACTION,
     **{name: _FRACTION for name in SPECIALISATION_METRICS},
+    **{name: _FRACTION for name in STABILITY_METRICS},
     **{name: _NON_NEGATIVE for name in UTILISATION_METRICS},  # E * f: 0 (unused) to E (took the whole group)
     # The load the router asked for, before capacity (token-choice routers; null for others): Gini and MaxVio of
     # the requested counts, and the share of the requested (valid) assignments that capacity dropped.
@@ -284,7 +303,15 @@ ROUTER_LOG_INDEX = ("step", "layer", "expert", "load")
 # only in these, `evaluate` accepts such a run, and the workflow's `train` rule does not rerun for them.
 # checkpoint_every only says when a checkpoint is written: saving changes no computation, and a resumed
 # run ends with the weights of an uninterrupted one.
-WEIGHT_NEUTRAL_KEYS = ("eval", "train.log_every", "train.router_log_every", "train.checkpoint_every")
+# routing_snapshots only routes the probe in eval mode, which changes no weight, router state or random number
+# (gtmoe.probe).
+WEIGHT_NEUTRAL_KEYS = (
+    "eval",
+    "train.log_every",
+    "train.router_log_every",
+    "train.checkpoint_every",
+    "train.routing_snapshots",
+)
 
 
 def weight_config(run_config: dict) -> dict:

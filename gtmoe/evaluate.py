@@ -19,7 +19,8 @@ evaluation routing; a router that also offers a non-causal routing (`evaluation_
 the group) gets a second forward of every group in it, reported as ppl_noncausal, and `causal_routing` says which
 the reported one is. The final and the saturation checkpoints are read weights only (mapped, AdamW's state never
 read), and only if they are this run's: each records the run that wrote it, and the final one the saturation
-checkpoint's sha256.
+checkpoint's sha256. Routing stability over training (gtmoe.stability, STABILITY_METRICS) comes from the routing
+snapshots the final checkpoint holds, the same in every split's JSON.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gtmoe import metrics
+from gtmoe import metrics, stability
 from gtmoe.config import RunConfig, load_run_config
 from gtmoe.contract import (
     CHECKPOINT,
@@ -49,6 +50,7 @@ from gtmoe.contract import (
     RUN_OK,
     SATURATION_CHECKPOINT,
     SPECIALISATION_METRICS,
+    STABILITY_METRICS,
     TOP_TOKENS,
     UTILISATION_METRICS,
     UTILISATION_PERCENTILES,
@@ -402,9 +404,10 @@ def _load_weights(cfg: RunConfig, state: dict, device: torch.device) -> MoETrans
     return model.eval()
 
 
-def _load_final(run_dir: Path, cfg: RunConfig, device: torch.device) -> tuple[MoETransformer, int, object]:
-    """The finished run's model, its step and what it records of the saturation checkpoint; the checkpoint
-    is unmapped on return, so AdamW's state beside the weights is never read."""
+def _load_final(run_dir: Path, cfg: RunConfig, device: torch.device) -> tuple[MoETransformer, int, object, list]:
+    """The finished run's model, its step, what it records of the saturation checkpoint, and each MoE layer's
+    routing stability from its routing snapshots (gtmoe.stability.per_layer); the checkpoint is unmapped on
+    return, so AdamW's state beside the weights is never read."""
     path = run_dir / CHECKPOINT
     state, _ = map_checkpoint(path)
     check_config_matches_checkpoint(run_dir / RUN_CONFIG, cfg, path, state.get("config"))
@@ -414,7 +417,9 @@ def _load_final(run_dir: Path, cfg: RunConfig, device: torch.device) -> tuple[Mo
             f"{path} is from step {state['step']} of {cfg.train.max_steps}: "
             f"training is not finished; rerun `python -m gtmoe train --out {run_dir}` first"
         )
-    return _load_weights(cfg, state, device), state["step"], state.get(SATURATION_RECORD)
+    model = _load_weights(cfg, state, device)
+    layers = stability.per_layer(state.get(stability.SNAPSHOT_RECORD), len(model.moe_layers), cfg.train.max_steps)
+    return model, state["step"], state.get(SATURATION_RECORD), layers
 
 
 def _load_saturation(run_dir: Path, cfg: RunConfig, record, device: torch.device) -> MoETransformer:
@@ -462,7 +467,7 @@ def evaluate_splits(
         dev = resolve_device(device, "--device")
     else:
         dev = resolve_device(cfg.train.device, f"{run_dir / RUN_CONFIG} key 'train.device'")
-    model, train_step, saturation = _load_final(run_dir, cfg, dev)
+    model, train_step, saturation, stable = _load_final(run_dir, cfg, dev)
     if study_run is not None:
         differences = config_differences(cfg.to_dict(), study_run.to_dict())
         if differences:
@@ -474,7 +479,21 @@ def evaluate_splits(
         cfg = dataclasses.replace(cfg, eval=study_run.eval)
     # Router saturation compares the final routing with the one this run had at its saturation checkpoint.
     early = _load_saturation(run_dir, cfg, saturation, dev) if model.moe_layers else None
-    return {split: _evaluate_split(cfg, model, early, split, dev, train_step) for split in splits}
+    return {
+        split: _with_stability(_evaluate_split(cfg, model, early, split, dev, train_step), stable) for split in splits
+    }
+
+
+def _with_stability(result: dict, layers: list[dict]) -> dict:
+    """A split's result with the routing stability of each MoE layer (`layers`, gtmoe.stability.per_layer) in its
+    `per_layer` entry and their mean over layers beside the other metrics (null without snapshots or layers)."""
+    for entry, values in zip(result["per_layer"], layers):
+        entry.update(_finite_or_none(values))
+    means = {
+        name: _mean_over_layers([values[name] for values in layers]) if layers else None for name in STABILITY_METRICS
+    }
+    per_layer = result.pop("per_layer")
+    return {**result, **_finite_or_none(means), "per_layer": per_layer}
 
 
 def _evaluate_split(

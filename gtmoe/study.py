@@ -36,6 +36,7 @@ from gtmoe.contract import (
     EVAL_SPLITS,
     LOAD_METRICS,
     SPECIALISATION_METRICS,
+    STABILITY_METRICS,
     STUDY_RECORD_FORMAT,
     UTILISATION_METRICS,
     StudyLayout,
@@ -65,6 +66,7 @@ ENDPOINT_METRICS = (
     "router_saturation",
     *SPECIALISATION_METRICS,
     *UTILISATION_METRICS,
+    *STABILITY_METRICS,
 )
 # config.yaml `findings` defaults: the training-horizon check, `{variant, longer, max_gain}` (the same router
 # trained longer; none by default) that says how much perplexity more steps would still buy.

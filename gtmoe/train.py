@@ -10,6 +10,13 @@ router buffers). The rolling checkpoint is deliberately not a workflow output:
 Snakemake deletes the outputs of a killed job, and this file must survive it;
 it is removed only once every output of the finished run is written.
 Files are written only inside the run directory, atomically (gtmoe.runfiles).
+
+With `train.routing_snapshots` > 0 (an MoE model, `eval.probe_blocks` > 0) the trainer also routes the
+routing probe (gtmoe.probe, validation blocks) in eval mode at step 0 and at the snapshot steps
+(`TrainConfig.snapshot_steps`), after that step's logging, and keeps the expert sets on the device; the
+checkpoints hold them (gtmoe.stability.SNAPSHOT_RECORD), so a resumed run ends with the snapshots of an
+uninterrupted one. Routing in eval mode changes no weight, router state or random number: the weights
+and logs are those of the same run without snapshots.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from tqdm.auto import tqdm
 from gtmoe.config import RunConfig, save_run_config
 from gtmoe.contract import (
     CHECKPOINT,
+    IGNORE_INDEX,
     RESUME_CHECKPOINT,
     ROUTER_LOG,
     ROUTER_LOG_INDEX,
@@ -42,6 +50,7 @@ from gtmoe.device import peak_memory_mb, resolve_device
 from gtmoe.errors import ConfigError, DataError
 from gtmoe.files import write_atomic
 from gtmoe.model import MoETransformer, build_model
+from gtmoe.probe import probe_block_ids, route_probe
 from gtmoe.runfiles import (
     RUN_IDENTITY,
     SATURATION_RECORD,
@@ -57,6 +66,7 @@ from gtmoe.runfiles import (
     save_checkpoint,
     unwritable,
 )
+from gtmoe.stability import SNAPSHOT_RECORD, pack_snapshot, snapshot_record
 from gtmoe.step import StepResult, build_optimizer, lr_lambda, train_step
 
 log = logging.getLogger("gtmoe.train")
@@ -84,6 +94,17 @@ class DataOrder:
         positions = np.arange(m * self.batch_size, (m + 1) * self.batch_size)
         epochs, offsets = np.divmod(positions, self.n_blocks)
         return np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The routing probe on the device: its validation block ids, inputs and targets (blocks, seq_len), and which
+    of its tokens count (`valid`, (N,): not padding)."""
+
+    blocks: np.ndarray
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
 
 
 @dataclass
@@ -161,10 +182,53 @@ class Trainer:
         self.saturation: dict | None = None  # runfiles.saturation_record of the saturation checkpoint, once written
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.data.seq_len
+        self.probe, self.snapshot_steps = self.load_probe(), frozenset(self.tcfg.snapshot_steps())
+        self.snapshots: dict[int, torch.Tensor] = {}  # step -> packed expert sets, kept on the device
         self.resume()
         if self.step == 0:  # a resumed run restores what its routers were fitted to from the checkpoint
             self.fit_routers_to_data(cfg.model.vocab_size)
         self.start_step, self.t0 = self.step, time.perf_counter()
+
+    def load_probe(self) -> Probe | None:
+        """The routing probe's blocks on the device where this run takes routing snapshots (train.routing_snapshots
+        > 0, MoE layers, eval.probe_blocks > 0); else None."""
+        cfg = self.cfg
+        if not (self.tcfg.routing_snapshots > 0 and self.model.moe_layers and cfg.eval.probe_blocks > 0):
+            return None
+        data = TokenBlocks(Path(cfg.data.shards) / "validation")
+        blocks = probe_block_ids(len(data), cfg.eval.probe_blocks)
+        if len(blocks) == 0:
+            return None
+        inputs, targets = (tensor.to(self.device) for tensor in data.batch(blocks))
+        return Probe(blocks, inputs, targets, (targets != IGNORE_INDEX).reshape(-1))
+
+    def take_snapshot(self) -> None:
+        """Route the probe with the model as it is after this step (eval mode, the uncompiled module) and keep its
+        expert sets, packed, on the device: no host sync."""
+        probe = self.probe
+        sets, _ = route_probe(self.model, probe.inputs, probe.targets, self.tcfg.batch_size, self.device)
+        self.snapshots[self.step] = pack_snapshot(sets)
+
+    def snapshot_record(self) -> dict | None:
+        """The snapshots taken so far, for a checkpoint (gtmoe.stability.snapshot_record); None without any."""
+        if not self.snapshots:
+            return None
+        steps = sorted(self.snapshots)
+        packed = torch.stack([self.snapshots[step] for step in steps])
+        return snapshot_record(steps, packed, self.probe.valid, self.probe.blocks, self.cfg.model.n_experts)
+
+    def restore_snapshots(self, record: dict | None) -> None:
+        """The snapshots a checkpoint holds, where they are of this run's probe and schedule: a run resumed with
+        another eval.probe_blocks (other tokens) drops them, one with another train.routing_snapshots keeps those
+        at steps of its own schedule."""
+        if not record or self.probe is None:
+            return
+        if list(record["probe_blocks"]) != self.probe.blocks.tolist():
+            log.warning("%s: routing snapshots before step %d were of another probe; dropped", self.out_dir, self.step)
+            return
+        for step, packed in zip(record["steps"], record["sets"].to(self.device)):
+            if step in self.snapshot_steps:
+                self.snapshots[step] = packed
 
     def fit_routers_to_data(self, vocab_size: int) -> None:
         """Hand the routers that ask for it (hash routing) the train split's routed-token counts."""
@@ -196,6 +260,7 @@ class Trainer:
         self.step = self.last_saved = state["step"]
         self.skipped, self.elapsed_before = state["skipped_steps"], state["elapsed_s"]
         self.trainlog.rows, self.trainlog.router_rows = state["log"], state["router_log"]
+        self.restore_snapshots(state.get(SNAPSHOT_RECORD))
         log.info("resuming %s from step %d", self.out_dir, self.step)
 
     def elapsed(self) -> float:
@@ -233,6 +298,7 @@ class Trainer:
                 "skipped_steps": self.skipped,
                 "log": self.trainlog.rows,
                 "router_log": self.trainlog.router_rows,
+                SNAPSHOT_RECORD: self.snapshot_record(),
                 "elapsed_s": self.elapsed(),
             },
             path,
@@ -334,6 +400,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         since = (time.perf_counter(), self.step)
+        if self.probe is not None and self.step == 0 and 0 in self.snapshot_steps:
+            self.take_snapshot()  # the routing at initialisation, before the first update
         while self.step < tcfg.max_steps:
             result = self.train_one_step()
             progress.update(1)
@@ -343,6 +411,9 @@ class Trainer:
                 since = self.log_step(result, progress, since)
             if self.model.moe_layers and (step % tcfg.router_log_every == 0 or last):
                 self.log_routers()
+            # After the logging (the probe's forward replaces each layer's last routing), before any checkpoint.
+            if self.probe is not None and step in self.snapshot_steps:
+                self.take_snapshot()
             if step == saturation_step:
                 self.check_finite()
                 self.save_saturation()

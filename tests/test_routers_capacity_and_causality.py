@@ -401,7 +401,7 @@ def test_expert_choice_evaluation_reports_the_causal_and_the_noncausal_perplexit
         assert all(layer["requested_load"] is None for layer in result["per_layer"])
         assert result["gini"] > 0  # thresholds: measured, not balanced by construction
     # The non-causal number is the perplexity of the same evaluation routed over the group.
-    model, step, _ = _load_final(run_dir, cfg, torch.device("cpu"))
+    model, step, *_ = _load_final(run_dir, cfg, torch.device("cpu"))
     with routing_mode(model, "group"):
         group = _evaluate_split(cfg, model, None, "validation", torch.device("cpu"), step)
     assert group["ppl"] == pytest.approx(results["validation"]["ppl_noncausal"], rel=1e-9)

@@ -147,6 +147,14 @@ def run_weights(variant, seed):
     return json.dumps(STUDY.run_config(variant, int(seed)).weights(), sort_keys=True)
 
 
+def probe_shards(wildcards):
+    """The train rule's validation shards: only for a run that takes routing snapshots (train.routing_snapshots
+    > 0 and eval.probe_blocks > 0), whose trainer reads the routing probe from them (gtmoe.train). A run without
+    has no such input: a new input of every run would make Snakemake retrain every existing run."""
+    cfg = STUDY.run_config(wildcards.variant, int(wildcards.seed))
+    return f"{SHARDS}/validation" if cfg.train.routing_snapshots > 0 and cfg.eval.probe_blocks > 0 else []
+
+
 # The evaluate rule's rerun trigger: the study's evaluation settings.
 EVAL_SETTINGS = json.dumps(RECORD["run"]["eval"], sort_keys=True)
 

@@ -3,12 +3,15 @@
 # the params value `weights` instead, the part of this run's config that can change the trained weights
 # (gtmoe.contract.weight_config, the one definition of "the same run"). Editing a variant's router, the
 # model or the optimiser retrains exactly the runs concerned; editing `eval` or a logging or checkpoint
-# interval retrains nothing (a new interval applies to runs trained from then on).
+# interval retrains nothing (a new interval applies to runs trained from then on). Turning routing snapshots
+# on (train.routing_snapshots > 0) adds the validation shards to the inputs, which retrains the study's runs
+# so that they take them; changing their number afterwards retrains nothing.
 
 
 rule train:
     input:
         shards=f"{SHARDS}/train",
+        probe=probe_shards,  # common.smk: the validation shards, for a run that takes routing snapshots
         study=ancient(STUDY_RECORD),
         trigger=TRAIN_TRIGGER,  # common.smk: a foreign run or a deleted run file retrains
     output:
