@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from gtmoe.contract import PROBE_SPLIT, SPECIALISATION_METRICS, UTILISATION_METRICS
+from gtmoe.contract import PROBE_SPLIT, SPECIALISATION_METRICS, STABILITY_METRICS, UTILISATION_METRICS
 from gtmoe.metrics import gini
 from gtmoe.metrics import max_violation as maxvio
 from gtmoe.probe import pack_expert_sets
@@ -230,7 +230,9 @@ def make_evaluation(
         return None if dense else float(np.mean([entry[key] for entry in per_layer]))
 
     learned = (
-        {key: layer_mean(key) for key in (*SPECIALISATION_METRICS, *UTILISATION_METRICS)} if specialisation else {}
+        {key: layer_mean(key) for key in (*SPECIALISATION_METRICS, *UTILISATION_METRICS, *STABILITY_METRICS)}
+        if specialisation
+        else {}
     )
 
     return dict(
@@ -327,7 +329,15 @@ def snapshot_curves(rng: np.random.Generator, steps: Sequence[int] = (0, 50, 100
     """A layer's routing-snapshot curves: fluctuation falling over training, the settled share rising to 1."""
     fluctuation = np.sort(rng.random(len(steps) - 1))[::-1] * 0.6
     settled = np.append(np.sort(rng.random(len(steps) - 1)), 1.0)
-    return dict(snapshot_steps=list(steps), fluctuation_curve=fluctuation.tolist(), settled_curve=settled.tolist())
+    return dict(
+        snapshot_steps=list(steps),
+        fluctuation_curve=fluctuation.tolist(),
+        settled_curve=settled.tolist(),
+        routing_fluctuation=float(fluctuation.mean()),
+        routing_fluctuation_last=float(fluctuation[-1]),
+        last_fluctuation_median=float(rng.random() * 0.5),
+        late_fluctuation_share=float(rng.random() * 0.6),
+    )
 
 
 def make_train_log(seed: int, steps: Sequence[int] = (0, 50, 100, 150, 200)) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from analysis import collect, findings, outputs, tables
 from analysis.__main__ import main
 from analysis.figures import coactivation as figure
 from analysis.stats import specialisation
-from gtmoe.contract import SPECIALISATION_METRICS, UTILISATION_METRICS
+from gtmoe.contract import SPECIALISATION_METRICS, STABILITY_METRICS, UTILISATION_METRICS
 
 from helpers import PROBE_VALID, tidy_table, write_baselines, write_run, write_study_record
 
@@ -256,7 +256,7 @@ def test_the_step_end_to_end_treats_older_evaluations_as_missing(study):
     assert (status["status"] == "ok").all()  # an older evaluation is not a failed run
     table = pd.read_parquet(root / "summary" / f"{summary_name}.parquet")
     test = table[table["split"] == "test"].set_index(["variant", "metric"])
-    for metric in (*SPECIALISATION_METRICS, *UTILISATION_METRICS):
+    for metric in (*SPECIALISATION_METRICS, *UTILISATION_METRICS, *STABILITY_METRICS):
         assert test.loc[("rdesi", metric), "n"] == 0 and test.loc[("dense", metric), "n"] == 0
         assert test.loc[("topk", metric), "n"] == 2 and math.isfinite(test.loc[("topk", metric), "mean"])
     vocabulary = pd.read_parquet(root / "summary" / f"{vocabulary_name}.parquet")
@@ -275,3 +275,4 @@ def test_the_step_end_to_end_treats_older_evaluations_as_missing(study):
     assert "What the experts learned (exploratory)" in page and "No value for dense, rdesi" in page
     assert "Agreement across seeds: </b>the matched agreement of two seeds&#39; routings of the probe" in page
     assert "is 1.000, range 1.000–1.000 over 1 pair, chance" in page and "for topk" in page
+    assert "Routing stability over training (StableMoE): </b>the mean share of probe tokens" in page

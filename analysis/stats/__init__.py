@@ -45,6 +45,7 @@ from gtmoe import metrics
 from gtmoe.contract import (
     LOAD_METRICS,
     SPECIALISATION_METRICS,
+    STABILITY_METRICS,
     TOP_TOKENS,
     UTILISATION_METRICS,
     UTILISATION_PERCENTILES,
@@ -57,7 +58,14 @@ CONFIRMATORY = "confirmatory"  # a row of a declared family (analysis.stats.conf
 # Load metrics that a router balancing by construction can hold fixed (expert choice's Gini of 0): without spread
 # over such a variant's seeds they are a property of the method, not a finding, and are not tested.
 BY_CONSTRUCTION_METRICS = frozenset(
-    {*LOAD_METRICS, "requested_gini", "requested_maxvio_global", *SPECIALISATION_METRICS, *UTILISATION_METRICS}
+    {
+        *LOAD_METRICS,
+        "requested_gini",
+        "requested_maxvio_global",
+        *SPECIALISATION_METRICS,
+        *UTILISATION_METRICS,
+        *STABILITY_METRICS,
+    }
 )
 CONSTANT_BY_CONSTRUCTION = "constant by construction"
 # Beside perplexity and the load the experts processed: the perplexity under a router's non-causal evaluation
@@ -79,6 +87,7 @@ SUMMARY_METRICS = (
     "tokens_per_s",
     *SPECIALISATION_METRICS,  # what the experts learned: exploratory unless declared in statistics.primary
     *UTILISATION_METRICS,
+    *STABILITY_METRICS,  # routing stability over training (runs with routing snapshots)
 )
 TRAIN_METRICS = ("final_loss", "mean_tokens_per_s", "train_wall_s")
 COMPARISON_METRICS = ("ppl", "gini", "load_entropy", "maxvio_global", "maxvio_batch", "dead_experts")
@@ -116,6 +125,10 @@ METRIC_LABELS = {
     "top_token_share": f"share of the top-{TOP_TOKENS} token ids",
     "token_expert_mi_share_of_max": "token-expert MI / its maximum",
     **{f"utilisation_{name}": f"utilisation {name} (E·f)" for name in UTILISATION_PERCENTILES},
+    "routing_fluctuation": "routing fluctuation between snapshots",
+    "routing_fluctuation_last": "routing fluctuation, last interval",
+    "last_fluctuation_median": "median last fluctuation (share of training)",
+    "late_fluctuation_share": "tokens changing after 20% of training",
 }
 LOWER_IS_BETTER = frozenset(
     {

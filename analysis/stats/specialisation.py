@@ -7,8 +7,8 @@ and the per-variant summary the `stats` step wrote; nothing here knows a router.
   (C[i, i]; rank 1 = busiest) and the matrices averaged by rank over seeds and layers (``coactivation_by_rank``).
 * Vocabulary: per expert of one run and layer, its share of the layer's assignments, the share of its tokens that
   come from its top token ids, and those ids (``vocabulary_table``).
-* The per-variant scalars (gtmoe.contract.SPECIALISATION_METRICS, UTILISATION_METRICS) are rows of the summary,
-  labelled exploratory unless declared primary (``specialisation_summary``).
+* The per-variant scalars (gtmoe.contract.SPECIALISATION_METRICS, UTILISATION_METRICS, STABILITY_METRICS) are rows
+  of the summary, labelled exploratory unless declared primary (``specialisation_summary``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pandas as pd
 from analysis.collect import variant_order
 from analysis.stats import EXPLORATORY, PRIMARY, VARIANT
 from gtmoe import metrics
-from gtmoe.contract import SPECIALISATION_METRICS, UTILISATION_METRICS
+from gtmoe.contract import SPECIALISATION_METRICS, STABILITY_METRICS, UTILISATION_METRICS
 
-METRICS = (*SPECIALISATION_METRICS, *UTILISATION_METRICS)
+METRICS = (*SPECIALISATION_METRICS, *UTILISATION_METRICS, *STABILITY_METRICS)
 COACTIVATION_COLUMNS = ["variant", "rank", "partner_rank", "share", "n_matrices"]
 PANEL_COLUMNS = ["variant", "n_experts", "n_seeds", "n_layers", "n_matrices", "partners_per_token", "independent"]
 VOCABULARY_COLUMNS = ["variant", "seed", "layer", "expert", "load_share", "top_token_share", "tokens"]
