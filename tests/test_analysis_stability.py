@@ -131,3 +131,14 @@ def test_pairs_and_summary_count_every_pair_once():
 def test_pairs_of_different_probes_are_not_compared():
     pairs = agreement.agreement_pairs(_probes(3, digest=lambda seed: "p" if seed < 2 else "q"))
     assert set(zip(pairs["seed_a"], pairs["seed_b"])) == {(0, 1)}
+
+
+def test_the_analysis_never_imports_torch():
+    """ARCHITECTURE.md's rule: every analysis step, figures and findings included, runs without torch (gtmoe.probe's
+    unpacking is numpy; its torch imports sit in the functions that route a model)."""
+    import subprocess
+    import sys
+
+    code = "import sys, analysis.__main__; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    assert done.stdout.strip() == "False"
