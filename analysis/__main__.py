@@ -229,6 +229,9 @@ def run_findings(study: Record) -> int:
             for v in findings.noncausal_variants(summary, study.split, study.balanced_by_construction())
         },
         agreement=_statistics(study, outputs.SPECIALISATION[2], "specialisation"),
+        router_logs=collect.load_router_logs(
+            study.run_dirs(), keep=set(zip(ok["variant"].astype(str), ok["seed"])), variants=study.variants
+        ),
         **swept,
     )
     _log(f"findings -> {findings.write_findings(inputs, _summary_path(study, outputs.FINDINGS))}")

@@ -46,6 +46,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from analysis import RUN_OK, writing
+from analysis.collect import variant_order
 from analysis.stats import (
     CONFIDENCE,
     CONSTANT_BY_CONSTRUCTION,
@@ -104,6 +105,7 @@ class FindingsInputs:
     horizon: Mapping[str, Any] | None = None  # the training-horizon check's result (horizon_gain); None: none declared
     # Agreement across seeds per variant (stats.stability.agreement_summary, seed_agreement.parquet); None: none
     agreement: pd.DataFrame | None = None
+    router_logs: pd.DataFrame | None = None  # router logs of the ok runs (collect.load_router_logs); None: none
 
 
 # --------------------------------------------------------------------------- computations
@@ -451,6 +453,55 @@ def _exploratory_sentence(comparisons: pd.DataFrame, alpha: float) -> str:
 
 # --------------------------------------------------------------------------- what the experts learned
 
+EARLY, LATE = 0.1, 0.9  # the first and the last tenth of training, for the busiest expert's load over training
+
+
+def busiest_load_over_training(router_logs: pd.DataFrame) -> pd.DataFrame:
+    """Per variant with router-log rows (study order): the busiest expert's load as a multiple of a fair share,
+    E · max_i f_i of the logged training batch (f renormalised over the step's experts, as the load-over-training
+    figure draws it), averaged over the logged steps of the first tenth of training (``early``) and of the last
+    (``late``), then over layers and seeds; ``n_seeds`` the seeds averaged."""
+    columns = ["variant", "early", "late", "n_seeds"]
+    loads = router_logs.loc[np.isfinite(router_logs["load"].to_numpy(dtype=float))] if len(router_logs) else None
+    if loads is None or loads.empty:
+        return pd.DataFrame(columns=columns)
+    run_step = ["variant", "seed", "layer", "step"]
+    batch = loads.groupby(run_step, observed=True)["load"]
+    busiest = (batch.max() / batch.sum() * batch.size()).rename("busiest").reset_index()
+    last = busiest.groupby(["variant", "seed"], observed=True)["step"].transform("max")
+    busiest["phase"] = np.where(
+        busiest["step"] <= EARLY * last, "early", np.where(busiest["step"] >= LATE * last, "late", "")
+    )
+    phases = busiest[busiest["phase"] != ""]
+    per_seed = phases.groupby(["variant", "seed", "phase"], observed=True)["busiest"].mean().unstack("phase")
+    rows = []
+    for variant in variant_order(router_logs):
+        if variant not in per_seed.index.get_level_values("variant"):
+            continue
+        part = per_seed.xs(variant, level="variant").reindex(columns=["early", "late"])
+        rows.append(dict(variant=variant, early=part["early"].mean(), late=part["late"].mean(), n_seeds=len(part)))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def load_over_training_item(router_logs: pd.DataFrame | None) -> list[Rich]:
+    """One sentence on the load over training (busiest_load_over_training): which variant's busiest expert ends
+    the furthest above a fair share and which the closest, each from the first tenth of training to the last."""
+    if router_logs is None:
+        return []
+    table = busiest_load_over_training(router_logs)
+    table = table[np.isfinite(table["late"].to_numpy(dtype=float))]
+    if table.empty:
+        return []
+    values = {r.variant: pd.Series({"early": r.early, "late": r.late, "n": r.n_seeds}) for r in table.itertuples()}
+    text = _extremes(
+        values,
+        "the busiest expert's share of the training batch, as a multiple of a fair share (E · max f; means over "
+        "layers and seeds), from the first tenth of training to the last,",
+        show=lambda row: f"{format_number(row['early'])} → {format_number(row['late'])}, n = {int(row['n'])}",
+        key=lambda row: row["late"],
+    )
+    return [[("Load over training: ", "b"), (text + ".", "")]]
+
 
 def _measured(summary: pd.DataFrame, split: str, metric: str) -> dict[str, pd.Series]:
     """Variant -> its summary row of `metric` on `split`, for the variants with a finite mean (study order)."""
@@ -473,11 +524,13 @@ def _extremes(
     return f"{what} is {most} for {high} ({show(high_row)}) and {least} for {low} ({show(low_row)})"
 
 
-def specialisation_items(summary: pd.DataFrame, split: str, agreement: pd.DataFrame | None = None) -> list[Rich]:
+def specialisation_items(
+    summary: pd.DataFrame, split: str, agreement: pd.DataFrame | None = None, router_logs: pd.DataFrame | None = None
+) -> list[Rich]:
     """One sentence per analysis of what the experts learned (co-activation, vocabulary specialisation, utilisation
-    over routing groups, routing stability over training), built from the summary's means and t CIs, and one on
-    agreement across seeds (``agreement``: stats.stability.agreement_summary; mean and range over pairs, no CI);
-    then the variants without values."""
+    over routing groups, routing stability over training), built from the summary's means and t CIs, one on
+    agreement across seeds (``agreement``: stats.stability.agreement_summary; mean and range over pairs, no CI) and
+    one on the load over training (``router_logs``: load_over_training_item); then the variants without values."""
     items: list[Rich] = []
     coactivation = _measured(summary, split, "coactivation_max")
     if coactivation:
@@ -545,6 +598,7 @@ def specialisation_items(summary: pd.DataFrame, split: str, agreement: pd.DataFr
                 ),
             )
             items.append([("Agreement across seeds: ", "b"), (text + ".", "")])
+    items += load_over_training_item(router_logs)
     variants = dict.fromkeys(summary.loc[summary["kind"] == VARIANT, "variant"].astype(str))
     without = [v for v in variants if v not in {**coactivation, **vocabulary, **information, **spread}]
     if without:
@@ -840,7 +894,7 @@ def render(inputs: FindingsInputs) -> str:
             tuning_rule=inputs.tuning_rule,
             caveat=[dict(variant=v, label=label) for v, label in sorted(inputs.group_routed.items())],
             noncausal=noncausal_perplexities(inputs.summary, inputs.split, inputs.group_routed),
-            specialisation=specialisation_items(inputs.summary, inputs.split, inputs.agreement),
+            specialisation=specialisation_items(inputs.summary, inputs.split, inputs.agreement, inputs.router_logs),
         )
     )
 

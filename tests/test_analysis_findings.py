@@ -568,3 +568,35 @@ def test_sensitivity_curves_in_words(tmp_path):
     assert "No value's Δ PPL interval excludes 0: these seeds do not separate any value's perplexity" in text
     # Without sweeps there is no such section.
     assert "Sensitivity" not in text_of(findings.render(inputs_for(tmp_path)))
+
+
+def test_the_busiest_experts_load_over_training_against_a_loop():
+    """E · max f per logged batch, averaged over the first and last tenth of each run's steps, then layers, then
+    seeds, computed here by plain loops over helpers.make_router_log's rows (steps 0 … 200: 0 and 200 qualify)."""
+    from helpers import make_router_log
+
+    logs = pd.concat(
+        [make_router_log(v, s).assign(variant=v, seed=s) for v in ("topk", "rdesi") for s in (0, 1, 2)],
+        ignore_index=True,
+    )
+    logs.loc[(logs["variant"] == "topk") & (logs["step"] == 100), "load"] = np.nan  # an unlogged row is skipped
+    table = findings.busiest_load_over_training(logs).set_index("variant")
+    assert list(table.index) == ["topk", "rdesi"]
+    for variant in ("topk", "rdesi"):
+        early, late = [], []
+        for seed in (0, 1, 2):
+            rows = logs[(logs["variant"] == variant) & (logs["seed"] == seed)]
+            by_layer = {"early": [], "late": []}
+            for phase, step in (("early", 0), ("late", 200)):
+                for layer in sorted(set(rows["layer"])):
+                    f = rows[(rows["layer"] == layer) & (rows["step"] == step)]["load"].to_numpy()
+                    by_layer[phase].append(len(f) * f.max() / f.sum())
+            early.append(np.mean(by_layer["early"]))
+            late.append(np.mean(by_layer["late"]))
+        assert table.loc[variant, "early"] == pytest.approx(np.mean(early))
+        assert table.loc[variant, "late"] == pytest.approx(np.mean(late))
+        assert table.loc[variant, "n_seeds"] == 3
+    item = findings.load_over_training_item(logs)
+    text = "".join(part for part, _ in item[0])
+    assert text.startswith("Load over training: ") and "topk" in text and "rdesi" in text
+    assert findings.load_over_training_item(logs.iloc[:0]) == []

@@ -295,6 +295,7 @@ rule findings:
         agreement=rules.specialisation.output.agreement,
         baselines=NGRAM,
         train_logs=run_files(contract.TRAIN_LOG),
+        router_logs=run_files(contract.ROUTER_LOG),
         sensitivity=[rules.sensitivity.output.table, rules.sensitivity.output.best] if STUDY.sweeps else [],
         tuning=[rules.tuning.output.comparison, rules.tuning.output.budget] if STUDY.stage == "tuning" else [],
     output:
