@@ -60,7 +60,8 @@ def plot_routing_stability(curves: pd.DataFrame, path: str | Path, without: Sequ
         ax.set_ylabel(ylabel, fontsize=9)
     settled_ax.axvline(LATE, color="0.5", linestyle=":", linewidth=1)
     settled_ax.text(LATE, 0.02, " 20% of training", color="0.4", fontsize=8)
-    settled_ax.legend(fontsize=8, title="variant", title_fontsize=8, loc="lower right")
+    # Outside the axes: the curves fill the panel's lower right, where a legend inside would sit.
+    settled_ax.legend(fontsize=8, title="variant", title_fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fluctuation_ax.set_title("routing fluctuation between snapshots (StableMoE)", fontsize=10)
     settled_ax.set_title("tokens past their last fluctuation", fontsize=10)
     fig.suptitle(f"{STABILITY_TITLE} (probe of validation tokens; mean over MoE layers, then seeds)", fontsize=11)
