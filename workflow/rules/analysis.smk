@@ -100,10 +100,10 @@ rule figures:
             "Training dynamics",
             figure="Gini and MaxVio over steps",
         ),
-        load_over_training=captioned(
+        load_over_training=captioned(  # with the other pictures of what the experts became (issue 23)
             figure_file("load_over_training"),
             "load_over_training",
-            "Training dynamics",
+            "Specialisation",
             figure="expert x step load",
         ),
         router_state=captioned(
