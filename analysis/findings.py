@@ -524,6 +524,13 @@ def _extremes(
     return f"{what} is {most} for {high} ({show(high_row)}) and {least} for {low} ({show(low_row)})"
 
 
+def _clauses(label: str, *clauses: tuple[dict[str, pd.Series], str]) -> list[Rich]:
+    """One item: `label` in bold, then for each (values, what) with values, `_extremes(values, what)`, joined by
+    semicolons; no item when no clause has values."""
+    parts = [_extremes(values, what) for values, what in clauses if values]
+    return [[(label, "b"), ("; ".join(parts) + ".", "")]] if parts else []
+
+
 def specialisation_items(
     summary: pd.DataFrame, split: str, agreement: pd.DataFrame | None = None, router_logs: pd.DataFrame | None = None
 ) -> list[Rich]:
@@ -538,19 +545,15 @@ def specialisation_items(
         items.append([("Co-activation: ", "b"), (_extremes(coactivation, what) + ".", "")])
     vocabulary = _measured(summary, split, "vocab_specialisation_above_floor")
     information = _measured(summary, split, "token_expert_mi_share_of_max")
-    parts = []
-    if vocabulary:
-        parts.append(
-            _extremes(
-                vocabulary,
-                "the frequency-weighted share of a token id's occurrences routed to its most used expert, above the "
-                "floor that k experts per token impose (0: the floor, 1: each id always reaches the same experts),",
-            )
-        )
-    if information:
-        parts.append(_extremes(information, "the token–expert MI as a share of its attainable maximum"))
-    if parts:
-        items.append([("Vocabulary specialisation: ", "b"), ("; ".join(parts) + ".", "")])
+    items += _clauses(
+        "Vocabulary specialisation: ",
+        (
+            vocabulary,
+            "the frequency-weighted share of a token id's occurrences routed to its most used expert, above the "
+            "floor that k experts per token impose (0: the floor, 1: each id always reaches the same experts),",
+        ),
+        (information, "the token–expert MI as a share of its attainable maximum"),
+    )
     low, high = (_measured(summary, split, f"utilisation_{name}") for name in ("p5", "p95"))
     spread = {v: pd.Series({"p5": low[v]["mean"], "p95": high[v]["mean"]}) for v in low if v in high}
     if spread:
@@ -564,20 +567,17 @@ def specialisation_items(
             least="narrowest",
         )
         items.append([("Utilisation: ", "b"), (text + ".", "")])
-    fluctuation = _measured(summary, split, "routing_fluctuation")
-    late = _measured(summary, split, "late_fluctuation_share")
-    parts = []
-    if fluctuation:
-        parts.append(
-            _extremes(
-                fluctuation,
-                "the mean share of probe tokens whose expert set changed between consecutive routing snapshots",
-            )
-        )
-    if late:
-        parts.append(_extremes(late, "the share of probe tokens still changing after 20% of training"))
-    if parts:
-        items.append([("Routing stability over training (StableMoE): ", "b"), ("; ".join(parts) + ".", "")])
+    items += _clauses(
+        "Routing stability over training (StableMoE): ",
+        (
+            _measured(summary, split, "routing_fluctuation"),
+            "the mean share of probe tokens whose expert set changed between consecutive routing snapshots",
+        ),
+        (
+            _measured(summary, split, "late_fluctuation_share"),
+            "the share of probe tokens still changing after 20% of training",
+        ),
+    )
     if agreement is not None and len(agreement):
         show = {
             str(r["variant"]): pd.Series(
