@@ -41,6 +41,21 @@ def check(ok: bool, key: str, value: Any, why: str) -> None:
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 
+MAX_LISTED = 300  # characters of names an error lists in full; beyond, the closest ones (errors stay one short line)
+
+
+def known_names(names: typing.Sequence[str], given: Any) -> str:
+    """The names an error offers for an unknown `given`: all of them when short, else the closest few (difflib)
+    or the first ones, and how many there are."""
+    import difflib
+
+    listed = ", ".join(names)
+    if len(listed) <= MAX_LISTED:
+        return listed
+    shown = difflib.get_close_matches(str(given), list(names), n=4, cutoff=0.5) or list(names[:8])
+    return f"{', '.join(shown)}, … ({len(names)} in all)"
+
+
 def check_name(value: Any, key: str) -> None:
     """Raise a ConfigError naming `key` unless `value` is a NAME."""
     check(

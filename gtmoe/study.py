@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gtmoe import routers, sweeps, tuning
-from gtmoe.checks import fail
+from gtmoe.checks import fail, known_names
 from gtmoe.config import (
     ConfigError,
     DataConfig,
@@ -482,7 +482,7 @@ def statistics_settings(
         f"{', '.join(STATISTICS_DEFAULTS['primary'])})",
     )
     for metric in primary:
-        check(metric in known, "statistics.primary", metric, f"unknown metric; known: {', '.join(known)}")
+        check(metric in known, "statistics.primary", metric, f"unknown metric; known: {known_names(known, metric)}")
     check(len(set(primary)) == len(primary), "statistics.primary", primary, "metrics must be unique")
     for key in ("alpha", "power"):
         value = settings[key]
@@ -543,7 +543,9 @@ def _margins(margins: Any, primary: list[str]) -> dict[str, dict[str, float]]:
     )
     for metric, margin in margins.items():
         key = f"statistics.margins.{metric}"
-        check(metric in ENDPOINT_METRICS, key, margin, f"unknown metric; known: {', '.join(ENDPOINT_METRICS)}")
+        check(
+            metric in ENDPOINT_METRICS, key, margin, f"unknown metric; known: {known_names(ENDPOINT_METRICS, metric)}"
+        )
         check(
             isinstance(margin, dict) and len(margin) == 1 and next(iter(margin)) in MARGIN_KINDS,
             key,

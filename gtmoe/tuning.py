@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gtmoe import routers, sweeps
-from gtmoe.checks import check
+from gtmoe.checks import check, known_names
 from gtmoe.config import INT64_LIMIT
 
 STAGES = ("confirmation", "tuning")
@@ -158,7 +158,7 @@ def _select(value: Any) -> tuple[str, dict[str, float]]:
     check(isinstance(bounds, dict), "tuning.select.subject_to", bounds, "must map metrics to upper bounds")
     for metric, bound in bounds.items():
         key = f"tuning.select.subject_to.{metric}"
-        check(metric in SELECT_METRICS, key, bound, f"unknown metric; known: {', '.join(SELECT_METRICS)}")
+        check(metric in SELECT_METRICS, key, bound, f"unknown metric; known: {known_names(SELECT_METRICS, metric)}")
         check(metric != minimize, key, bound, f"bounds the metric the rule minimises ({minimize})")
         check(
             isinstance(bound, (int, float)) and not isinstance(bound, bool) and 0 < bound < float("inf"),

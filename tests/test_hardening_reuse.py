@@ -148,9 +148,10 @@ DELETIONS = {
     ),
     # (the statistics table shows the baselines; no run reads them)
     "the n-gram baselines": ([f"{ROOT}/baselines/ngram.json"], {"ngram_baselines": 1}, {"statistics", "compute"}),
+    # (the smoke preset takes routing snapshots: its runs read the probe from the validation shards)
     "a shard directory": (
         [f"{ROOT}/data/shards/validation"],
-        {"shards": 1, "ngram_baselines": 1, "evaluate": SMOKE_RUNS},
+        {"shards": 1, "ngram_baselines": 1, "train": SMOKE_RUNS, "evaluate": SMOKE_RUNS},
     ),
 }
 

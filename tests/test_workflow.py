@@ -650,10 +650,11 @@ RERUN_CASES = [
     ({"train": {"log_every": 4}}, {}),
     ({"train": {"router_log_every": 5}}, {}),
     ({"train": {"checkpoint_every": 5}}, {}),
-    # Routing snapshots: off (the default, written out) changes nothing; on, every run also reads the validation
-    # shards (a new input of train), so each retrains to take them; the probe's size is an eval setting.
-    ({"train": {"routing_snapshots": 0}}, {}),
-    ({"train": {"routing_snapshots": 4}}, {"train": SMOKE_RUNS, "evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),
+    # Routing snapshots (5 in the smoke preset): another number retrains nothing (the runs keep the snapshots they
+    # took); off, no run reads the validation shards any more (an input of train less), so each retrains; the
+    # probe's size is an eval setting.
+    ({"train": {"routing_snapshots": 4}}, {}),
+    ({"train": {"routing_snapshots": 0}}, {"train": SMOKE_RUNS, "evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),
     ({"eval": {"probe_blocks": 8}}, {"evaluate": SMOKE_RUNS, **AFTER_EVALUATION}),
     # (compute sums up the benchmark files, so it follows every job that reruns)
     (  # a variant with its own train settings (the horizon check's longer run): exactly its runs are new

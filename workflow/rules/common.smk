@@ -150,9 +150,11 @@ def run_weights(variant, seed):
 def probe_shards(wildcards):
     """The train rule's validation shards: only for a run that takes routing snapshots (train.routing_snapshots
     > 0 and eval.probe_blocks > 0), whose trainer reads the routing probe from them (gtmoe.train). A run without
-    has no such input: a new input of every run would make Snakemake retrain every existing run."""
+    has no such input: a new input of every run would make Snakemake retrain every existing run. `ancient`: the
+    probe changes no weight, so a newer mtime alone (a touched or copied shard directory) retrains nothing; shards
+    rebuilt in the same invocation do retrain the runs that read them (Snakemake reruns a job's consumers)."""
     cfg = STUDY.run_config(wildcards.variant, int(wildcards.seed))
-    return f"{SHARDS}/validation" if cfg.train.routing_snapshots > 0 and cfg.eval.probe_blocks > 0 else []
+    return ancient(f"{SHARDS}/validation") if cfg.train.routing_snapshots > 0 and cfg.eval.probe_blocks > 0 else []
 
 
 # The evaluate rule's rerun trigger: the study's evaluation settings.
