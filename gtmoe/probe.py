@@ -85,6 +85,10 @@ def pack_expert_sets(sets: np.ndarray) -> str:
 
 
 def unpack_expert_sets(packed: str, n_tokens: int, n_experts: int) -> np.ndarray:
-    """The (n_tokens, n_experts) bool array `pack_expert_sets` wrote."""
-    bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8), count=n_tokens * n_experts)
+    """The (n_tokens, n_experts) bool array `pack_expert_sets` wrote; a ValueError when `packed` is not exactly
+    that many bits (a truncated or foreign string is never padded into a routing)."""
+    raw = bytes.fromhex(packed)
+    if n_tokens < 0 or n_experts < 0 or len(raw) != -(-n_tokens * n_experts // 8):
+        raise ValueError(f"{len(raw)} bytes of expert sets for {n_tokens} tokens x {n_experts} experts")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n_tokens * n_experts)
     return bits.astype(bool).reshape(n_tokens, n_experts)

@@ -142,3 +142,16 @@ def test_the_analysis_never_imports_torch():
     code = "import sys, analysis.__main__; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_packed_sets_round_trip_and_a_truncated_string_is_refused():
+    from gtmoe.probe import pack_expert_sets, unpack_expert_sets
+
+    sets = np.random.default_rng(1).random((37, 5)) < 0.4
+    packed = pack_expert_sets(sets)
+    assert np.array_equal(unpack_expert_sets(packed, 37, 5), sets)
+    for bad in (packed[:-2], packed + "00"):
+        with pytest.raises(ValueError, match="bytes of expert sets"):
+            unpack_expert_sets(bad, 37, 5)
+    with pytest.raises(ValueError):
+        unpack_expert_sets(packed, 10**12, 8)  # a hostile token count allocates nothing
