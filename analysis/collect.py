@@ -473,6 +473,23 @@ def load_router_logs(
 LAYER_ARRAY_COLUMNS = ["variant", "seed", "layer", "load", *PER_LAYER_ARRAYS]
 
 
+def _evaluations(run_dirs: Iterable[str | Path], split: str, keep: set[tuple[str, int]] | None):
+    """(variant, seed, file, parsed JSON object) of each run's ``eval_{split}.json`` that exists, restricted to
+    ``keep``; a file that is not a readable JSON object is a DataError naming it."""
+    for run_dir in run_dirs:
+        variant, seed = parse_run_dir(run_dir)
+        file = Path(run_dir) / eval_file(split)
+        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
+            continue
+        try:
+            evaluation = json.loads(file.read_text())
+            if not isinstance(evaluation, dict):
+                raise ValueError(f"a JSON {type(evaluation).__name__}, not an object")
+        except (OSError, ValueError) as error:
+            raise DataError(f"{file}: unreadable ({type(error).__name__}: {error}); rerun its evaluation") from None
+        yield variant, seed, file, evaluation
+
+
 def load_layer_arrays(
     run_dirs: Iterable[str | Path],
     split: str,
@@ -484,16 +501,8 @@ def load_layer_arrays(
     where the file has none (an evaluation written before them, or more experts than the JSON keeps). ``keep`` and
     ``variants`` work as in ``load_router_logs``; a run without the file, or an unrouted one, adds no row."""
     rows = []
-    for run_dir in run_dirs:
-        variant, seed = parse_run_dir(run_dir)
-        file = Path(run_dir) / eval_file(split)
-        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
-            continue
-        try:
-            layers = json.loads(file.read_text()).get("per_layer") or []
-        except (OSError, ValueError, AttributeError) as error:
-            raise DataError(f"{file}: unreadable ({type(error).__name__}: {error}); rerun its evaluation") from None
-        for entry in layers:
+    for variant, seed, _, evaluation in _evaluations(run_dirs, split, keep):
+        for entry in evaluation.get("per_layer") or []:
             row = {name: entry.get(name) for name in ("load", *PER_LAYER_ARRAYS)}
             rows.append(dict(variant=variant, seed=seed, layer=int(entry["layer"]), **row))
     arrays = pd.DataFrame(rows, columns=LAYER_ARRAY_COLUMNS).astype({"seed": "int64", "layer": "int64"})
@@ -512,13 +521,8 @@ def load_probe_routings(
     ``load_router_logs``; a run without the file or without a probe (unrouted, eval.probe_blocks 0, or evaluated
     before the probe existed) adds no row."""
     rows = []
-    for run_dir in run_dirs:
-        variant, seed = parse_run_dir(run_dir)
-        file = Path(run_dir) / eval_file(PROBE_SPLIT)
-        if (keep is not None and (variant, seed) not in keep) or not file.is_file():
-            continue
+    for variant, seed, file, evaluation in _evaluations(run_dirs, PROBE_SPLIT, keep):
         try:
-            evaluation = json.loads(file.read_text())
             probe, n_experts = evaluation.get("probe"), int(evaluation.get("n_experts") or 0)
             if not probe or not n_experts:
                 continue
