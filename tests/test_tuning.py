@@ -217,7 +217,11 @@ def test_the_presets_split_the_study_into_tuning_and_confirmation():
         ["tune_lossfree", "tune_topk"],
         ["tune_rdesi", "tune_topk"],
     ]
-    assert len(tune.variants) * len(tune.seeds) == (5 * 4 + 1) * 2  # and topk_long, the horizon check
+    # 5 routers x 5 values, topk_long (the horizon check), and RD-ESI's beta and c beside their base value
+    assert len(tune.variants) * len(tune.seeds) == (5 * 5 + 1 + 2 * 4) * 2
+    assert set(tune.sweeps["rdesi_terms"]) == {"rdesi"} | {f"rdesi-beta{v:g}" for v in (0, 0.03, 0.3, 1)} | {
+        f"rdesi-c{v:g}" for v in (0, 1, 10, 30)
+    }
     confirm = Study.from_config(merged_config(yaml.safe_load((REPO / CONFIRM).read_text())))
     assert confirm.stage == "confirmation" and len(confirm.seeds) >= 12
     assert not set(confirm.seeds) & set(tune.seeds) and not set(confirm.seeds) & {0, 1, 2}  # fresh seeds
@@ -251,7 +255,7 @@ def test_a_dry_run_of_the_tuning_preset_never_evaluates_the_test_split(checkout)
     done = snakemake("--dry-run", "--configfile", TUNE, cwd=checkout, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "eval_validation.json" in done.stdout and "eval_test.json" not in done.stdout
-    assert re.search(r"^tuning\s+1$", done.stdout, flags=re.M) and len(jobs(done.stdout, "train")) == 42
+    assert re.search(r"^tuning\s+1$", done.stdout, flags=re.M) and len(jobs(done.stdout, "train")) == 68
 
 
 def test_the_budget_table_counts_values_seeds_and_ok_runs():
