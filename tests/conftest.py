@@ -52,6 +52,29 @@ def tiny_shards(tmp_path_factory):
     return root
 
 
+HEAVY_MARKS = {"slow", "integration", "faults"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the test files for two workers that each take whole files (`--dist loadfile`, in this order): first
+    one file that reads the finished smoke study, so a worker builds it at once; then the other files with long
+    tests; then the rest of the files that read the study, which is finished by then (a worker never waits on its
+    lock); then everything else. Within a file the order is kept."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    reads_study = [f for f, tests in files.items() if any("finished_smoke" in t.fixturenames for t in tests)]
+
+    def rank(file: str) -> int:
+        if reads_study and file == reads_study[0]:
+            return 0
+        if file in reads_study:
+            return 2
+        return 1 if any(HEAVY_MARKS & {m.name for m in t.iter_markers()} for t in files[file]) else 3
+
+    items[:] = [t for f in sorted(files, key=rank) for t in files[f]]  # sorted is stable: else as collected
+
+
 @pytest.fixture(scope="session")
 def finished_smoke(tmp_path_factory, worker_id):
     """The smoke study, run once to the end for the whole session (helpers.run_smoke_study), also under

@@ -6,13 +6,18 @@ Imported by the tests, which never import each other; fixtures live in conftest.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,17 +36,71 @@ REPO = Path(__file__).resolve().parents[1]
 def run_module(
     module: str, *args: str, cwd: Path | str = REPO, env: dict | None = None, timeout: float = 600, check: bool = False
 ) -> subprocess.CompletedProcess:
-    """`python -m module args...` in a fresh interpreter, as a user runs it: this checkout importable
-    (also from another working directory), output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=check,
-    )
+    """`python -m module args...` as a user runs it: this checkout importable (also from another working
+    directory), output captured as text. Snakemake runs forked from a process that has imported it already
+    (tests/snakemake_server.py), everything else in a fresh interpreter."""
+    command = [sys.executable, "-m", module, *map(str, args)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    if module == "snakemake" and os.environ.get(FRESH_SNAKEMAKE) != "1":
+        done = _SNAKEMAKE_SERVER.run(command, Path(cwd), environment, timeout)
+    else:
+        done = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    if check:
+        done.check_returncode()
+    return done
+
+
+FRESH_SNAKEMAKE = "GTMOE_TESTS_FRESH_SNAKEMAKE"  # =1: every Snakemake command in a fresh interpreter
+
+
+class SnakemakeServer:
+    """This process's fork server for Snakemake commands (tests/snakemake_server.py), started on first use and
+    again if it died; it ends when this process closes its input."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.outputs = Path(tempfile.mkdtemp(prefix="snakemake-server-"))
+        atexit.register(shutil.rmtree, self.outputs, ignore_errors=True)
+
+    def _server(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("snakemake_server.py"))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                text=True,
+            )
+        return self.process
+
+    def _reply(self, server: subprocess.Popen, deadline: float | None) -> dict | None:
+        """The server's next reply, or None once `deadline` (time.monotonic) has passed."""
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([server.stdout], [], [], wait)[0]:
+            return None
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Snakemake fork server died (exit {server.wait()})")
+        return json.loads(line)
+
+    def run(self, command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        server = self._server()
+        out, err = self.outputs / "stdout", self.outputs / "stderr"
+        request = {"args": command[3:], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        pid = self._reply(server, None)["pid"]
+        reply = self._reply(server, time.monotonic() + timeout)
+        if reply is None:  # as subprocess.run does: kill the command, then raise
+            os.kill(pid, signal.SIGKILL)
+            self._reply(server, None)
+            raise subprocess.TimeoutExpired(command, timeout, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        return subprocess.CompletedProcess(
+            command, reply["returncode"], out.read_text(errors="replace"), err.read_text(errors="replace")
+        )
+
+
+_SNAKEMAKE_SERVER = SnakemakeServer()
 
 
 # --------------------------------------------------------------------------- the workflow

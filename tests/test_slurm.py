@@ -80,7 +80,8 @@ def slurm_study(finished_smoke, tmp_path_factory):
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
     override = root / "longer.yaml"
     override.write_text(yaml.safe_dump(LONGER_TRAINING))
-    # A short first status poll (the profile's 10 s suits real clusters; here it would dominate).
+    # Short status polls (the profile's first after 10 s and Snakemake's every 10 s suit real clusters; here they
+    # would dominate).
     command = [
         sys.executable,
         "-m",
@@ -92,6 +93,8 @@ def slurm_study(finished_smoke, tmp_path_factory):
         str(override),
         "--slurm-keep-successful-logs",
         "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--seconds-between-status-checks",
         "2",
     ]
     log = open(root / "snakemake.log", "w")
