@@ -59,6 +59,7 @@ class SnakemakeServer:
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
+        self.pending = b""  # the server's replies read but not yet taken
         self.outputs = Path(tempfile.mkdtemp(prefix="snakemake-server-"))
         atexit.register(shutil.rmtree, self.outputs, ignore_errors=True)
 
@@ -71,21 +72,28 @@ class SnakemakeServer:
                 env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
                 text=True,
             )
+            self.pending = b""
         return self.process
 
     def _reply(self, server: subprocess.Popen, deadline: float | None) -> dict | None:
-        """The server's next reply, or None once `deadline` (time.monotonic) has passed."""
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not select.select([server.stdout], [], [], wait)[0]:
-            return None
-        line = server.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the Snakemake fork server died (exit {server.wait()})")
+        """The server's next reply, or None once `deadline` (time.monotonic) has passed. Read unbuffered from the
+        pipe into this object's own buffer: both replies may arrive at once, and select sees only the pipe."""
+        while b"\n" not in self.pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([server.stdout], [], [], wait)[0]:
+                return None
+            chunk = os.read(server.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"the Snakemake fork server died (exit {server.wait()})")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
         return json.loads(line)
 
     def run(self, command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
         server = self._server()
         out, err = self.outputs / "stdout", self.outputs / "stderr"
+        out.unlink(missing_ok=True)  # never the previous command's
+        err.unlink(missing_ok=True)
         request = {"args": command[3:], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
@@ -94,10 +102,13 @@ class SnakemakeServer:
         if reply is None:  # as subprocess.run does: kill the command, then raise
             os.kill(pid, signal.SIGKILL)
             self._reply(server, None)
-            raise subprocess.TimeoutExpired(command, timeout, out.read_text(errors="replace"), err.read_text(errors="replace"))
-        return subprocess.CompletedProcess(
-            command, reply["returncode"], out.read_text(errors="replace"), err.read_text(errors="replace")
-        )
+            raise subprocess.TimeoutExpired(command, timeout, *self._outputs())
+        return subprocess.CompletedProcess(command, reply["returncode"], *self._outputs())
+
+    def _outputs(self) -> tuple[str, str]:
+        """The last command's stdout and stderr, as text ("" for a stream it never opened)."""
+        paths = (self.outputs / name for name in ("stdout", "stderr"))
+        return tuple(p.read_text(errors="replace") if p.exists() else "" for p in paths)
 
 
 _SNAKEMAKE_SERVER = SnakemakeServer()

@@ -30,18 +30,18 @@ def child(request: dict) -> None:
     """Become `python -m snakemake ARGS` in the request's directory and environment; never returns."""
     code = 1
     try:
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(stdin, 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):  # first: any error below goes there
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, fd)
+            os.close(out)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         tempfile.tempdir = None  # read TMPDIR again, as a fresh interpreter does
         extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[:] = [os.getcwd(), *extra, *BASE_PATH]
-        stdin = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(stdin, 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(out, fd)
-            os.close(out)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.argv = [os.path.join(os.path.dirname(snakemake.__file__), "__main__.py"), *request["args"]]
         runpy.run_module("snakemake", run_name="__main__", alter_sys=True)
@@ -77,9 +77,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import torch  # noqa: F401  (what every parse of the workflow imports)
     import snakemake.api  # noqa: F401
     import snakemake.cli  # noqa: F401
+    import torch  # noqa: F401  (what every parse of the workflow imports)
     from snakemake.scheduling import job_scheduler  # noqa: F401  (it collects the executor plug-ins)
 
     main()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FRESH_SNAKEMAKE, REPO, run_module
+from helpers import FRESH_SNAKEMAKE, REPO, SnakemakeServer, run_module
 
 # A workflow that records what its interpreter sees at parse time, then prints a line and exits with a code.
 SNAKEFILE = """
@@ -93,3 +93,20 @@ def test_a_forked_command_past_its_timeout_is_killed_and_raises(tmp_path, monkey
     assert "parsed" in timed_out.value.output
     done, _ = seen(tmp_path, monkeypatch, False)  # the server runs the next command
     assert done.returncode == 0
+
+
+def test_both_replies_arriving_at_once_are_both_read(tmp_path):
+    """A command that ends before the client reads its pid: the two reply lines come in one read."""
+    server = SnakemakeServer()
+    server.process = subprocess.Popen(  # answers a request with both lines at once, then idles
+        ["sh", "-c", 'read request; printf \'{"pid": 1}\\n{"returncode": 4}\\n\'; sleep 60'],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        done = server.run([sys.executable, "-m", "snakemake", "-n"], tmp_path, {}, timeout=20)
+    finally:
+        server.process.kill()
+        server.process.wait()
+    assert done.returncode == 4
