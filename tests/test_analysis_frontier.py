@@ -391,3 +391,40 @@ def test_paired_frontier_comparison_rejects_bad_input(pairs, kwargs, message):
     for function in (frontier.paired_frontier_comparison, frontier.frontier_gaps_per_seed):
         with pytest.raises(ConfigError, match=message):
             function(tidy_table(values), [*make_design(), *grid], pairs, "test", **kwargs)
+
+
+def test_the_frontier_figure_draws_one_curve_per_option_where_two_options_share_values(tmp_path, monkeypatch):
+    """A one-at-a-time sweep of two secondary knobs (beta and c, both tried at 0 and 1) beside a tuned knob: each
+    option is its own curve, ringed where the rule chose it (the values coincide, so a curve per sweep cannot be
+    drawn)."""
+    from analysis.figures import frontier as frontier_figure
+
+    design = [point(sweep="tune_rd", option="gamma", value=v, variant=f"rd-gamma{v:g}", term=None) for v in (0, 1)]
+    design += [
+        point(sweep="terms", option=option, value=v, variant=f"rd-{option}{v:g}", term=None)
+        for option in ("beta", "c")
+        for v in (0, 1)
+    ]
+    rng = np.random.default_rng(0)
+    values = {
+        p["variant"]: {
+            m: {s: rng.uniform(0.1, 0.5) + (m == frontier.PPL) * 50 for s in SEEDS}
+            for m in (frontier.PPL, *frontier.BALANCE_METRICS)
+        }
+        for p in design
+    }
+    table = frontier.frontier_table(tidy_table(values, split="validation"), design, "validation")
+    chosen = pd.DataFrame([dict(sweep="terms", option="c", fixed="", value=1.0)])
+    drawn = {}
+    monkeypatch.setattr(frontier_figure, "finish_figure", lambda fig, path, title: drawn.setdefault("fig", fig))
+    frontier_figure.plot_frontier(table, tmp_path / "frontier.png", frontier.BALANCE_METRICS, chosen)
+    for ax in drawn["fig"].axes[: len(frontier.BALANCE_METRICS)]:
+        labels = [c.get_label() for c in ax.containers]
+        assert labels == ["rdesi (gamma)", "rdesi (beta)", "rdesi (c)"]  # the base variant (helpers.point)
+        styles = [c.lines[0].get_linestyle() for c in ax.containers]
+        assert styles == ["-", "--", ":"]
+        rings = [line for line in ax.lines if line.get_markersize() == 11]
+        assert len(rings) == 1  # the chosen c = 1 only, not beta = 1
+        x, y = rings[0].get_xdata()[0], rings[0].get_ydata()[0]
+        at = table[(table["variant"] == "rd-c1")].set_index("metric")["mean"]
+        assert y == pytest.approx(at["ppl"]) and x in set(at.drop("ppl"))

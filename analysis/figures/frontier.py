@@ -11,6 +11,8 @@ import pandas as pd
 from analysis.figures.canvas import finish_figure, message_figure, variant_palette
 from analysis.stats import metric_label
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
 
 def plot_frontier(
     frontier: pd.DataFrame, path: str | Path, balance_metrics: tuple[str, ...], chosen: pd.DataFrame | None = None
@@ -18,20 +20,32 @@ def plot_frontier(
     """One panel per balance metric: mean PPL (y) against the mean balance metric (x) at each knob value of each
     tuned router (``stats.frontier.frontier_table``), with the seeds' 95% t intervals on both axes (cut at the
     frame, which fits the means), the points joined in the order of the knob's values and labelled with them; a
-    ringed point is the value the declared rule chose (``chosen``: sensitivity's best-value table)."""
+    ringed point is the value the declared rule chose (``chosen``: sensitivity's best-value table). A sweep of
+    several options (a one-at-a-time sweep of a router's secondary knobs) draws one curve per option, in its
+    router's colour with its own line style: the knob's values of two options may coincide."""
     title = "Frontiers: perplexity against balance across each router's knob"
     if frontier.empty or not np.isfinite(frontier["mean"].to_numpy(dtype=float)).any():
         return message_figure(path, title, "no usable run of the tuned variants (see the run status)")
     split = frontier["split"].iloc[0]
-    sweeps = list(dict.fromkeys(frontier["sweep"]))
+    curves = list(dict.fromkeys(zip(frontier["sweep"], frontier["option"], frontier["fixed"].fillna(""))))
     bases = dict(zip(frontier["sweep"], frontier["base"]))
-    colours = variant_palette([bases[s] for s in sweeps])
-    picked = set() if chosen is None else {(r.sweep, r.value) for r in chosen.itertuples()}
+    colours = variant_palette(list(dict.fromkeys(bases[sweep] for sweep, _, _ in curves)))
+    styles: dict[tuple, str] = {}  # a base's first curve solid, its next ones dashed, dotted, ...
+    for curve in curves:
+        styles[curve] = LINE_STYLES[sum(bases[c[0]] == bases[curve[0]] for c in styles) % len(LINE_STYLES)]
+    picked = (
+        set()
+        if chosen is None
+        else {(r.sweep, r.option, r.fixed if isinstance(r.fixed, str) else "", r.value) for r in chosen.itertuples()}
+    )
     fig, axes = plt.subplots(1, len(balance_metrics), squeeze=False, figsize=(5.2 * len(balance_metrics), 4.4))
     for ax, metric in zip(axes[0], balance_metrics):
         shown: list[tuple[float, float]] = []  # the means drawn: the axes frame them, not the intervals
-        for sweep in sweeps:
-            rows = frontier[frontier["sweep"] == sweep]
+        for curve in curves:
+            sweep, option, fixed = curve
+            rows = frontier[
+                (frontier["sweep"] == sweep) & (frontier["option"] == option) & (frontier["fixed"].fillna("") == fixed)
+            ]
             x = rows[rows["metric"] == metric].set_index("value")
             y = rows[rows["metric"] == "ppl"].set_index("value")
             values = [
@@ -41,7 +55,7 @@ def plot_frontier(
                 continue
             xs, ys = x.loc[values], y.loc[values]
             shown += list(zip(xs["mean"], ys["mean"]))
-            option, colour = rows["option"].iloc[0], colours[bases[sweep]]
+            colour = colours[bases[sweep]]
             ax.errorbar(
                 xs["mean"],
                 ys["mean"],
@@ -53,7 +67,8 @@ def plot_frontier(
                 lw=1.4,
                 elinewidth=0.6,  # thin: the means and their order carry the frontier; the intervals are context
                 capsize=1.5,
-                label=f"{bases[sweep]} ({option})",
+                ls=styles[curve],
+                label=f"{bases[sweep]} ({option}{', ' + fixed if fixed else ''})",
             )
             for value in values:
                 ax.annotate(
@@ -64,7 +79,7 @@ def plot_frontier(
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
-                if (sweep, value) in picked:
+                if (*curve, value) in picked:
                     ax.plot(xs.at[value, "mean"], ys.at[value, "mean"], "o", ms=11, mfc="none", mec=colour, mew=1.6)
         _frame(ax, shown)
         ax.set_xlabel(f"{metric_label(metric)} ({split}, mean over seeds)")
