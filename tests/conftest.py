@@ -58,8 +58,9 @@ HEAVY_MARKS = {"slow", "integration", "faults"}
 def pytest_collection_modifyitems(config, items):
     """Order the test files for two workers that each take whole files (`--dist loadfile`, in this order): first
     one file that reads the finished smoke study, so a worker builds it at once; then the other files with long
-    tests; then the rest of the files that read the study, which is finished by then (a worker never waits on its
-    lock); then everything else. Within a file the order is kept."""
+    tests; then the rest of the files that read the study, usually finished by then (so a worker seldom waits on
+    its lock); then everything else, whose short files even out the two workers' ends. Within a file the order is
+    kept."""
     files: dict[str, list] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::")[0], []).append(item)
