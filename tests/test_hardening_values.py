@@ -271,9 +271,10 @@ def test_sweep_values_are_unique_by_value(grid, message):
 
 
 def test_close_values_get_distinct_names_that_read_back_as_their_values():
-    study = _sweep_study({"c": [1.0000001, 1.0000002], "beta": [0.1 + 0.2, 0.3]})
+    # None of these is the base's own value (config.yaml's rdesi), which would be the base itself, not a new point.
+    study = _sweep_study({"c": [1.0000001, 1.0000002], "beta": [0.2 + 0.4, 0.6]})
     generated = [name for name in study.variant_names if name.startswith("rdesi-")]
-    assert generated == ["rdesi-c1.0000001", "rdesi-c1.0000002", "rdesi-beta0.30000000000000004", "rdesi-beta0.3"]
+    assert generated == ["rdesi-c1.0000001", "rdesi-c1.0000002", "rdesi-beta0.6000000000000001", "rdesi-beta0.6"]
     for name in generated:
         option = "c" if name.startswith("rdesi-c") else "beta"
         text = name.removeprefix(f"rdesi-{option}")
