@@ -217,9 +217,9 @@ def test_the_presets_split_the_study_into_tuning_and_confirmation():
         ["tune_lossfree", "tune_topk"],
         ["tune_rdesi", "tune_topk"],
     ]
-    # 5 routers x 5 values, topk_long (the horizon check), RD-ESI's beta and c beside their base value, and its
+    # 5 routers x 6 values, topk_long (the horizon check), RD-ESI's beta and c beside their base value, and its
     # two other performance signals
-    assert len(tune.variants) * len(tune.seeds) == (5 * 5 + 1 + 2 * 4 + 2) * 2
+    assert len(tune.variants) * len(tune.seeds) == (5 * 6 + 1 + 2 * 4 + 2) * 2
     assert set(tune.sweeps["rdesi_terms"]) == {"rdesi"} | {f"rdesi-beta{v:g}" for v in (0, 0.03, 0.3, 1)} | {
         f"rdesi-c{v:g}" for v in (0, 1, 10, 30)
     }
@@ -256,7 +256,7 @@ def test_a_dry_run_of_the_tuning_preset_never_evaluates_the_test_split(checkout)
     done = snakemake("--dry-run", "--configfile", TUNE, cwd=checkout, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "eval_validation.json" in done.stdout and "eval_test.json" not in done.stdout
-    assert re.search(r"^tuning\s+1$", done.stdout, flags=re.M) and len(jobs(done.stdout, "train")) == 72
+    assert re.search(r"^tuning\s+1$", done.stdout, flags=re.M) and len(jobs(done.stdout, "train")) == 82
 
 
 def test_the_budget_table_counts_values_seeds_and_ok_runs():
