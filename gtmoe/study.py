@@ -201,6 +201,7 @@ class Study:
         if stage == "tuning":
             tuning.check_compared_are_tuned(tuned, statistics["contrasts"], raw_variants)
             statistics["split"] = tuning.TUNING_SPLIT  # whatever statistics.split says: test is for confirmation
+        eval_splits = eval_splits_setting(config, stage, statistics["split"], swept=bool(expansion.members))
         study = cls(
             name=name,
             stage=stage,
@@ -210,7 +211,7 @@ class Study:
             variants=MappingProxyType(variants),
             seeds=tuple(seeds),
             seed_overrides=MappingProxyType(seed_overrides),
-            eval_splits=(tuning.TUNING_SPLIT,) if stage == "tuning" else tuple(EVAL_SPLITS),
+            eval_splits=eval_splits,
             tuning=tuned,
             reference=reference,
             ablation_base=base,
@@ -357,6 +358,47 @@ def _router_config(router: str, options: dict[str, Any], model: ModelConfig, key
     config = RouterConfig(router, dict(options))
     config.resolve(key).validate_for_model(model, key)
     return config.for_horizon(max_steps)
+
+
+def eval_splits_setting(
+    config: Mapping[str, Any], stage: str, statistics_split: str, *, swept: bool
+) -> tuple[str, ...]:
+    """The splits every run is scored on, in gtmoe.contract's order. A tuning study scores the validation split
+    only (the test split is for confirmation); a confirmation study scores `eval_splits` (default both), which
+    must hold the split its statistics are made on, and validation where it has sweeps (their best values are
+    chosen there)."""
+    if stage == "tuning":
+        given = config.get("eval_splits")
+        check(
+            given is None or given == [tuning.TUNING_SPLIT],
+            "eval_splits",
+            given,
+            f"a tuning study scores {tuning.TUNING_SPLIT} only (the test split is for confirmation): leave it unset",
+        )
+        return (tuning.TUNING_SPLIT,)
+    splits = config.get("eval_splits", list(EVAL_SPLITS))
+    check(
+        isinstance(splits, list)
+        and len(splits) > 0
+        and all(isinstance(s, str) and s in EVAL_SPLITS for s in splits)
+        and len(set(splits)) == len(splits),
+        "eval_splits",
+        splits,
+        f"must be a non-empty list of distinct splits from {', '.join(EVAL_SPLITS)}",
+    )
+    check(
+        statistics_split in splits,
+        "eval_splits",
+        splits,
+        f"must include statistics.split ({statistics_split}), the split the comparisons are made on",
+    )
+    check(
+        not swept or tuning.TUNING_SPLIT in splits,
+        "eval_splits",
+        splits,
+        f"must include {tuning.TUNING_SPLIT}: the study's sweeps choose their best values there",
+    )
+    return tuple(s for s in EVAL_SPLITS if s in splits)
 
 
 # Model keys a variant may not set itself: the data stage (tokenizer, shards) is the study's, one for all variants.

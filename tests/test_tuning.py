@@ -70,6 +70,9 @@ def test_a_confirmation_study_ignores_the_knobs_and_scores_both_splits():
     study = Study.from_config(config)
     assert study.seeds == (0, 1, 2) and study.eval_splits == ("validation", "test") and not study.sweeps
     assert study.statistics["split"] == "test" and study.tuning.seeds == (100, 101)
+    config["eval_splits"] = ["test"]  # the confirmation preset's: only the split its contrasts are tested on
+    study = Study.from_config(config)
+    assert study.eval_splits == ("test",) and study.record()["eval_splits"] == ["test"]
 
 
 @pytest.mark.parametrize(
@@ -117,6 +120,20 @@ def test_a_confirmation_study_ignores_the_knobs_and_scores_both_splits():
         ({"tuning": {"select": {"minimize": "bleu"}}}, "tuning.select.minimize", "must be one of"),
         ({"tuning": {"select": {"subject_to": {"ppl": 50}}}}, "tuning.select.subject_to.ppl", "bounds the metric"),
         ({"stage": "final"}, "stage", "must be one of confirmation, tuning"),
+        ({"eval_splits": ["validation", "test"]}, "eval_splits", "a tuning study scores validation only"),
+        ({"stage": "confirmation", "eval_splits": ["validation"]}, "eval_splits", "must include statistics.split"),
+        ({"stage": "confirmation", "eval_splits": ["test", "test"]}, "eval_splits", "distinct splits"),
+        ({"stage": "confirmation", "eval_splits": []}, "eval_splits", "must be a non-empty list"),
+        ({"stage": "confirmation", "eval_splits": ["train", "test"]}, "eval_splits", "from validation, test"),
+        (
+            {
+                "stage": "confirmation",
+                "eval_splits": ["test"],
+                "sweeps": [{"name": "c", "base": "rdesi", "grid": {"c": [0.0, 3.0]}}],
+            },
+            "eval_splits",
+            "must include validation: the study's sweeps choose their best values there",
+        ),
         (
             {"variants": [{"name": "topk", "router": "topk", "seeds": [0, 1]}, {"name": "rdesi", "router": "rdesi"}]},
             "variants[0].seeds",
@@ -250,6 +267,7 @@ def test_a_dry_run_of_the_confirmation_preset_builds_exactly_its_runs(checkout):
     }
     assert jobs(done.stdout, "train") == jobs(done.stdout, "evaluate") == runs and len(runs) == 2 * 18 + 4 * 12
     assert "eval_test.json" in done.stdout and "results/confirm/runs/" in done.stdout
+    assert "eval_validation.json" not in done.stdout  # scored on the split its contrasts are tested on, only
 
 
 def test_a_dry_run_of_the_tuning_preset_never_evaluates_the_test_split(checkout):
