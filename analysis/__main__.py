@@ -341,7 +341,10 @@ def run_specialisation(study: Record) -> int:
         Path(study.layout.figures) / f"{outputs.STABILITY_FIGURE}.png",
         [v for v in routed if v not in set(curves["variant"].astype(str))],
     )
-    probes = collect.load_probe_routings(study.run_dirs(), keep=ok_runs, variants=study.variants)
+    # The probe is routed where its split is scored: a study that does not score it has none (an earlier
+    # evaluation's file in a run directory is not this study's output).
+    scored = collect.PROBE_SPLIT in study.eval_splits
+    probes = collect.load_probe_routings(study.run_dirs() if scored else [], keep=ok_runs, variants=study.variants)
     pairs = stability.agreement_pairs(probes)
     agreement = stability.agreement_summary(pairs)
     tables.write_agreement(agreement, pairs, _summary_path(study, agreement_name))

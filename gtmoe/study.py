@@ -364,17 +364,10 @@ def eval_splits_setting(
     config: Mapping[str, Any], stage: str, statistics_split: str, *, swept: bool
 ) -> tuple[str, ...]:
     """The splits every run is scored on, in gtmoe.contract's order. A tuning study scores the validation split
-    only (the test split is for confirmation); a confirmation study scores `eval_splits` (default both), which
-    must hold the split its statistics are made on, and validation where it has sweeps (their best values are
-    chosen there)."""
-    if stage == "tuning":
-        given = config.get("eval_splits")
-        check(
-            given is None or given == [tuning.TUNING_SPLIT],
-            "eval_splits",
-            given,
-            f"a tuning study scores {tuning.TUNING_SPLIT} only (the test split is for confirmation): leave it unset",
-        )
+    only, whatever `eval_splits` says (the test split is for confirmation). A confirmation study scores
+    `eval_splits` (default both), which must hold the split its statistics are made on, and validation where it
+    has sweeps (their best values are chosen there)."""
+    if stage == "tuning":  # whatever eval_splits says, as for statistics.split
         return (tuning.TUNING_SPLIT,)
     splits = config.get("eval_splits", list(EVAL_SPLITS))
     check(

@@ -276,3 +276,16 @@ def test_the_step_end_to_end_treats_older_evaluations_as_missing(study):
     assert "Agreement across seeds: </b>the matched agreement of two seeds&#39; routings of the probe" in page
     assert "is 1.000, range 1.000–1.000 over 1 pair, chance" in page and "for topk" in page
     assert "Routing stability over training (StableMoE): </b>the mean share of probe tokens" in page
+
+
+def test_a_study_that_does_not_score_validation_reads_no_probe(study):
+    """The confirmation preset scores test only (eval_splits): a validation file left in a run directory by an
+    earlier evaluation is not this study's output, so agreement across seeds reads none."""
+    record = json.loads(study.read_text())
+    record["eval_splits"] = ["test"]
+    study.write_text(json.dumps(record))
+    for verb in ("aggregate", "stats", "specialisation"):
+        assert main([verb, "--study", str(study)]) == 0, verb
+    assert (study.parent / "runs" / "topk" / "seed0" / "eval_validation.json").is_file()
+    agreement = pd.read_parquet(study.parent / "summary" / f"{outputs.SPECIALISATION[2]}.parquet")
+    assert agreement.empty

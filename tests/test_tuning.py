@@ -120,7 +120,6 @@ def test_a_confirmation_study_ignores_the_knobs_and_scores_both_splits():
         ({"tuning": {"select": {"minimize": "bleu"}}}, "tuning.select.minimize", "must be one of"),
         ({"tuning": {"select": {"subject_to": {"ppl": 50}}}}, "tuning.select.subject_to.ppl", "bounds the metric"),
         ({"stage": "final"}, "stage", "must be one of confirmation, tuning"),
-        ({"eval_splits": ["validation", "test"]}, "eval_splits", "a tuning study scores validation only"),
         ({"stage": "confirmation", "eval_splits": ["validation"]}, "eval_splits", "must include statistics.split"),
         ({"stage": "confirmation", "eval_splits": ["test", "test"]}, "eval_splits", "distinct splits"),
         ({"stage": "confirmation", "eval_splits": []}, "eval_splits", "must be a non-empty list"),

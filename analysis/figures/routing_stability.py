@@ -78,7 +78,8 @@ def plot_seed_agreement(pairs: pd.DataFrame, path: str | Path, without: Sequence
         return message_figure(
             path,
             AGREEMENT_TITLE,
-            "no two seeds of a variant with a probe routing\n(eval.probe_blocks = 0, one seed, or evaluated before it)",
+            "no two seeds of a variant with a probe routing\n(eval.probe_blocks = 0, one seed, evaluated before it,\n"
+            "or a study that does not score the validation split: eval_splits)",
         )
     variants = list(dict.fromkeys(pairs["variant"].astype(str)))
     palette = variant_palette(variants)
