@@ -15,6 +15,7 @@ colours, saving).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from analysis.stats import CONFIDENCE, VARIANT, metric_label, router_balance_cur
 from gtmoe.contract import FLIP_RATE_PREFIX, ROUTER_LOG_INDEX
 
 BASELINE_STYLES = {"unigram": (0, (6, 2)), "bigram": "-."}  # line styles of the n-gram reference lines
+UNROUTED_DASHES = ("--", (0, (1, 1.5)), (0, (8, 2, 1, 2, 1, 2)), (0, (3, 3)))  # unrouted variants' lines, in turn
 
 
 def _t_band(values: pd.Series) -> tuple[float, float]:
@@ -386,13 +388,15 @@ def plot_pareto(
             zorder=3,
         )
         means.append((x["mean"], y["mean"]))
+    # Several unrouted references (dense, dense_total) get neighbouring hues: a dash pattern each tells them apart.
+    dashes = itertools.cycle(UNROUTED_DASHES)
     for variant in variants:
         unrouted = runs[(runs["variant"] == variant) & ~np.isfinite(runs[imbalance])]
         if not unrouted.empty and variant not in set(routed["variant"]):
             ax.axhline(
                 unrouted["ppl"].mean(),
                 color=palette[variant],
-                ls="--",
+                ls=next(dashes),
                 lw=1.2,
                 label=f"{variant} (no router; n={len(unrouted)})",
             )
