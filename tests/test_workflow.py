@@ -458,6 +458,7 @@ HOSTILE_CASES = {
     "train.nonfinite": ({"train": {"nonfinite": HOSTILE}}, "must be 'stop' or 'skip'"),
     "name": ({"name": HOSTILE}, "config key 'name'"),
     "stage": ({"stage": HOSTILE}, "is not one of ['confirmation', 'tuning']"),
+    "eval_splits[]": ({"eval_splits": [HOSTILE, "test"]}, "is not one of ['validation', 'test']"),
     "tuning.select.minimize": ({"tuning": {"select": {"minimize": HOSTILE}}}, "'tuning.select.minimize'"),
     "variants[].name": ({"variants": [TOPK, {"name": HOSTILE, "router": "topk"}]}, "'variants[1].name'"),
     "variants[].router": ({"variants": [TOPK, {"name": "r", "router": HOSTILE}]}, "unknown router"),
