@@ -175,6 +175,27 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
+# The data stage of the finished smoke study (corpus, tokenizer, shards, n-gram baselines) with its jobs'
+# benchmark files: a test that runs a smoke study of its own from a copy of these starts at its training jobs.
+SMOKE_DATA_STAGE = (
+    "data",
+    "baselines",
+    "benchmarks/corpus.tsv",
+    "benchmarks/tokenizer.tsv",
+    "benchmarks/shards",
+    "benchmarks/ngram_baselines.tsv",
+)
+
+
+def copy_data_stage(finished: Path, study: Path) -> None:
+    """The finished smoke study's data stage (SMOKE_DATA_STAGE) into the checkout `study`, mtimes kept: Snakemake
+    finds it up to date for any smoke study that changes no data setting."""
+    for part in SMOKE_DATA_STAGE:
+        source, dest = finished / "results" / "smoke" / part, study / "results" / "smoke" / part
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
+
+
 # Another study's outputs (the default study's, and the layout before studies had their own roots), planted in
 # the finished smoke study's checkout before it runs: nothing of the smoke study may read them.
 DECOYS = (

@@ -281,14 +281,13 @@ def test_figures_and_findings_read_the_statistics_and_never_recompute_them(recor
     monkeypatch.setattr(stats, "paired_test", recomputed)
     monkeypatch.setattr(stats, "summarize", recomputed)
     monkeypatch.setattr(figures, "summarize", recomputed)  # the figures' means and CIs: the summary's
+    drawn, draw = [], figures.plot_reference_forest
+    monkeypatch.setattr(figures, "plot_reference_forest", lambda table, path: drawn.append(table) or draw(table, path))
     assert main(["figures", "--study", study]) == 0
     assert main(["specialisation", "--study", study]) == 0  # the findings read its agreement table
     assert main(["findings", "--study", study]) == 0
     assert (recorded_study["summary"] / outputs.FINDINGS).is_file()
     # The forest plots show the stats step's numbers: its table, not a new one.
-    drawn = []
-    monkeypatch.setattr(figures, "plot_reference_forest", lambda table, path: drawn.append(table) or path)
-    assert main(["figures", "--study", study]) == 0
     pd.testing.assert_frame_equal(drawn[0], pd.read_parquet(recorded_study["summary"] / "comparisons.parquet"))
 
 

@@ -45,6 +45,7 @@ from helpers import (
     WIKITEXT,
     check_like_the_snakefile,
     copy_checkout,
+    copy_data_stage,
     merged_config,
     run_module,
     single_error_line,
@@ -131,8 +132,9 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not WIKITEXT.is_dir(), reason=f"needs the WikiText-2 files in {WIKITEXT}")
-def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
+def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path, finished_smoke):
     study = copy_checkout(tmp_path / "study")
+    copy_data_stage(finished_smoke, study)  # the kill is in training: the study starts there
     steps, every = 200, 10
     override = write_override(tmp_path, {"train": {"max_steps": steps, "checkpoint_every": every}})
     target = "results/smoke/runs/topk/seed0/eval_test.json"

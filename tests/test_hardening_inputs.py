@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import runpy
 import shlex
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -353,10 +355,17 @@ def test_the_docs_name_commands():
 
 
 @pytest.mark.parametrize("verb", python_verbs(), ids=" ".join)
-def test_every_documented_python_command_has_help(verb):
-    done = run_module(*verb, "--help", timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: ")
+def test_every_documented_python_command_has_help(verb, monkeypatch, capsys):
+    """`python -m MODULE VERB... --help` as the interpreter runs it (runpy, as `-m` does), in this process: the
+    parser is the whole command here, and a fresh interpreter per verb would spend seconds importing torch.
+    `python -m` itself is run as a subprocess by the tests of the error lines (test_cli_errors.py)."""
+    module, *words = verb
+    monkeypatch.setattr(sys, "argv", [module, *words, "--help"])
+    monkeypatch.delitem(sys.modules, f"{module}.__main__", raising=False)  # as in a fresh interpreter: not imported
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("usage: ")
 
 
 def dry_runnable(command: str) -> bool:

@@ -33,6 +33,8 @@ SIZE_FLAGS = (
     "--heads",
     "--vocab",
 )
+# torch.compile backends --compile can time: train.compile's own, and its graph without code generation.
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 SHARDS_DIR = "results/data/shards"  # as workflow/rules/common.smk; the benchmark reads no shards
 
 
@@ -96,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="also time each train step with the model under torch.compile (as train.compile)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        choices=COMPILE_BACKENDS,
+        default="inductor",
+        help="torch.compile's backend for --compile: inductor (as train.compile), or aot_eager, the same traced "
+        "graph run by eager kernels: tracing's part of the compiled step, without code generation "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--sync-debug",

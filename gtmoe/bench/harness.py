@@ -148,6 +148,7 @@ class TrainStep:
         device: torch.device,
         compiled: bool = False,
         model: MoETransformer | None = None,
+        backend: str = "inductor",
     ):
         self.device = device
         self.tcfg = tcfg = cfg.train
@@ -158,7 +159,7 @@ class TrainStep:
         self.model = model.train()
         # dynamic=False: compiled like the one model of a training process. Variants share the forward's code
         # object, and automatic dynamic would otherwise turn their differing router options into graph inputs.
-        self.forward = torch.compile(model, dynamic=False) if compiled else model
+        self.forward = torch.compile(model, dynamic=False, backend=backend) if compiled else model
         self.optimizer = build_optimizer(model, tcfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg))
         tokens = torch.randint(
@@ -234,7 +235,7 @@ def bench_train_steps(args: argparse.Namespace, device: torch.device, gemm_peak:
     if args.compile:
         for name, step in steps.items():
             candidates[f"{name}+compile"] = TrainStep(
-                args.runs[name], args.seq_len, device, compiled=True, model=step.model
+                args.runs[name], args.seq_len, device, compiled=True, model=step.model, backend=args.compile_backend
             )
     seconds = interleaved_medians(candidates, device, args.warmup, args.repeats)
 

@@ -28,6 +28,7 @@ def format_report(result: dict) -> str:
             f"(batch {cfg['tokens'] // cfg['seq_len']} x {cfg['seq_len']}), vocab {cfg['vocab']}; "
             f"eval: one group of {cfg['tokens']} tokens; fp32 GEMM peak {gemm['flops_per_s'] / 1e9:.1f} GFLOP/s "
             f"({gemm['size']}^3 matmul)"
+            + (f"; compiled: torch.compile backend {cfg['compile_backend']}" if cfg["compile"] else "")
         ),
     ]
     compiled = cfg["compile"]
