@@ -367,7 +367,7 @@ def eval_splits_setting(
     only, whatever `eval_splits` says (the test split is for confirmation). A confirmation study scores
     `eval_splits` (default both), which must hold the split its statistics are made on, and validation where it
     has sweeps (their best values are chosen there)."""
-    if stage == "tuning":  # whatever eval_splits says, as for statistics.split
+    if stage == "tuning":
         return (tuning.TUNING_SPLIT,)
     splits = config.get("eval_splits", list(EVAL_SPLITS))
     check(

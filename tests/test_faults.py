@@ -131,7 +131,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not WIKITEXT.is_dir(), reason=f"needs the WikiText-2 files in {WIKITEXT}")
 def test_sigkilled_study_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path, finished_smoke):
     study = copy_checkout(tmp_path / "study")
     copy_data_stage(finished_smoke, study)  # the kill is in training: the study starts there

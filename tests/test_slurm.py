@@ -56,17 +56,14 @@ def job_id_of_training(variant: str, seed: int) -> str | None:
     return None
 
 
-# The data stage of the finished smoke study (helpers.copy_data_stage): this study then sends its training and
-# evaluation jobs through SLURM, the jobs a cluster is for, without first waiting on five more links of sbatch
-# polling.
-
-
 @pytest.fixture(scope="module")
 def slurm_study(finished_smoke, tmp_path_factory):
     if reason := slurm_problem():
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("slurm")
     study = copy_checkout(root / "study")
+    # The finished smoke study's data stage: the jobs sent through SLURM are training and evaluation, the jobs a
+    # cluster is for, without first waiting on five more links of sbatch polling.
     copy_data_stage(finished_smoke, study)
     override = root / "longer.yaml"
     override.write_text(yaml.safe_dump(LONGER_TRAINING))
